@@ -1,0 +1,1 @@
+"""Sub-commands of the ``mambatrim`` CLI (see :mod:`mambatrim.cli`)."""

@@ -1,0 +1,162 @@
+"""Vim's bidirectional "v2" Mamba mixer and RMSNorm, in pure PyTorch with a pluggable scan backend.
+
+Parameter names and shapes follow hustvl/Vim (``mamba-1p1p1`` ``Mamba`` with ``bimamba_type='v2'``) so official
+checkpoints load unchanged: the backward direction has its own ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``,
+``A_b_log`` and ``D_b``; ``in_proj`` and ``out_proj`` are shared.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import causal_conv1d, selective_scan
+from ..reduce.core import MixerContext
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm without bias, computed in fp32, output in the input dtype (Mamba's ``RMSNorm``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
+
+
+def _gaps(positions: Tensor, reverse: bool) -> Tensor:
+    """Pruned positions between each token and its predecessor in scan order, from original indices."""
+    diff = positions[:, 1:] - positions[:, :-1] - 1
+    gap = diff.clamp(min=0).float()
+    pad = gap.new_zeros(gap.shape[0], 1)
+    return torch.cat([gap, pad], 1) if reverse else torch.cat([pad, gap], 1)
+
+
+def _conv_at_positions(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor, reverse: bool) -> Tensor:
+    """Local conv where each kept token sees its original neighbourhood (pruned slots read as zeros)."""
+    bsz, dim, _ = x.shape
+    full = int(positions.max()) + 1
+    index = positions[:, None, :].expand(-1, dim, -1)
+    buf = x.new_zeros(bsz, dim, full).scatter(2, index, x)
+    out = causal_conv1d(buf, weight, bias, activation="silu", reverse=reverse)
+    return out.gather(2, index)
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba mixer (Vim v2): shared in_proj/out_proj, one conv/x_proj/dt_proj/A/D per direction."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        divide_out: bool = True,
+    ) -> None:
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.divide_out = divide_out
+        E, N = self.d_inner, d_state
+        # own parameters first, then submodules: the official registration order
+        A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(E))
+        self.A_b_log = nn.Parameter(torch.log(A.clone()))
+        self.D_b = nn.Parameter(torch.ones(E))
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
+        self.conv1d_b = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
+        self.x_proj_b = nn.Linear(E, self.dt_rank + 2 * N, bias=False)
+        self.dt_proj_b = nn.Linear(self.dt_rank, E, bias=True)
+        self.out_proj = nn.Linear(E, d_model, bias=bias)
+        self._init_dt(dt_min, dt_max, dt_init_floor)
+        self.last_stats: dict[str, object] = {}
+
+    @torch.no_grad()
+    def _init_dt(self, dt_min: float, dt_max: float, floor: float) -> None:
+        """Forward dt_proj: uniform weight, inverse-softplus bias of dt ~ logU(dt_min, dt_max) (as upstream)."""
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+
+    def _direction(self, x: Tensor, z: Tensor, backward: bool, ctx: MixerContext | None,
+                   mask: Tensor | None) -> Tensor:
+        """One scan direction in original token order: conv -> x_proj -> dt_proj -> scan -> D skip -> gate."""
+        conv, x_proj, dt_proj = (self.conv1d_b, self.x_proj_b, self.dt_proj_b) if backward else (
+            self.conv1d, self.x_proj, self.dt_proj)
+        A = -torch.exp((self.A_b_log if backward else self.A_log).float())
+        D = (self.D_b if backward else self.D).float()
+        if mask is not None:
+            x = x * mask
+        align = ctx.align if ctx is not None and ctx.positions is not None else None
+        if align is not None:
+            u = _conv_at_positions(x, conv.weight, conv.bias, ctx.positions, reverse=backward)
+        else:
+            u = causal_conv1d(x, conv.weight, conv.bias, activation="silu", reverse=backward)
+        if mask is not None:
+            u = u * mask
+        x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
+        dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added inside the scan
+        gap = _gaps(ctx.positions, reverse=backward) if align == "decay" else None
+        return selective_scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z,
+                              delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=backward, gap=gap)
+
+    def forward(self, hidden: Tensor, ctx: MixerContext | None = None) -> Tensor:
+        """hidden (B, L, d_model) -> (B, L, d_model)."""
+        bsz, length, _ = hidden.shape
+        xz = self.in_proj(hidden)  # (B, L, 2E)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
+        mask = None
+        if ctx is not None and ctx.token_mask is not None:
+            mask = ctx.token_mask[:, None, :].to(x.dtype)
+        gate = None if ctx is None else ctx.direction_gate
+        if callable(gate):
+            if ctx.cls_index is None:
+                raise ValueError("a direction selector needs MixerContext.cls_index")
+            gate = gate(xz[torch.arange(bsz, device=xz.device), ctx.cls_index])
+        outs = []
+        for d, backward in enumerate((False, True)):
+            if gate is None:
+                outs.append(self._direction(x, z, backward, ctx, mask))
+            elif ctx.skip_gated:
+                outs.append(self._selected(x, z, backward, ctx, mask, gate[:, d]))
+            else:
+                outs.append(self._direction(x, z, backward, ctx, mask) * gate[:, d, None, None].to(x.dtype))
+        self.last_stats = {"tokens": length, "gate": None if gate is None else gate.detach()}
+        y = outs[0] + outs[1]
+        if self.divide_out:
+            y = y / 2
+        return self.out_proj(y.transpose(1, 2))
+
+    def _selected(self, x: Tensor, z: Tensor, backward: bool, ctx: MixerContext, mask: Tensor | None,
+                  on: Tensor) -> Tensor:
+        """Run one direction only for the samples with ``on`` set; the others get zeros (no wasted work)."""
+        idx = torch.nonzero(on > 0.5, as_tuple=True)[0]
+        if idx.numel() == x.shape[0]:
+            return self._direction(x, z, backward, ctx, mask)
+        out = x.new_zeros(x.shape)
+        if idx.numel() == 0:
+            return out
+        sub = MixerContext(positions=None if ctx.positions is None else ctx.positions[idx], align=ctx.align)
+        y = self._direction(x[idx], z[idx], backward, sub, None if mask is None else mask[idx])
+        return out.index_copy(0, idx, y.to(out.dtype))

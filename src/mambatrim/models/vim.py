@@ -1,0 +1,231 @@
+"""Vision Mamba (Vim) backbones, faithful to hustvl/Vim and loading its checkpoints unchanged.
+
+Bidirectional v2 mixer, class token in the middle of the sequence (index M//2, before the position embedding
+is added), RMSNorm with an fp32 residual stream (add -> norm -> mixer), divide-by-2 of the two directions, the
+official drop-path schedule. Reduction methods attach through ``model.set_reducer`` (see ``mambatrim.reduce``).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
+from torch import Tensor, nn
+
+from ..reduce.core import Reducer, TokenState
+from .mamba import BiMambaMixer, RMSNorm
+from .pos_embed import resize_pos_embed
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify (kernel ``patch_size``, stride ``stride``) to (B, M, D) tokens in raster order."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, stride: int = 16, in_chans: int = 3,
+                 embed_dim: int = 192) -> None:
+        super().__init__()
+        self.img_size, self.patch_size, self.stride, self.in_chans = img_size, patch_size, stride, in_chans
+        self.grid_size = self.grid_for(img_size, img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+        self.norm = nn.Identity()
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid for an input size; a clear error where patches cannot tile the image exactly."""
+        p, s = self.patch_size, self.stride
+        bad = [v for v in (height, width) if v < p or (v - p) % s]
+        if bad:
+            ok = p + s * max(0, round((bad[0] - p) / s))
+            raise ValueError(
+                f"input size {height}x{width} cannot be tiled by {p}x{p} patches at stride {s}: each side must "
+                f"be {p} + k*{s} (e.g. {ok} or {ok + s})"
+            )
+        return ((height - p) // s + 1, (width - p) // s + 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"the model takes {self.in_chans}-channel images, got {x.shape[1]} channels "
+                             f"(input shape {tuple(x.shape)})")
+        grid = self.grid_for(x.shape[2], x.shape[3])
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2)), grid
+
+
+class Block(nn.Module):
+    """Add -> RMSNorm -> mixer, carrying an fp32 residual stream (Mamba's fused add-norm, prenorm=True)."""
+
+    def __init__(self, dim: int, mixer: BiMambaMixer, drop_path: float = 0.0, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.mixer = mixer
+        self.norm = RMSNorm(dim, eps=eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: Tensor, residual: Tensor | None, ctx: Any = None) -> tuple[Tensor, Tensor]:
+        if residual is None:  # first block: the embeddings, no drop path
+            residual = hidden.float()
+        else:
+            residual = residual + self.drop_path(hidden).float()
+        normed = self.norm(residual).to(hidden.dtype)
+        return self.mixer(normed, ctx), residual
+
+
+class VisionMamba(nn.Module):
+    """Vim classifier. ``forward(images) -> logits``; ``forward_features`` -> normalised class token."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        stride: int = 16,
+        depth: int = 24,
+        embed_dim: int = 192,
+        channels: int = 3,
+        num_classes: int = 1000,
+        d_state: int = 16,
+        expand: int = 2,
+        d_conv: int = 4,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        norm_epsilon: float = 1e-5,
+        if_divide_out: bool = True,
+        in_chans: int | None = None,
+        if_devide_out: bool | None = None,  # the official (typo) spelling, accepted for compatibility
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        _check_official_kwargs(unused)
+        if if_devide_out is not None:
+            if_divide_out = if_devide_out
+        channels = in_chans if in_chans is not None else channels
+        self.num_classes, self.embed_dim, self.depth = num_classes, embed_dim, depth
+        self.num_features = embed_dim
+        self.d_state, self.d_conv, self.expand = d_state, d_conv, expand
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride, channels, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        inter_dpr = [0.0] + dpr  # block i drops the previous mixer's output with dpr[i-1]
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        mixer = partial(BiMambaMixer, d_state=d_state, d_conv=d_conv, expand=expand, divide_out=if_divide_out)
+        self.layers = nn.ModuleList(
+            Block(embed_dim, mixer(embed_dim), drop_path=inter_dpr[i], eps=norm_epsilon) for i in range(depth)
+        )
+        self.norm_f = RMSNorm(embed_dim, eps=norm_epsilon)
+        self.reducer: Reducer | None = None
+        self._init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+        for module in self.modules():  # zero every Linear bias not flagged _no_reinit (upstream _init_weights)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                if not getattr(module.bias, "_no_reinit", False):
+                    nn.init.zeros_(module.bias)
+        for layer in self.layers:
+            out_proj = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(out_proj, a=math.sqrt(5))
+            out_proj /= math.sqrt(self.depth)
+
+    # ------------------------------------------------------------------ properties used by tools
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.embed_dim
+
+    @property
+    def dt_rank(self) -> int:
+        return math.ceil(self.embed_dim / 16)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def set_reducer(self, reducer: Reducer | None) -> "VisionMamba":
+        """Attach a reduction method (or ``None`` to restore the dense model). Returns the model."""
+        self.reducer = reducer
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def embed(self, x: Tensor) -> TokenState:
+        """Patch-embed, insert the class token at the middle, add the (resampled if needed) pos_embed."""
+        tokens, grid = self.patch_embed(x)
+        bsz, m, _ = tokens.shape
+        c = m // 2
+        seq = torch.cat([tokens[:, :c], self.cls_token.expand(bsz, -1, -1).to(tokens.dtype), tokens[:, c:]], 1)
+        pos = self.pos_embed
+        if pos.shape[1] != m + 1:
+            pos = resize_pos_embed(pos, grid, self.patch_embed.grid_size)
+        seq = self.pos_drop(seq + pos)
+        positions = torch.arange(m + 1, device=x.device).expand(bsz, -1)
+        cls_index = torch.full((bsz,), c, dtype=torch.long, device=x.device)
+        return TokenState(hidden=seq, residual=None, positions=positions, cls_index=cls_index)
+
+    def forward_tokens(self, x: Tensor) -> TokenState:
+        """Run every block; returns the final state with ``hidden`` = norm_f output of all remaining tokens."""
+        state = self.embed(x)
+        reducer = self.reducer
+        if reducer is not None:
+            state = reducer.begin(state)
+        for i, layer in enumerate(self.layers):
+            ctx = None
+            if reducer is not None:
+                state = reducer.before_layer(i, state)
+                ctx = reducer.mixer_context(i, state)
+            hidden, residual = layer(state.hidden, state.residual, ctx)
+            state = state.replace(hidden=hidden, residual=residual)
+        if reducer is not None:
+            state = reducer.finish(state)
+        if state.residual is None:  # depth 0
+            residual = state.hidden.float()
+        else:
+            residual = state.residual + self.drop_path(state.hidden).float()
+        return state.replace(hidden=self.norm_f(residual).to(state.hidden.dtype), residual=residual)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        state = self.forward_tokens(x)
+        return state.hidden[torch.arange(state.hidden.shape[0], device=x.device), state.cls_index]
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return features if pre_logits else self.head(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# Switches of the official constructor, at the values every released model uses (the only configuration
+# implemented here). They are accepted so official build code keeps working; other values are refused.
+_OFFICIAL_SWITCHES: dict[str, Any] = {
+    "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "final_pool_type": "mean",
+    "if_abs_pos_embed": True, "if_rope": False, "if_rope_residual": False, "bimamba_type": "v2",
+    "if_cls_token": True, "use_middle_cls_token": True, "if_bidirectional": False,
+    "flip_img_sequences_ratio": -1, "use_double_cls_token": False, "if_bimamba": False,
+    "init_layer_scale": None, "ssm_cfg": None, "initializer_cfg": None,
+}
+_TIMM_PASSTHROUGH = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
+
+
+def _check_official_kwargs(kwargs: dict[str, Any]) -> None:
+    for key, value in kwargs.items():
+        if key in _TIMM_PASSTHROUGH:
+            continue
+        if key not in _OFFICIAL_SWITCHES:
+            raise TypeError(f"VisionMamba got an unknown argument {key!r}")
+        if value != _OFFICIAL_SWITCHES[key]:
+            raise ValueError(f"VisionMamba: {key}={value!r} is not supported; only the released configuration "
+                             f"({key}={_OFFICIAL_SWITCHES[key]!r}) is implemented")

@@ -1,0 +1,122 @@
+"""The narrow interface between backbones and reduction methods.
+
+A backbone builds a :class:`TokenState` after the embedding, hands it to its reducer before every block
+(``Reducer.before_layer``) and asks the reducer for a per-layer :class:`MixerContext` that its mixers honour
+generically. Methods (DyVM, R-MeeTo, ToP, baselines) are :class:`Reducer` subclasses; backbones never import
+them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TokenState:
+    """Tokens flowing between blocks.
+
+    hidden:    (B, L, D) the previous mixer's output (the embeddings before block 0).
+    residual:  (B, L, D) fp32 residual stream, ``None`` before block 0.
+    positions: (B, L) long, each token's index in the dense sequence (the class token included).
+    cls_index: (B,) long, where the class token sits now (per sample: may differ in training-time pruning).
+    sizes:     (B, L) float, how many original tokens each token stands for (merging); ``None`` = all ones.
+    mask:      (B, L) float 0/1 keep mask for training-time (full-length, masked) pruning; ``None`` = all kept.
+    extras:    method-owned scratch (decisions for losses, statistics).
+    """
+
+    hidden: Tensor
+    residual: Tensor | None
+    positions: Tensor
+    cls_index: Tensor
+    sizes: Tensor | None = None
+    mask: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    def replace(self, **changes: Any) -> "TokenState":
+        return replace(self, **changes)
+
+    def gather(self, index: Tensor) -> "TokenState":
+        """Keep tokens ``index`` (B, K) of every per-token field; the caller sets ``cls_index``."""
+
+        def take(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if t.dim() == 2:
+                return t.gather(1, index)
+            return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+        return replace(self, hidden=take(self.hidden), residual=take(self.residual),
+                       positions=take(self.positions), sizes=take(self.sizes), mask=take(self.mask))
+
+
+@dataclass
+class MixerContext:
+    """Per-layer instructions a bidirectional mixer honours, whatever method produced them.
+
+    token_mask:     (B, L) 0/1: masked tokens are zeroed before and after the local conv in both directions,
+                    so they feed nothing into the scan (training-time pruning).
+    cls_index:      (B,) class-token position, for direction selectors that read it.
+    direction_gate: (B, 2) [forward, backward] multipliers of each direction's output, or a callable mapping the
+                    class token's in_proj output (B, 2*d_inner) to them (a learned selector).
+    skip_gated:     if True, a direction is not computed at all for samples whose gate is 0 (inference); if
+                    False both are computed and multiplied by the gate (training, straight-through).
+    positions:      (B, L) original indices of the tokens: consecutive kept tokens whose positions differ by
+                    more than one have pruned tokens between them.
+    align:          how the scan treats those gaps: None (compact sequence), 'hold' (state unchanged across a
+                    gap, local conv sees the original neighbourhood) or 'decay' ('hold' plus the state decays
+                    across the gap at the previous token's rate).
+    """
+
+    token_mask: Tensor | None = None
+    cls_index: Tensor | None = None
+    direction_gate: Tensor | Callable[[Tensor], Tensor] | None = None
+    skip_gated: bool = False
+    positions: Tensor | None = None
+    align: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Reducer(nn.Module):
+    """Base class of reduction methods: by default it changes nothing.
+
+    Subclasses override ``before_layer`` (prune / merge / reorder tokens), ``mixer_context`` (masks, direction
+    gates, alignment) and optionally ``finish`` and ``flops_overhead``.
+    """
+
+    def begin(self, state: TokenState) -> TokenState:
+        """Called once after the embedding, before block 0."""
+        return state
+
+    def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
+        return state
+
+    def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
+        return None
+
+    def finish(self, state: TokenState) -> TokenState:
+        """Called after the last block, before the final norm."""
+        return state
+
+    def flops_overhead(self, tokens_per_layer: list[int], dim: int) -> float:
+        """MACs the method itself adds for one image (predictors, similarity, ...)."""
+        return 0.0
+
+    def extra_losses(self, state: TokenState, teacher_state: TokenState | None = None) -> dict[str, Tensor]:
+        """Method-specific loss terms, already weighted, that the training engine adds to its loss.
+
+        ``state`` is the student's final state (``model.forward_tokens``); ``teacher_state`` the dense teacher's
+        when distilling. Keys name the terms in logs.
+        """
+        return {}
+
+
+def batch_arange(batch: int, length: int, device: torch.device) -> Tensor:
+    """(B, L) tensor of 0..L-1 per row."""
+    return torch.arange(length, device=device).expand(batch, length)
