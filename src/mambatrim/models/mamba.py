@@ -7,12 +7,13 @@ checkpoints load unchanged: the backward direction has its own ``conv1d_b``, ``x
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import causal_conv1d, selective_scan
+from ..ops import causal_conv1d, get_backend, selective_scan
 from ..reduce.core import MixerContext
 
 
@@ -30,22 +31,50 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def _gaps(positions: Tensor, reverse: bool) -> Tensor:
-    """Pruned positions between each token and its predecessor in scan order, from original indices."""
-    diff = positions[:, 1:] - positions[:, :-1] - 1
-    gap = diff.clamp(min=0).float()
-    pad = gap.new_zeros(gap.shape[0], 1)
+def _gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None) -> Tensor:
+    """Pruned positions between each token and its predecessor in scan order, from original indices.
+
+    The class token may sit out of positional order (pruning methods re-insert it at the middle of the kept
+    tokens). Where it does not lie between its two neighbours' positions, it is transparent: it gets gap 0 and
+    the pruned positions between its neighbours are charged to the neighbour that follows it in scan order.
+    """
+    diff = (positions[:, 1:] - positions[:, :-1] - 1).clamp(min=0)  # diff[k]: between tokens k and k+1
+    bsz, length = positions.shape
+    if cls_index is not None and length >= 3:
+        c = cls_index.clamp(1, length - 2)
+        rows = torch.arange(bsz, device=positions.device)
+        before, at, after = positions[rows, c - 1], positions[rows, c], positions[rows, c + 1]
+        out_of_order = (cls_index > 0) & (cls_index < length - 1) & ~((before < at) & (at < after))
+        bridge = (after - before - 1).clamp(min=0)
+        # forward: the token after the cls (pair c) carries the bridge; reverse: the token before it (pair c-1)
+        carry, zero = (c - 1, c) if reverse else (c, c - 1)
+        fixed = diff.clone()
+        fixed[rows, carry] = bridge
+        fixed[rows, zero] = 0
+        diff = torch.where(out_of_order[:, None], fixed, diff)
+    gap = diff.float()
+    pad = gap.new_zeros(bsz, 1)
     return torch.cat([gap, pad], 1) if reverse else torch.cat([pad, gap], 1)
 
 
 def _conv_at_positions(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor, reverse: bool) -> Tensor:
     """Local conv where each kept token sees its original neighbourhood (pruned slots read as zeros)."""
+    if x.is_meta:  # shape-only runs (FLOPs counting): the output shape does not depend on the positions
+        return causal_conv1d(x, weight, bias, activation="silu", reverse=reverse)
     bsz, dim, _ = x.shape
     full = int(positions.max()) + 1
     index = positions[:, None, :].expand(-1, dim, -1)
     buf = x.new_zeros(bsz, dim, full).scatter(2, index, x)
     out = causal_conv1d(buf, weight, bias, activation="silu", reverse=reverse)
     return out.gather(2, index)
+
+
+def _fused_triton_applies(hidden: Tensor, ctx: MixerContext | None) -> bool:
+    """The fused Triton mixer covers the plain case (no mask, gate or alignment) on the 'triton' backend."""
+    if ctx is not None and (ctx.token_mask is not None or ctx.direction_gate is not None
+                            or (ctx.align is not None and ctx.positions is not None)):
+        return False
+    return get_backend(hidden.device.type) == "triton"
 
 
 class BiMambaMixer(nn.Module):
@@ -117,12 +146,24 @@ class BiMambaMixer(nn.Module):
         x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        gap = _gaps(ctx.positions, reverse=backward) if align == "decay" else None
+        gap = _gaps(ctx.positions, backward, ctx.cls_index) if align == "decay" else None
         return selective_scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z,
                               delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=backward, gap=gap)
 
     def forward(self, hidden: Tensor, ctx: MixerContext | None = None) -> Tensor:
         """hidden (B, L, d_model) -> (B, L, d_model)."""
+        if _fused_triton_applies(hidden, ctx):
+            from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
+
+            return bimamba_forward_triton(self, hidden)
+        if ctx is not None and ctx.skip_gated and ctx.direction_gate is not None and _fused_triton_applies(
+                hidden, replace(ctx, direction_gate=None)):
+            if callable(ctx.direction_gate):  # the selector reads the class token's in_proj output only
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                ctx = replace(ctx, direction_gate=ctx.direction_gate(self.in_proj(hidden[rows, ctx.cls_index])))
+            both = (ctx.direction_gate > 0.5).all(1)
+            if bool(both.any()):
+                return self._fused_where_both_run(hidden, ctx, both)
         bsz, length, _ = hidden.shape
         xz = self.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
@@ -148,6 +189,25 @@ class BiMambaMixer(nn.Module):
             y = y / 2
         return self.out_proj(y.transpose(1, 2))
 
+    def _fused_where_both_run(self, hidden: Tensor, ctx: MixerContext, both: Tensor) -> Tensor:
+        """Skip-gated inference on the fused kernels: samples running both directions take the fused path,
+        the others the per-direction path (one direction or none)."""
+        from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
+
+        gate = ctx.direction_gate
+        if bool(both.all()):
+            out = bimamba_forward_triton(self, hidden)
+        else:
+            on, rest = (torch.nonzero(m, as_tuple=True)[0] for m in (both, ~both))
+            fused = bimamba_forward_triton(self, hidden[on])
+            sub = replace(ctx, direction_gate=gate[rest], cls_index=None if ctx.cls_index is None else
+                          ctx.cls_index[rest], positions=None if ctx.positions is None else ctx.positions[rest])
+            other = self.forward(hidden[rest], sub)
+            out = fused.new_empty(hidden.shape[0], *fused.shape[1:])
+            out[on], out[rest] = fused, other.to(fused.dtype)
+        self.last_stats = {"tokens": hidden.shape[1], "gate": gate.detach()}
+        return out
+
     def _selected(self, x: Tensor, z: Tensor, backward: bool, ctx: MixerContext, mask: Tensor | None,
                   on: Tensor) -> Tensor:
         """Run one direction only for the samples with ``on`` set; the others get zeros (no wasted work)."""
@@ -157,6 +217,7 @@ class BiMambaMixer(nn.Module):
         out = x.new_zeros(x.shape)
         if idx.numel() == 0:
             return out
-        sub = MixerContext(positions=None if ctx.positions is None else ctx.positions[idx], align=ctx.align)
+        sub = MixerContext(positions=None if ctx.positions is None else ctx.positions[idx], align=ctx.align,
+                           cls_index=None if ctx.cls_index is None else ctx.cls_index[idx])
         y = self._direction(x[idx], z[idx], backward, sub, None if mask is None else mask[idx])
         return out.index_copy(0, idx, y.to(out.dtype))

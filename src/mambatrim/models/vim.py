@@ -108,7 +108,8 @@ class VisionMamba(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        # linspace(0, drop_path_rate, depth) in Python: no tensor, so models also build on the meta device
+        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         inter_dpr = [0.0] + dpr  # block i drops the previous mixer's output with dpr[i-1]
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         mixer = partial(BiMambaMixer, d_state=d_state, d_conv=d_conv, expand=expand, divide_out=if_divide_out)

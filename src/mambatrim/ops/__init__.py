@@ -15,6 +15,7 @@ import importlib.util
 import os
 from typing import Callable, Iterator
 
+import torch
 from torch import Tensor
 
 from .conv import causal_conv1d
@@ -153,6 +154,8 @@ def selective_scan(
         y with u's shape and dtype; the state is kept in fp32 whatever the input dtype.
     """
     _validate(u, delta, A, B, C, D, z, delta_bias, gap)
+    if u.is_meta:  # shape inference only (e.g. counting FLOPs of a model built on the meta device)
+        return torch.empty_like(u)
     name = _check_name(backend) if backend is not None else get_backend(u.device.type)
     fn = {"ref": selective_scan_ref, "torch": selective_scan_torch}.get(name) or _triton_scan()
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,

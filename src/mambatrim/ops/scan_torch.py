@@ -6,8 +6,15 @@ recurrence ``h = dA*h + dBu`` is stepped, one fused ``addcmul`` per position. Bl
 cache, which on a CPU beats both the naive loop (many small ops per step) and log-depth parallel scans (many
 passes over a (b, L, d, n) tensor).
 
+All block work reads time-outermost contiguous copies of the inputs ((L, b, d) and (L, b, n)), made once, so
+every step reads and writes one contiguous (b, d, n) slab whatever the caller's strides (Vim's mixer hands in
+transposed views). Without autograd (inference) the blocks are computed into two reused workspaces with
+``out=`` / in-place ops: allocating fresh multi-megabyte tensors per block costs page faults and cache misses
+that rival the arithmetic on a CPU.
+
 Numerically safe for any L: every factor is exp(delta*A) <= 1 for the usual A < 0; no exp(-A*cumsum(delta))
-and no division. A reverse scan walks the blocks backwards by index: no flipped copies of the inputs.
+and no division. A reverse scan walks the blocks (and the steps inside them) backwards by index: no flipped
+copies of the inputs.
 """
 from __future__ import annotations
 
@@ -16,6 +23,52 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK = 8
+
+
+def _blocks(length: int, block: int, reverse: bool) -> list[tuple[int, int]]:
+    spans = [(s, min(s + block, length)) for s in range(0, length, block)]
+    return spans[::-1] if reverse else spans
+
+
+def _scan_autograd(dec: Tensor, du: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, reverse: bool,
+                   block: int) -> Tensor:
+    """Differentiable blocked scan. dec, du (L, b, d); A (d, n); Bt, Ct (L, b, n) -> y (L, b, d)."""
+    length, bsz, dim = du.shape
+    h = du.new_zeros(bsz, dim, A.shape[1])
+    ys: list[Tensor] = []
+    for s, e in _blocks(length, block, reverse):
+        dA = torch.exp(dec[s:e, :, :, None] * A)  # (k, b, d, n)
+        dBu = du[s:e, :, :, None] * Bt[s:e, :, None, :]
+        states: list[Tensor] = [None] * (e - s)  # type: ignore[list-item]
+        for t in (range(e - s - 1, -1, -1) if reverse else range(e - s)):
+            h = torch.addcmul(dBu[t], dA[t], h)
+            states[t] = h
+        ys.append(torch.matmul(torch.stack(states), Ct[s:e, :, :, None]).squeeze(-1))  # (k, b, d)
+    if reverse:
+        ys.reverse()
+    return torch.cat(ys)
+
+
+def _scan_inference(dec: Tensor, du: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, reverse: bool,
+                    block: int) -> Tensor:
+    """:func:`_scan_autograd` without autograd, in two reused workspaces (no allocation per block)."""
+    length, bsz, dim = du.shape
+    k = min(block, length)
+    dA = du.new_empty(k, bsz, dim, A.shape[1])
+    hs = torch.empty_like(dA)  # dB*u of the current block, overwritten in place by its states
+    y = du.new_empty(length, bsz, dim, 1)
+    prev = du.new_zeros(bsz, dim, A.shape[1])  # state carried in from the previous block
+    carry = torch.empty_like(prev)
+    for s, e in _blocks(length, block, reverse):
+        a_blk, h_blk = dA[: e - s], hs[: e - s]
+        torch.mul(dec[s:e, :, :, None], A, out=a_blk)
+        a_blk.exp_()
+        torch.mul(du[s:e, :, :, None], Bt[s:e, :, None, :], out=h_blk)
+        for t in (range(e - s - 1, -1, -1) if reverse else range(e - s)):
+            prev = h_blk[t].addcmul_(a_blk[t], prev)
+        prev = carry.copy_(prev)
+        torch.matmul(h_blk, Ct[s:e, :, :, None], out=y[s:e])
+    return y.squeeze(-1)
 
 
 def selective_scan_torch(
@@ -34,46 +87,28 @@ def selective_scan_torch(
 ) -> Tensor:
     """Same contract as :func:`mambatrim.ops.scan_ref.selective_scan_ref` (see there for shapes)."""
     dtype_in = u.dtype
-    bsz, dim, length = u.shape
-    uf, delta = u.float(), delta.float()
+    uf = u.float()
+    dt = delta.float().permute(2, 0, 1)  # (L, b, d) view
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[None, :, None]
+        dt = dt + delta_bias.float()
     if delta_softplus:
-        delta = F.softplus(delta)
-    A = A.float()
-    Bf, Cf = B.float(), C.float()
-    decay_delta = delta
+        dt = F.softplus(dt)
+    dt = dt.contiguous()
+    dec = dt
     if gap is not None:
         # the state also decays across the pruned positions, at the previous step's (scan-order) rate
-        if reverse:
-            prev_delta = torch.cat([delta[:, :, 1:], delta[:, :, -1:]], dim=2)
-        else:
-            prev_delta = torch.cat([delta[:, :, :1], delta[:, :, :-1]], dim=2)
-        decay_delta = delta + gap.float()[:, None, :] * prev_delta
-    du = delta * uf
-
-    starts = list(range(0, length, block))
-    if reverse:
-        starts.reverse()
-    h = uf.new_zeros(bsz, dim, A.shape[1])
-    ys: list[Tensor] = [None] * len(starts)  # type: ignore[list-item]
-    for i, s in enumerate(starts):
-        e = min(s + block, length)
-        # (b, k, d, n) block tensors, time-major so each step reads one contiguous slab
-        dA = torch.exp(decay_delta[:, :, s:e].transpose(1, 2)[..., None] * A)
-        dBu = du[:, :, s:e].transpose(1, 2)[..., None] * Bf[:, :, s:e].transpose(1, 2)[:, :, None, :]
-        states: list[Tensor] = [None] * (e - s)  # type: ignore[list-item]
-        for t in (range(e - s - 1, -1, -1) if reverse else range(e - s)):
-            h = torch.addcmul(dBu[:, t], dA[:, t], h)
-            states[t] = h
-        hs = torch.stack(states, dim=1)  # (b, k, d, n)
-        y = torch.matmul(hs, Cf[:, :, s:e].transpose(1, 2)[..., None]).squeeze(-1)  # (b, k, d)
-        ys[i] = y
-    if reverse:
-        ys.reverse()
-    y = torch.cat(ys, dim=1).transpose(1, 2)  # (b, d, L)
+        prev_dt = torch.cat([dt[1:], dt[-1:]]) if reverse else torch.cat([dt[:1], dt[:-1]])
+        dec = dt + gap.float().t()[:, :, None] * prev_dt
+    du = (dt * uf.permute(2, 0, 1)).contiguous()
+    Bt = B.float().permute(2, 0, 1).contiguous()
+    Ct = C.float().permute(2, 0, 1).contiguous()
+    A = A.float().contiguous()
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, gap))
+    scan = _scan_autograd if needs_grad else _scan_inference
+    y = scan(dec, du, A, Bt, Ct, reverse, block).permute(1, 2, 0)  # (b, d, L) view
     if D is not None:
-        y = y + D.float()[None, :, None] * uf
+        y = torch.addcmul(y, D.float()[None, :, None], uf)
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(dtype_in)

@@ -60,3 +60,6 @@ def parse_method_options(items: list[str] | None) -> dict[str, Any]:
 
 __all__ = ["METHODS", "MethodSpec", "MixerContext", "Reducer", "TokenState", "apply_method",
            "parse_method_options", "register_method"]
+from . import rmeeto  # noqa: E402,F401
+from . import dyvm  # noqa: E402,F401
+from . import top, baselines  # noqa: E402,F401

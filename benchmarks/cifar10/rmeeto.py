@@ -1,0 +1,153 @@
+"""R-MeeTo CIFAR-10 protocol: training-free sweep over ratios, then re-training at the ratio closest to 0.31.
+
+Starts from a dense CIFAR-10 baseline checkpoint written by ``mambatrim train`` (it records its model and data
+settings). Every number comes from the project's engine: ``evaluate_checkpoint`` for accuracy and FLOPs,
+``train`` for re-training (R-MeeTo recipe of ``configs/rmeeto_cifar10.yaml``: CE + 0.5 KL to the frozen dense
+baseline as teacher, AdamW, cosine, no warm-up), layered over the baseline's own data/augmentation settings.
+
+    python benchmarks/cifar10/rmeeto.py --data-path cifar10.zip --checkpoint benchmarks/cifar10/BASELINE.pth \
+        --out benchmarks/results --epochs 2
+
+Writes ``rmeeto_cifar10.json`` and ``rmeeto_cifar10.md`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mambatrim.engine.config import FIELDS, load_yaml, make_config
+from mambatrim.engine.evaluate import evaluate_checkpoint
+from mambatrim.engine.train import train
+from mambatrim.models.checkpoint import read_checkpoint
+from mambatrim.reduce import rmeeto
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "rmeeto_cifar10.yaml"
+# settings of the baseline's run that must not carry over into evaluation or re-training
+RUN_KEYS = ("output_dir", "resume", "finetune", "teacher", "teacher_model", "method", "method_opts", "epochs",
+            "lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "no_weight_decay", "unscale_lr",
+            "stop_after_steps", "time_limit_s", "save_every_steps", "model_ema", "clip_grad", "accum_steps")
+
+
+def baseline_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The dense run's recorded config (model, data, augmentation), minus its run/optimiser settings."""
+    cfg = dict(checkpoint.get("config") or {})
+    if not cfg.get("model"):
+        raise SystemExit("the checkpoint records no training config: pass a checkpoint written by mambatrim train")
+    return {k: v for k, v in cfg.items() if k in FIELDS and k not in RUN_KEYS}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-path", required=True, help="the CIFAR-10 zip (train/ and test/ class folders)")
+    parser.add_argument("--checkpoint", required=True, help="dense baseline checkpoint (mambatrim train output)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.14, 0.28, 0.31, 0.42, 0.54])
+    parser.add_argument("--retrain-ratio", type=float, default=0.31, help="re-train at the r closest to this")
+    parser.add_argument("--epochs", type=int, default=2, help="re-training epochs (0: training-free only)")
+    parser.add_argument("--recipe", default=str(RECIPE))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a re-training config key (YAML value)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="rmeeto_cifar10", help="output file stem")
+    args = parser.parse_args()
+
+    from mambatrim.reduce import parse_method_options
+
+    base = baseline_settings(read_checkpoint(args.checkpoint))
+    common = {**base, "data_path": args.data_path, "device": args.device, "progress": False}
+    dense = evaluate_checkpoint(make_config(common), args.checkpoint, throughput=False)
+    tokens = dense_tokens(base)
+    print(f"dense: top-1 {dense['top1']:.2f}%  {dense['gflops']:.4f} GFLOPs  ({tokens} tokens)", flush=True)
+
+    sweep = []
+    for ratio in args.ratios:
+        cfg = make_config(common, {"method": "rmeeto", "method_opts": {"ratio": ratio}})
+        res = evaluate_checkpoint(cfg, args.checkpoint, throughput=False)
+        r = rmeeto.r_for_ratio(ratio, tokens, depth_of(base))
+        sweep.append(row(ratio, r, res, dense, tokens, base))
+        print(f"training-free ratio {ratio:.2f} (r={r}): top-1 {res['top1']:.2f}% "
+              f"(drop {dense['top1'] - res['top1']:.2f})", flush=True)
+
+    retrained = None
+    if args.epochs > 0:
+        r = rmeeto.r_for_ratio(args.retrain_ratio, tokens, depth_of(base))
+        free = next((s for s in sweep if s["r"] == r), None)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = make_config(common, load_yaml(args.recipe),
+                              {"method": "rmeeto", "method_opts": {"r": r}, "finetune": args.checkpoint,
+                               "teacher": args.checkpoint, "epochs": args.epochs, "output_dir": tmp},
+                              parse_method_options(args.overrides))
+            start = time.time()
+            summary = train(cfg)
+        retrained = dict(row(args.retrain_ratio, r, summary, dense, tokens, base), epochs=args.epochs,
+                         training_free_top1=None if free is None else free["top1"],
+                         train_img_per_s=round(summary["train_img_per_s"], 1), wall_s=round(time.time() - start, 1),
+                         lr=summary["lr"], global_batch=summary["global_batch"])
+        print(f"re-trained {args.epochs} epochs at r={r}: top-1 {summary['top1']:.2f}% "
+              f"(drop {dense['top1'] - summary['top1']:.2f})", flush=True)
+
+    result = dict(model=base["model"], model_kwargs=base.get("model_kwargs", {}), img_size=dense["img_size"],
+                  tokens=tokens, dense=dict(top1=round(dense["top1"], 2), gflops=round(dense["gflops"], 4)),
+                  training_free=sweep, retrained=retrained, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+def dense_tokens(base: dict[str, Any]) -> int:
+    """Tokens (class token included) of the baseline model at its training input size."""
+    import torch
+
+    from mambatrim.engine.train import model_kwargs
+    from mambatrim.models import create_model
+
+    cfg = make_config(base)
+    size = cfg.input_size or cfg.model_kwargs.get("img_size") or 224
+    in_chans = cfg.in_chans or 3
+    with torch.device("meta"):
+        model = create_model(cfg.model, **model_kwargs(cfg, cfg.num_classes or 10, in_chans, size))
+    return model.patch_embed.num_patches + 1
+
+
+def depth_of(base: dict[str, Any]) -> int:
+    from mambatrim.models.registry import MODEL_CONFIGS
+
+    return int(base.get("model_kwargs", {}).get("depth", MODEL_CONFIGS[base["model"]]["depth"]))
+
+
+def row(ratio: float, r: int, res: dict[str, Any], dense: dict[str, Any], tokens: int,
+        base: dict[str, Any]) -> dict[str, Any]:
+    return dict(ratio=ratio, r=r, reduction_ratio=round(rmeeto.ratio_for_r(r, tokens, depth_of(base)), 4),
+                top1=round(res["top1"], 2), drop=round(dense["top1"] - res["top1"], 2),
+                gflops=round(res["gflops"], 4), flops_ratio=round(dense["gflops"] / res["gflops"], 3))
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    lines = [f"# R-MeeTo on CIFAR-10: {res['model']} {res['model_kwargs']} at {res['img_size']} px "
+             f"({res['tokens']} tokens)", "", f"Dense baseline: top-1 {res['dense']['top1']:.2f}%, "
+             f"{res['dense']['gflops']:.4f} GFLOPs.", "", "Training-free (merge the dense weights, no training):", "",
+             "| ratio | r | top-1 | drop | GFLOPs | FLOPs ratio |", "|---|---|---|---|---|---|"]
+    for s in res["training_free"]:
+        lines.append(f"| {s['reduction_ratio']:.2f} | {s['r']} | {s['top1']:.2f} | {s['drop']:.2f} | "
+                     f"{s['gflops']:.4f} | {s['flops_ratio']:.2f} |")
+    rt = res["retrained"]
+    if rt:
+        free = "n/a" if rt["training_free_top1"] is None else f"{rt['training_free_top1']:.2f}"
+        lines += ["", f"Re-trained {rt['epochs']} epoch(s) at ratio {rt['reduction_ratio']:.2f} (r={rt['r']}), "
+                  f"CE + 0.5 KL to the dense baseline, lr {rt['lr']:.2e} at global batch {rt['global_batch']}:", "",
+                  "| | top-1 | drop vs dense |", "|---|---|---|",
+                  f"| training-free | {free} | |",
+                  f"| re-trained | {rt['top1']:.2f} | {rt['drop']:.2f} |",
+                  "", f"Re-training: {rt['train_img_per_s']:.0f} img/s, {rt['wall_s']:.0f} s wall."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

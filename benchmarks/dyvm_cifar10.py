@@ -1,0 +1,199 @@
+"""DyVM on the CIFAR-10 protocol: fine-tune from the dense baseline, report top-1 drop, FLOPs and real speed.
+
+Starts from a dense CIFAR-10 baseline checkpoint written by ``mambatrim train`` (it records its model and data
+settings). Fine-tunes with ``configs/dyvm_cifar10.yaml`` through the project's training engine (the baseline is
+the initial weights and the frozen teacher), then, on the test set: top-1 of the deployed model (tokens
+dropped, directions skipped per image), the executed-direction fraction the selectors actually chose, FLOPs
+(paper convention, at that measured fraction, and the full count), and dense vs DyVM images/s on the first
+``--bench-batch`` test images, bf16 autocast, interleaved timing rounds in one process.
+
+    python benchmarks/dyvm_cifar10.py --data-path cifar10.zip --checkpoint BASELINE.pth --out benchmarks/results
+
+Writes ``dyvm_cifar10.json`` and ``dyvm_cifar10.md`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mambatrim.analysis.flops import count_flops
+from mambatrim.data import build_data
+from mambatrim.engine.config import FIELDS, load_yaml, make_config
+from mambatrim.engine.evaluate import autocast_for, build_evaluated_model
+from mambatrim.engine.train import _resolve_input, train
+from mambatrim.models.checkpoint import read_checkpoint
+from mambatrim.reduce import dyvm, parse_method_options
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "dyvm_cifar10.yaml"
+# settings of the baseline's run that must not carry over into evaluation or fine-tuning
+RUN_KEYS = ("output_dir", "resume", "finetune", "teacher", "teacher_model", "method", "method_opts", "epochs",
+            "lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "no_weight_decay", "unscale_lr",
+            "stop_after_steps", "time_limit_s", "save_every_steps", "model_ema", "clip_grad", "accum_steps",
+            "drop_path")
+
+
+def baseline_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    cfg = dict(checkpoint.get("config") or {})
+    if not cfg.get("model"):
+        raise SystemExit("the checkpoint records no training config: pass a checkpoint written by mambatrim train")
+    return {k: v for k, v in cfg.items() if k in FIELDS and k not in RUN_KEYS}
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> dict[str, Any]:
+    """Top-1 and the executed-direction fraction (over layers, directions and images) on ``loader``."""
+    model.eval()
+    correct = count = 0
+    on = total = 0.0
+    for images, targets in loader:
+        with autocast_for(device, amp):
+            logits = model(images)
+        correct += int((logits.argmax(-1) == targets).sum())
+        count += targets.shape[0]
+        for layer in model.layers:
+            gate = layer.mixer.last_stats.get("gate")
+            if gate is not None:
+                on += float(gate.float().sum())
+                total += gate.numel()
+    return {"top1": 100.0 * correct / count, "block_ratio": on / total if total else 1.0, "num_images": count}
+
+
+def cuda_time_ms(fn: Any, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int = 5, iters: int = 20) -> dict:
+    """Images/s per model on the same real images, bf16 autocast, interleaved rounds, median."""
+    def fn(model: torch.nn.Module):
+        def run() -> None:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                model(images)
+        return run
+
+    for model in models.values():
+        for _ in range(5):
+            fn(model)()
+    samples: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            samples[name].append(images.shape[0] / cuda_time_ms(fn(model), iters) * 1000.0)
+    return {k: round(statistics.median(v), 1) for k, v in samples.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-path", required=True, help="the CIFAR-10 zip (train/ and test/ class folders)")
+    parser.add_argument("--checkpoint", required=True, help="dense baseline checkpoint (mambatrim train output)")
+    parser.add_argument("--recipe", default=str(RECIPE))
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a fine-tuning config key (YAML value)")
+    parser.add_argument("--bench-batch", type=int, default=128)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--work-dir", default=None, help="keep the fine-tuned checkpoint here (default: temp)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    base = baseline_settings(read_checkpoint(args.checkpoint))
+    common = {**base, "data_path": args.data_path, "device": args.device, "progress": False}
+    recipe = load_yaml(args.recipe)
+    extra: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        cfg = make_config(common, recipe, {"finetune": args.checkpoint, "teacher": args.checkpoint,
+                                           "output_dir": str(work)}, extra, parse_method_options(args.overrides))
+        start = time.time()
+        summary = train(cfg)
+        wall = time.time() - start
+        tuned = read_checkpoint(work / "last.pth")
+
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    in_chans, size = _resolve_input(cfg)
+    opts = cfg.data_options(in_chans)
+    opts.input_size = size
+    data = build_data(opts, device, with_train=False)
+    dense_cfg = make_config(common)
+    dense = build_evaluated_model(dense_cfg, read_checkpoint(args.checkpoint), data.num_classes, in_chans,
+                                  data.input_size).to(device).eval()
+    tuned_cfg = make_config(common, {"method": "dyvm", "method_opts": cfg.method_opts})
+    student = dyvm.deploy(build_evaluated_model(tuned_cfg, tuned, data.num_classes, in_chans,
+                                                data.input_size).to(device))
+    amp = cfg.amp and device.type == "cuda"
+    dense_eval, dyvm_eval = measure(dense, data.val, device, amp), measure(student, data.val, device, amp)
+    dense_flops = count_flops(dense, data.input_size)
+    measured = dyvm.count_flops(student, data.input_size, block_ratio=dyvm_eval["block_ratio"])
+    nominal = dyvm.count_flops(student, data.input_size, block_ratio=cfg.method_opts.get("block_ratio", 0.8))
+    bench = None
+    if device.type == "cuda":
+        images = next(iter(data.val))[0][: args.bench_batch]
+        while images.shape[0] < args.bench_batch:
+            images = torch.cat([images, images])[: args.bench_batch]
+        bench = speed({"dense": dense, "dyvm": student}, images)
+
+    result = dict(
+        model=base["model"], model_kwargs=base.get("model_kwargs", {}), img_size=data.input_size,
+        method_opts=cfg.method_opts, epochs=cfg.epochs, lr=summary.get("lr"), global_batch=summary.get("global_batch"),
+        train_img_per_s=summary.get("train_img_per_s"), fine_tune_wall_s=round(wall, 1),
+        tokens_per_layer=measured.tokens_per_layer,
+        dense=dict(top1=round(dense_eval["top1"], 2), gflops=round(dense_flops.gflops("paper"), 4),
+                   gflops_full=round(dense_flops.gflops("full"), 4)),
+        dyvm=dict(top1=round(dyvm_eval["top1"], 2), drop=round(dense_eval["top1"] - dyvm_eval["top1"], 2),
+                  realised_block_ratio=round(dyvm_eval["block_ratio"], 4),
+                  gflops=round(measured.gflops("paper"), 4), gflops_full=round(measured.gflops("full"), 4),
+                  gflops_at_nominal_block_ratio=round(nominal.gflops("paper"), 4),
+                  flops_reduction=round(1 - measured.gflops("paper") / dense_flops.gflops("paper"), 4)),
+        speed=None if bench is None else dict(
+            bench_batch=args.bench_batch, dtype="bf16 autocast", device=torch.cuda.get_device_name(),
+            dense_img_per_s=bench["dense"], dyvm_img_per_s=bench["dyvm"],
+            speedup=round(bench["dyvm"] / bench["dense"], 3),
+            flops_ratio=round(dense_flops.gflops("paper") / measured.gflops("paper"), 3)),
+        num_test_images=dyvm_eval["num_images"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dyvm_cifar10.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "dyvm_cifar10.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    d, y, s = r["dense"], r["dyvm"], r["speed"]
+    lines = [
+        f"# DyVM on CIFAR-10: {r['model']} {r['model_kwargs']} at {r['img_size']} px",
+        "",
+        f"Fine-tuned {r['epochs']} epochs from the dense baseline (also the teacher), options {r['method_opts']}, "
+        f"lr {r['lr']} at global batch {r['global_batch']}; {r['fine_tune_wall_s']:.0f} s wall "
+        f"({r['train_img_per_s'] or 0:.0f} img/s). Test set: {r['num_test_images']} images.",
+        "",
+        "| model | top-1 | drop | GFLOPs (paper) | FLOPs reduction | GFLOPs (full) | executed directions |",
+        "|---|---|---|---|---|---|---|",
+        f"| dense | {d['top1']:.2f} | | {d['gflops']:.4f} | | {d['gflops_full']:.4f} | 1.000 |",
+        f"| DyVM | {y['top1']:.2f} | {y['drop']:.2f} | {y['gflops']:.4f} | {100 * y['flops_reduction']:.1f}% | "
+        f"{y['gflops_full']:.4f} | {y['realised_block_ratio']:.3f} |",
+        "",
+        f"Tokens per layer: {r['tokens_per_layer']}. GFLOPs at the nominal block ratio: "
+        f"{y['gflops_at_nominal_block_ratio']:.4f}.",
+    ]
+    if s:
+        lines += ["", f"Speed ({s['device']}, {s['dtype']}, batch {s['bench_batch']} test images): dense "
+                      f"{s['dense_img_per_s']:.0f} img/s, DyVM {s['dyvm_img_per_s']:.0f} img/s, speedup "
+                      f"{s['speedup']:.3f}x (FLOPs ratio {s['flops_ratio']:.3f})."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""DyVM real speed on one GPU: Vim-S at 224, bf16 autocast, batch 128, dense vs DyVM in ONE process.
+
+Configurations (inference, ``dyvm.deploy``): dense; DyVM token pruning only (rho); DyVM block selection only; DyVM
+tokens + blocks. The weights are random, so the block selectors are set to a *static* policy that switches off
+``round((1 - block_ratio) * 2 * depth)`` (layer, direction) pairs spread over the depth (weight 0, bias -5 for
+those pairs, +5 elsewhere) -- a trained selector decides per image; this fixes the realistic amount of skipped
+work. The realised ratio is read back from the mixers and reported. Timing: interleaved rounds (clock drift hits
+every configuration alike), CUDA events, median over rounds. FLOPs from the project's counter (paper convention
+= one direction's SSM terms scaled by the executed-direction fraction; and the full count).
+
+    python benchmarks/dyvm_speed.py --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import mambatrim  # noqa: F401  (registers the models)
+from mambatrim.models.registry import create_model
+from mambatrim.ops import get_backend
+from mambatrim.reduce import dyvm
+
+
+def cuda_time_ms(fn: Callable[[], object], iters: int) -> float:
+    """Mean ms of ``fn`` over ``iters`` calls, timed with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[tuple[int, int]]:
+    """Selectors that switch off the same (layer, direction) pairs for every image; returns the pairs."""
+    selectors = model.reducer.selectors
+    depth = len(selectors)
+    n_off = round((1.0 - block_ratio) * 2 * depth)
+    layers = [round(1 + i * (depth - 2) / max(1, n_off - 1)) for i in range(n_off)] if n_off else []
+    off = [(layer, i % 2) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        for sel in selectors:
+            sel.weight.zero_()
+            sel.bias.fill_(5.0)
+        for layer, direction in off:
+            selectors[layer].bias[direction] = -5.0
+    return off
+
+
+def flops_of(model: torch.nn.Module, img_size: int) -> dict[str, float] | None:
+    """GFLOPs (paper and full conventions) from the project's counter, or None where it is not available."""
+    try:
+        from mambatrim.analysis.flops import count_flops
+    except ImportError:
+        return None
+    out = {}
+    for convention in ("paper", "full"):
+        result = count_flops(model, img_size=img_size, convention=convention)
+        total = float(getattr(result, "total", result))
+        out[convention] = total / 1e9 if total > 1e3 else total
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vim_small_patch16_224")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--keep-ratio", type=float, default=0.7)
+    parser.add_argument("--block-ratio", type=float, default=0.8)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10, help="forwards per timing round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-batch-size", type=int, default=64)
+    parser.add_argument("--train-iters", type=int, default=10, help="0 skips the training-step measurement")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("dyvm_speed.py measures GPU speed: no CUDA device found")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    dense = create_model(args.model).to(dev).eval()
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=dev)
+
+    def variant(keep: float | None, block: float | None) -> tuple[torch.nn.Module, list[tuple[int, int]]]:
+        model = dyvm.apply(copy.deepcopy(dense), keep_ratio=keep, block_ratio=block)
+        off = set_static_block_policy(model, block) if block is not None else []
+        return dyvm.deploy(model), off
+
+    models: dict[str, torch.nn.Module] = {"dense": dense}
+    off_pairs: dict[str, list[tuple[int, int]]] = {}
+    for name, keep, block in (("dyvm tokens only", args.keep_ratio, None),
+                              ("dyvm blocks only", None, args.block_ratio),
+                              ("dyvm tokens + blocks", args.keep_ratio, args.block_ratio)):
+        models[name], off_pairs[name] = variant(keep, block)
+
+    def forward_fn(model: torch.nn.Module) -> Callable[[], object]:
+        def forward() -> object:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(images)
+        return forward
+
+    stats: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
+        for _ in range(args.warmup):
+            forward_fn(model)()
+        stats[name] = {"tokens_per_layer": [m.last_stats.get("tokens") for m in _mixers(model)],
+                       "block_ratio": dyvm.realised_block_ratio(model) or 1.0}
+    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            ms = cuda_time_ms(forward_fn(model), args.iters)
+            samples[name].append(args.batch_size / ms * 1000.0)
+
+    dense_ips = statistics.median(samples["dense"])
+    rows = []
+    for name, model in models.items():
+        ips = statistics.median(samples[name])
+        forward_fn(model)()  # the FLOPs counter reads the last forward's per-layer statistics
+        flops = flops_of(model, args.img_size)
+        dense_flops = flops_of(dense, args.img_size) if name != "dense" else flops
+        ratio = {k: dense_flops[k] / flops[k] for k in flops} if flops and dense_flops else None
+        speedup = ips / dense_ips
+        rows.append(dict(
+            config=name, images_per_s=round(ips, 1), images_per_s_rounds=[round(v, 1) for v in samples[name]],
+            speedup=round(speedup, 3), tokens_per_layer=stats[name]["tokens_per_layer"],
+            realised_block_ratio=round(stats[name]["block_ratio"], 4), directions_off=off_pairs.get(name, []),
+            gflops=None if flops is None else {k: round(v, 3) for k, v in flops.items()},
+            flops_ratio=None if ratio is None else {k: round(v, 3) for k, v in ratio.items()},
+            speedup_over_flops_ratio=None if ratio is None else round(speedup / ratio["paper"], 3)))
+    train = train_step_speed(dense, args) if args.train_iters > 0 else None
+    result = dict(
+        benchmark="dyvm_speed", model=args.model, img_size=args.img_size, batch_size=args.batch_size,
+        dtype="bf16 autocast", keep_ratio=args.keep_ratio, block_ratio_target=args.block_ratio,
+        scan_backend=get_backend("cuda"), device=torch.cuda.get_device_name(), torch=torch.__version__,
+        python=platform.python_version(), warmup=args.warmup, iters_per_round=args.iters, rounds=args.rounds,
+        train_step=train,
+        note="random weights; static block policy (same directions off for every image); selectors of a "
+             "trained DyVM decide per image", rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dyvm_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "dyvm_speed.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def train_step_speed(dense: torch.nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """Images/s of one DyVM fine-tuning step: frozen dense teacher forward + student forward (Gumbel decisions,
+    rearranged + masked full-length sequences, both directions gated) + DyVM losses + backward + AdamW."""
+    student = dyvm.apply(copy.deepcopy(dense), keep_ratio=args.keep_ratio, block_ratio=args.block_ratio).train()
+    teacher = dense.eval()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    dev = next(student.parameters()).device
+    x = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, device=dev)
+    y = torch.randint(0, student.num_classes, (args.train_batch_size,), device=dev)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad():
+                t_state = teacher.forward_tokens(x)
+                t_logits = teacher.head(t_state.hidden[torch.arange(x.shape[0], device=dev), t_state.cls_index])
+            state = student.forward_tokens(x)
+            logits = student.head(state.hidden[torch.arange(x.shape[0], device=dev), state.cls_index])
+            kl = torch.nn.functional.kl_div(logits.float().log_softmax(-1), t_logits.float().log_softmax(-1),
+                                            reduction="batchmean", log_target=True)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y) + 0.5 * kl
+            loss = loss + sum(student.reducer.extra_losses(state, t_state).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        step()
+    ms = cuda_time_ms(step, args.train_iters)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return dict(batch_size=args.train_batch_size, images_per_s=round(args.train_batch_size / ms * 1000.0, 1),
+                peak_memory_gib=round(peak, 2), iters=args.train_iters)
+
+
+def _mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [layer.mixer for layer in model.layers]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# DyVM speed: {result['model']} at {result['img_size']}, batch {result['batch_size']}, "
+        f"{result['dtype']}, {result['device']}",
+        "",
+        f"rho = {result['keep_ratio']}, block-ratio target {result['block_ratio_target']}; scan backend "
+        f"`{result['scan_backend']}`; torch {result['torch']}; median of {result['rounds']} interleaved rounds x "
+        f"{result['iters_per_round']} forwards. {result['note']}.",
+        "",
+        "| config | img/s | speedup | GFLOPs (paper) | GFLOPs (full) | FLOPs ratio (paper) | speedup / FLOPs ratio "
+        "| executed directions | tokens per stage |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        g, fr = r["gflops"] or {}, r["flops_ratio"] or {}
+        stages = sorted(set(r["tokens_per_layer"]), reverse=True)
+        lines.append(
+            f"| {r['config']} | {r['images_per_s']:.0f} | {r['speedup']:.3f}x | {g.get('paper', 'n/a')} | "
+            f"{g.get('full', 'n/a')} | {fr.get('paper', 'n/a')} | {r['speedup_over_flops_ratio'] or 'n/a'} | "
+            f"{r['realised_block_ratio']:.3f} | {'/'.join(str(s) for s in stages)} |")
+    if result.get("train_step"):
+        t = result["train_step"]
+        lines += ["", f"DyVM fine-tuning step (teacher forward + student forward/backward + AdamW, bf16 autocast, "
+                      f"batch {t['batch_size']}): {t['images_per_s']:.0f} img/s, peak memory "
+                      f"{t['peak_memory_gib']} GiB."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""R-MeeTo real speed on one GPU: Vim-S at 224, bf16 autocast, batch 128, dense vs merged in ONE process.
+
+Inference: images/s of the dense model and of R-MeeTo at each reduction ratio (median over interleaved timing
+rounds, so clock drift hits every configuration alike), speedup over dense, FLOPs ratio (paper convention) and
+speedup / FLOPs ratio. Re-training cost: images/s of one R-MeeTo re-training step (frozen dense teacher forward
+in eval mode + student forward/backward + AdamW step, bf16 autocast), turned into GPU-minutes for 3 ImageNet-1K
+epochs (3 x 1,281,167 images; data loading excluded). Weights are random: the work per image does not depend on
+them. Writes ``rmeeto_speed.json`` and ``rmeeto_speed.md`` into ``--out``.
+
+    python benchmarks/rmeeto_speed.py --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import mambatrim  # noqa: F401  (registers the models)
+from mambatrim.analysis.flops import count_flops
+from mambatrim.models.registry import create_model
+from mambatrim.ops import get_backend
+from mambatrim.reduce import TokenState, rmeeto
+from mambatrim.reduce.rmeeto import merge_tokens
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], iters: int, dev: torch.device) -> float:
+    """Mean ms of ``fn`` over ``iters`` calls, timed with CUDA events (host clock on CPU: smoke runs only)."""
+    if dev.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1000.0 / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def check_gpu_merge(dev: torch.device) -> dict:
+    """GPU merge == CPU merge (fp32), and the merge itself makes no host-device synchronisation."""
+    g = torch.Generator().manual_seed(0)
+    bsz, length, dim = 16, 197, 384
+    state = TokenState(hidden=torch.randn(bsz, length, dim, generator=g),
+                       residual=torch.randn(bsz, length, dim, generator=g),
+                       positions=torch.arange(length).repeat(bsz, 1), cls_index=torch.full((bsz,), 98))
+    cpu = merge_tokens(merge_tokens(state, 11), 11)
+    if dev.type != "cuda":
+        return dict(skipped="not a CUDA device")
+    gpu_in = state.replace(hidden=state.hidden.to(dev), residual=state.residual.to(dev),
+                           positions=state.positions.to(dev), cls_index=state.cls_index.to(dev))
+    merge_tokens(gpu_in, 11)  # warm-up (lazy CUDA init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = merge_tokens(merge_tokens(gpu_in, 11), 11)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    err = (gpu.hidden.cpu() - cpu.hidden).abs().max().item()
+    same_positions = torch.equal(gpu.positions.cpu(), cpu.positions)
+    print(f"GPU merge vs CPU: max |diff| {err:.2e}, positions equal {same_positions}, no sync", flush=True)
+    return dict(max_abs_diff_hidden=err, positions_equal=same_positions, host_device_syncs=0)
+
+
+def flops_of(model: torch.nn.Module, img_size: int) -> float:
+    """Paper-convention GFLOPs per image (the project's counter; the reducer's matching cost included)."""
+    with torch.device("meta"):
+        twin = create_model(model.pretrained_cfg["architecture"], img_size=img_size)
+    return count_flops(twin.set_reducer(model.reducer)).gflops("paper")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vim_small_patch16_224")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-batch-size", type=int, default=128)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.14, 0.31, 0.42, 0.54])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10, help="forwards per timing round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-iters", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run only)")
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("rmeeto_speed.py measures GPU speed: no CUDA device found (--device cpu: smoke run)")
+    gpu_check = check_gpu_merge(dev)
+    torch.manual_seed(0)
+    model = create_model(args.model).to(dev).eval()
+    depth, tokens0 = model.depth, model.patch_embed.num_patches + 1
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=dev)
+
+    configs: list[tuple[str, int]] = [("dense", 0)] + [
+        (f"{ratio:.2f}", rmeeto.r_for_ratio(ratio, tokens0, depth)) for ratio in args.ratios]
+
+    def attach(r: int) -> None:
+        if r == 0:
+            model.set_reducer(None)
+        else:
+            rmeeto.apply(model, r=r)
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False):
+            model(images)
+
+    def captured(r: int) -> Callable[[], object]:
+        """One CUDA graph of the whole forward with this reducer (possible: the merge never syncs the host)."""
+        attach(r)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        return graph.replay
+
+    # ------------------------------------------------------------------ inference, interleaved rounds
+    for _, r in configs:
+        attach(r)
+        for _ in range(args.warmup):
+            forward()
+    sync(dev)
+    runners: dict[tuple[str, str], tuple[int, Callable[[], object]]] = {}
+    for name, r in configs:
+        runners[("eager", name)] = (r, forward)
+        if dev.type == "cuda":
+            runners[("cuda_graph", name)] = (r, captured(r))
+    sync(dev)
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
+    for _ in range(args.rounds):
+        for key, (r, fn) in runners.items():
+            attach(r)
+            fn()  # one untimed call after switching configuration
+            ms = time_ms(fn, args.iters, dev)
+            samples[key].append(args.batch_size / ms * 1000.0)
+    rows = []
+    dense_flops = flops_of(model.set_reducer(None), args.img_size)
+    modes = sorted({mode for mode, _ in runners}, key=lambda m: m != "cuda_graph")
+    for mode in modes:
+        dense_ips = statistics.median(samples[(mode, "dense")])
+        for name, r in configs:
+            attach(r)
+            ips = statistics.median(samples[(mode, name)])
+            flops = flops_of(model, args.img_size)
+            layers = rmeeto.tokens_per_layer(tokens0, depth, r, rmeeto.merge_layers(depth))
+            flops_ratio = dense_flops / flops
+            speedup = ips / dense_ips
+            rows.append(dict(mode=mode, config=name, r=r,
+                             reduction_ratio=round(rmeeto.ratio_for_r(r, tokens0, depth), 4),
+                             tokens_last_block=layers[-1], images_per_s=round(ips, 1),
+                             images_per_s_rounds=[round(v, 1) for v in samples[(mode, name)]],
+                             speedup=round(speedup, 3), gflops=round(flops, 3), flops_ratio=round(flops_ratio, 3),
+                             speedup_over_flops_ratio=round(speedup / flops_ratio, 3)))
+            print(f"{mode:>10} {name:>6} r={r:2d} {ips:8.1f} img/s  speedup {speedup:.3f}x  GFLOPs {flops:.2f}  "
+                  f"FLOPs ratio {flops_ratio:.3f}", flush=True)
+    del runners
+
+    # ------------------------------------------------------------------ re-training step throughput
+    train = {}
+    teacher = copy.deepcopy(model.set_reducer(None)).eval().requires_grad_(False)
+    student = rmeeto.apply(copy.deepcopy(teacher).train().requires_grad_(True), ratio=0.31)
+    del model
+    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-5 * args.train_batch_size / 512, weight_decay=0.05)
+    timgs = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, device=dev)
+    labels = torch.randint(0, 1000, (args.train_batch_size,), device=dev)
+
+    def train_step(with_teacher: bool = True) -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            logits = student(timgs)
+            loss = F.cross_entropy(logits, labels)
+            if with_teacher:
+                with torch.no_grad():
+                    target = teacher(timgs)
+                loss = loss + 0.5 * F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1),
+                                             reduction="batchmean", log_target=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for label, reducer_on, with_teacher in (("rmeeto_0.31_kd", True, True), ("dense_finetune", False, False)):
+        if not reducer_on:
+            student.set_reducer(None)
+        for _ in range(3):
+            train_step(with_teacher)
+        sync(dev)
+        t0 = time.perf_counter()
+        ms = time_ms(lambda: train_step(with_teacher), args.train_iters, dev)
+        ips = args.train_batch_size / ms * 1000.0
+        minutes = 3 * IMAGENET_TRAIN_IMAGES / ips / 60.0
+        train[label] = dict(images_per_s=round(ips, 1), gpu_minutes_3_imagenet_epochs=round(minutes, 1),
+                            wall_s=round(time.perf_counter() - t0, 2))
+        print(f"train {label}: {ips:.1f} img/s -> {minutes:.1f} GPU-minutes for 3 ImageNet epochs", flush=True)
+    if dev.type == "cuda":
+        train["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+    result = dict(
+        model=args.model, img_size=args.img_size, batch_size=args.batch_size, precision="bf16 autocast",
+        device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke run)", torch=torch.__version__, python=platform.python_version(),
+        scan_backend=get_backend(dev.type), rounds=args.rounds, iters_per_round=args.iters,
+        inference=rows, retrain=train, gpu_merge_check=gpu_check, train_batch_size=args.train_batch_size,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rmeeto_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "rmeeto_speed.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"# R-MeeTo speed: {res['model']} at {res['img_size']}, {res['precision']}, batch {res['batch_size']}",
+             "", f"Device: {res['device']}; torch {res['torch']}; scan backend `{res['scan_backend']}`; median "
+             f"of {res['rounds']} interleaved rounds of {res['iters_per_round']} forwards. Random weights.", "",
+             "`cuda_graph`: the whole forward captured once per configuration and replayed (launch overhead "
+             "removed; the merge is capturable because it never synchronises with the host). `eager`: plain "
+             "PyTorch launches (host-bound for Vim-S at this batch).", "",
+             "| mode | config | r | tokens at last block | img/s | speedup | GFLOPs | FLOPs ratio | "
+             "speedup / FLOPs ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in res["inference"]:
+        lines.append(f"| {row['mode']} | {row['config']} | {row['r']} | {row['tokens_last_block']} | {row['images_per_s']:.0f} | "
+                     f"{row['speedup']:.3f}x | {row['gflops']:.2f} | {row['flops_ratio']:.3f} | "
+                     f"{row['speedup_over_flops_ratio']:.2f} |")
+    tr = res["retrain"]
+    lines += ["", f"Re-training step (batch {res['train_batch_size']}, bf16 autocast, AdamW; R-MeeTo includes the "
+              "frozen dense teacher's forward; data loading excluded):", "",
+              "| step | img/s | GPU-minutes for 3 ImageNet-1K epochs |", "|---|---|---|"]
+    for key in ("rmeeto_0.31_kd", "dense_finetune"):
+        lines.append(f"| {key} | {tr[key]['images_per_s']:.0f} | {tr[key]['gpu_minutes_3_imagenet_epochs']:.1f} |")
+    if "peak_memory_gib" in tr:
+        lines.append(f"\nPeak GPU memory: {tr['peak_memory_gib']} GiB.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

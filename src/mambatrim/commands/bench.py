@@ -1,0 +1,58 @@
+"""``mambatrim bench MODEL``: throughput (images/s) on the available device, JSON to stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..engine.benchmark import DTYPES, measure_throughput, resolve_device
+from ..ops import BACKENDS, use_backend
+from .models import add_method_arguments, build_model
+
+EXAMPLES = """examples:
+  mambatrim bench vim_tiny_patch16_224                          # CPU or GPU, whichever is here
+  mambatrim bench vim_tiny_patch16_224 --device cpu --batch-size 8 --iters 30
+  mambatrim bench vim_small_patch16_224 --dtype bf16 --batch-size 128
+  mambatrim bench vim_tiny_patch16_224 --train --batch-size 32 --json-out runs/bench.json
+  mambatrim bench vim_tiny_patch16_224 --method rmeeto --method-opt ratio=0.31
+timing: median of --iters timed iterations after --warmup untimed ones (CUDA events on a GPU).
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    batch = args.batch_size or (64 if device.type == "cuda" else 8)
+    model = build_model(args.model, args.method, args.method_opt, img_size=args.img_size)
+    with use_backend(args.backend):
+        result = measure_throughput(model, batch_size=batch, img_size=args.img_size, device=device,
+                                    dtype=args.dtype, warmup=args.warmup, iters=args.iters, train=args.train)
+    result = {"model": args.model, "method": args.method, "method_opts": args.method_opt,
+              "params": sum(p.numel() for p in model.parameters()), **result}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        path = Path(args.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="measure throughput (images/s), JSON output",
+        description="Measure a model's throughput on random images: inference by default, or a full training "
+                    "step (forward, backward, AdamW) with --train.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model name (see 'mambatrim models')")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per iteration (default 64 GPU, 8 CPU)")
+    parser.add_argument("--img-size", type=int, default=224, help="input side in pixels (default 224)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast precision (default fp32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--iters", type=int, default=30, help="timed iterations (default 30)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations (default 10)")
+    parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="scan backend (default: triton on CUDA when available, else torch)")
+    parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON result to FILE")
+    add_method_arguments(parser)
+    parser.set_defaults(func=run)

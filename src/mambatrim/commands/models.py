@@ -1,0 +1,87 @@
+"""``mambatrim models``: the registered Vision Mamba configs with parameters and FLOPs at 224.
+
+Also home of the model-building helpers the other commands share (model name + reduction method options).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import OFFICIAL_ALIASES, create_model, list_models, resolve_name
+
+EXAMPLES = """examples:
+  mambatrim models
+  mambatrim models --aliases        # also list the official hustvl/Vim registration names
+  mambatrim models --json
+"""
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--method NAME --method-opt key=value ...`` (reduction methods from ``mambatrim.reduce``)."""
+    parser.add_argument("--method", default=None,
+                        help="reduction method to attach (see 'mambatrim info' for the registered ones)")
+    parser.add_argument("--method-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option, repeatable (e.g. --method-opt ratio=0.31 --method-opt layers=[6,12])")
+
+
+def build_model(name: str, method: str | None = None, method_opts: list[str] | None = None,
+                meta: bool = False, **overrides: Any) -> nn.Module:
+    """Create model ``name`` (close matches suggested for unknown names), optionally with a reduction method.
+
+    ``meta=True`` builds without allocating weights (for FLOPs and parameter counts of the dense model).
+    """
+    resolve_name(name)
+    if method_opts and not method:
+        raise ValueError("--method-opt given without --method")
+    if meta and method is None:
+        with torch.device("meta"):
+            return create_model(name, **overrides)
+    model = create_model(name, **overrides)
+    if method:
+        from ..reduce import apply_method, parse_method_options  # noqa: PLC0415 (imports every method)
+
+        model = apply_method(model, method, **parse_method_options(method_opts))
+    return model
+
+
+def model_rows(include_aliases: bool = False) -> list[dict[str, Any]]:
+    from ..analysis import count_flops  # noqa: PLC0415
+
+    rows = []
+    for name in list_models():
+        report = count_flops(build_model(name, meta=True))
+        rows.append({"name": name, "params_m": report.params / 1e6, "gflops_paper": report.gflops("paper"),
+                     "gflops_full": report.gflops("full")})
+        if include_aliases:
+            rows[-1]["aliases"] = [alias for alias, target in OFFICIAL_ALIASES.items() if target == name]
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = model_rows(args.aliases)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<32} {'params (M)':>10} {'GFLOPs paper':>12} {'GFLOPs full':>11}")
+    for row in rows:
+        print(f"{row['name']:<32} {row['params_m']:>10.2f} {row['gflops_paper']:>12.2f} {row['gflops_full']:>11.2f}")
+        for alias in row.get("aliases", []):
+            print(f"  alias: {alias}")
+    print("GFLOPs: multiply-accumulates per 224x224 image; 'paper' counts one scan direction (the published "
+          "convention), 'full' both.")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "models", help="list the Vision Mamba configs with parameters and FLOPs",
+        description="List the registered Vision Mamba configs (usable with timm.create_model after "
+                    "'import mambatrim') with parameter counts and GFLOPs at 224x224.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--aliases", action="store_true", help="also show the official long registration names")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)

@@ -1,0 +1,134 @@
+"""``mambatrim train``: the DeiT/Vim training recipe, distillation, DDP under torchrun, exact resume.
+
+Options follow DeiT's names; every config key (see ``mambatrim.engine.config.TrainConfig``) can also be set
+with ``--set key=value``. Precedence: defaults < ``--config FILE.yaml`` < command-line options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+EXAMPLES = """examples:
+  mambatrim train                                   # small Vim on the bundled digits (CPU ok)
+  mambatrim train --config configs/cifar10_vim_tiny_p2.yaml --data-path cifar10.zip --output-dir runs/c10
+  torchrun --nproc_per_node=8 -m mambatrim train --config configs/vim_tiny_pretrain.yaml --data-path imagenet/
+  mambatrim train --output-dir runs/c10 --resume auto          # continue an interrupted run
+  mambatrim train --finetune dense.pth --teacher dense.pth --method NAME --method-opt ratio=0.3
+"""
+
+# (flags, config key, argparse kwargs); every default is None so only what was given overrides the config
+_OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
+    (("--model",), "model", dict(help="registered model name (mambatrim models)")),
+    (("--model-opt",), "model_kwargs", dict(action="append", metavar="KEY=VALUE",
+                                           help="override the model config, e.g. depth=12 patch_size=2")),
+    (("--num-classes", "--nb-classes"), "num_classes", dict(type=int)),
+    (("--drop-path",), "drop_path", dict(type=float)),
+    (("--method",), "method", dict(help="reduction method to attach (mambatrim.reduce.METHODS)")),
+    (("--method-opt",), "method_opts", dict(action="append", metavar="KEY=VALUE")),
+    (("--finetune",), "finetune", dict(help="initial weights (a classifier of another size is skipped)")),
+    (("--data-path", "--data_path"), "data_path",
+     dict(help="'digits' (bundled), a folder or a .zip with train/ and val/ (or test/) class folders")),
+    (("--data-mode",), "data_mode", dict(choices=["auto", "memory", "stream"])),
+    (("--input-size", "--img-size"), "input_size", dict(type=int)),
+    (("--in-chans",), "in_chans", dict(type=int)),
+    (("--batch-size",), "batch_size", dict(type=int, help="per process")),
+    (("--eval-batch-size",), "eval_batch_size", dict(type=int)),
+    (("--num-workers", "--num_workers"), "num_workers", dict(type=int)),
+    (("--epochs",), "epochs", dict(type=int)),
+    (("--accum-steps",), "accum_steps", dict(type=int)),
+    (("--lr",), "lr", dict(type=float, help="base lr, scaled by global batch / 512 unless --unscale-lr")),
+    (("--unscale-lr",), "unscale_lr", dict(action="store_const", const=True)),
+    (("--min-lr",), "min_lr", dict(type=float)),
+    (("--warmup-lr",), "warmup_lr", dict(type=float)),
+    (("--warmup-epochs",), "warmup_epochs", dict(type=float)),
+    (("--weight-decay",), "weight_decay", dict(type=float)),
+    (("--no-weight-decay",), "no_weight_decay",
+     dict(nargs="*", help="exempt groups: 1d bias norm pos_embed cls_token A_log D model (default: 1d bias model)")),
+    (("--clip-grad",), "clip_grad", dict(type=float)),
+    (("--mixup",), "mixup", dict(type=float)),
+    (("--cutmix",), "cutmix", dict(type=float)),
+    (("--smoothing",), "smoothing", dict(type=float)),
+    (("--aa",), "aa", dict()),
+    (("--reprob",), "reprob", dict(type=float)),
+    (("--repeated-aug",), "repeated_aug", dict(type=int, help="repeats (3 = DeiT); 1 = off")),
+    (("--model-ema",), "model_ema", dict(action="store_const", const=True)),
+    (("--model-ema-decay",), "model_ema_decay", dict(type=float)),
+    (("--teacher", "--teacher-path"), "teacher", dict(help="checkpoint of the frozen dense teacher")),
+    (("--teacher-model",), "teacher_model", dict()),
+    (("--distill-weight",), "distill_weight", dict(type=float)),
+    (("--distill-temperature",), "distill_temperature", dict(type=float)),
+    (("--token-distill-weight",), "token_distill_weight", dict(type=float)),
+    (("--output-dir", "--output_dir"), "output_dir", dict()),
+    (("--resume",), "resume", dict(help="checkpoint to continue, or 'auto' (OUTPUT_DIR/last.pth if present)")),
+    (("--seed",), "seed", dict(type=int)),
+    (("--device",), "device", dict(help="auto | cpu | cuda")),
+    (("--save-every-steps",), "save_every_steps", dict(type=int)),
+    (("--stop-after-steps",), "stop_after_steps", dict(type=int)),
+    (("--time-limit",), "time_limit_s", dict(type=float, help="seconds; stop with a checkpoint after this")),
+    (("--tensorboard",), "tensorboard", dict(action="store_const", const=True)),
+]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML recipe (see configs/); command-line options override it")
+    for flags, key, kwargs in _OPTIONS:
+        parser.add_argument(*flags, dest=key, default=None, **kwargs)
+    amp = parser.add_mutually_exclusive_group()
+    amp.add_argument("--amp", dest="amp", action="store_const", const=True, default=None,
+                     help="bf16 autocast on GPU (default)")
+    amp.add_argument("--no-amp", "--no_amp", dest="amp", action="store_const", const=False)
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None)
+    parser.add_argument("--dist-eval", action="store_true",
+                        help="accepted for DeiT compatibility: evaluation is always sharded over the processes")
+    parser.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
+                        help="set any config key (YAML value), e.g. --set mixup_mode=elem")
+
+
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    """Merge: defaults < ``base`` < --config < explicit options < --set."""
+    from ..engine.config import load_yaml, make_config
+    from ..reduce import parse_method_options
+
+    layers: list[dict[str, Any]] = [base or {}]
+    if args.config:
+        layers.append(load_yaml(args.config))
+    explicit = {key: getattr(args, key) for _, key, _ in _OPTIONS if getattr(args, key, None) is not None}
+    for key in ("model_kwargs", "method_opts"):
+        if key in explicit:
+            explicit[key] = parse_method_options(explicit[key])
+    for key in ("amp", "progress"):
+        if getattr(args, key, None) is not None:
+            explicit[key] = getattr(args, key)
+    layers.append(explicit)
+    layers.append(parse_method_options(args.overrides))
+    return make_config(*layers)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("train", help="train or fine-tune a model (DDP under torchrun)",
+                                   description=__doc__, epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--eval", action="store_true",
+                        help="only evaluate the --resume (or --finetune) checkpoint, as in DeiT")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.eval:
+        from ..engine.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(cfg, cfg.resume or cfg.finetune)
+        print(json.dumps({k: v for k, v in result.items() if k != "bench"}, indent=2))
+        return 0
+    from ..engine.train import set_threads_from_env, train
+
+    set_threads_from_env()
+    summary = train(cfg)
+    if summary.get("top1") is not None:
+        print(f"done: top-1 {summary['top1']:.2f}% (best {summary['best_top1']:.2f}%), "
+              f"{summary['epochs_done']}/{summary['epochs']} epochs in {summary['wall_s']:.0f}s, "
+              f"{summary['train_img_per_s']:.0f} img/s training")
+    return 0

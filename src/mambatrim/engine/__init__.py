@@ -1,0 +1,1 @@
+"""Training, evaluation, distillation and benchmark loops (one module each)."""

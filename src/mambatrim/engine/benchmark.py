@@ -1,0 +1,138 @@
+"""The one throughput loop: images/s of a model, inference or training step, on CPU or GPU.
+
+Protocol (recorded in the result): random input made once outside the timed loop, ``warmup`` untimed
+iterations (covering autotuning and lazy initialisation), then ``iters`` timed iterations, each timed on its
+own (CUDA events on a GPU, ``perf_counter`` on a CPU); the reported throughput is batch / median iteration
+time. Mixed precision uses autocast; the model's weights stay fp32. A training iteration is
+forward + cross-entropy + backward + AdamW step.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import get_backend
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if DTYPES[dtype] is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/'auto' -> cuda when available, else cpu; refuses a CUDA device that is not there."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available here (use --device cpu)")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def measure_throughput(
+    model: nn.Module,
+    batch_size: int = 64,
+    img_size: int = 224,
+    device: str | torch.device | None = None,
+    dtype: str = "fp32",
+    warmup: int = 10,
+    iters: int = 30,
+    train: bool = False,
+) -> dict[str, Any]:
+    """Benchmark ``model`` on random images; returns a JSON-ready dict (img_per_s = batch / median time).
+
+    ``model`` is moved to ``device``; its train/eval mode is restored afterwards. Training runs a real AdamW
+    step, so the weights change: benchmark a copy if they matter.
+    """
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0 (got {batch_size}, {iters}, {warmup})")
+    device = resolve_device(device)
+    _autocast(device, dtype)  # refuse an unknown dtype before any work
+    in_chans = getattr(getattr(model, "patch_embed", None), "in_chans", 3)
+    model.to(device)
+    was_training = model.training
+    model.train(train)
+    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    optimizer = scaler = targets = None
+    if train:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+        num_classes = getattr(model, "num_classes", 0) or 1
+        targets = torch.randint(0, num_classes, (batch_size,), device=device)
+
+    def step() -> None:
+        if not train:
+            with torch.no_grad(), _autocast(device, dtype):
+                model(images)
+            return
+        with _autocast(device, dtype):
+            out = model(images)
+            loss = F.cross_entropy(out.float(), targets) if out.dim() == 2 and out.shape[1] > 1 else out.float().mean()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    cuda = device.type == "cuda"
+    try:
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times_ms: list[float] = []
+        if cuda:
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(iters)]
+            for start, end in events:
+                start.record()
+                step()
+                end.record()
+            torch.cuda.synchronize(device)
+            times_ms = [start.elapsed_time(end) for start, end in events]
+        else:
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                step()
+                times_ms.append((time.perf_counter() - t0) * 1e3)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    finally:
+        model.train(was_training)
+    median = statistics.median(times_ms)
+    return {
+        "img_per_s": batch_size / (median / 1e3),
+        "median_ms": median,
+        "min_ms": min(times_ms),
+        "max_ms": max(times_ms),
+        "times_ms": times_ms,
+        "batch_size": batch_size,
+        "img_size": img_size,
+        "dtype": dtype,
+        "mode": "train" if train else "inference",
+        "warmup": warmup,
+        "iters": iters,
+        "device": str(device),
+        "device_name": device_name(device),
+        "scan_backend": get_backend(device.type),
+        "peak_mem_mib": peak,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }

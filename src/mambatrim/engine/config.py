@@ -1,0 +1,154 @@
+"""One flat training config: dataclass defaults < YAML file (``--config``) < command-line options.
+
+Defaults follow the official Vim/DeiT recipe (timm 0.4 weight-decay groups, cosine with warm-up, lr scaled by
+global batch / 512), except where a small run needs otherwise (mixed precision on GPU by default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data import DataOptions
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "vim_tiny_patch16_224"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the registered config (depth, ...)
+    num_classes: int | None = None          # None: from the data
+    drop_path: float = 0.1
+    method: str | None = None               # a mambatrim.reduce.METHODS name attached to the student
+    method_opts: dict[str, Any] = field(default_factory=dict)
+    finetune: str | None = None             # initial weights (mismatched head skipped)
+    # data
+    data_path: str = "digits"
+    data_mode: str = "auto"
+    input_size: int | None = None
+    in_chans: int | None = None             # None: the model's channels (3 unless model_kwargs say otherwise)
+    batch_size: int = 128                   # per process
+    eval_batch_size: int | None = None
+    num_workers: int = 8
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
+    reprob: float = 0.25
+    remode: str = "pixel"
+    recount: int = 1
+    train_interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    repeated_aug: int = 1
+    gpu_aug_pad: int = 4
+    gpu_aug_flip: bool = True
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)   # normalisation (one value per channel, or three)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.1
+    # optimisation
+    epochs: int = 300
+    accum_steps: int = 1
+    lr: float = 5e-4
+    unscale_lr: bool = False                # True: use lr as given, not lr * global_batch / 512
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5
+    weight_decay: float = 0.05
+    # parameters exempt from weight decay: '1d' (ndim <= 1), 'bias', 'norm', 'pos_embed', 'cls_token', 'A_log',
+    # 'D', 'model' (the model's no_weight_decay()). Default: timm 0.4 (official Vim): A_log IS decayed.
+    no_weight_decay: list[str] = field(default_factory=lambda: ["1d", "bias", "model"])
+    opt_eps: float = 1e-8
+    opt_betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+    amp: bool = True                        # autocast on CUDA (ignored on CPU)
+    amp_dtype: str = "bfloat16"             # bfloat16 | float16 (float16 uses a GradScaler)
+    model_ema: bool = False
+    model_ema_decay: float = 0.99996
+    # distillation
+    teacher: str | None = None              # checkpoint of the frozen dense teacher
+    teacher_model: str | None = None        # its architecture (default: --model with the same model_kwargs)
+    cls_weight: float = 1.0
+    distill_weight: float = 0.5             # KL(teacher || student) on logits
+    distill_temperature: float = 1.0
+    token_distill_weight: float = 0.0       # MSE of final tokens vs the teacher's at the same positions
+    # run
+    output_dir: str | None = None
+    resume: str | None = None               # a checkpoint, or 'auto' (OUTPUT_DIR/last.pth if it exists)
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 1                     # epochs
+    save_every_steps: int = 0               # also write last.pth every N optimizer steps (0: per epoch only)
+    stop_after_steps: int | None = None     # stop (checkpoint and exit) after this many optimizer steps in total
+    dist_eval: bool = True
+    find_unused_parameters: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+    time_limit_s: float | None = None       # stop training (checkpointed) once this much wall time has passed
+
+    def data_options(self, in_chans: int) -> DataOptions:
+        names = {f.name for f in dataclasses.fields(DataOptions)}
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
+        values["in_chans"] = in_chans
+        return DataOptions(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(*layers: dict[str, Any]) -> TrainConfig:
+    """Merge layers (later wins; ``None`` values are skipped) into a checked :class:`TrainConfig`."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if value is None:
+                continue
+            if key not in FIELDS:
+                import difflib
+
+                close = difflib.get_close_matches(key, FIELDS, n=1)
+                raise ValueError(f"unknown training option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            if key in ("model_kwargs", "method_opts") and key in merged:
+                value = {**merged[key], **value}
+            merged[key] = value
+    for key in ("opt_betas", "mean", "std"):
+        if key in merged:
+            merged[key] = tuple(merged[key])
+    cfg = TrainConfig(**merged)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.batch_size < 1 or cfg.accum_steps < 1:
+        raise ValueError("batch_size and accum_steps must be >= 1")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
+        raise ValueError(f"mixup/cutmix need an even per-process batch size, got {cfg.batch_size}")
+    if cfg.amp_dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"amp_dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
+    if cfg.distill_temperature <= 0:
+        raise ValueError("distill_temperature must be > 0")
+    known = {"1d", "bias", "norm", "pos_embed", "cls_token", "A_log", "D", "model"}
+    bad = [k for k in cfg.no_weight_decay if k not in known]
+    if bad:
+        raise ValueError(f"unknown no_weight_decay entries {bad}; known: {sorted(known)}")

@@ -1,0 +1,121 @@
+"""Accuracy of a model on an evaluation loader; exact over ranks (sharded without padding, counts summed)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .distributed import all_reduce_sum
+
+
+def autocast_for(device: torch.device, enabled: bool, dtype: str = "bfloat16") -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA when enabled; a no-op on CPU (fp32)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device, amp: bool = True,
+             amp_dtype: str = "bfloat16", progress: bool = False, desc: str = "eval") -> dict[str, Any]:
+    """top-1 / top-5 (%) and mean cross-entropy over every sample of every rank."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    batches: Any = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    try:
+        for images, targets in batches:
+            with autocast_for(device, amp, amp_dtype):
+                logits = model(images)
+            logits = logits.float()
+            loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top.eq(targets[:, None])
+            correct1 += float(hits[:, 0].sum())
+            correct5 += float(hits.any(1).sum())
+            count += targets.shape[0]
+    finally:
+        model.train(was_training)
+    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], device)
+    if count == 0:
+        raise ValueError("the evaluation data is empty")
+    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count,
+            "num_images": int(count)}
+
+
+def config_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The model/data settings a mambatrim training checkpoint recorded (empty for foreign checkpoints)."""
+    cfg = checkpoint.get("config") or {}
+    keys = ("model", "model_kwargs", "method", "method_opts", "data_path", "in_chans", "input_size", "num_classes",
+            "crop_pct", "mean", "std")
+    out = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    for key in ("num_classes", "in_chans"):
+        if checkpoint.get(key) is not None:
+            out[key] = checkpoint[key]
+    if checkpoint.get("img_size") is not None:
+        out["input_size"] = checkpoint["img_size"]
+    return out
+
+
+def build_evaluated_model(cfg: Any, checkpoint: dict[str, Any] | None, num_classes: int, in_chans: int,
+                          img_size: int, use_ema: bool = False) -> nn.Module:
+    """Model + method + weights: a checkpoint holding method parameters (``reducer.*``) is loaded after the
+    method is attached, a dense one before (so a training-free method can be applied to dense weights)."""
+    from ..models import create_model, load_checkpoint
+    from ..models.checkpoint import extract_state_dict
+    from .train import model_kwargs
+
+    model = create_model(cfg.model, **model_kwargs(cfg, num_classes, in_chans, img_size))
+    has_method_weights = False
+    if checkpoint is not None:
+        sd, _ = extract_state_dict(checkpoint, use_ema=use_ema)
+        has_method_weights = any(k.startswith(("reducer.", "module.reducer.")) for k in sd)
+        if not has_method_weights:
+            load_checkpoint(model, checkpoint, use_ema=use_ema)
+    if cfg.method:
+        from ..reduce import apply_method
+
+        model = apply_method(model, cfg.method, **cfg.method_opts)
+    if checkpoint is not None and has_method_weights:
+        load_checkpoint(model, checkpoint, use_ema=use_ema)
+    return model
+
+
+def evaluate_checkpoint(cfg: Any, checkpoint_path: str | None, use_ema: bool = False, throughput: bool = True,
+                        bench_batch: int = 64, bench_iters: int = 20) -> dict[str, Any]:
+    """Accuracy + FLOPs + throughput of a checkpoint (optionally with a reduction method attached)."""
+    from ..analysis.flops import count_flops
+    from ..data import build_data
+    from ..models.checkpoint import read_checkpoint
+    from .benchmark import measure_throughput
+    from .distributed import init_distributed
+    from .train import _resolve_input
+
+    dist_info = init_distributed(cfg.device)
+    device = dist_info.device
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
+    in_chans, size = _resolve_input(cfg)
+    opts = cfg.data_options(in_chans)
+    opts.input_size = size
+    data = build_data(opts, device, dist_info.rank, dist_info.world_size, with_train=False)
+    num_classes = cfg.num_classes or data.num_classes
+    model = build_evaluated_model(cfg, checkpoint, num_classes, in_chans, data.input_size, use_ema).to(device)
+    amp = cfg.amp and device.type == "cuda"
+    result: dict[str, Any] = {"model": cfg.model, "method": cfg.method, "method_opts": cfg.method_opts,
+                              "checkpoint": checkpoint_path, "use_ema": use_ema, "img_size": data.input_size}
+    result.update(evaluate(model, data.val, device, amp, cfg.amp_dtype, progress=dist_info.is_main and cfg.progress))
+    flops = count_flops(model, data.input_size)
+    result.update(gflops=flops.gflops("paper"), gflops_full=flops.gflops("full"),
+                  params=sum(p.numel() for p in model.parameters()))
+    if throughput and dist_info.is_main:
+        bench = measure_throughput(model, bench_batch, data.input_size, device, "bf16" if amp else "fp32",
+                                   warmup=3, iters=bench_iters)
+        result.update(img_per_s=bench["img_per_s"], bench=bench)
+    return result

@@ -1,0 +1,120 @@
+"""The training objective: classification + distillation from a frozen dense teacher + method terms.
+
+    loss = cls_weight * CE(student, targets)                       (soft-target CE under mixup)
+         + distill_weight * T^2 * KL(teacher || student)           (logits at temperature T)
+         + token_distill_weight * MSE(student tokens, teacher tokens at the same original positions)
+         + sum(model.reducer.extra_losses(state, teacher_state))  (each method's own terms, already weighted)
+
+One student forward (``forward_tokens``) gives both the logits and the final token state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..reduce.core import TokenState
+
+
+class StudentForward(nn.Module):
+    """``forward(x) -> (logits, state)`` in one pass; this wrapper is what DDP wraps (DDP must see forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, TokenState]:
+        state = self.model.forward_tokens(x)
+        rows = torch.arange(state.hidden.shape[0], device=x.device)
+        return self.model.forward_head(state.hidden[rows, state.cls_index]), state
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, token_distill: bool) -> None:
+    """Refuse a teacher the losses cannot be computed against, naming the difference."""
+    if type(teacher) is not type(student):
+        raise ValueError(f"teacher is a {type(teacher).__name__}, the student a {type(student).__name__}: "
+                         f"distillation needs the same architecture family")
+    s_classes, t_classes = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
+    if s_classes != t_classes:
+        raise ValueError(f"teacher predicts {t_classes} classes, the student {s_classes}: their logits cannot be "
+                         f"compared")
+    s_grid, t_grid = student.patch_embed.grid_size, teacher.patch_embed.grid_size
+    if s_grid != t_grid:
+        raise ValueError(f"teacher token grid {t_grid} differs from the student's {s_grid}: token positions "
+                         f"would not correspond")
+    if token_distill and student.embed_dim != teacher.embed_dim:
+        raise ValueError(f"token distillation needs equal widths: teacher {teacher.embed_dim}, "
+                         f"student {student.embed_dim}")
+    if getattr(teacher, "reducer", None) is not None:
+        raise ValueError("the teacher must be dense (no reduction method attached)")
+
+
+def token_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
+    """MSE between each remaining student token (class token excluded; masked-out tokens excluded) and the
+    dense teacher's token at the same original position."""
+    hidden = state.hidden.float()
+    bsz, length, dim = hidden.shape
+    target = teacher_state.hidden.float().gather(1, state.positions[..., None].expand(-1, -1, dim))
+    keep = torch.ones(bsz, length, device=hidden.device)
+    keep[torch.arange(bsz, device=hidden.device), state.cls_index] = 0
+    if state.mask is not None:
+        keep = keep * state.mask.float()
+    per_token = (hidden - target).pow(2).mean(-1)
+    return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+
+def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) at temperature T, scaled by T^2, mean over the batch."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+@dataclass
+class LossWeights:
+    cls: float = 1.0
+    distill: float = 0.5
+    temperature: float = 1.0
+    token: float = 0.0
+
+
+class TrainingLoss:
+    """Callable giving (total loss, {term: value}) from the student's outputs."""
+
+    def __init__(self, criterion: nn.Module, weights: LossWeights, teacher: nn.Module | None) -> None:
+        self.criterion, self.weights, self.teacher = criterion, weights, teacher
+
+    def teacher_outputs(self, images: Tensor) -> tuple[Tensor, TokenState] | None:
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            state = self.teacher.forward_tokens(images)
+            rows = torch.arange(state.hidden.shape[0], device=images.device)
+            return self.teacher.forward_head(state.hidden[rows, state.cls_index]), state
+
+    def __call__(self, model: nn.Module, images: Tensor, logits: Tensor, state: TokenState,
+                 targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        w = self.weights
+        cls_loss = self.criterion(logits.float(), targets)
+        total = w.cls * cls_loss
+        terms = {"cls": cls_loss.detach()}
+        teacher = self.teacher_outputs(images)
+        teacher_state = None
+        if teacher is not None:
+            teacher_logits, teacher_state = teacher
+            if w.distill > 0:
+                kl = kl_teacher_student(logits, teacher_logits, w.temperature)
+                total = total + w.distill * kl
+                terms["kl"] = kl.detach()
+            if w.token > 0:
+                mse = token_mse(state, teacher_state)
+                total = total + w.token * mse
+                terms["token_mse"] = mse.detach()
+        reducer = getattr(model, "reducer", None)
+        if reducer is not None:
+            for name, value in reducer.extra_losses(state, teacher_state).items():
+                total = total + value
+                terms[name] = value.detach()
+        return total, terms

@@ -1,0 +1,726 @@
+"""Selective scan in Triton: fused forward and backward kernels, one or two directions per launch.
+
+Design (see docs/gpu.md):
+* Every tensor is seen as a 4-D *logical* view ``(group, batch, channel, time)`` with arbitrary strides, so the
+  kernels read channel-major ``(B, D, L)`` inputs and Vim's token-major ``(B, L, D)`` activations alike, without
+  copies. ``group`` is the scan direction of a fused bidirectional pair (stride 0 for shared tensors).
+* Forward: one program per (batch, block of channels); the fp32 state (channels, N) lives in registers and the
+  program walks the sequence one step at a time (runtime L: no recompilation when L changes). Softplus of
+  ``delta + bias``, ``exp2`` discretisation (log2(e) folded into A), C-contraction, D skip and ``silu(z)`` gating
+  are fused. ``reverse`` only changes the addresses (no flipped copies). A pair writes both directions into one
+  output, ``scale * (y_fwd + y_bwd)``.
+* Training: the forward also stores the state every ``CHUNK`` steps (``L / CHUNK`` states, not L). The backward
+  walks the chunks in reverse scan order; inside a chunk it recomputes the states with a tuple
+  ``tl.associative_scan`` seeded by the stored state, and scans the state gradient backwards the same way.
+  dB, dC, dA, dD and d(delta_bias) are reductions over channels or (batch, time), done with fp32 atomics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["selective_scan_triton", "selective_scan_pair_triton"]
+
+LOG2E = 1.4426950408889634
+CHUNK = 8  # time steps per stored state (forward, training) / backward chunk
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) with the usual threshold (torch uses 20): exp2/log2 forms
+    return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(x * 1.4426950408889634)) * 0.6931471805599453)
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    """Compose two affine steps h -> a*h + b: first (a1, b1), then (a2, b2)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr,
+    L, E, n_chunks, scale,
+    su_g, su_b, su_d, su_t,
+    sd_g, sd_b, sd_d, sd_t,
+    sB_g, sB_b, sB_n, sB_t,
+    sC_g, sC_b, sC_n, sC_t,
+    sz_g, sz_b, sz_d, sz_t,
+    so_b, so_d, so_t,
+    sg_g, sg_b, sg_t,
+    G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    dmask = d < E
+    nmask = n < N
+    mask2 = nmask[:, None] & dmask[None, :]  # state is (N, channels): one thread owns a channel's states
+    for g in tl.static_range(G):
+        if PAIR:
+            rev = g == 1
+            acc = g == 1  # the second direction adds to the first one's output
+        else:
+            rev = REVERSE
+            acc = False
+        A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
+        A2 = A2 * 1.4426950408889634
+        if HAS_D:
+            Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+        u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
+        d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
+        z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
+        o_base = out_ptr + pid_b * so_b + d * so_d
+        B_base = B_ptr + g * sB_g + pid_b * sB_b + n * sB_n
+        C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
+        ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
+        gp_base = gap_ptr + g * sg_g + pid_b * sg_b
+        h = tl.zeros((NP, BD), dtype=tl.float32)
+        dt_prev = tl.zeros((BD,), dtype=tl.float32)
+        # loads run two steps ahead of the arithmetic (registers as a software pipeline): each step's inputs
+        # sit in other cache lines, so without this every step waits a full memory latency
+        u0, r0, B0, C0, z0, g0, p0 = _fwd_loads(0, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
+                                                sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask,
+                                                HAS_Z, HAS_GAP, acc)
+        u1, r1, B1, C1, z1, g1, p1 = _fwd_loads(1, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
+                                                sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask,
+                                                HAS_Z, HAS_GAP, acc)
+        for s in range(L):
+            u2, r2, B2, C2, z2, g2, p2 = _fwd_loads(s + 2, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
+                                                    C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
+                                                    dmask, nmask, HAS_Z, HAS_GAP, acc)
+            if rev:
+                t = L - 1 - s
+            else:
+                t = s
+            u = u0.to(tl.float32)
+            dt = r0.to(tl.float32)
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            ex = dt
+            if HAS_GAP:
+                ex = dt + g0 * dt_prev  # dt_prev is 0 at the first step
+                dt_prev = dt
+            dA = tl.exp2(ex[None, :] * A2)
+            h = dA * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
+            y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
+            if HAS_D:
+                y = y + Dv * u
+            if HAS_Z:
+                zz = z0.to(tl.float32)
+                y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+            y = y * scale
+            if acc:
+                y = y + p0.to(tl.float32)
+            tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=dmask)
+            if STORE_CKPT:
+                if (s + 1) % CHUNK_T == 0:
+                    if s + 1 < L:
+                        tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
+            u0, r0, B0, C0, z0, g0, p0 = u1, r1, B1, C1, z1, g1, p1
+            u1, r1, B1, C1, z1, g1, p1 = u2, r2, B2, C2, z2, g2, p2
+
+
+@triton.jit
+def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t,
+               o_base, so_t, gp_base, sg_t, dmask, nmask, HAS_Z: tl.constexpr, HAS_GAP: tl.constexpr,
+               ACC: tl.constexpr):
+    """Inputs of scan step ``s`` (raw dtypes; zeros past the end)."""
+    ok = s < L
+    if rev:
+        t = L - 1 - s
+    else:
+        t = s
+    m = dmask & ok
+    u = tl.load(u_base + t * su_t, mask=m, other=0.0)
+    r = tl.load(d_base + t * sd_t, mask=m, other=0.0)
+    Bt = tl.load(B_base + t * sB_t, mask=nmask & ok, other=0.0)
+    Ct = tl.load(C_base + t * sC_t, mask=nmask & ok, other=0.0)
+    if HAS_Z:
+        zz = tl.load(z_base + t * sz_t, mask=m, other=0.0)
+    else:
+        zz = u
+    if HAS_GAP:
+        gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
+    else:
+        gp = 0.0
+    if ACC:
+        prev = tl.load(o_base + t * so_t, mask=m, other=0.0)
+    else:
+        prev = u
+    return u, r, Bt, Ct, zz, gp, prev
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, dout_ptr, ckpt_ptr,
+    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, gs_ptr,
+    L, E, n_chunks, scale,
+    su_g, su_b, su_d, su_t,
+    sd_g, sd_b, sd_d, sd_t,
+    sB_g, sB_b, sB_n, sB_t,
+    sC_g, sC_b, sC_n, sC_t,
+    sz_g, sz_b, sz_d, sz_t,
+    so_b, so_d, so_t,
+    sg_g, sg_b, sg_t,
+    # gradient buffers: du/ddl/dz/gs share one (G, B, D, L) layout; dB/dC are (G, B, blocks, L, N) partials
+    gx_g, gx_b, gx_d, gx_t,
+    PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    g = tl.program_id(2)
+    if PAIR:
+        rev = g == 1
+    else:
+        rev = REVERSE
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    j = tl.arange(0, T)
+    dmask = d < E
+    nmask = n < N
+    mask2 = dmask[:, None] & nmask[None, :]
+    A2 = tl.load(A_ptr + g * E * N + d[:, None] * N + n[None, :], mask=mask2, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    A3 = A2[:, None, :]
+    Dv = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    bias = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[:, None]) * (n_chunks * N) + n[None, :]
+    carry = tl.zeros((BD, NP), dtype=tl.float32)  # gradient of the state just before the chunk processed last
+    dA_acc = tl.zeros((BD, NP), dtype=tl.float32)
+    dD_acc = tl.zeros((BD,), dtype=tl.float32)
+    db_acc = tl.zeros((BD,), dtype=tl.float32)
+    for kk in range(n_chunks):
+        k = n_chunks - 1 - kk
+        s = k * T + j  # scan positions of this chunk
+        smask = s < L
+        sn = s + 1
+        snmask = sn < L
+        sp = s - 1
+        spmask = (sp >= 0) & smask
+        if rev:
+            t = L - 1 - s
+            tn = L - 1 - sn
+            tp = L - 1 - sp
+        else:
+            t = s
+            tn = sn
+            tp = sp
+        m2 = dmask[:, None] & smask[None, :]
+        m2n = dmask[:, None] & snmask[None, :]
+        u = tl.load(u_ptr + g * su_g + pid_b * su_b + d[:, None] * su_d + t[None, :] * su_t, mask=m2,
+                    other=0.0).to(tl.float32)
+        draw = tl.load(dl_ptr + g * sd_g + pid_b * sd_b + d[:, None] * sd_d + t[None, :] * sd_t, mask=m2,
+                       other=0.0).to(tl.float32) + bias[:, None]
+        drawn = tl.load(dl_ptr + g * sd_g + pid_b * sd_b + d[:, None] * sd_d + tn[None, :] * sd_t, mask=m2n,
+                        other=0.0).to(tl.float32) + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(draw)
+            dtn = _softplus(drawn)
+        else:
+            dt = draw
+            dtn = drawn
+        dt = tl.where(m2, dt, 0.0)
+        dtn = tl.where(m2n, dtn, 0.0)
+        ex = dt
+        exn = dtn
+        if HAS_GAP:
+            gp = tl.load(gap_ptr + g * sg_g + pid_b * sg_b + t * sg_t, mask=spmask, other=0.0).to(tl.float32)
+            gpn = tl.load(gap_ptr + g * sg_g + pid_b * sg_b + tn * sg_t, mask=snmask, other=0.0).to(tl.float32)
+            drawp = tl.load(dl_ptr + g * sd_g + pid_b * sd_b + d[:, None] * sd_d + tp[None, :] * sd_t,
+                            mask=dmask[:, None] & spmask[None, :], other=0.0).to(tl.float32) + bias[:, None]
+            if SOFTPLUS:
+                dtp = _softplus(drawp)
+            else:
+                dtp = drawp
+            dtp = tl.where(dmask[:, None] & spmask[None, :], dtp, 0.0)
+            ex = dt + gp[None, :] * dtp
+            exn = dtn + gpn[None, :] * dt
+        Bt = tl.load(B_ptr + g * sB_g + pid_b * sB_b + n[None, :] * sB_n + t[:, None] * sB_t,
+                     mask=smask[:, None] & nmask[None, :], other=0.0).to(tl.float32)  # (T, NP)
+        Ct = tl.load(C_ptr + g * sC_g + pid_b * sC_b + n[None, :] * sC_n + t[:, None] * sC_t,
+                     mask=smask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + pid_b * so_b + d[:, None] * so_d + t[None, :] * so_t, mask=m2,
+                       other=0.0).to(tl.float32) * scale
+        # recompute the states of this chunk from the stored state at its start
+        h0 = tl.load(ck_base + k * N, mask=mask2 & (k > 0), other=0.0)
+        dA = tl.exp2(ex[:, :, None] * A3)  # (BD, T, NP)
+        dBu = (dt * u)[:, :, None] * Bt[None, :, :]
+        first = (j == 0)[None, :, None]
+        _, h = tl.associative_scan((dA, tl.where(first, dA * h0[:, None, :] + dBu, dBu)), axis=1,
+                                   combine_fn=_combine)
+        y = tl.sum(h * Ct[None, :, :], axis=2)
+        if HAS_D:
+            y = y + Dv[:, None] * u
+        if HAS_Z:
+            zz = tl.load(z_ptr + g * sz_g + pid_b * sz_b + d[:, None] * sz_d + t[None, :] * sz_t, mask=m2,
+                         other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+            gy = dout * zz * sig
+            dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
+            tl.store(dz_ptr + g * gx_g + pid_b * gx_b + d[:, None] * gx_d + t[None, :] * gx_t,
+                     dz.to(dz_ptr.dtype.element_ty), mask=m2)
+        else:
+            gy = dout
+        # state gradient, right to left: dh_s = C_s gy_s + dA_{s+1} dh_{s+1}
+        dAn = tl.exp2(exn[:, :, None] * A3)
+        last = (j == T - 1)[None, :, None]
+        bb = gy[:, :, None] * Ct[None, :, :]
+        bb = tl.where(last, bb + dAn * carry[:, None, :], bb)
+        _, dh = tl.associative_scan((dAn, bb), axis=1, combine_fn=_combine, reverse=True)
+        carry = tl.sum(tl.where(first, dh, 0.0), axis=1)
+        # reductions
+        dC = tl.sum(gy[:, :, None] * h, axis=0)  # (T, NP)
+        dhB = tl.sum(dh * Bt[None, :, :], axis=2)  # (BD, T)
+        dB = tl.sum(dh * (dt * u)[:, :, None], axis=0)
+        q = dh * (h - dBu)  # = dh * dA * h_prev, without dividing by dA
+        de = tl.sum(q * A3, axis=2) * 0.6931471805599453  # d(exponent): A2 carries log2(e)
+        dA_acc += tl.sum(q * ex[:, :, None], axis=1)
+        ddt = dhB * u + de
+        du = dhB * dt + gy * Dv[:, None]
+        if HAS_D:
+            dD_acc += tl.sum(gy * u, axis=1)
+        nm2 = smask[:, None] & nmask[None, :]
+        # per-channel-block partial sums (summed on the host): atomics here were the bottleneck
+        part = ((g * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d).to(tl.int64) * L * N
+        tl.store(dB_ptr + part + t[:, None] * N + n[None, :], dB, mask=nm2)
+        tl.store(dC_ptr + part + t[:, None] * N + n[None, :], dC, mask=nm2)
+        gx = g * gx_g + pid_b * gx_b + d[:, None] * gx_d + t[None, :] * gx_t
+        tl.store(du_ptr + gx, du.to(du_ptr.dtype.element_ty), mask=m2)
+        if HAS_GAP:
+            # the previous step's dt also fed this step's exponent: finished outside (needs a shift)
+            tl.store(gs_ptr + gx, gp[None, :] * de, mask=m2)
+            tl.store(ddl_ptr + gx, ddt, mask=m2)
+        else:
+            if SOFTPLUS:
+                ddt = ddt / (1.0 + tl.exp2(-draw * 1.4426950408889634))
+            ddt = tl.where(m2, ddt, 0.0)
+            db_acc += tl.sum(ddt, axis=1)
+            tl.store(ddl_ptr + gx, ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
+    tl.atomic_add(dA_ptr + g * E * N + d[:, None] * N + n[None, :], dA_acc, mask=mask2)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + g * E + d, dD_acc, mask=dmask)
+    if HAS_BIAS:
+        if not HAS_GAP:
+            tl.atomic_add(dbias_ptr + g * E + d, db_acc, mask=dmask)
+
+
+@triton.jit
+def _scan_bwd_seq_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, dout_ptr, ckpt_ptr,
+    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, gs_ptr, scratch_ptr,
+    L, E, n_chunks, scale,
+    su_g, su_b, su_d, su_t,
+    sd_g, sd_b, sd_d, sd_t,
+    sB_g, sB_b, sB_n, sB_t,
+    sC_g, sC_b, sC_n, sC_t,
+    sz_g, sz_b, sz_d, sz_t,
+    so_b, so_d, so_t,
+    sg_g, sg_b, sg_t,
+    gx_g, gx_b, gx_d, gx_t,
+    PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr,
+):
+    """Sequential backward: per chunk (reverse scan order), recompute its states from the stored one into a
+    small per-program scratch (cache-resident), then walk the chunk backwards with the state gradient in
+    registers. Layout (N, channels) as in the forward: one thread owns a channel."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    g = tl.program_id(2)
+    if PAIR:
+        rev = g == 1
+    else:
+        rev = REVERSE
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    dmask = d < E
+    nmask = n < N
+    mask2 = nmask[:, None] & dmask[None, :]
+    A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    Dv = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    bias = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    prog = (g * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
+    ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
+    sc_base = scratch_ptr + prog.to(tl.int64) * (T * NP * BD) + n[:, None] * BD + tl.arange(0, BD)[None, :]
+    part = prog.to(tl.int64) * L * N
+    u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
+    d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
+    z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
+    o_base = dout_ptr + pid_b * so_b + d * so_d
+    B_base = B_ptr + g * sB_g + pid_b * sB_b + n * sB_n
+    C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
+    gp_base = gap_ptr + g * sg_g + pid_b * sg_b
+    gx_base = g * gx_g + pid_b * gx_b + d * gx_d
+    carry = tl.zeros((NP, BD), dtype=tl.float32)  # dA_{s+1} * dh_{s+1}
+    dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
+    dD_acc = tl.zeros((BD,), dtype=tl.float32)
+    db_acc = tl.zeros((BD,), dtype=tl.float32)
+    for kk in range(n_chunks):
+        k = n_chunks - 1 - kk
+        h = tl.load(ck_base + k * N, mask=mask2 & (k > 0), other=0.0)
+        dt_prev = tl.zeros((BD,), dtype=tl.float32)
+        if HAS_GAP:
+            sp = k * T - 1
+            if rev:
+                tp = L - 1 - sp
+            else:
+                tp = sp
+            mp = dmask & (sp >= 0)
+            rp = tl.load(d_base + tp * sd_t, mask=mp, other=0.0).to(tl.float32) + bias
+            if SOFTPLUS:
+                rp = _softplus(rp)
+            dt_prev = tl.where(mp, rp, 0.0)
+        # pass 1: the chunk's states, forwards
+        for j in range(T):
+            s = k * T + j
+            ok = s < L
+            if rev:
+                t = L - 1 - s
+            else:
+                t = s
+            m = dmask & ok
+            u = tl.load(u_base + t * su_t, mask=m, other=0.0).to(tl.float32)
+            dt = tl.load(d_base + t * sd_t, mask=m, other=0.0).to(tl.float32) + bias
+            if SOFTPLUS:
+                dt = _softplus(dt)
+            dt = tl.where(m, dt, 0.0)
+            ex = dt
+            if HAS_GAP:
+                gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
+                ex = dt + gp * dt_prev
+                dt_prev = dt
+            Bt = tl.load(B_base + t * sB_t, mask=nmask & ok, other=0.0).to(tl.float32)
+            h = tl.exp2(ex[None, :] * A2) * h + Bt[:, None] * (dt * u)[None, :]
+            tl.store(sc_base + j * (NP * BD), h)
+        # pass 2: backwards through the chunk; the next step's loads are issued one step ahead
+        pu, pr, pB, pC, po, pz, ph = _bwd_loads(k * T + T - 1, T - 1, L, rev, u_base, su_t, d_base, sd_t, B_base,
+                                                sB_t, C_base, sC_t, o_base, so_t, z_base, sz_t, sc_base,
+                                                dmask, nmask, NP, BD, HAS_Z)
+        for jj in range(T):
+            j = T - 1 - jj
+            s = k * T + j
+            ok = s < L
+            if rev:
+                t = L - 1 - s
+            else:
+                t = s
+            m = dmask & ok
+            nu, nr, nB, nC, no, nz, nh = _bwd_loads(s - 1, j - 1, L, rev, u_base, su_t, d_base, sd_t, B_base,
+                                                    sB_t, C_base, sC_t, o_base, so_t, z_base, sz_t, sc_base,
+                                                    dmask, nmask, NP, BD, HAS_Z)
+            u = pu.to(tl.float32)
+            raw = pr.to(tl.float32) + bias
+            if SOFTPLUS:
+                dt = _softplus(raw)
+            else:
+                dt = raw
+            dt = tl.where(m, dt, 0.0)
+            ex = dt
+            if HAS_GAP:
+                gp = tl.load(gp_base + t * sg_t, mask=ok & (s > 0), other=0.0).to(tl.float32)
+                if rev:
+                    tpp = t + 1
+                else:
+                    tpp = t - 1
+                mp = m & (s > 0)
+                rp = tl.load(d_base + tpp * sd_t, mask=mp, other=0.0).to(tl.float32) + bias
+                if SOFTPLUS:
+                    rp = _softplus(rp)
+                ex = dt + gp * tl.where(mp, rp, 0.0)
+            Bt = pB.to(tl.float32)
+            Ct = pC.to(tl.float32)
+            dout = po.to(tl.float32) * scale
+            h = ph
+            if HAS_Z:
+                y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
+                zz = pz.to(tl.float32)
+                sig = 1.0 / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+                gy = dout * zz * sig
+                dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
+                tl.store(dz_ptr + gx_base + t * gx_t, dz.to(dz_ptr.dtype.element_ty), mask=m)
+            else:
+                gy = dout
+            dA = tl.exp2(ex[None, :] * A2)
+            dtu = dt * u
+            dh = Ct[:, None] * gy[None, :] + carry
+            carry = dA * dh
+            q = dh * (h - Bt[:, None] * dtu[None, :])  # = dh * dA * h_prev, without dividing by dA
+            de = tl.sum(q * A2, axis=0) * 0.6931471805599453
+            dA_acc += q * ex[None, :]
+            dhB = tl.sum(dh * Bt[:, None], axis=0)
+            ddt = dhB * u + de
+            du = dhB * dt + gy * Dv
+            dD_acc += gy * u
+            tl.store(dB_ptr + part + t * N + n, tl.sum(dh * dtu[None, :], axis=1), mask=nmask & ok)
+            tl.store(dC_ptr + part + t * N + n, tl.sum(h * gy[None, :], axis=1), mask=nmask & ok)
+            tl.store(du_ptr + gx_base + t * gx_t, du.to(du_ptr.dtype.element_ty), mask=m)
+            if HAS_GAP:
+                tl.store(gs_ptr + gx_base + t * gx_t, gp * de, mask=m)
+                tl.store(ddl_ptr + gx_base + t * gx_t, ddt, mask=m)
+            else:
+                if SOFTPLUS:
+                    ddt = ddt / (1.0 + tl.exp2(-raw * 1.4426950408889634))
+                ddt = tl.where(m, ddt, 0.0)
+                db_acc += ddt
+                tl.store(ddl_ptr + gx_base + t * gx_t, ddt.to(ddl_ptr.dtype.element_ty), mask=m)
+            pu, pr, pB, pC, po, pz, ph = nu, nr, nB, nC, no, nz, nh
+    tl.atomic_add(dA_ptr + g * E * N + d[None, :] * N + n[:, None], dA_acc, mask=mask2)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + g * E + d, dD_acc, mask=dmask)
+    if HAS_BIAS:
+        if not HAS_GAP:
+            tl.atomic_add(dbias_ptr + g * E + d, db_acc, mask=dmask)
+
+
+
+@triton.jit
+def _bwd_loads(s, j, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, o_base, so_t,
+               z_base, sz_t, sc_base, dmask, nmask, NP: tl.constexpr, BD: tl.constexpr, HAS_Z: tl.constexpr):
+    """Inputs of backward step ``s`` (chunk slot ``j``); zeros where out of range."""
+    ok = (s < L) & (j >= 0)
+    if rev:
+        t = L - 1 - s
+    else:
+        t = s
+    m = dmask & ok
+    u = tl.load(u_base + t * su_t, mask=m, other=0.0)
+    r = tl.load(d_base + t * sd_t, mask=m, other=0.0)
+    Bt = tl.load(B_base + t * sB_t, mask=nmask & ok, other=0.0)
+    Ct = tl.load(C_base + t * sC_t, mask=nmask & ok, other=0.0)
+    dout = tl.load(o_base + t * so_t, mask=m, other=0.0)
+    if HAS_Z:
+        zz = tl.load(z_base + t * sz_t, mask=m, other=0.0)
+    else:
+        zz = u
+    h = tl.load(sc_base + j * (NP * BD), mask=(j >= 0) & (nmask[:, None] | True), other=0.0)
+    return u, r, Bt, Ct, dout, zz, h
+
+
+
+# ----------------------------------------------------------------------------------------------- host side
+LAST_FWD = LAST_BWD = None  # the last compiled kernels (resource reports in benchmarks)
+# measured on an H100 (benchmarks/gpu_throughput.py --sweep): one warp per 64 channels forward, one per 32
+# channels backward with 8-step chunks
+FWD_BLOCK_D = 64
+FWD_WARPS = 1
+BWD_MODE = "seq"  # 'seq' (sequential, scratch-cached states) or 'tile' (associative scans)
+BWD_BLOCK_D = 32
+BWD_WARPS = 1
+TILE_BLOCK_D = 8
+TILE_WARPS = 4
+
+
+def _strides4(t: Tensor) -> tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _alloc_like(ref: Tensor, groups: int, dtype: torch.dtype, zero: bool = False) -> Tensor:
+    """(groups, *ref.shape[1:]) buffer whose inner dims have the memory order of ``ref[0]`` (coalesced I/O)."""
+    inner = ref[0]
+    order = sorted(range(inner.dim()), key=lambda i: (-inner.stride(i), -i))
+    shape = [inner.shape[i] for i in order]
+    maker = torch.zeros if zero else torch.empty
+    buf = maker([groups] + shape, device=ref.device, dtype=dtype)
+    inverse = [0] + [1 + order.index(i) for i in range(inner.dim())]
+    return buf.permute(*inverse)
+
+
+class _ScanFn(torch.autograd.Function):
+    """Autograd wrapper over 4-D logical views (group, batch, channel|state, time)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, bias, gap, softplus: bool, reverse: bool, pair: bool,
+                scale: float):
+        G, bsz, E, L = u.shape
+        if pair:  # token-major output: feeds out_proj without a transpose copy
+            out = torch.empty(bsz, L, E, device=u.device, dtype=u.dtype).transpose(1, 2)[None]
+        else:
+            out = torch.empty(1, bsz, E, L, device=u.device, dtype=u.dtype)
+        N = A.shape[-1]
+        need_grad = any(ctx.needs_input_grad[:9])
+        n_chunks = triton.cdiv(L, CHUNK)
+        ckpt = (torch.empty(G, bsz, E, n_chunks, N, device=u.device, dtype=torch.float32) if need_grad
+                else u.new_empty(1, dtype=torch.float32))
+        _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, need_grad)
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, bias, gap, ckpt)
+            ctx.flags = (softplus, reverse, pair, scale)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, bias, gap, ckpt = ctx.saved_tensors
+        softplus, reverse, pair, scale = ctx.flags
+        G, bsz, E, L = u.shape
+        N = A.shape[-1]
+        n_chunks = ckpt.shape[3]
+        has_gap = gap is not None
+        du = _alloc_like(u, G, u.dtype)
+        ddl = _alloc_like(delta, G, torch.float32 if has_gap else delta.dtype)
+        gs = _alloc_like(delta, G, torch.float32) if has_gap else ddl
+        dz = _alloc_like(z, G, z.dtype) if z is not None else du
+        seq = BWD_MODE == "seq"
+        block_d, warps = (BWD_BLOCK_D, BWD_WARPS) if seq else (TILE_BLOCK_D, TILE_WARPS)
+        n_blocks = triton.cdiv(E, block_d)
+        dB = torch.empty(G, bsz, n_blocks, L, N, device=u.device, dtype=torch.float32)
+        dC = torch.empty_like(dB)
+        dA = torch.zeros(G, E, N, device=u.device, dtype=torch.float32)
+        dD = torch.zeros(G, E, device=u.device, dtype=torch.float32)
+        dbias = torch.zeros(G, E, device=u.device, dtype=torch.float32)
+        dummy = u
+        dout4 = dout.unsqueeze(0) if dout.dim() == 3 else dout
+        gp = gap if has_gap else dummy
+        grid = (n_blocks, bsz, G)
+        np2 = triton.next_power_of_2(N)
+        extra = ()
+        kernel = _scan_bwd_kernel
+        if seq:
+            kernel = _scan_bwd_seq_kernel
+            extra = (torch.empty(G * bsz * n_blocks * CHUNK * np2 * block_d, device=u.device, dtype=torch.float32),)
+        global LAST_BWD
+        LAST_BWD = kernel[grid](
+            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            bias if bias is not None else dummy, gp, dout4, ckpt,
+            du, ddl, dA, dB, dC, dD, dz, dbias, gs, *extra,
+            L, E, n_chunks, scale,
+            *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
+            *(_strides4(z) if z is not None else (0, 0, 0, 0)),
+            *_strides4(dout4)[1:],
+            *(tuple(gap.stride()) if has_gap else (0, 0, 0)),
+            *_strides4(du),
+            PAIR=pair, REVERSE=reverse, N=N, NP=np2, BD=block_d, T=CHUNK, SOFTPLUS=softplus,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_GAP=has_gap,
+            num_warps=warps,
+        )
+        if has_gap:
+            # d(exponent at s)/d(dt at s-1) = gap_s: add each step's term to the previous step in scan order
+            if reverse and not pair:
+                shifted = F.pad(gs[..., :-1], (1, 0))
+            elif not pair:
+                shifted = F.pad(gs[..., 1:], (0, 1))
+            else:
+                shifted = torch.stack([F.pad(gs[0, ..., 1:], (0, 1)), F.pad(gs[1, ..., :-1], (1, 0))])
+            ddt = ddl + shifted
+            if softplus:
+                raw = delta.float() + (bias.float()[:, None, :, None] if bias is not None else 0.0)
+                ddt = ddt * torch.sigmoid(raw)
+            if bias is not None:
+                dbias = ddt.sum(dim=(1, 3))
+            ddl = ddt.to(delta.dtype)
+        dB = dB.sum(2).to(B.dtype).transpose(2, 3)  # (G, B, N, L) logical
+        dC = dC.sum(2).to(C.dtype).transpose(2, 3)
+        grads = [du, ddl, dA.to(A.dtype), dB, dC,
+                 dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
+                 dbias.to(bias.dtype) if bias is not None else None]
+        needs = ctx.needs_input_grad
+        grads = [gr if needs[i] else None for i, gr in enumerate(grads)]
+        return (*grads, None, None, None, None, None)
+
+
+def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, store_ckpt):
+    G, bsz, E, L = u.shape
+    N = A.shape[-1]
+    dummy = u
+    grid = (triton.cdiv(E, FWD_BLOCK_D), bsz)
+    global LAST_FWD
+    LAST_FWD = _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        bias if bias is not None else dummy, gap if gap is not None else dummy, out, ckpt,
+        L, E, triton.cdiv(L, CHUNK), scale,
+        *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
+        *(_strides4(z) if z is not None else (0, 0, 0, 0)),
+        *_strides4(out)[1:],
+        *(tuple(gap.stride()) if gap is not None else (0, 0, 0)),
+        G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=FWD_BLOCK_D, CHUNK_T=CHUNK,
+        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, num_warps=FWD_WARPS,
+    )
+
+
+def _check_device(*tensors: Tensor | None) -> None:
+    import os
+
+    dev = tensors[0].device
+    for t in tensors:
+        if t is not None and t.device != dev:
+            raise ValueError(f"selective_scan_triton: all tensors must be on one device, got {t.device} and {dev}")
+    if dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the 'triton' scan backend needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    reverse: bool = False,
+    gap: Tensor | None = None,
+) -> Tensor:
+    """Same contract as :func:`mambatrim.ops.scan_ref.selective_scan_ref`; u, delta, z (b, d, L) any strides."""
+    _check_device(u, delta, A, B, C, D, z, delta_bias, gap)
+    return _ScanFn.apply(
+        u[None], delta[None], A.float().contiguous()[None], B[None], C[None],
+        None if D is None else D.float().contiguous()[None],
+        None if z is None else z[None],
+        None if delta_bias is None else delta_bias.float().contiguous()[None],
+        None if gap is None else gap.float()[None],
+        delta_softplus, reverse, False, 1.0,
+    )
+
+
+def selective_scan_pair_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool = True,
+    scale: float = 0.5,
+    gap: Tensor | None = None,
+) -> Tensor:
+    """Both Vim directions in one launch: ``scale * (scan(g=0) + reverse_scan(g=1))``.
+
+    Shapes (logical; any strides): u, delta (2, b, d, L); A (2, d, n); B, C (2, b, n, L); D, delta_bias (2, d);
+    z (b, d, L), shared by the directions; gap (2, b, L). Direction 1 scans right to left and writes in original
+    order: nothing is flipped. Returns (b, d, L) laid out token-major (``(b, L, d)`` memory) in u's dtype.
+    """
+    _check_device(u, delta, A, B, C, D, z, delta_bias, gap)
+    if u.dim() != 4 or u.shape[0] != 2:
+        raise ValueError(f"selective_scan_pair_triton: u must be (2, batch, dim, length), got {tuple(u.shape)}")
+    z4 = None if z is None else z[None].expand(2, -1, -1, -1)
+    return _ScanFn.apply(
+        u, delta, A.float().contiguous(), B, C, None if D is None else D.float().contiguous(), z4,
+        None if delta_bias is None else delta_bias.float().contiguous(),
+        None if gap is None else gap.float(), delta_softplus, False, True, scale,
+    )
+

@@ -1,0 +1,388 @@
+"""Dynamic Vision Mamba (DyVM, Wu et al. 2025): learned token pruning with rearrangement + dynamic selection of
+SSM directions ("blocks"), as a :class:`~mambatrim.reduce.core.Reducer`.
+
+Token pruning: before each pruning layer (default 6, 12, 18) a local+global predictor scores the patch tokens
+from the residual stream (hidden + residual, class token excluded). Stage ``s`` keeps ``rho**(s+1)`` of the
+*original* patch count.
+
+* Training: a hard straight-through Gumbel-softmax decides per token; the sequence is **rearranged** (kept
+  tokens in their original order, the class token at the middle of the kept tokens per sample, pruned tokens
+  moved to the tail) and the pruned tail is masked in every later mixer (before and after the local conv, both
+  directions). With pruned tokens at the tail, the forward scan reaches them only after every kept token and
+  the backward scan starts on them with a zero state and zero input, so the kept tokens compute exactly what
+  they compute with the pruned tokens removed. The rearrangement is one stable sort per stage (no loop).
+* Inference: top-``int(ratio*N)`` of the keep score, sorted, gathered; the class token is re-inserted at k//2.
+  Pruned tokens are physically removed.
+
+Block selection: per layer a linear selector reads the class token's ``in_proj`` output and gives two gates
+[forward, backward]. Training: Gumbel-sigmoid (tau 2) straight-through, both directions computed and gated.
+Inference: logit > 0 and a direction runs only for the samples that selected it.
+
+Usage::
+
+    from mambatrim.reduce import dyvm
+    model = dyvm.apply(model, keep_ratio=0.7, block_ratio=0.8)   # fine-tune (model.train())
+    dyvm.deploy(model)                                            # inference: tokens dropped, directions skipped
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
+from . import MethodSpec, register_method
+from .core import MixerContext, Reducer, TokenState
+
+# keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
+# positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
+KeepOverride = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+class TokenPredictor(nn.Module):
+    """DynamicViT-style local + global keep predictor: (B, N, D) tokens, (B, N) alive policy -> (B, N, 2)
+    log-probabilities, index 0 = keep. The global half averages alive tokens only (denominator + 1, as DyVM).
+
+    Module layout mirrors the released DyVM predictors so their weights load by a plain prefix rename.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+            nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor, policy: Tensor) -> Tensor:
+        x = self.in_conv(x)
+        half = x.shape[-1] // 2
+        local, glob = x[..., :half], x[..., half:]
+        p = policy[..., None].to(x.dtype)
+        glob = (glob * p).sum(1, keepdim=True) / (p.sum(1, keepdim=True) + 1)
+        return self.out_conv(torch.cat([local, glob.expand_as(local)], dim=-1))
+
+    def macs_per_token(self) -> int:
+        return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
+
+
+def gumbel_sigmoid_hard(logits: Tensor, tau: float, threshold: float = 0.5) -> Tensor:
+    """Independent Bernoulli gates: hard 0/1 forward, gradient of sigmoid((logits + logistic noise) / tau)."""
+    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)  # g1 - g2 ~ Logistic(0, 1)
+    hard = (soft > threshold).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def _others_index(cls_index: Tensor, length: int) -> Tensor:
+    """(B, L-1) indices of every token except each sample's class token, in sequence order."""
+    ar = torch.arange(length - 1, device=cls_index.device).expand(cls_index.shape[0], -1)
+    return ar + (ar >= cls_index[:, None]).long()
+
+
+def _insert_cls_index(others: Tensor, cls_slot: Tensor, cls_at: Tensor) -> Tensor:
+    """Full-sequence index: ``others`` (B, K) with ``cls_slot`` (B,) inserted at position ``cls_at`` (B,)."""
+    bsz, k = others.shape
+    j = torch.arange(k + 1, device=others.device).expand(bsz, -1)
+    src = torch.where(j < cls_at[:, None], j, j - 1).clamp(min=0)
+    out = others.gather(1, src)
+    return torch.where(j == cls_at[:, None], cls_slot[:, None].expand(-1, k + 1), out)
+
+
+class DyVMReducer(Reducer):
+    """DyVM token pruning + block selection. Parameters: ``predictors`` (one per stage) and ``selectors`` (one
+    ``Linear(2*d_inner, 2)`` per layer, or ``None`` when block selection is off)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        d_inner: int,
+        depth: int,
+        keep_ratio: float | None = 0.7,
+        block_ratio: float | None = 0.8,
+        pruning_layers: Sequence[int] | None = None,
+        token_ratios: Sequence[float] | None = None,
+        token_loss_weight: float = 10.0,
+        block_loss_weight: float = 10.0,
+        distill_weight: float = 0.5,
+        token_tau: float = 1.0,
+        block_tau: float = 2.0,
+        block_threshold: float = 0.5,
+        selector_init_bias: float = 5.0,
+        rearrange: bool = True,
+    ) -> None:
+        super().__init__()
+        self.depth = depth
+        if keep_ratio is None and token_ratios is None:
+            layers: list[int] = []
+            ratios: list[float] = []
+        else:
+            layers = list(pruning_layers) if pruning_layers is not None else default_pruning_layers(depth)
+            if token_ratios is not None:
+                ratios = [float(r) for r in token_ratios]
+            else:
+                if not 0.0 < float(keep_ratio) <= 1.0:  # type: ignore[arg-type]
+                    raise ValueError(f"dyvm: keep_ratio must be in (0, 1], got {keep_ratio}")
+                ratios = [float(keep_ratio) ** (s + 1) for s in range(len(layers))]  # type: ignore[operator]
+        _check_stages(layers, ratios, depth)
+        if block_ratio is not None and not 0.0 <= float(block_ratio) <= 1.0:
+            raise ValueError(f"dyvm: block_ratio must be in [0, 1], got {block_ratio}")
+        if token_tau <= 0 or block_tau <= 0:
+            raise ValueError(f"dyvm: temperatures must be > 0, got token_tau={token_tau}, block_tau={block_tau}")
+        self.pruning_layers, self.token_ratios = layers, ratios
+        self.keep_ratio = keep_ratio
+        self.block_ratio = None if block_ratio is None else float(block_ratio)
+        self.token_loss_weight, self.block_loss_weight = float(token_loss_weight), float(block_loss_weight)
+        self.distill_weight = float(distill_weight)
+        self.token_tau, self.block_tau, self.block_threshold = float(token_tau), float(block_tau), block_threshold
+        self.predictors = nn.ModuleList(TokenPredictor(embed_dim) for _ in layers)
+        self.selectors: nn.ModuleList | None = None
+        if self.block_ratio is not None:
+            self.selectors = nn.ModuleList(nn.Linear(2 * d_inner, 2) for _ in range(depth))
+            with torch.no_grad():
+                for sel in self.selectors:
+                    sel.weight.zero_()
+                    sel.bias.fill_(selector_init_bias)
+        # False: training masks pruned tokens in place (DynamicViT style) -- an ablation; inexact for SSMs
+        self.rearrange = bool(rearrange)
+        self.keep_override: KeepOverride | None = None
+
+    # ------------------------------------------------------------------ forward hooks
+    def begin(self, state: TokenState) -> TokenState:
+        state.extras["dyvm_num_patches"] = state.num_tokens - 1
+        state.extras["dyvm_decisions"] = []
+        state.extras["dyvm_gates"] = []
+        state.extras["dyvm_tokens"] = []
+        if self.training and self.predictors:
+            state = state.replace(mask=state.hidden.new_ones(state.hidden.shape[:2], dtype=torch.float32))
+        return state
+
+    def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
+        if layer_idx not in self.pruning_layers:
+            return state
+        stage = self.pruning_layers.index(layer_idx)
+        if state.residual is None:
+            raise ValueError("dyvm: pruning needs a residual stream (pruning layers must be >= 1)")
+        bsz, length = state.hidden.shape[:2]
+        others = _others_index(state.cls_index, length)
+        take = others[..., None].expand(-1, -1, state.hidden.shape[-1])
+        stream = state.hidden.gather(1, take).float() + state.residual.gather(1, take)
+        policy = state.mask.gather(1, others) if state.mask is not None else stream.new_ones(bsz, length - 1)
+        log_probs = self.predictors[stage](stream, policy)
+        num_patches = state.extras["dyvm_num_patches"]
+        k = int(self.token_ratios[stage] * num_patches)
+        if self.keep_override is not None:
+            scored = state.positions.gather(1, others)
+            keep = self.keep_override(stage, log_probs, policy, scored).to(policy.dtype) * policy
+        elif self.training:
+            keep = F.gumbel_softmax(log_probs.float(), tau=self.token_tau, hard=True)[..., 0] * policy
+        else:
+            if not 1 <= k <= length - 1:
+                raise ValueError(f"dyvm: stage {stage} would keep {k} of {length - 1} tokens (ratio "
+                                 f"{self.token_ratios[stage]:.4g} of {num_patches} patches); use a larger ratio")
+            top = log_probs[..., 0].topk(k, dim=1).indices
+            keep = torch.zeros_like(policy).scatter_(1, top, 1.0)
+        kept = keep > 0.5
+        order = torch.argsort((~kept).to(torch.float32), dim=1, stable=True)  # kept first, original order
+        num_keep = kept.sum(1)
+        if self.training and not self.rearrange:
+            state.extras["dyvm_decisions"].append(keep)
+            mask = state.mask.scatter(1, others, keep) if state.mask is not None else None
+            new = state.replace(mask=mask)
+        elif self.training:
+            state.extras["dyvm_decisions"].append(keep)
+            cls_at = num_keep // 2
+            index = _insert_cls_index(others.gather(1, order), state.cls_index, cls_at)
+            new_keep = keep.gather(1, order)
+            mask = torch.cat([new_keep, new_keep.new_ones(bsz, 1)], 1)
+            slots = torch.arange(length - 1, device=mask.device).expand(bsz, -1)
+            mask_index = _insert_cls_index(slots, torch.full_like(cls_at, length - 1), cls_at)
+            new = state.gather(index).replace(mask=mask.gather(1, mask_index), cls_index=cls_at)
+        else:
+            if self.keep_override is None:
+                n = k  # top-k: no device sync
+            elif bool((num_keep == num_keep[0]).all()):
+                n = int(num_keep[0])
+            else:
+                raise ValueError("dyvm: at inference every sample must keep the same number of tokens")
+            cls_at = torch.full_like(state.cls_index, n // 2)
+            index = _insert_cls_index(others.gather(1, order[:, :n]), state.cls_index, cls_at)
+            new = state.gather(index).replace(mask=None, cls_index=cls_at)
+        state.extras["dyvm_tokens"].append(num_keep.detach())
+        return new
+
+    def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
+        gate: Callable[[Tensor], Tensor] | None = None
+        if self.selectors is not None:
+            selector, record = self.selectors[layer_idx], state.extras.setdefault("dyvm_gates", [])
+
+            def gate(cls_xz: Tensor) -> Tensor:
+                logits = selector(cls_xz.to(selector.weight.dtype)).float()
+                if self.training:
+                    g = gumbel_sigmoid_hard(logits, self.block_tau, self.block_threshold)
+                else:
+                    g = (logits > 0).float()
+                record.append(g)
+                return g
+
+        if state.mask is None and gate is None:
+            return None
+        return MixerContext(token_mask=state.mask, cls_index=state.cls_index, direction_gate=gate,
+                            skip_gated=gate is not None and not self.training)
+
+    # ------------------------------------------------------------------ losses and costs
+    def extra_losses(self, state: TokenState, teacher_state: TokenState | None = None) -> dict[str, Tensor]:
+        """Token-ratio MSE (weight/num_stages), block-ratio MSE, and the distillation MSE of the surviving
+        patch tokens against the teacher's tokens at the same original positions (weight ``distill_weight``).
+        The engine adds the classification loss and ``distill_weight`` x KL(teacher || student)."""
+        losses: dict[str, Tensor] = {}
+        decisions = state.extras.get("dyvm_decisions") or []
+        if decisions:
+            terms = [((d.mean(1) - r) ** 2).mean() for d, r in zip(decisions, self.token_ratios)]
+            losses["dyvm_token_ratio"] = self.token_loss_weight * torch.stack(terms).sum() / len(terms)
+        gates = state.extras.get("dyvm_gates") or []
+        if gates and self.training and self.block_ratio is not None:
+            mean_gate = torch.stack([g.mean() for g in gates]).mean()
+            losses["dyvm_block_ratio"] = self.block_loss_weight * (mean_gate - self.block_ratio) ** 2
+        if teacher_state is not None and self.distill_weight > 0:
+            losses["dyvm_token_distill"] = self.distill_weight * token_distill_mse(state, teacher_state)
+        return losses
+
+    def flops_overhead(self, tokens_per_layer: list[int], dim: int) -> float:
+        """Predictor MACs (on the tokens entering each pruning layer, class token excluded) + selector MACs."""
+        macs = 0.0
+        for layer, predictor in zip(self.pruning_layers, self.predictors):
+            entering = tokens_per_layer[layer - 1] if layer >= 1 else tokens_per_layer[0]
+            macs += (entering - 1) * predictor.macs_per_token()
+        if self.selectors is not None:
+            macs += sum(s.in_features * s.out_features for s in self.selectors)
+        return macs
+
+    def extra_repr(self) -> str:
+        return (f"pruning_layers={self.pruning_layers}, token_ratios={[round(r, 4) for r in self.token_ratios]}, "
+                f"block_ratio={self.block_ratio}")
+
+
+def token_distill_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
+    """MSE of the student's surviving patch tokens against the dense teacher's tokens at the same original
+    positions (both after the final norm); the class token and pruned (masked) tokens are excluded. The
+    engine's token MSE, after checking that the teacher is dense."""
+    from ..engine.losses import token_mse  # noqa: PLC0415 (the one implementation; engine imports models)
+
+    dense = state.extras.get("dyvm_num_patches", teacher_state.hidden.shape[1] - 1) + 1
+    if teacher_state.hidden.shape[1] != dense or teacher_state.mask is not None:
+        raise ValueError(f"dyvm: the distillation teacher must be the dense model ({dense} tokens, no mask); "
+                         f"got {teacher_state.hidden.shape[1]} tokens")
+    return token_mse(state, teacher_state)
+
+
+def default_pruning_layers(depth: int) -> list[int]:
+    """DyVM prunes before layers 6, 12, 18 of 24: at a quarter, half and three quarters of the depth."""
+    return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3)})
+
+
+def _check_stages(layers: list[int], ratios: list[float], depth: int) -> None:
+    if len(layers) != len(ratios):
+        raise ValueError(f"dyvm: {len(layers)} pruning layers but {len(ratios)} token ratios")
+    if any(not 1 <= l < depth for l in layers) or layers != sorted(set(layers)):
+        raise ValueError(f"dyvm: pruning_layers must be increasing and in 1..{depth - 1}, got {layers}")
+    if any(not 0.0 < r <= 1.0 for r in ratios) or ratios != sorted(ratios, reverse=True):
+        raise ValueError(f"dyvm: token ratios must be in (0, 1] and non-increasing, got {ratios}")
+
+
+# ---------------------------------------------------------------------- public API
+def apply(model: nn.Module, keep_ratio: float | None = 0.7, block_ratio: float | None = 0.8,
+          pruning_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
+    """Attach DyVM to a Vim model; returns it ready to fine-tune (train mode decides by Gumbel sampling).
+
+    ``keep_ratio`` rho: stage s keeps rho**(s+1) of the patch tokens (``None``: no token pruning);
+    ``block_ratio``: target fraction of executed scan directions (``None``: no block selection);
+    ``pruning_layers``: layers to prune before (default 6, 12, 18 for depth 24). Other options: see
+    :class:`DyVMReducer` (token_ratios, token_loss_weight, block_loss_weight, distill_weight, token_tau,
+    block_tau, selector_init_bias).
+    """
+    for attr in ("embed_dim", "d_inner", "depth", "set_reducer"):
+        if not hasattr(model, attr):
+            raise TypeError(f"dyvm.apply needs a VisionMamba model, got {type(model).__name__}")
+    ref = next(model.parameters())
+    reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, keep_ratio=keep_ratio,  # type: ignore[arg-type]
+                          block_ratio=block_ratio, pruning_layers=pruning_layers, **options)
+    model.set_reducer(reducer.to(device=ref.device))  # type: ignore[operator]
+    return model
+
+
+def deploy(model: nn.Module) -> nn.Module:
+    """Switch to inference: top-k token dropping and per-sample direction skipping (``model.eval()``)."""
+    if not isinstance(getattr(model, "reducer", None), DyVMReducer):
+        raise ValueError("dyvm.deploy: the model has no DyVM attached (call dyvm.apply first)")
+    return model.eval()
+
+
+def realised_block_ratio(model: nn.Module) -> float | None:
+    """Fraction of (layer, direction, sample) scan directions executed in the model's last forward."""
+    gates = [m.last_stats.get("gate") for m in model.modules() if hasattr(m, "last_stats")]
+    gates = [g for g in gates if g is not None]
+    if not gates:
+        return None
+    return float(torch.stack([g.float().mean() for g in gates]).mean())
+
+
+def count_flops(model: nn.Module, img_size: int | None = None, block_ratio: float | None = None,
+                **options: Any) -> Any:
+    """The project's FLOPs report of a DyVM model (inference: real per-stage token counts).
+
+    ``block_ratio=None`` counts the scan directions the selectors actually ran on the counted images (pass
+    ``images=`` for real ones); a number counts every layer at that executed-direction fraction instead, e.g.
+    the nominal 0.8 of the paper's Vim-S figure, for a reproducible figure from an untrained model.
+    """
+    from ..analysis.flops import count_flops as count  # noqa: PLC0415 (analysis imports the models)
+
+    report = count(model, img_size=img_size, **options)
+    if block_ratio is not None:
+        if not 0.0 <= block_ratio <= 1.0:
+            raise ValueError(f"dyvm.count_flops: block_ratio must be in [0, 1], got {block_ratio}")
+        for layer in report.layers:
+            layer.directions = (float(block_ratio), float(block_ratio))
+    return report
+
+
+# ---------------------------------------------------------------------- released checkpoints
+_OFFICIAL_PREDICTOR = "score_predictors."
+_OFFICIAL_SELECTOR = ".mixer.block_head."
+
+
+@register_key_mapper
+def map_official_dyvm_keys(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Rename the released DyVM names (``score_predictors.S.*``, ``layers.I.mixer.block_head.*``) onto ours
+    (``reducer.predictors.S.*``, ``reducer.selectors.I.*``). Leaves other checkpoints untouched."""
+    if not any(k.startswith(_OFFICIAL_PREDICTOR) or _OFFICIAL_SELECTOR in k for k in sd):
+        return sd
+    if not isinstance(getattr(model, "reducer", None), DyVMReducer):
+        raise CheckpointMismatchError(
+            "this is a DyVM checkpoint (it has score_predictors / block_head weights): attach DyVM to the model "
+            "first, e.g. mambatrim.reduce.dyvm.apply(model, keep_ratio=0.7, block_ratio=0.8)")
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key.startswith(_OFFICIAL_PREDICTOR):
+            key = "reducer.predictors." + key[len(_OFFICIAL_PREDICTOR):]
+        elif _OFFICIAL_SELECTOR in key and key.startswith("layers."):
+            layer, rest = key[len("layers."):].split(_OFFICIAL_SELECTOR, 1)
+            key = f"reducer.selectors.{layer}.{rest}"
+        out[key] = value
+    return out
+
+
+register_method(MethodSpec(
+    name="dyvm",
+    apply=apply,
+    description="DyVM: learned token pruning with rearrangement + dynamic scan-direction selection",
+    demo_options={"keep_ratio": 0.7, "block_ratio": 0.8},
+    trainable=True,
+))

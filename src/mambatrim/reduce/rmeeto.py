@@ -1,0 +1,235 @@
+"""R-MeeTo: order-preserving token merging for Vision Mamba (Shi et al., arXiv 2412.12496).
+
+Before every second block (2, 4, ..., depth-2), ``r`` tokens are merged away by bipartite soft matching:
+
+1. the class token is set aside; the other tokens are split alternately into A (even) and B (odd);
+2. each A token finds its most similar B token (cosine similarity of the block's input hidden state, i.e. the
+   previous mixer's output, before it is added to the residual stream);
+3. the ``r`` A tokens with the highest similarity are merged into their partners: hidden state and residual
+   stream are both replaced by size-weighted averages, and sizes (original tokens per token) add up;
+4. merged tokens stay at their B token's slot, every other token keeps its relative order, so the sequence
+   stays in raster order (Mamba is order sensitive);
+5. the class token goes back in: ``official`` rule ``int(p * (L - r) // L)`` (batch-wide proportional index),
+   ``middle`` (the middle of the new sequence) or ``boundary`` (between the tokens that came from its left and
+   its right, per sample, so positions stay sorted including the class token).
+
+Everything is batched index arithmetic (gather / topk / cumsum / scatter_add on the r merged rows) with no per-sample Python loop and
+no host-device synchronisation; the merge weights carry no gradient but the merged values do, so the same code
+serves training-free evaluation and re-training. ``apply(model, ratio=0.31)`` or ``apply(model, r=11)`` attaches
+it; ``model.set_reducer(None)`` removes it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import MethodSpec, register_method
+from .core import Reducer, TokenState
+
+CLS_POSITIONS = ("official", "middle", "boundary")
+DEFAULT_RATIO = 0.31  # the paper's Vim-S / Vim-B setting (r = 11)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def merge_layers(depth: int, interval: int = 2) -> tuple[int, ...]:
+    """Blocks that merge at their input: ``interval, 2*interval, ...`` below ``depth`` (2, 4, ..., 22 for 24)."""
+    if depth < 1 or interval < 1:
+        raise ValueError(f"merge_layers needs depth >= 1 and interval >= 1, got depth={depth}, "
+                         f"interval={interval}")
+    return tuple(range(interval, depth, interval))
+
+
+def capped_r(num_tokens: int, r: int) -> int:
+    """Tokens one merge event removes from ``num_tokens`` (class token included): at most half the others."""
+    return max(0, min(r, (num_tokens - 1) // 2))
+
+
+def tokens_per_layer(num_tokens: int, depth: int, r: int, layers: Sequence[int]) -> list[int]:
+    """Sequence length each block runs on when ``r`` tokens merge before every block in ``layers``."""
+    out, length, events = [], num_tokens, set(layers)
+    for i in range(depth):
+        if i in events:
+            length -= capped_r(length, r)
+        out.append(length)
+    return out
+
+
+def ratio_for_r(r: int, num_tokens: int = 197, depth: int = 24, layers: Sequence[int] | None = None) -> float:
+    """Reduction ratio = 1 - sum_l N_l / (depth * N_0): the share of token-block work removed.
+
+    Without the cap this is ``r * sum_events(depth - l) / (depth * N_0)`` (132 r / 4728 for Vim at 224), i.e.
+    0.14 / 0.28 / 0.31 / 0.42 / 0.54 for r = 5 / 10 / 11 / 15 / 20 (the last one capped in the final merges).
+    """
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    layers = merge_layers(depth) if layers is None else layers
+    return 1.0 - sum(tokens_per_layer(num_tokens, depth, r, layers)) / (depth * num_tokens)
+
+
+def r_for_ratio(ratio: float, num_tokens: int = 197, depth: int = 24, layers: Sequence[int] | None = None) -> int:
+    """The r whose :func:`ratio_for_r` is closest to ``ratio`` (ratio_for_r is monotone in r)."""
+    layers = merge_layers(depth) if layers is None else layers
+    r_max = (num_tokens - 1) // 2
+    top = ratio_for_r(r_max, num_tokens, depth, layers)
+    if not 0.0 <= ratio <= top + 0.005:
+        raise ValueError(f"reduction ratio {ratio} is out of range: with {num_tokens} tokens, depth {depth} and "
+                         f"merges before blocks {list(layers)} it must lie in [0, {top:.3f}]")
+    return min(range(r_max + 1), key=lambda r: (abs(ratio_for_r(r, num_tokens, depth, layers) - ratio), r))
+
+
+# ---------------------------------------------------------------------------------------------- merging
+def _take(t: Tensor, index: Tensor) -> Tensor:
+    """t (B, L, C) rows ``index`` (B, K)."""
+    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _merge_rows(t: Tensor, out_seq: Tensor, src_seq: Tensor, dst_seq: Tensor, dst_slot: Tensor,
+                weight: Tensor) -> Tensor:
+    """Kept rows of ``t`` in output order, then each merged-away row folded into its partner's slot.
+
+    ``out = t[b] + sum_a w_a (t[a] - t[b])`` with ``w_a = size_a / merged size``: the size-weighted average of the
+    group, computed in >= fp32 on the r merged rows only. Unmerged rows are copied exactly.
+    """
+    out = _take(t, out_seq)
+    work = torch.promote_types(t.dtype, torch.float32)
+    delta = (_take(t, src_seq).to(work) - _take(t, dst_seq).to(work)) * weight[..., None]
+    return out.scatter_add_(1, dst_slot[..., None].expand(-1, -1, t.shape[-1]), delta.to(t.dtype))
+
+
+def merge_tokens(state: TokenState, r: int, cls_position: str = "official") -> TokenState:
+    """One R-MeeTo merge event on ``state``: ``r`` fewer tokens, order preserved (see the module docstring)."""
+    if cls_position not in CLS_POSITIONS:
+        raise ValueError(f"unknown cls_position {cls_position!r}; choose one of {', '.join(CLS_POSITIONS)}")
+    if state.mask is not None:
+        raise ValueError("R-MeeTo merging cannot follow a masked (training-time) pruning method: the state "
+                         "carries a token mask")
+    hidden = state.hidden
+    bsz, length, _ = hidden.shape
+    r = capped_r(length, r)
+    if r == 0:
+        return state
+    device = hidden.device
+    n = length - 1  # tokens other than the class token
+    kept_len = n - r  # non-class tokens left
+    cls = state.cls_index
+    with torch.no_grad():
+        k = torch.arange(n, device=device)
+        seq_of_k = k + (k >= cls[:, None]).long()  # sequence index of the k-th non-class token
+        seq_a, seq_b = seq_of_k[:, 0::2], seq_of_k[:, 1::2]
+        # cosine similarity without a normalised copy: raw dot products scaled by inverse norms
+        work = torch.promote_types(hidden.dtype, torch.float32)
+        inv_norm = torch.linalg.vector_norm(hidden, dim=-1, dtype=work).clamp_min(1e-12).reciprocal()
+        scores = (_take(hidden, seq_a) @ _take(hidden, seq_b).transpose(1, 2)).to(work)
+        scores = scores * inv_norm.gather(1, seq_a)[..., None] * inv_norm.gather(1, seq_b)[:, None, :]
+        best, partner = scores.max(-1)  # (B, na): each A token's most similar B token
+        src = best.topk(r, dim=-1).indices  # (B, r): A tokens merged away
+        dst = partner.gather(1, src)  # (B, r): their B partners
+        kept = torch.ones(bsz, n, dtype=torch.bool, device=device).scatter_(1, 2 * src, False)
+        rank = kept.cumsum(1) - 1  # slot of each kept token among the kept non-class tokens (raster order)
+        # kept tokens' sequence indices in order; merged ones go to a spare last column that is dropped
+        keep_seq = torch.zeros(bsz, kept_len + 1, dtype=torch.long, device=device).scatter_(
+            1, torch.where(kept, rank, kept_len), seq_of_k)[:, :kept_len]
+        q = _class_slot(state, cls, kept, seq_of_k, kept_len + 1, r, cls_position)
+        j = torch.arange(kept_len + 1, device=device)
+        from_kept = keep_seq.gather(1, (j - (j > q[:, None]).long()).clamp(max=kept_len - 1))
+        out_seq = torch.where(j == q[:, None], cls[:, None], from_kept)  # (B, L - r) sequence index per slot
+        dst_rank = rank.gather(1, 2 * dst + 1)
+        dst_slot = dst_rank + (dst_rank >= q[:, None]).long()
+        src_seq, dst_seq = seq_a.gather(1, src), seq_b.gather(1, dst)
+        sizes = state.sizes if state.sizes is not None else hidden.new_ones(bsz, length, dtype=torch.float32)
+        src_size = sizes.gather(1, src_seq)
+        new_sizes = sizes.gather(1, out_seq).scatter_add_(1, dst_slot, src_size)
+        weight = src_size / new_sizes.gather(1, dst_slot)
+    residual = state.residual
+    return state.replace(
+        hidden=_merge_rows(hidden, out_seq, src_seq, dst_seq, dst_slot, weight),
+        residual=None if residual is None else _merge_rows(residual, out_seq, src_seq, dst_seq, dst_slot, weight),
+        positions=state.positions.gather(1, out_seq), cls_index=q, sizes=new_sizes,
+    )
+
+
+def _class_slot(state: TokenState, cls: Tensor, kept: Tensor, seq_of_k: Tensor, out_len: int, r: int,
+                rule: str) -> Tensor:
+    """(B,) index of the class token in the merged sequence of ``out_len`` tokens (always < out_len)."""
+    length = state.hidden.shape[1]
+    if rule == "official":  # int(p * (L - r) // L), as the released code: p <= L - 1 gives q <= L - r - 1
+        return cls * (length - r) // length
+    if rule == "middle":  # where the backbone puts it: the middle of the other tokens
+        return torch.full_like(cls, (out_len - 1) // 2)
+    # boundary: after every kept token that came from the class token's left
+    pos_k = state.positions.gather(1, seq_of_k)
+    cls_pos = state.positions.gather(1, cls[:, None])
+    return (kept & (pos_k < cls_pos)).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------- reducer
+class RMeeToReducer(Reducer):
+    """Merge ``r`` tokens before every block in ``layers`` (hidden and residual, size-weighted, order kept)."""
+
+    def __init__(self, r: int, layers: Sequence[int], cls_position: str = "official") -> None:
+        super().__init__()
+        if int(r) != r or r < 0:
+            raise ValueError(f"r (tokens merged per event) must be a non-negative integer, got {r!r}")
+        if cls_position not in CLS_POSITIONS:
+            raise ValueError(f"unknown cls_position {cls_position!r}; choose one of {', '.join(CLS_POSITIONS)}")
+        bad = [layer for layer in layers if int(layer) != layer or layer < 0]
+        if bad:
+            raise ValueError(f"merge layers must be non-negative block indices, got {bad}")
+        self.r = int(r)
+        self.layers = tuple(sorted({int(layer) for layer in layers}))
+        self.cls_position = cls_position
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, layers={list(self.layers)}, cls_position={self.cls_position!r}"
+
+    def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
+        if layer_idx in self.layers:
+            return merge_tokens(state, self.r, self.cls_position)
+        return state
+
+    def flops_overhead(self, tokens_per_layer: list[int], dim: int) -> float:
+        """The paper's matching cost per event with T tokens before it: norm 6TC + similarity 2C(T/2)^2 + rC."""
+        total = 0.0
+        for layer in self.layers:
+            if 0 < layer < len(tokens_per_layer):
+                before, after = tokens_per_layer[layer - 1], tokens_per_layer[layer]
+                if before > after:
+                    total += 6 * before * dim + 2 * dim * (before / 2) ** 2 + (before - after) * dim
+        return total
+
+
+def apply(model: nn.Module, ratio: float | None = None, r: int | None = None, layers: Sequence[int] | None = None,
+          interval: int = 2, cls_position: str = "official") -> nn.Module:
+    """Attach R-MeeTo to a Vim ``model`` (in place) and return it; ``model.set_reducer(None)`` undoes it.
+
+    Give either ``ratio`` (reduction ratio, mapped to the nearest r for the model's token count and depth) or
+    ``r`` (tokens merged per event); neither means the paper's ratio 0.31. ``layers`` defaults to every
+    ``interval``-th block from ``interval`` on.
+    """
+    if not hasattr(model, "set_reducer") or not hasattr(model, "depth"):
+        raise TypeError(f"R-MeeTo needs a mambatrim VisionMamba model, got {type(model).__name__}")
+    if ratio is not None and r is not None:
+        raise ValueError("give only one of ratio= (reduction ratio, e.g. 0.31) or r= (tokens merged per event)")
+    if ratio is None and r is None:
+        ratio = DEFAULT_RATIO
+    depth = int(model.depth)
+    layers = merge_layers(depth, interval) if layers is None else tuple(layers)
+    out_of_range = [layer for layer in layers if not 0 <= layer < depth]
+    if out_of_range:
+        raise ValueError(f"merge layers {out_of_range} are outside the model's blocks 0..{depth - 1}")
+    if r is None:
+        num_tokens = model.patch_embed.num_patches + 1
+        r = r_for_ratio(float(ratio), num_tokens, depth, layers)
+    return model.set_reducer(RMeeToReducer(r, layers, cls_position))
+
+
+register_method(MethodSpec(
+    name="rmeeto",
+    apply=apply,
+    description="R-MeeTo: order-preserving bipartite token merging every 2nd block (ratio= or r=)",
+    demo_options={"ratio": 0.31},
+    trainable=True,
+))

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny model settings and the official state_dict key/shape lists."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# A Vim small enough for CPU tests: 32x32 images -> 4 patches + class token, 2 layers, width 32.
+TINY = dict(depth=2, embed_dim=32, num_classes=10, img_size=32, drop_path_rate=0.0)
+
+
+@pytest.fixture
+def tiny_kwargs() -> dict[str, Any]:
+    return dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def official_state_dict() -> dict[str, Any]:
+    """Official key/shape lists per config (written from the hustvl/Vim code) and parameter counts."""
+    return json.loads((FIXTURES / "vim_official_state_dict.json").read_text())

@@ -1,0 +1,319 @@
+"""DyVM: the rearranged + masked training forward equals the token-dropping inference forward, block selection
+per sample equals running each sample alone, official checkpoint names load, losses and ratios are right."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # the fused-path test runs the Triton kernels in the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
+
+import pytest  # noqa: E402
+
+from mambatrim import create_model, load_checkpoint  # noqa: E402
+from mambatrim.models import CheckpointMismatchError  # noqa: E402
+from mambatrim.reduce import METHODS, TokenState, apply_method, dyvm  # noqa: E402
+
+NUM_PATCHES = 16  # 64x64 image, 16x16 patches
+CLS = NUM_PATCHES // 2
+
+
+def tiny(seed: int = 0, **opts) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("vim_tiny_patch16_224", depth=6, embed_dim=64, img_size=64, num_classes=10,
+                         drop_path_rate=0.0)
+    opts.setdefault("pruning_layers", [2, 4])
+    return dyvm.apply(model, **opts)
+
+
+def images(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_keep(plan: list[list[set[int]]]):
+    """Override keeping, per stage and sample, the tokens at the given original sequence positions."""
+    def override(stage, log_probs, policy, positions):
+        keep = torch.zeros_like(policy)
+        for b, kept in enumerate(plan[stage]):
+            keep[b] = torch.isin(positions[b], torch.tensor(sorted(kept))).float()
+        return keep
+    return override
+
+
+def random_plan(batch: int, counts: list[list[int]], seed: int) -> list[list[set[int]]]:
+    """Nested random keep sets (original positions, the class token excluded): counts[stage][sample]."""
+    g = torch.Generator().manual_seed(seed)
+    patches = [p for p in range(NUM_PATCHES + 1) if p != CLS]
+    plan: list[list[set[int]]] = [[] for _ in counts]
+    for b in range(batch):
+        alive = patches
+        for s, per_sample in enumerate(counts):
+            pick = torch.randperm(len(alive), generator=g)[: per_sample[b]]
+            alive = sorted(alive[i] for i in pick.tolist())
+            plan[s].append(set(alive))
+    return plan
+
+
+def run(model, x, mode: str, override=None) -> tuple[torch.Tensor, TokenState]:
+    model.train(mode == "train")
+    model.reducer.keep_override = override
+    with torch.no_grad():
+        state = model.forward_tokens(x)
+        logits = model.head(state.hidden[torch.arange(x.shape[0]), state.cls_index])
+    return logits, state
+
+
+def set_static_gates(model, off: list[tuple[int, int]]) -> None:
+    """Selectors that switch off the given (layer, direction) pairs for every sample, by a margin that no
+    Gumbel noise can flip (so training-mode gates are deterministic too)."""
+    with torch.no_grad():
+        for layer, sel in enumerate(model.reducer.selectors):
+            sel.weight.zero_()
+            sel.bias.fill_(60.0)
+            for l, d in off:
+                if l == layer:
+                    sel.bias[d] = -60.0
+
+
+@pytest.mark.parametrize("keep_ratio", [0.9, 0.7, 0.5])
+def test_training_forward_equals_inference_with_the_same_decisions(keep_ratio):
+    model = tiny(keep_ratio=keep_ratio, block_ratio=None)
+    x = images(3)
+    logits_eval, eval_state = run(model, x, "eval")
+    # the inference decisions, as original positions per stage, replayed as fixed training decisions
+    plan = []
+    ratios = model.reducer.token_ratios
+    model.eval()
+    for k in [int(r * NUM_PATCHES) for r in ratios]:
+        assert k < NUM_PATCHES
+    recorded: list[list[set[int]]] = []
+
+    def record(stage, log_probs, policy, positions):
+        top = log_probs[..., 0].topk(int(ratios[stage] * NUM_PATCHES), dim=1).indices
+        recorded.append([set(positions[b, top[b]].tolist()) for b in range(x.shape[0])])
+        return torch.zeros_like(policy).scatter_(1, top, 1.0)
+
+    logits_rec, _ = run(model, x, "eval", record)
+    torch.testing.assert_close(logits_rec, logits_eval, rtol=0, atol=0)
+    plan = recorded
+    logits_train, train_state = run(model, x, "train", fixed_keep(plan))
+    assert train_state.num_tokens == NUM_PATCHES + 1  # full length in training
+    torch.testing.assert_close(logits_train, logits_eval, rtol=1e-5, atol=1e-5)
+    n = eval_state.num_tokens
+    torch.testing.assert_close(train_state.hidden[:, :n], eval_state.hidden, rtol=1e-5, atol=1e-5)
+    assert torch.equal(train_state.positions[:, :n], eval_state.positions)
+    assert torch.equal(train_state.mask[:, :n], torch.ones(3, n))
+    assert not train_state.mask[:, n:].any()
+
+
+def test_training_forward_with_per_sample_counts_equals_each_sample_dropped_alone():
+    model = tiny(keep_ratio=0.7, block_ratio=0.8)
+    set_static_gates(model, off=[(0, 1), (3, 0), (4, 1), (5, 0), (5, 1)])
+    counts = [[12, 9, 14, 5], [7, 3, 10, 5]]  # per stage, per sample: kept counts differ within the batch
+    plan = random_plan(4, counts, seed=3)
+    x = images(4, seed=2)
+    logits_train, train_state = run(model, x, "train", fixed_keep(plan))
+    assert train_state.cls_index.tolist() == [c // 2 for c in counts[-1]]
+    for b in range(4):
+        single = [[stage[b]] for stage in plan]
+        logits_b, state_b = run(model, x[b:b + 1], "eval", fixed_keep(single))
+        n = counts[-1][b] + 1
+        assert state_b.num_tokens == n
+        torch.testing.assert_close(logits_train[b:b + 1], logits_b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(train_state.hidden[b:b + 1, :n], state_b.hidden, rtol=1e-5, atol=1e-5)
+        assert torch.equal(train_state.positions[b, :n], state_b.positions[0])
+
+
+def test_control_in_place_masking_without_rearrangement_does_not_match():
+    model = tiny(keep_ratio=0.7, block_ratio=None, rearrange=False)
+    x = images(2)
+    plan = random_plan(2, [[11, 11], [7, 7]], seed=5)
+    logits_eval, _ = run(model, x, "eval", fixed_keep(plan))
+    logits_masked, _ = run(model, x, "train", fixed_keep(plan))
+    model.reducer.rearrange = True
+    logits_rearranged, _ = run(model, x, "train", fixed_keep(plan))
+    torch.testing.assert_close(logits_rearranged, logits_eval, rtol=1e-5, atol=1e-5)
+    assert (logits_masked - logits_eval).abs().max() > 1e-3
+
+
+def test_vectorised_rearrangement_matches_a_per_sample_loop():
+    model = tiny(keep_ratio=0.7, block_ratio=None)
+    counts = [[12, 9, 14], [7, 3, 10]]
+    plan = random_plan(3, counts, seed=7)
+    _, state = run(model, images(3), "train", fixed_keep(plan))
+    for b in range(3):  # the official layout, built sample by sample: kept (cls in the middle), then pruned
+        kept = sorted(plan[-1][b])
+        half = len(kept) // 2
+        head = kept[:half] + [CLS] + kept[half:]
+        assert state.positions[b, :len(head)].tolist() == head
+        assert sorted(state.positions[b].tolist()) == list(range(NUM_PATCHES + 1))
+
+
+def test_block_selection_per_sample_at_inference_equals_each_sample_alone():
+    model = tiny(keep_ratio=0.7, block_ratio=0.8)
+    with torch.no_grad():
+        for sel in model.reducer.selectors:
+            sel.weight.normal_(0, 0.5)
+            sel.bias.zero_()
+    x = images(6, seed=4)
+    model.eval()
+    logits, _ = run(model, x, "eval")
+    gates = torch.stack([m.mixer.last_stats["gate"] for m in model.layers])  # (layers, B, 2)
+    assert gates.shape == (6, 6, 2)
+    assert 0 < gates.mean() < 1
+    assert (gates != gates[:, :1]).any(), "the test needs samples that select different directions"
+    for b in range(6):
+        alone, _ = run(model, x[b:b + 1], "eval")
+        torch.testing.assert_close(logits[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+    # and equals computing both directions and multiplying by the 0/1 gate (the training-time path)
+    dense_gates = gates.clone()
+    original = model.reducer.mixer_context
+
+    def multiply_instead_of_skip(i, state):
+        ctx = original(i, state)
+        return ctx.__class__(token_mask=ctx.token_mask, cls_index=ctx.cls_index, direction_gate=dense_gates[i],
+                             skip_gated=False)
+
+    model.reducer.mixer_context = multiply_instead_of_skip
+    multiplied, _ = run(model, x, "eval")
+    torch.testing.assert_close(logits, multiplied, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_keeps_int_ratio_tokens_per_stage():
+    model = tiny(keep_ratio=0.7, block_ratio=0.8)
+    run(model, images(2), "eval")
+    tokens = [layer.mixer.last_stats["tokens"] for layer in model.layers]
+    k1, k2 = int(0.7 * NUM_PATCHES), int(0.7 ** 2 * NUM_PATCHES)
+    assert tokens == [17, 17, k1 + 1, k1 + 1, k2 + 1, k2 + 1]
+    assert model.reducer.flops_overhead(tokens, 64) == pytest.approx(
+        (17 - 1 + k1) * model.reducer.predictors[0].macs_per_token() + 6 * 256 * 2)
+
+
+def test_training_gradients_reach_predictors_and_selectors():
+    model = tiny(keep_ratio=0.7, block_ratio=0.8)
+    teacher = create_model("vim_tiny_patch16_224", depth=6, embed_dim=64, img_size=64, num_classes=10).eval()
+    model.train()
+    x = images(4)
+    state = model.forward_tokens(x)
+    with torch.no_grad():
+        teacher_state = teacher.forward_tokens(x)
+    losses = model.reducer.extra_losses(state, teacher_state)
+    assert set(losses) == {"dyvm_token_ratio", "dyvm_block_ratio", "dyvm_token_distill"}
+    logits = model.head(state.hidden[torch.arange(4), state.cls_index])
+    (logits.logsumexp(-1).sum() + sum(losses.values())).backward()
+    for s, predictor in enumerate(model.reducer.predictors):
+        assert predictor.out_conv[-2].weight.grad.abs().sum() > 0, f"predictor {s} gets no gradient"
+    assert model.reducer.selectors[3].weight.grad.abs().sum() > 0
+
+
+def test_extra_losses_follow_the_official_formula():
+    model = tiny(keep_ratio=0.7, block_ratio=0.8)
+    plan = random_plan(2, [[12, 9], [7, 3]], seed=1)
+    _, state = run(model, images(2), "train", fixed_keep(plan))
+    model.train()
+    losses = model.reducer.extra_losses(state)
+    r1, r2 = 0.7, 0.49
+    expect = 10 * (((12 / 16 - r1) ** 2 + (9 / 16 - r1) ** 2) / 2 + ((7 / 16 - r2) ** 2 + (3 / 16 - r2) ** 2) / 2) / 2
+    assert losses["dyvm_token_ratio"].item() == pytest.approx(expect, rel=1e-5)
+    gates = torch.stack([g.mean() for g in state.extras["dyvm_gates"]]).mean()
+    assert losses["dyvm_block_ratio"].item() == pytest.approx(10 * (gates.item() - 0.8) ** 2, rel=1e-5)
+
+
+def test_token_distillation_aligns_teacher_tokens_by_original_position():
+    bsz, dim = 2, 3
+    dense_pos = torch.arange(NUM_PATCHES + 1).expand(bsz, -1)
+    teacher = TokenState(hidden=dense_pos[..., None].float().expand(-1, -1, dim), residual=None,
+                         positions=dense_pos, cls_index=torch.full((bsz,), CLS))
+    positions = torch.stack([torch.randperm(NUM_PATCHES + 1) for _ in range(bsz)])
+    student = TokenState(hidden=positions[..., None].float().expand(-1, -1, dim), residual=None,
+                         positions=positions, cls_index=torch.tensor([0, 5]),
+                         mask=torch.ones(bsz, NUM_PATCHES + 1), extras={"dyvm_num_patches": NUM_PATCHES})
+    assert dyvm.token_distill_mse(student, teacher).item() == 0.0
+    student.hidden = student.hidden + 1.0
+    student.hidden[:, -3:] += 100.0  # masked tokens must not count
+    student.mask[:, -3:] = 0
+    assert dyvm.token_distill_mse(student, teacher).item() == pytest.approx(1.0)
+
+
+def test_official_checkpoint_names_load():
+    source = tiny(seed=1, keep_ratio=0.7, block_ratio=0.8)
+    with torch.no_grad():
+        for p in source.reducer.parameters():
+            p.normal_()
+    official = {}
+    for key, value in source.state_dict().items():
+        if key.startswith("reducer.predictors."):
+            key = "score_predictors." + key[len("reducer.predictors."):]
+        elif key.startswith("reducer.selectors."):
+            layer, rest = key[len("reducer.selectors."):].split(".", 1)
+            key = f"layers.{layer}.mixer.block_head.{rest}"
+        official[key] = value
+    assert "score_predictors.1.out_conv.4.weight" in official
+    assert "layers.5.mixer.block_head.bias" in official
+    target = tiny(seed=2, keep_ratio=0.7, block_ratio=0.8)
+    load_checkpoint(target, {"model": official})
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+    dense = create_model("vim_tiny_patch16_224", depth=6, embed_dim=64, img_size=64, num_classes=10)
+    with pytest.raises(CheckpointMismatchError, match="DyVM"):
+        load_checkpoint(dense, {"model": official})
+    dense_sd = {k: v for k, v in source.state_dict().items() if not k.startswith("reducer.")}
+    load_checkpoint(dense, dense_sd)  # the mapper leaves other checkpoints alone
+
+
+def test_registered_and_bad_options_are_refused():
+    assert METHODS["dyvm"].demo_options == {"keep_ratio": 0.7, "block_ratio": 0.8}
+    model = create_model("vim_tiny_patch16_224", depth=6, embed_dim=64, img_size=64, num_classes=10)
+    apply_method(model, "dyvm", keep_ratio=0.9, pruning_layers=[2, 4])
+    assert model.reducer.token_ratios == pytest.approx([0.9, 0.81])
+    with pytest.raises(ValueError, match="pruning_layers"):
+        dyvm.apply(model, pruning_layers=[0, 3])
+    with pytest.raises(ValueError, match="keep_ratio"):
+        dyvm.apply(model, keep_ratio=1.5)
+    with pytest.raises(ValueError, match="would keep 0"):
+        dyvm.apply(model, keep_ratio=0.05, pruning_layers=[2]).eval()(images(1))
+    assert dyvm.default_pruning_layers(24) == [6, 12, 18]
+
+
+def test_skip_gated_inference_on_the_fused_triton_path_matches_the_torch_path():
+    """Samples running both directions go through the fused kernels, the rest through the per-direction path."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
+    pytest.importorskip("triton")
+    from mambatrim.ops import use_backend
+
+    torch.manual_seed(0)
+    model = create_model("vim_tiny_patch16_224", depth=3, embed_dim=32, img_size=32, num_classes=10,
+                         drop_path_rate=0.0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dyvm.apply(model.to(device), keep_ratio=0.7, block_ratio=0.8, pruning_layers=[2]).eval()
+    fixed = torch.tensor([[[1.0, 1.0]] * 5, [[1, 1], [1, -1], [-1, -1], [1, 1], [-1, 1]], [[-1.0, 1.0]] * 5],
+                         device=device)
+    for sel, logits in zip(model.reducer.selectors, fixed):
+        sel.forward = (lambda out: (lambda inp: out[: inp.shape[0]]))(logits)
+    x = images(5)[:, :, :32, :32].to(device)
+    with torch.no_grad():
+        with use_backend("torch"):
+            reference = model(x)
+        with use_backend("triton"):
+            fused = model(x)
+    gates = torch.stack([layer.mixer.last_stats["gate"] for layer in model.layers])
+    assert torch.equal(gates, (fixed > 0).float())
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_flops_match_the_paper_convention_figures():
+    """Vim-S at 224: dense 5.08 G; DyVM rho 0.7 at a nominal block ratio 0.8: 3.24 G (the official counter's
+    formula on 197/138/97/68 tokens + predictors). Built on the meta device: nothing is computed."""
+    with torch.device("meta"):
+        model = create_model("vim_small_patch16_224")
+    from mambatrim.analysis.flops import count_flops
+
+    assert count_flops(model).gflops("paper") == pytest.approx(5.08, abs=0.005)
+    dyvm.apply(model, keep_ratio=0.7, block_ratio=None)  # no selectors: their gates need real values
+    report = dyvm.count_flops(model, block_ratio=0.8)
+    assert report.tokens_per_layer == [197] * 6 + [138] * 6 + [97] * 6 + [68] * 6
+    assert report.gflops("paper") == pytest.approx(3.239, abs=0.002)
+    assert report.reducer == (196 + 137 + 96) * (384 * 384 + 384 * 192 + 192 * 96 + 96 * 2)
+    assert dyvm.count_flops(model).gflops("paper") == pytest.approx(3.35, abs=0.01)  # all directions ran

@@ -1,0 +1,123 @@
+"""Vim backbone: official keys/shapes, the v2 mixer against the official flip formulation, input checks, timm."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import mambatrim
+from mambatrim.models import MODEL_CONFIGS, OFFICIAL_ALIASES, BiMambaMixer
+from mambatrim.ops import selective_scan
+from mambatrim.reduce import Reducer
+
+
+def meta_model(name: str, **kwargs):
+    with torch.device("meta"):
+        return timm.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+def test_state_dict_matches_official_keys_and_shapes(name, official_state_dict):
+    expected = [(k, tuple(v)) for k, v in official_state_dict["configs"][name]]
+    model = meta_model(name)
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert len(got) == 415
+    assert got == expected
+    assert sum(p.numel() for p in model.parameters()) == official_state_dict["params"][name]
+
+
+def test_official_long_names_are_aliases():
+    for alias, target in OFFICIAL_ALIASES.items():
+        shapes = {k: v.shape for k, v in meta_model(alias, depth=1).state_dict().items()}
+        assert shapes == {k: v.shape for k, v in meta_model(target, depth=1).state_dict().items()}, alias
+
+
+def test_timm_create_model_with_overrides():
+    model = timm.create_model("vim_tiny_patch16_224", depth=4, num_classes=10, img_size=64)
+    assert len(model.layers) == 4
+    assert model.head.out_features == 10
+    assert model.pos_embed.shape == (1, 17, 192)  # 4x4 patches + class token
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ValueError, match="Did you mean: vim_tiny_patch16_224"):
+        mambatrim.create_model("vim_tiny_patch16")
+
+
+def official_mixer(mixer: BiMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
+    """The official v2 formulation: the backward branch runs on flipped x AND z with the *_b parameters,
+    through a causal conv and a forward scan, and is flipped back before the sum and the division by 2."""
+    length = hidden.shape[1]
+    xz = F.linear(hidden, mixer.in_proj.weight).transpose(1, 2)
+
+    def branch(xz_, conv, x_proj, dt_proj, A_log, D):
+        x, z = xz_.chunk(2, dim=1)
+        u = F.silu(F.conv1d(x, conv.weight, conv.bias, padding=conv.weight.shape[-1] - 1,
+                            groups=x.shape[1])[..., :length])
+        x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)
+        dt, B, C = x_dbl.split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)
+        return selective_scan(u, delta, -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(),
+                              z, delta_bias=dt_proj.bias.float(), delta_softplus=True, backend="ref")
+
+    out = branch(xz, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
+    out_b = branch(xz.flip(-1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b)
+    return F.linear((out + out_b.flip(-1)).transpose(1, 2) / 2, mixer.out_proj.weight)
+
+
+@pytest.mark.parametrize("backend", ["ref", "torch"])
+def test_mixer_matches_official_flip_formulation(backend):
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(24)
+    with torch.no_grad():  # make the two directions differ so a swapped parameter set would show
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hidden = torch.randn(2, 9, 24)
+    with mambatrim.ops.use_backend(backend):
+        ours = mixer(hidden)
+    ref = official_mixer(mixer, hidden)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_uses_middle_class_token(tiny_kwargs):
+    model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    state = model.embed(x)
+    assert int(state.cls_index[0]) == 2  # 4 patches: class token at 4 // 2
+    torch.testing.assert_close(state.hidden[:, 2], (model.cls_token + model.pos_embed[:, 2]).expand(2, -1, -1)[:, 0])
+    final = model.forward_tokens(x).hidden
+    torch.testing.assert_close(model(x), model.head(final[:, 2]))
+
+
+def test_noop_reducer_gives_identical_logits(tiny_kwargs):
+    model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        dense = model(x)
+        reduced = model.set_reducer(Reducer())(x)
+    assert torch.equal(dense, reduced)
+
+
+def test_other_input_sizes_run_and_bad_sizes_are_explained(tiny_kwargs):
+    model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 48, 64)).shape == (1, 10)  # pos_embed interpolated on the fly
+    with pytest.raises(ValueError, match=r"cannot be tiled by 16x16 patches at stride 16.*e\.g\. 48"):
+        model(torch.randn(1, 3, 50, 48))
+    with pytest.raises(ValueError, match="takes 3-channel images, got 1 channels"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="cannot be tiled"):
+        mambatrim.create_model("vim_tiny_patch16_224", depth=1, img_size=100)
+
+
+def test_drop_path_schedule_matches_official():
+    model = meta_model("vim_tiny_patch16_224", depth=4, drop_path_rate=0.3)
+    probs = [getattr(layer.drop_path, "drop_prob", 0.0) for layer in model.layers]
+    # block i drops mixer i-1's output with linspace(0, 0.3, 4)[i-1]; block 0 never drops
+    assert probs == pytest.approx([0.0, 0.0, 0.1, 0.2])
+    assert model.drop_path.drop_prob == pytest.approx(0.3)
+    assert math.isclose(model.layers[0].mixer.dt_rank, 12)
