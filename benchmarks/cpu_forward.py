@@ -75,7 +75,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--iters", type=int, default=6, help="timed forwards per backend per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per backend per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()
     scan = scan_rounds(args.rounds, args.iters * 5)
@@ -105,7 +108,7 @@ def main() -> None:
         "",
         f"torch / ref: forward {result['forward_ratio_torch_over_ref']:.2f}x, "
         f"scan {result['scan_ratio_torch_over_ref']:.2f}x (interleaved in one process; "
-        f"{f['torch']['iters']} timed forwards per backend; 1-min load average "
+        f"{f['torch']['iters']} timed forwards per backend; 1-min load average of the shared machine "
         f"{load_before[0]:.1f} -> {load_after[0]:.1f}).",
         "",
     ]

@@ -5,8 +5,10 @@ tokens + blocks. The weights are random, so the block selectors are set to a *st
 ``round((1 - block_ratio) * 2 * depth)`` (layer, direction) pairs spread over the depth (weight 0, bias -5 for
 those pairs, +5 elsewhere) -- a trained selector decides per image; this fixes the realistic amount of skipped
 work. The realised ratio is read back from the mixers and reported. Timing: interleaved rounds (clock drift hits
-every configuration alike), CUDA events, median over rounds. FLOPs from the project's counter (paper convention
-= one direction's SSM terms scaled by the executed-direction fraction; and the full count).
+every configuration alike), CUDA events, median over rounds; eager, and with CUDA graphs where the forward
+has static shapes (dense, token pruning; each compared with the dense model in the same mode). FLOPs from the
+project's counter (paper convention = one direction's SSM terms scaled by the executed-direction fraction; and
+the full count).
 
     python benchmarks/dyvm_speed.py --out benchmarks/results
 """
@@ -39,6 +41,20 @@ def cuda_time_ms(fn: Callable[[], object], iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def capture(forward: Callable[[], object]) -> Callable[[], object]:
+    """A CUDA graph of ``forward`` (after warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return graph.replay
+
+
 def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[tuple[int, int]]:
     """Selectors that switch off the same (layer, direction) pairs for every image; returns the pairs."""
     selectors = model.reducer.selectors
@@ -55,18 +71,11 @@ def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[
     return off
 
 
-def flops_of(model: torch.nn.Module, img_size: int) -> dict[str, float] | None:
-    """GFLOPs (paper and full conventions) from the project's counter, or None where it is not available."""
-    try:
-        from mambatrim.analysis.flops import count_flops
-    except ImportError:
-        return None
-    out = {}
-    for convention in ("paper", "full"):
-        result = count_flops(model, img_size=img_size, convention=convention)
-        total = float(getattr(result, "total", result))
-        out[convention] = total / 1e9 if total > 1e3 else total
-    return out
+def flops_of(model: torch.nn.Module, img_size: int, block_ratio: float | None = None) -> dict[str, float]:
+    """GFLOPs (paper and full conventions) of the model's last counted forward (``dyvm.count_flops``: the
+    directions its selectors ran, or every layer at ``block_ratio``)."""
+    report = dyvm.count_flops(model, img_size, block_ratio=block_ratio)
+    return {"paper": report.gflops("paper"), "full": report.gflops("full")}
 
 
 def main() -> int:
@@ -110,35 +119,43 @@ def main() -> int:
                 return model(images)
         return forward
 
+    # CUDA graphs remove the per-kernel launch cost (which hides work saved on the GPU at this size); the
+    # token-pruning path has static shapes and no host syncs, so it is captured like the dense model.
+    # Direction skipping decides sub-batches on the host per layer and runs eagerly only.
+    for name in ("dense", "dyvm tokens only"):
+        models[f"{name} (CUDA graph)"] = models[name]
+    graphs = {name: capture(forward_fn(models[name])) for name in models if "graph" in name}
+
     stats: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         for _ in range(args.warmup):
-            forward_fn(model)()
+            (graphs[name] if name in graphs else forward_fn(model))()
         stats[name] = {"tokens_per_layer": [m.last_stats.get("tokens") for m in _mixers(model)],
                        "block_ratio": dyvm.realised_block_ratio(model) or 1.0}
     torch.cuda.synchronize()
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
-            ms = cuda_time_ms(forward_fn(model), args.iters)
+            ms = cuda_time_ms(graphs[name] if name in graphs else forward_fn(model), args.iters)
             samples[name].append(args.batch_size / ms * 1000.0)
 
-    dense_ips = statistics.median(samples["dense"])
+    dense_ips = {name: statistics.median(samples["dense (CUDA graph)" if "graph" in name else "dense"])
+                 for name in models}
+    dense_flops = flops_of(dense, args.img_size)
     rows = []
     for name, model in models.items():
         ips = statistics.median(samples[name])
-        forward_fn(model)()  # the FLOPs counter reads the last forward's per-layer statistics
-        flops = flops_of(model, args.img_size)
-        dense_flops = flops_of(dense, args.img_size) if name != "dense" else flops
-        ratio = {k: dense_flops[k] / flops[k] for k in flops} if flops and dense_flops else None
-        speedup = ips / dense_ips
+        flops = flops_of(model, args.img_size)  # static policy: the same directions run for any image
+        ratio = {k: dense_flops[k] / flops[k] for k in flops}
+        speedup = ips / dense_ips[name]
         rows.append(dict(
             config=name, images_per_s=round(ips, 1), images_per_s_rounds=[round(v, 1) for v in samples[name]],
             speedup=round(speedup, 3), tokens_per_layer=stats[name]["tokens_per_layer"],
             realised_block_ratio=round(stats[name]["block_ratio"], 4), directions_off=off_pairs.get(name, []),
-            gflops=None if flops is None else {k: round(v, 3) for k, v in flops.items()},
-            flops_ratio=None if ratio is None else {k: round(v, 3) for k, v in ratio.items()},
-            speedup_over_flops_ratio=None if ratio is None else round(speedup / ratio["paper"], 3)))
+            gflops={k: round(v, 3) for k, v in flops.items()},
+            flops_ratio={k: round(v, 3) for k, v in ratio.items()},
+            speedup_over_flops_ratio=round(speedup / ratio["paper"], 3),
+            speedup_over_flops_ratio_full=round(speedup / ratio["full"], 3)))
     train = train_step_speed(dense, args) if args.train_iters > 0 else None
     result = dict(
         benchmark="dyvm_speed", model=args.model, img_size=args.img_size, batch_size=args.batch_size,
@@ -203,17 +220,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{result['scan_backend']}`; torch {result['torch']}; median of {result['rounds']} interleaved rounds x "
         f"{result['iters_per_round']} forwards. {result['note']}.",
         "",
-        "| config | img/s | speedup | GFLOPs (paper) | GFLOPs (full) | FLOPs ratio (paper) | speedup / FLOPs ratio "
-        "| executed directions | tokens per stage |",
+        "| config | img/s | speedup | GFLOPs (paper) | GFLOPs (full) | FLOPs ratio paper / full "
+        "| speedup / FLOPs ratio paper / full | executed directions | tokens per stage |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        g, fr = r["gflops"] or {}, r["flops_ratio"] or {}
+        g, fr = r["gflops"], r["flops_ratio"]
         stages = sorted(set(r["tokens_per_layer"]), reverse=True)
         lines.append(
-            f"| {r['config']} | {r['images_per_s']:.0f} | {r['speedup']:.3f}x | {g.get('paper', 'n/a')} | "
-            f"{g.get('full', 'n/a')} | {fr.get('paper', 'n/a')} | {r['speedup_over_flops_ratio'] or 'n/a'} | "
-            f"{r['realised_block_ratio']:.3f} | {'/'.join(str(s) for s in stages)} |")
+            f"| {r['config']} | {r['images_per_s']:.0f} | {r['speedup']:.3f}x | {g['paper']:.3f} | {g['full']:.3f} | "
+            f"{fr['paper']:.3f} / {fr['full']:.3f} | {r['speedup_over_flops_ratio']:.3f} / "
+            f"{r['speedup_over_flops_ratio_full']:.3f} | {r['realised_block_ratio']:.3f} | "
+            f"{'/'.join(str(t) for t in stages)} |")
     if result.get("train_step"):
         t = result["train_step"]
         lines += ["", f"DyVM fine-tuning step (teacher forward + student forward/backward + AdamW, bf16 autocast, "

@@ -21,7 +21,6 @@ import torch
 from mambatrim.models.vim import VisionMamba
 from mambatrim.ops import selective_scan, use_backend
 from mambatrim.ops import triton_scan as ts
-from mambatrim.ops.scan_ref import selective_scan_ref
 
 CONFIGS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24),
            "vim_base": dict(embed_dim=768, depth=24)}

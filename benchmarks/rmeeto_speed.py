@@ -83,7 +83,9 @@ def flops_of(model: torch.nn.Module, img_size: int) -> float:
     """Paper-convention GFLOPs per image (the project's counter; the reducer's matching cost included)."""
     with torch.device("meta"):
         twin = create_model(model.pretrained_cfg["architecture"], img_size=img_size)
-    return count_flops(twin.set_reducer(model.reducer)).gflops("paper")
+    red = model.reducer
+    plain = None if red is None else rmeeto.RMeeToReducer(red.r, red.layers, red.cls_position)  # no compile on meta
+    return count_flops(twin.set_reducer(plain)).gflops("paper")
 
 
 def main() -> int:
@@ -94,13 +96,22 @@ def main() -> int:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.14, 0.31, 0.42, 0.54])
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--recompile-limit", type=int, default=64, help="torch._dynamo cache size (with --compile)")
     parser.add_argument("--iters", type=int, default=10, help="forwards per timing round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-iters", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--compile", action="store_true", help="also time R-MeeTo with compile=True")
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run only)")
     args = parser.parse_args()
     dev = torch.device(args.device)
+    if args.compile:  # every merge event has its own r / length: allow one compiled variant per event
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a merge that cannot compile runs eagerly (logged), not a crash
+        for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), args.recompile_limit))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("rmeeto_speed.py measures GPU speed: no CUDA device found (--device cpu: smoke run)")
     gpu_check = check_gpu_merge(dev)
@@ -109,22 +120,25 @@ def main() -> int:
     depth, tokens0 = model.depth, model.patch_embed.num_patches + 1
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=dev)
 
-    configs: list[tuple[str, int]] = [("dense", 0)] + [
-        (f"{ratio:.2f}", rmeeto.r_for_ratio(ratio, tokens0, depth)) for ratio in args.ratios]
+    configs: list[tuple[str, int, bool]] = [("dense", 0, False)]
+    for ratio in args.ratios:
+        r = rmeeto.r_for_ratio(ratio, tokens0, depth)
+        configs.append((f"{ratio:.2f}", r, False))
+        if args.compile:
+            configs.append((f"{ratio:.2f}+compile", r, True))
+    reducers = {name: rmeeto.RMeeToReducer(r, rmeeto.merge_layers(depth), compile=comp)
+                for name, r, comp in configs if r > 0}
 
-    def attach(r: int) -> None:
-        if r == 0:
-            model.set_reducer(None)
-        else:
-            rmeeto.apply(model, r=r)
+    def attach(name: str) -> None:
+        model.set_reducer(reducers.get(name))
 
     def forward() -> None:
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False):
             model(images)
 
-    def captured(r: int) -> Callable[[], object]:
+    def captured(name: str) -> Callable[[], object]:
         """One CUDA graph of the whole forward with this reducer (possible: the merge never syncs the host)."""
-        attach(r)
+        attach(name)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -137,21 +151,21 @@ def main() -> int:
         return graph.replay
 
     # ------------------------------------------------------------------ inference, interleaved rounds
-    for _, r in configs:
-        attach(r)
+    for name, _, _ in configs:
+        attach(name)
         for _ in range(args.warmup):
             forward()
     sync(dev)
-    runners: dict[tuple[str, str], tuple[int, Callable[[], object]]] = {}
-    for name, r in configs:
-        runners[("eager", name)] = (r, forward)
+    runners: dict[tuple[str, str], Callable[[], object]] = {}
+    for name, _, _ in configs:
+        runners[("eager", name)] = forward
         if dev.type == "cuda":
-            runners[("cuda_graph", name)] = (r, captured(r))
+            runners[("cuda_graph", name)] = captured(name)
     sync(dev)
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
     for _ in range(args.rounds):
-        for key, (r, fn) in runners.items():
-            attach(r)
+        for key, fn in runners.items():
+            attach(key[1])
             fn()  # one untimed call after switching configuration
             ms = time_ms(fn, args.iters, dev)
             samples[key].append(args.batch_size / ms * 1000.0)
@@ -160,8 +174,8 @@ def main() -> int:
     modes = sorted({mode for mode, _ in runners}, key=lambda m: m != "cuda_graph")
     for mode in modes:
         dense_ips = statistics.median(samples[(mode, "dense")])
-        for name, r in configs:
-            attach(r)
+        for name, r, _ in configs:
+            attach(name)
             ips = statistics.median(samples[(mode, name)])
             flops = flops_of(model, args.img_size)
             layers = rmeeto.tokens_per_layer(tokens0, depth, r, rmeeto.merge_layers(depth))
@@ -181,6 +195,10 @@ def main() -> int:
     train = {}
     teacher = copy.deepcopy(model.set_reducer(None)).eval().requires_grad_(False)
     student = rmeeto.apply(copy.deepcopy(teacher).train().requires_grad_(True), ratio=0.31)
+    train_reducers = {"rmeeto_0.31_kd": student.reducer}
+    if args.compile:
+        train_reducers["rmeeto_0.31_kd+compile"] = rmeeto.RMeeToReducer(student.reducer.r, student.reducer.layers,
+                                                                         compile=True)
     del model
     optimizer = torch.optim.AdamW(student.parameters(), lr=2e-5 * args.train_batch_size / 512, weight_decay=0.05)
     timgs = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, device=dev)
@@ -199,9 +217,9 @@ def main() -> int:
         loss.backward()
         optimizer.step()
 
-    for label, reducer_on, with_teacher in (("rmeeto_0.31_kd", True, True), ("dense_finetune", False, False)):
-        if not reducer_on:
-            student.set_reducer(None)
+    train_runs = [(label, red, True) for label, red in train_reducers.items()] + [("dense_finetune", None, False)]
+    for label, reducer, with_teacher in train_runs:
+        student.set_reducer(reducer)
         for _ in range(3):
             train_step(with_teacher)
         sync(dev)
@@ -246,7 +264,7 @@ def to_markdown(res: dict) -> str:
     lines += ["", f"Re-training step (batch {res['train_batch_size']}, bf16 autocast, AdamW; R-MeeTo includes the "
               "frozen dense teacher's forward; data loading excluded):", "",
               "| step | img/s | GPU-minutes for 3 ImageNet-1K epochs |", "|---|---|---|"]
-    for key in ("rmeeto_0.31_kd", "dense_finetune"):
+    for key in [k for k in tr if k != "peak_memory_gib"]:
         lines.append(f"| {key} | {tr[key]['images_per_s']:.0f} | {tr[key]['gpu_minutes_3_imagenet_epochs']:.1f} |")
     if "peak_memory_gib" in tr:
         lines.append(f"\nPeak GPU memory: {tr['peak_memory_gib']} GiB.")

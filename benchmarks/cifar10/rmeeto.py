@@ -63,21 +63,28 @@ def main() -> int:
     tokens = dense_tokens(base)
     print(f"dense: top-1 {dense['top1']:.2f}%  {dense['gflops']:.4f} GFLOPs  ({tokens} tokens)", flush=True)
 
+    depth = depth_of(base)
+    top = rmeeto.ratio_for_r((tokens - 1) // 2, tokens, depth)
     sweep = []
     for ratio in args.ratios:
-        cfg = make_config(common, {"method": "rmeeto", "method_opts": {"ratio": ratio}})
+        if ratio > top + 0.005:
+            print(f"ratio {ratio:.2f} skipped: this model ({tokens} tokens, depth {depth}) reaches at most "
+                  f"{top:.3f}", flush=True)
+            continue
+        r = rmeeto.r_for_ratio(ratio, tokens, depth)
+        cfg = make_config(common, {"method": "rmeeto", "method_opts": {"r": r}})
         res = evaluate_checkpoint(cfg, args.checkpoint, throughput=False)
-        r = rmeeto.r_for_ratio(ratio, tokens, depth_of(base))
         sweep.append(row(ratio, r, res, dense, tokens, base))
         print(f"training-free ratio {ratio:.2f} (r={r}): top-1 {res['top1']:.2f}% "
               f"(drop {dense['top1'] - res['top1']:.2f})", flush=True)
 
     retrained = None
     if args.epochs > 0:
-        r = rmeeto.r_for_ratio(args.retrain_ratio, tokens, depth_of(base))
+        r = rmeeto.r_for_ratio(min(args.retrain_ratio, top), tokens, depth)
         free = next((s for s in sweep if s["r"] == r), None)
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = make_config(common, load_yaml(args.recipe),
+            recipe = {k: v for k, v in load_yaml(args.recipe).items() if k != "method_opts"}  # r is set below
+            cfg = make_config(common, recipe,
                               {"method": "rmeeto", "method_opts": {"r": r}, "finetune": args.checkpoint,
                                "teacher": args.checkpoint, "epochs": args.epochs, "output_dir": tmp},
                               parse_method_options(args.overrides))
@@ -90,7 +97,8 @@ def main() -> int:
         print(f"re-trained {args.epochs} epochs at r={r}: top-1 {summary['top1']:.2f}% "
               f"(drop {dense['top1'] - summary['top1']:.2f})", flush=True)
 
-    result = dict(model=base["model"], model_kwargs=base.get("model_kwargs", {}), img_size=dense["img_size"],
+    data_name = "the bundled digits" if args.data_path == "digits" else Path(args.data_path).stem
+    result = dict(data=data_name, model=base["model"], model_kwargs=base.get("model_kwargs", {}), img_size=dense["img_size"],
                   tokens=tokens, dense=dict(top1=round(dense["top1"], 2), gflops=round(dense["gflops"], 4)),
                   training_free=sweep, retrained=retrained, device=args.device)
     out = Path(args.out)
@@ -130,7 +138,7 @@ def row(ratio: float, r: int, res: dict[str, Any], dense: dict[str, Any], tokens
 
 
 def to_markdown(res: dict[str, Any]) -> str:
-    lines = [f"# R-MeeTo on CIFAR-10: {res['model']} {res['model_kwargs']} at {res['img_size']} px "
+    lines = [f"# R-MeeTo on {res['data']}: {res['model']} {res['model_kwargs']} at {res['img_size']} px "
              f"({res['tokens']} tokens)", "", f"Dense baseline: top-1 {res['dense']['top1']:.2f}%, "
              f"{res['dense']['gflops']:.4f} GFLOPs.", "", "Training-free (merge the dense weights, no training):", "",
              "| ratio | r | top-1 | drop | GFLOPs | FLOPs ratio |", "|---|---|---|---|---|---|"]

@@ -37,6 +37,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [  # (row, method, options on 
     ("ToP, no alignment", "top", dict(align=None)),
     ("ToP, decay, unclipped score", "top", dict(align="decay", clip=False)),
     ("ToP, decay, cls at original place", "top", dict(align="decay", cls_placement="original")),
+    ("ToP, hold, cls at original place", "top", dict(align="hold", cls_placement="original")),
+    ("ToP, no alignment, cls at original place", "top", dict(align=None, cls_placement="original")),
     ("random pruning", "prune_random", {}),
     ("random pruning + align=decay", "prune_random", dict(align="decay")),
     ("static evenly-spread pruning", "prune_static", {}),
@@ -83,6 +85,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="top_cifar10", help="output file stem")
+    parser.add_argument("--only", nargs="+", help="run only the variants whose name contains one of these")
     args = parser.parse_args()
 
     base = baseline_settings(read_checkpoint(args.checkpoint))
@@ -101,6 +104,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
     for name, method, opts in VARIANTS:
+        if args.only and not any(key in name for key in args.only):
+            continue
         options = {**schedule, **opts}
         res = evaluate_checkpoint(make_config(common, {"method": method, "method_opts": options}), args.checkpoint,
                                   throughput=False)

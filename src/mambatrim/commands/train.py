@@ -116,13 +116,16 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
     if args.eval:
-        from ..engine.evaluate import evaluate_checkpoint
+        from ..engine.evaluate import config_from_checkpoint, evaluate_checkpoint
+        from ..models.checkpoint import read_checkpoint
 
-        result = evaluate_checkpoint(cfg, cfg.resume or cfg.finetune)
+        path = args.resume or args.finetune
+        cfg = config_from_args(args, config_from_checkpoint(read_checkpoint(path)) if path else None)
+        result = evaluate_checkpoint(cfg, path)
         print(json.dumps({k: v for k, v in result.items() if k != "bench"}, indent=2))
         return 0
+    cfg = config_from_args(args)
     from ..engine.train import set_threads_from_env, train
 
     set_threads_from_env()

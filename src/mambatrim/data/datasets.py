@@ -48,7 +48,8 @@ def resolve_split_name(available: list[str], split: str, where: str) -> str:
             if alt in available:
                 return alt
     wanted = "train/" if split == "train" else "val/ or test/"
-    raise DataError(f"{where} has no {wanted} folder at its top level (found: {', '.join(sorted(available)) or 'nothing'}); "
+    found = ", ".join(sorted(available)) or "nothing"
+    raise DataError(f"{where} has no {wanted} folder at its top level (found: {found}); "
                     f"expected train/ and val/ (or test/), each holding one folder per class")
 
 

@@ -23,6 +23,7 @@ from .datasets import (ClassFolderDataset, DataError, TensorImageDataset, ZipCla
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS = "digits"
+SYNTHETIC = "synthetic"
 
 
 @dataclass
@@ -193,6 +194,23 @@ class DataBundle:
     val_size: int
 
 
+def synthetic_dataset(spec: str, size: int, chans: int) -> tuple[TensorImageDataset, TensorImageDataset]:
+    """``synthetic[:N[:CLASSES]]``: N random images (seed 0) with random labels, for throughput/scaling runs;
+    the evaluation split is the first quarter of them."""
+    parts = spec.split(":")
+    try:
+        count = int(parts[1]) if len(parts) > 1 else 4096
+        classes = int(parts[2]) if len(parts) > 2 else 10
+    except ValueError as err:
+        raise DataError(f"synthetic data is written synthetic[:N[:CLASSES]], got {spec!r}") from err
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, chans, size, size), dtype=torch.uint8, generator=gen)
+    targets = torch.randint(0, classes, (count,), generator=gen)
+    names = [str(i) for i in range(classes)]
+    cut = max(1, count // 4)
+    return TensorImageDataset(images, targets, names), TensorImageDataset(images[:cut], targets[:cut], names)
+
+
 def _per_channel(values: tuple[float, ...], chans: int) -> list[float]:
     values = list(values)
     if len(values) == chans:
@@ -226,7 +244,11 @@ def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_siz
     """Datasets + batch sources for training and (sharded) evaluation (``with_train=False``: evaluation only,
     ``bundle.train`` is None)."""
     eval_bs = opts.eval_batch_size or opts.batch_size
-    if opts.data_path == DIGITS:
+    if opts.data_path.startswith(SYNTHETIC):
+        size = opts.input_size or 32
+        train_t, val_t = synthetic_dataset(opts.data_path, size, opts.in_chans)
+        mode = "memory"
+    elif opts.data_path == DIGITS:
         size = opts.input_size or 16
         train_t = digits_dataset("train", size, opts.in_chans)
         val_t = digits_dataset("val", size, opts.in_chans)
@@ -241,7 +263,8 @@ def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_siz
             small = len(train_ds) <= 200_000 and (opts.input_size or 0) <= 64  # type: ignore[arg-type]
             mode = "memory" if small and opts.input_size else "stream"
         if mode == "memory":
-            train_t = (decode_to_tensors(train_ds, opts.input_size, opts.num_workers) if with_train  # type: ignore[arg-type]
+            train_t = (decode_to_tensors(train_ds, opts.input_size, opts.num_workers)  # type: ignore[arg-type]
+                       if with_train
                        else TensorImageDataset(torch.zeros(0, opts.in_chans, 1, 1, dtype=torch.uint8),
                                                torch.zeros(0), list(train_ds.classes)))  # type: ignore[attr-defined]
             val_t = decode_to_tensors(val_ds, opts.input_size, opts.num_workers)  # type: ignore[arg-type]

@@ -125,7 +125,8 @@ def make_config(*layers: dict[str, Any]) -> TrainConfig:
                 import difflib
 
                 close = difflib.get_close_matches(key, FIELDS, n=1)
-                raise ValueError(f"unknown training option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown training option {key!r}{hint}")
             if key in ("model_kwargs", "method_opts") and key in merged:
                 value = {**merged[key], **value}
             merged[key] = value

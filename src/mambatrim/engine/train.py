@@ -306,7 +306,8 @@ class _Run:
                   f"{self.data.train_size} images, {self.data.num_classes} classes, {self.img_size}px, "
                   f"{self.dist.world_size} process(es) on {self.device}, global batch {self.global_batch}, "
                   f"lr {self.lr:.3g}, {cfg.epochs} epochs x {self.steps_per_epoch} steps"
-                  + (f", resuming at epoch {self.epoch} step {self.step_in_epoch}" if self.global_step else ""), flush=True)
+                  + (f", resuming at epoch {self.epoch} step {self.step_in_epoch}" if self.global_step else ""),
+                  flush=True)
         stopped = False
         with StopRequested() as stopper:
             while self.epoch < cfg.epochs and not stopped:
@@ -325,7 +326,8 @@ class _Run:
             reason = f"signal {stopper.signal}" if stopper.signal is not None else "step/time limit"
             if main:
                 print(f"stopped ({reason}) at epoch {self.epoch} step {self.step_in_epoch}; "
-                      + (f"checkpoint {path}; continue with --resume {path}" if path else "no --output-dir"), flush=True)
+                      + (f"checkpoint {path}; continue with --resume {path}" if path else "no --output-dir"),
+                      flush=True)
         summary = self._summary(time.time() - start, stopped)
         if main and self.out is not None:
             write_json(self.out / "summary.json", summary)
@@ -353,8 +355,11 @@ class _Run:
                     window_terms[k] = window_terms.get(k, 0.0) + v
                 if bar is not None:
                     bar.update(1)
-                if self.global_step % log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                    values = {k: float(v) / window_steps for k, v in window_terms.items()}
+                stop = self._should_stop(stopper, start)
+                if stop or self.global_step % log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    keys = sorted(window_terms)
+                    sums = all_reduce_sum([float(window_terms[k]) for k in keys], self.device)
+                    values = {k: v / window_steps / self.dist.world_size for k, v in zip(keys, sums)}
                     if not all(math.isfinite(v) for v in values.values()):
                         raise FloatingPointError(f"non-finite loss at step {self.global_step}: {values}")
                     elapsed = time.time() - window_t
@@ -371,7 +376,7 @@ class _Run:
                 if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 \
                         and self.step_in_epoch < self.steps_per_epoch:
                     self.save("last.pth")
-                if self._should_stop(stopper, start):
+                if stop:
                     return True
         finally:
             if bar is not None:

@@ -30,6 +30,18 @@ class RMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
         return y.to(x.dtype)
 
+    def add_and_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Vim's fused add-norm: ``residual += hidden`` in fp32, then (norm(residual) in hidden's dtype, residual).
+
+        On the 'triton' backend this is one fused kernel per call instead of ~8 elementwise ones.
+        """
+        if hidden.is_cuda and get_backend("cuda") == "triton":
+            from ..ops.triton_norm import add_rms_norm_triton  # noqa: PLC0415 (needs triton)
+
+            return add_rms_norm_triton(hidden, residual, self.weight, self.eps)
+        residual = hidden.float() if residual is None else residual + hidden.float()
+        return self(residual).to(hidden.dtype), residual
+
 
 def _gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None) -> Tensor:
     """Pruned positions between each token and its predecessor in scan order, from original indices.
@@ -162,8 +174,9 @@ class BiMambaMixer(nn.Module):
                 rows = torch.arange(hidden.shape[0], device=hidden.device)
                 ctx = replace(ctx, direction_gate=ctx.direction_gate(self.in_proj(hidden[rows, ctx.cls_index])))
             both = (ctx.direction_gate > 0.5).all(1)
-            if bool(both.any()):
-                return self._fused_where_both_run(hidden, ctx, both)
+            n_both = int(both.sum())  # the one host sync of a gated layer
+            if n_both:
+                return self._fused_where_both_run(hidden, ctx, both, n_both)
         bsz, length, _ = hidden.shape
         xz = self.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
@@ -189,13 +202,13 @@ class BiMambaMixer(nn.Module):
             y = y / 2
         return self.out_proj(y.transpose(1, 2))
 
-    def _fused_where_both_run(self, hidden: Tensor, ctx: MixerContext, both: Tensor) -> Tensor:
+    def _fused_where_both_run(self, hidden: Tensor, ctx: MixerContext, both: Tensor, n_both: int) -> Tensor:
         """Skip-gated inference on the fused kernels: samples running both directions take the fused path,
         the others the per-direction path (one direction or none)."""
         from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
         gate = ctx.direction_gate
-        if bool(both.all()):
+        if n_both == hidden.shape[0]:
             out = bimamba_forward_triton(self, hidden)
         else:
             on, rest = (torch.nonzero(m, as_tuple=True)[0] for m in (both, ~both))

@@ -63,11 +63,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden: Tensor, residual: Tensor | None, ctx: Any = None) -> tuple[Tensor, Tensor]:
-        if residual is None:  # first block: the embeddings, no drop path
-            residual = hidden.float()
-        else:
-            residual = residual + self.drop_path(hidden).float()
-        normed = self.norm(residual).to(hidden.dtype)
+        if residual is not None:  # the first block gets the embeddings: no drop path
+            hidden = self.drop_path(hidden)
+        normed, residual = self.norm.add_and_norm(hidden, residual)
         return self.mixer(normed, ctx), residual
 
 
@@ -192,11 +190,9 @@ class VisionMamba(nn.Module):
             state = state.replace(hidden=hidden, residual=residual)
         if reducer is not None:
             state = reducer.finish(state)
-        if state.residual is None:  # depth 0
-            residual = state.hidden.float()
-        else:
-            residual = state.residual + self.drop_path(state.hidden).float()
-        return state.replace(hidden=self.norm_f(residual).to(state.hidden.dtype), residual=residual)
+        hidden = state.hidden if state.residual is None else self.drop_path(state.hidden)  # None: depth 0
+        normed, residual = self.norm_f.add_and_norm(hidden, state.residual)
+        return state.replace(hidden=normed, residual=residual)
 
     def forward_features(self, x: Tensor) -> Tensor:
         state = self.forward_tokens(x)

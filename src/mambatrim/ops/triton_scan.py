@@ -10,9 +10,10 @@ Design (see docs/gpu.md):
   are fused. ``reverse`` only changes the addresses (no flipped copies). A pair writes both directions into one
   output, ``scale * (y_fwd + y_bwd)``.
 * Training: the forward also stores the state every ``CHUNK`` steps (``L / CHUNK`` states, not L). The backward
-  walks the chunks in reverse scan order; inside a chunk it recomputes the states with a tuple
-  ``tl.associative_scan`` seeded by the stored state, and scans the state gradient backwards the same way.
-  dB, dC, dA, dD and d(delta_bias) are reductions over channels or (batch, time), done with fp32 atomics.
+  walks the chunks in reverse scan order; inside a chunk it recomputes the states from the stored one into a
+  small per-program scratch, then walks back with the state gradient in registers (``BWD_MODE = "seq"``; the
+  ``"tile"`` variant does both passes with tuple ``tl.associative_scan``s and is slower on an H100).
+  dB and dC are per-channel-block partial sums reduced on the host; dA, dD, d(delta_bias) use fp32 atomics.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ it; ``model.set_reducer(None)`` removes it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +82,9 @@ def r_for_ratio(ratio: float, num_tokens: int = 197, depth: int = 24, layers: Se
 
 # ---------------------------------------------------------------------------------------------- merging
 def _take(t: Tensor, index: Tensor) -> Tensor:
-    """t (B, L, C) rows ``index`` (B, K)."""
-    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+    """t (B, L, C) rows ``index`` (B, K): advanced indexing copies whole rows (a ``gather`` with an expanded
+    index reads one index per element and was the merge's main GPU cost)."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
 
 
 def _merge_rows(t: Tensor, out_seq: Tensor, src_seq: Tensor, dst_seq: Tensor, dst_slot: Tensor,
@@ -99,25 +100,40 @@ def _merge_rows(t: Tensor, out_seq: Tensor, src_seq: Tensor, dst_seq: Tensor, ds
     return out.scatter_add_(1, dst_slot[..., None].expand(-1, -1, t.shape[-1]), delta.to(t.dtype))
 
 
-def merge_tokens(state: TokenState, r: int, cls_position: str = "official") -> TokenState:
-    """One R-MeeTo merge event on ``state``: ``r`` fewer tokens, order preserved (see the module docstring)."""
+def merge_tokens(state: TokenState, r: int, cls_position: str = "official",
+                 merge_fn: Callable[..., tuple[Tensor, ...]] | None = None) -> TokenState:
+    """One R-MeeTo merge event on ``state``: ``r`` fewer tokens, order preserved (see the module docstring).
+
+    ``merge_fn``: the tensor function doing the work (:func:`merge_arrays`, or a ``torch.compile`` of it).
+    """
     if cls_position not in CLS_POSITIONS:
         raise ValueError(f"unknown cls_position {cls_position!r}; choose one of {', '.join(CLS_POSITIONS)}")
     if state.mask is not None:
         raise ValueError("R-MeeTo merging cannot follow a masked (training-time) pruning method: the state "
                          "carries a token mask")
     hidden = state.hidden
-    bsz, length, _ = hidden.shape
-    r = capped_r(length, r)
+    r = capped_r(hidden.shape[1], r)
     if r == 0:
         return state
+    sizes = state.sizes
+    if sizes is None:
+        sizes = hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
+    hidden, residual, positions, cls_index, sizes = (merge_fn or merge_arrays)(
+        hidden, state.residual, state.positions, state.cls_index, sizes, r, cls_position)
+    return state.replace(hidden=hidden, residual=residual, positions=positions, cls_index=cls_index, sizes=sizes)
+
+
+def merge_arrays(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls: Tensor, sizes: Tensor, r: int,
+                 cls_position: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """The merge on plain tensors: (hidden, residual, positions, cls_index, sizes) after removing ``r`` tokens
+    (1 <= r <= (L - 1) // 2)."""
+    bsz, length, _ = hidden.shape
     device = hidden.device
     n = length - 1  # tokens other than the class token
     kept_len = n - r  # non-class tokens left
-    cls = state.cls_index
     with torch.no_grad():
         k = torch.arange(n, device=device)
-        seq_of_k = k + (k >= cls[:, None]).long()  # sequence index of the k-th non-class token
+        seq_of_k = k + (k >= cls[:, None])  # sequence index of the k-th non-class token
         seq_a, seq_b = seq_of_k[:, 0::2], seq_of_k[:, 1::2]
         # cosine similarity without a normalised copy: raw dot products scaled by inverse norms
         work = torch.promote_types(hidden.dtype, torch.float32)
@@ -132,36 +148,31 @@ def merge_tokens(state: TokenState, r: int, cls_position: str = "official") -> T
         # kept tokens' sequence indices in order; merged ones go to a spare last column that is dropped
         keep_seq = torch.zeros(bsz, kept_len + 1, dtype=torch.long, device=device).scatter_(
             1, torch.where(kept, rank, kept_len), seq_of_k)[:, :kept_len]
-        q = _class_slot(state, cls, kept, seq_of_k, kept_len + 1, r, cls_position)
+        q = _class_slot(positions, cls, kept, seq_of_k, length, r, cls_position)
         j = torch.arange(kept_len + 1, device=device)
         from_kept = keep_seq.gather(1, (j - (j > q[:, None]).long()).clamp(max=kept_len - 1))
         out_seq = torch.where(j == q[:, None], cls[:, None], from_kept)  # (B, L - r) sequence index per slot
         dst_rank = rank.gather(1, 2 * dst + 1)
-        dst_slot = dst_rank + (dst_rank >= q[:, None]).long()
+        dst_slot = dst_rank + (dst_rank >= q[:, None])
         src_seq, dst_seq = seq_a.gather(1, src), seq_b.gather(1, dst)
-        sizes = state.sizes if state.sizes is not None else hidden.new_ones(bsz, length, dtype=torch.float32)
         src_size = sizes.gather(1, src_seq)
         new_sizes = sizes.gather(1, out_seq).scatter_add_(1, dst_slot, src_size)
         weight = src_size / new_sizes.gather(1, dst_slot)
-    residual = state.residual
-    return state.replace(
-        hidden=_merge_rows(hidden, out_seq, src_seq, dst_seq, dst_slot, weight),
-        residual=None if residual is None else _merge_rows(residual, out_seq, src_seq, dst_seq, dst_slot, weight),
-        positions=state.positions.gather(1, out_seq), cls_index=q, sizes=new_sizes,
-    )
+    return (_merge_rows(hidden, out_seq, src_seq, dst_seq, dst_slot, weight),
+            None if residual is None else _merge_rows(residual, out_seq, src_seq, dst_seq, dst_slot, weight),
+            positions.gather(1, out_seq), q, new_sizes)
 
 
-def _class_slot(state: TokenState, cls: Tensor, kept: Tensor, seq_of_k: Tensor, out_len: int, r: int,
+def _class_slot(positions: Tensor, cls: Tensor, kept: Tensor, seq_of_k: Tensor, length: int, r: int,
                 rule: str) -> Tensor:
-    """(B,) index of the class token in the merged sequence of ``out_len`` tokens (always < out_len)."""
-    length = state.hidden.shape[1]
+    """(B,) index of the class token in the merged sequence of ``length - r`` tokens (always below that)."""
     if rule == "official":  # int(p * (L - r) // L), as the released code: p <= L - 1 gives q <= L - r - 1
         return cls * (length - r) // length
     if rule == "middle":  # where the backbone puts it: the middle of the other tokens
-        return torch.full_like(cls, (out_len - 1) // 2)
+        return torch.full_like(cls, (length - r - 1) // 2)
     # boundary: after every kept token that came from the class token's left
-    pos_k = state.positions.gather(1, seq_of_k)
-    cls_pos = state.positions.gather(1, cls[:, None])
+    pos_k = positions.gather(1, seq_of_k)
+    cls_pos = positions.gather(1, cls[:, None])
     return (kept & (pos_k < cls_pos)).sum(1)
 
 
@@ -169,7 +180,7 @@ def _class_slot(state: TokenState, cls: Tensor, kept: Tensor, seq_of_k: Tensor, 
 class RMeeToReducer(Reducer):
     """Merge ``r`` tokens before every block in ``layers`` (hidden and residual, size-weighted, order kept)."""
 
-    def __init__(self, r: int, layers: Sequence[int], cls_position: str = "official") -> None:
+    def __init__(self, r: int, layers: Sequence[int], cls_position: str = "official", compile: bool = False) -> None:
         super().__init__()
         if int(r) != r or r < 0:
             raise ValueError(f"r (tokens merged per event) must be a non-negative integer, got {r!r}")
@@ -181,13 +192,21 @@ class RMeeToReducer(Reducer):
         self.r = int(r)
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         self.cls_position = cls_position
+        self.compile = bool(compile)
+        self._merge_fn: Callable[..., tuple[Tensor, ...]] | None = None
+
+    def merge_fn(self) -> Callable[..., tuple[Tensor, ...]]:
+        """:func:`merge_arrays`, or its ``torch.compile`` (fewer, fused kernels: GPU) when ``compile=True``."""
+        if self._merge_fn is None:
+            self._merge_fn = torch.compile(merge_arrays, dynamic=True) if self.compile else merge_arrays
+        return self._merge_fn
 
     def extra_repr(self) -> str:
         return f"r={self.r}, layers={list(self.layers)}, cls_position={self.cls_position!r}"
 
     def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
         if layer_idx in self.layers:
-            return merge_tokens(state, self.r, self.cls_position)
+            return merge_tokens(state, self.r, self.cls_position, self.merge_fn())
         return state
 
     def flops_overhead(self, tokens_per_layer: list[int], dim: int) -> float:
@@ -202,12 +221,13 @@ class RMeeToReducer(Reducer):
 
 
 def apply(model: nn.Module, ratio: float | None = None, r: int | None = None, layers: Sequence[int] | None = None,
-          interval: int = 2, cls_position: str = "official") -> nn.Module:
+          interval: int = 2, cls_position: str = "official", compile: bool = False) -> nn.Module:
     """Attach R-MeeTo to a Vim ``model`` (in place) and return it; ``model.set_reducer(None)`` undoes it.
 
     Give either ``ratio`` (reduction ratio, mapped to the nearest r for the model's token count and depth) or
     ``r`` (tokens merged per event); neither means the paper's ratio 0.31. ``layers`` defaults to every
-    ``interval``-th block from ``interval`` on.
+    ``interval``-th block from ``interval`` on. ``compile=True`` runs the merge through ``torch.compile``
+    (fused index arithmetic; worth it on a GPU, where the merge is otherwise dozens of tiny kernels).
     """
     if not hasattr(model, "set_reducer") or not hasattr(model, "depth"):
         raise TypeError(f"R-MeeTo needs a mambatrim VisionMamba model, got {type(model).__name__}")
@@ -223,7 +243,7 @@ def apply(model: nn.Module, ratio: float | None = None, r: int | None = None, la
     if r is None:
         num_tokens = model.patch_embed.num_patches + 1
         r = r_for_ratio(float(ratio), num_tokens, depth, layers)
-    return model.set_reducer(RMeeToReducer(r, layers, cls_position))
+    return model.set_reducer(RMeeToReducer(r, layers, cls_position, compile))
 
 
 register_method(MethodSpec(
