@@ -1,7 +1,16 @@
 """Shared fixtures: tiny model settings and the official state_dict key/shape lists."""
 from __future__ import annotations
 
-import json
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run through the interpreter. The switch must be set before any module
+# defining kernels is imported (a test importing them first would leave compiled-mode kernels behind).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
 from pathlib import Path
 from typing import Any
 

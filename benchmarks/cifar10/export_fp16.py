@@ -8,6 +8,7 @@ The result loads with ``mambatrim.models.load_checkpoint`` (values are cast back
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,7 +21,11 @@ KEEP = ("config", "num_classes", "img_size", "in_chans", "epoch", "global_step",
 def main(src: str, dst: str) -> None:
     ckpt = read_checkpoint(src)
     model = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
-    atomic_save({"model": model, **{k: ckpt[k] for k in KEEP if k in ckpt}}, dst)
+    kept = {k: ckpt[k] for k in KEEP if k in ckpt}
+    if "config" in kept:  # drop paths of the machine that trained it
+        kept["config"] = {**kept["config"], "output_dir": None, "resume": None,
+                          "data_path": Path(kept["config"].get("data_path") or "").name or None}
+    atomic_save({"model": model, **kept}, dst)
 
 
 if __name__ == "__main__":

@@ -66,26 +66,10 @@ def config_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 def build_evaluated_model(cfg: Any, checkpoint: dict[str, Any] | None, num_classes: int, in_chans: int,
                           img_size: int, use_ema: bool = False) -> nn.Module:
-    """Model + method + weights: a checkpoint holding method parameters (``reducer.*``) is loaded after the
-    method is attached, a dense one before (so a training-free method can be applied to dense weights)."""
-    from ..models import create_model, load_checkpoint
-    from ..models.checkpoint import extract_state_dict
-    from .train import model_kwargs
+    """Model + method + weights, loaded in the order the checkpoint needs (see ``train.build_model``)."""
+    from .train import build_model
 
-    model = create_model(cfg.model, **model_kwargs(cfg, num_classes, in_chans, img_size))
-    has_method_weights = False
-    if checkpoint is not None:
-        sd, _ = extract_state_dict(checkpoint, use_ema=use_ema)
-        has_method_weights = any(k.startswith(("reducer.", "module.reducer.")) for k in sd)
-        if not has_method_weights:
-            load_checkpoint(model, checkpoint, use_ema=use_ema)
-    if cfg.method:
-        from ..reduce import apply_method
-
-        model = apply_method(model, cfg.method, **cfg.method_opts)
-    if checkpoint is not None and has_method_weights:
-        load_checkpoint(model, checkpoint, use_ema=use_ema)
-    return model
+    return build_model(cfg, num_classes, in_chans, img_size, checkpoint, use_ema=use_ema)
 
 
 def evaluate_checkpoint(cfg: Any, checkpoint_path: str | None, use_ema: bool = False, throughput: bool = True,

@@ -80,15 +80,31 @@ def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: in
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int,
-                finetune: str | None = None) -> nn.Module:
-    """The student: registered config + overrides, optional initial weights, then the reduction method."""
+                weights: str | dict[str, Any] | None = None, use_ema: bool = False,
+                skip_mismatched_head: bool = False) -> nn.Module:
+    """Registered config + overrides, the reduction method, and optional weights.
+
+    A checkpoint holding method parameters (keys the dense model lacks: ``reducer.*``, or a method's released
+    names that its key mapper renames) is loaded after the method is attached; a dense one before, so a method
+    can start from dense weights.
+    """
+    from ..models.checkpoint import extract_state_dict, read_checkpoint
+
     model = create_model(cfg.model, **model_kwargs(cfg, num_classes, in_chans, img_size))
-    if finetune:
-        load_checkpoint(model, finetune, skip_mismatched_head=True)
+    checkpoint = read_checkpoint(weights) if isinstance(weights, str) else weights
+    method_weights = False
+    if checkpoint is not None:
+        sd, _ = extract_state_dict(checkpoint, use_ema=use_ema)
+        dense_keys = set(model.state_dict())
+        method_weights = any(k not in dense_keys for k in sd)
+        if not method_weights:
+            load_checkpoint(model, checkpoint, use_ema=use_ema, skip_mismatched_head=skip_mismatched_head)
     if cfg.method:
         from ..reduce import apply_method
 
         model = apply_method(model, cfg.method, **cfg.method_opts)
+    if checkpoint is not None and method_weights:
+        load_checkpoint(model, checkpoint, use_ema=use_ema, skip_mismatched_head=skip_mismatched_head)
     return model
 
 
@@ -174,7 +190,8 @@ class _Run:
             raise ValueError(f"num_classes={num_classes} but the data has {self.data.num_classes} classes")
         self.num_classes, self.img_size, self.in_chans = num_classes, self.data.input_size, in_chans
         finetune = cfg.finetune if self.resume_ckpt is None else None
-        self.model = build_model(cfg, num_classes, in_chans, self.data.input_size, finetune).to(self.device)
+        self.model = build_model(cfg, num_classes, in_chans, self.data.input_size, finetune,
+                                 skip_mismatched_head=True).to(self.device)
         self.teacher = (build_teacher(cfg, self.model, num_classes, in_chans, self.data.input_size).to(self.device)
                         if cfg.teacher else None)
 
