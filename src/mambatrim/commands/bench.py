@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   mambatrim bench vim_tiny_patch16_224                          # CPU or GPU, whichever is here
   mambatrim bench vim_tiny_patch16_224 --device cpu --batch-size 8 --iters 30
   mambatrim bench vim_small_patch16_224 --dtype bf16 --batch-size 128
+  mambatrim bench vim_small_patch16_224 --dtype bf16 --batch-size 128 --cuda-graph
   mambatrim bench vim_tiny_patch16_224 --train --batch-size 32 --json-out runs/bench.json
   mambatrim bench vim_tiny_patch16_224 --method rmeeto --method-opt ratio=0.31
 timing: median of --iters timed iterations after --warmup untimed ones (CUDA events on a GPU).
@@ -25,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.method, args.method_opt, img_size=args.img_size)
     with use_backend(args.backend):
         result = measure_throughput(model, batch_size=batch, img_size=args.img_size, device=device,
+                                    cuda_graph=args.cuda_graph,
                                     dtype=args.dtype, warmup=args.warmup, iters=args.iters, train=args.train)
     result = {"model": args.model, "method": args.method, "method_opts": args.method_opt,
               "params": sum(p.numel() for p in model.parameters()), **result}
@@ -51,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--iters", type=int, default=30, help="timed iterations (default 30)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations (default 10)")
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="inference replayed from a captured CUDA graph (removes Python launch overhead)")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="scan backend (default: triton on CUDA when available, else torch)")
     parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON result to FILE")

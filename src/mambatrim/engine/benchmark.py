@@ -56,16 +56,20 @@ def measure_throughput(
     warmup: int = 10,
     iters: int = 30,
     train: bool = False,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
     """Benchmark ``model`` on random images; returns a JSON-ready dict (img_per_s = batch / median time).
 
     ``model`` is moved to ``device``; its train/eval mode is restored afterwards. Training runs a real AdamW
-    step, so the weights change: benchmark a copy if they matter.
+    step, so the weights change: benchmark a copy if they matter. ``cuda_graph`` times inference replayed
+    from a captured CUDA graph (:class:`mambatrim.engine.cuda_graph.GraphedForward`).
     """
     if batch_size < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0 (got {batch_size}, {iters}, {warmup})")
     device = resolve_device(device)
     _autocast(device, dtype)  # refuse an unknown dtype before any work
+    if cuda_graph and (train or device.type != "cuda"):
+        raise ValueError("cuda_graph applies to inference on a CUDA device only")
     in_chans = getattr(getattr(model, "patch_embed", None), "in_chans", 3)
     model.to(device)
     was_training = model.training
@@ -78,7 +82,16 @@ def measure_throughput(
         num_classes = getattr(model, "num_classes", 0) or 1
         targets = torch.randint(0, num_classes, (batch_size,), device=device)
 
+    graphed = None
+    if cuda_graph:
+        from .cuda_graph import GraphedForward
+
+        graphed = GraphedForward(model, images, DTYPES[dtype])
+
     def step() -> None:
+        if graphed is not None:
+            graphed(images)
+            return
         if not train:
             with torch.no_grad(), _autocast(device, dtype):
                 model(images)
@@ -126,7 +139,7 @@ def measure_throughput(
         "batch_size": batch_size,
         "img_size": img_size,
         "dtype": dtype,
-        "mode": "train" if train else "inference",
+        "mode": "train" if train else ("inference, CUDA graph" if cuda_graph else "inference"),
         "warmup": warmup,
         "iters": iters,
         "device": str(device),

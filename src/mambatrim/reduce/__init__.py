@@ -21,8 +21,10 @@ class MethodSpec:
     name: str
     apply: Callable[..., nn.Module]  # apply(model, **options) -> model with the method attached
     description: str = ""
-    demo_options: dict[str, Any] = field(default_factory=dict)  # settings the demo table uses
+    # settings for the demo model (`mambatrim demo`: depth 4, 16 patch tokens + class token)
+    demo_options: dict[str, Any] = field(default_factory=dict)
     trainable: bool = True  # whether fine-tuning / re-training it makes sense
+    learned: bool = False  # needs training before use (learned predictors): the demo fine-tunes it briefly
 
 
 METHODS: dict[str, MethodSpec] = {}

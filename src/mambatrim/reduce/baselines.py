@@ -84,7 +84,7 @@ apply_norm = _applier(NormPruner)
 def _register() -> None:
     from . import MethodSpec, register_method
 
-    demo = dict(keep=0.8, layers=[5, 10, 15])
+    demo = dict(keep=0.7, layers=[1, 2])
     register_method(MethodSpec("prune_random", apply_random, "random token pruning (baseline)", dict(demo),
                                trainable=True))
     register_method(MethodSpec("prune_static", apply_static, "static evenly spread token pruning (baseline)",

@@ -383,6 +383,7 @@ register_method(MethodSpec(
     name="dyvm",
     apply=apply,
     description="DyVM: learned token pruning with rearrangement + dynamic scan-direction selection",
-    demo_options={"keep_ratio": 0.7, "block_ratio": 0.8},
+    demo_options={"keep_ratio": 0.8, "block_ratio": 0.8, "pruning_layers": [1, 2, 3]},
     trainable=True,
+    learned=True,
 ))

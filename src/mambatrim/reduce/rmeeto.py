@@ -250,6 +250,6 @@ register_method(MethodSpec(
     name="rmeeto",
     apply=apply,
     description="R-MeeTo: order-preserving bipartite token merging every 2nd block (ratio= or r=)",
-    demo_options={"ratio": 0.31},
+    demo_options={"r": 3, "layers": [1, 2, 3]},
     trainable=True,
 ))

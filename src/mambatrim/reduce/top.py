@@ -246,7 +246,7 @@ def _register() -> None:
         name="top", apply=apply,
         description="ToP token pruning: clipped-SSM-output importance, survivors in order, hidden-state "
                     "alignment (align=hold|decay|none)",
-        demo_options=dict(keep=0.8, layers=[5, 10, 15], align=DEFAULT_ALIGN)))
+        demo_options=dict(keep=0.7, layers=[1, 2], align=DEFAULT_ALIGN)))
 
 
 _register()
