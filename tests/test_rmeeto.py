@@ -86,7 +86,7 @@ def test_ratio_r_mapping_matches_the_paper():
 
 
 def test_apply_validates_and_registers():
-    assert "rmeeto" in METHODS and METHODS["rmeeto"].demo_options == {"ratio": 0.31}
+    assert "rmeeto" in METHODS and not METHODS["rmeeto"].learned  # training-free usable
     model = create_model("vim_small_patch16_224", depth=24, embed_dim=32, num_classes=0)
     apply_method(model, "rmeeto", ratio=0.31)
     assert model.reducer.r == 11 and model.reducer.layers == tuple(range(2, 24, 2))

@@ -1,0 +1,36 @@
+"""Every registered method applies to the demo model with its demo options and really reduces its work."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambatrim.analysis import count_flops
+from mambatrim.engine.demo import DEMO_RECIPE
+from mambatrim.models import create_model
+from mambatrim.reduce import METHODS, apply_method, parse_method_options
+
+
+def demo_model() -> torch.nn.Module:
+    return create_model(DEMO_RECIPE["model"], **DEMO_RECIPE["model_kwargs"], img_size=DEMO_RECIPE["input_size"],
+                        in_chans=DEMO_RECIPE["in_chans"], num_classes=10).eval()
+
+
+def test_the_four_method_families_are_registered() -> None:
+    assert {"dyvm", "rmeeto", "top", "prune_random", "prune_static", "prune_norm"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_demo_options_fit_the_demo_model(name: str) -> None:
+    dense = count_flops(demo_model()).gflops("paper")
+    model = apply_method(demo_model(), name, **METHODS[name].demo_options)
+    with torch.no_grad():
+        logits = model(torch.randn(2, DEMO_RECIPE["in_chans"], DEMO_RECIPE["input_size"], DEMO_RECIPE["input_size"]))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert count_flops(model).gflops("paper") < 0.95 * dense  # the demo row shows a real reduction
+
+
+def test_unknown_method_and_bad_option_syntax_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown reduction method 'tome'.*known methods"):
+        apply_method(demo_model(), "tome")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method_options(["ratio0.3"])
