@@ -16,7 +16,7 @@ from ..data import DataOptions
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataOptions):
     # model
     model: str = "vim_tiny_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the registered config (depth, ...)
@@ -25,26 +25,10 @@ class TrainConfig:
     method: str | None = None               # a mambatrim.reduce.METHODS name attached to the student
     method_opts: dict[str, Any] = field(default_factory=dict)
     finetune: str | None = None             # initial weights (mismatched head skipped)
-    # data
-    data_path: str = "digits"
-    data_mode: str = "auto"
-    input_size: int | None = None
+    # data: the fields of DataOptions (inherited), with training-run defaults where they differ
     in_chans: int | None = None             # None: the model's channels (3 unless model_kwargs say otherwise)
     batch_size: int = 128                   # per process
-    eval_batch_size: int | None = None
     num_workers: int = 8
-    aa: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.3
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    train_interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    repeated_aug: int = 1
-    gpu_aug_pad: int = 4
-    gpu_aug_flip: bool = True
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)   # normalisation (one value per channel, or three)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_prob: float = 1.0
