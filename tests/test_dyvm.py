@@ -317,3 +317,18 @@ def test_flops_match_the_paper_convention_figures():
     assert report.gflops("paper") == pytest.approx(3.239, abs=0.002)
     assert report.reducer == (196 + 137 + 96) * (384 * 384 + 384 * 192 + 192 * 96 + 96 * 2)
     assert dyvm.count_flops(model).gflops("paper") == pytest.approx(3.35, abs=0.01)  # all directions ran
+
+
+def test_untrained_predictors_keep_the_target_share_in_training():
+    """Initialised predictors keep about rho of the alive tokens per stage under Gumbel sampling (cumulatively
+    rho, rho^2), close to what top-k keeps at inference; with zero biases (the released init) they keep ~half."""
+    torch.manual_seed(0)
+    fractions = {}
+    for init in (True, False):
+        model = create_model("vim_tiny_patch16_224", depth=6, embed_dim=64, img_size=64, num_classes=10)
+        dyvm.apply(model, keep_ratio=0.7, block_ratio=None, pruning_layers=[2, 4], predictor_init_keep=init)
+        model.train()
+        state = model.forward_tokens(images(64))
+        fractions[init] = [d.mean().item() for d in state.extras["dyvm_decisions"]]
+    assert fractions[True] == pytest.approx([0.7, 0.49], abs=0.04)
+    assert fractions[False][0] == pytest.approx(0.5, abs=0.05)

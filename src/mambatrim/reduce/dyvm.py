@@ -26,6 +26,7 @@ Usage::
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,6 +118,7 @@ class DyVMReducer(Reducer):
         block_threshold: float = 0.5,
         selector_init_bias: float = 5.0,
         rearrange: bool = True,
+        predictor_init_keep: bool = True,
     ) -> None:
         super().__init__()
         self.depth = depth
@@ -143,6 +145,17 @@ class DyVMReducer(Reducer):
         self.distill_weight = float(distill_weight)
         self.token_tau, self.block_tau, self.block_threshold = float(token_tau), float(block_tau), block_threshold
         self.predictors = nn.ModuleList(TokenPredictor(embed_dim) for _ in layers)
+        if predictor_init_keep:
+            # Start each stage keeping its target share of the tokens still alive (rho of them), not half:
+            # with zero-bias predictors (the released code) the Gumbel decisions keep ~50% per stage at first,
+            # i.e. 50/25/12% cumulatively instead of 70/49/34%, far from what top-k keeps at inference, and a
+            # short fine-tune never recovers from that shift. ``predictor_init_keep=False`` restores it.
+            with torch.no_grad():
+                previous = 1.0
+                for predictor, ratio in zip(self.predictors, ratios):
+                    p = min(max(ratio / previous, 1e-3), 1 - 1e-3)
+                    predictor.out_conv[-2].bias.copy_(torch.tensor([math.log(p), math.log1p(-p)]))
+                    previous = ratio
         self.selectors: nn.ModuleList | None = None
         if self.block_ratio is not None:
             self.selectors = nn.ModuleList(nn.Linear(2 * d_inner, 2) for _ in range(depth))
