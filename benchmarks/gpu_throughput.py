@@ -191,32 +191,26 @@ def section_kernel(out: dict, sweep: bool) -> None:
         y = ts.selective_scan_pair_triton(*ins)
         y.backward(gout)
 
-    bcfgs = [(ts.BWD_MODE, ts.BWD_BLOCK_D, ts.BWD_WARPS, ts.CHUNK)]
+    bcfgs = [(ts.BWD_BLOCK_D, ts.BWD_WARPS, ts.CHUNK)]
     if sweep:
-        bcfgs = [("seq", 32, 1, 8), ("seq", 16, 1, 8), ("seq", 16, 1, 16), ("seq", 32, 1, 4), ("seq", 8, 1, 8),
-                 ("seq", 32, 2, 8)]
+        bcfgs = [(32, 1, 8), (16, 1, 8), (16, 1, 16), (32, 1, 4), (8, 1, 8), (32, 2, 8)]
     bbest = None
-    for mode, bd, w, c in bcfgs:
-        ts.BWD_MODE, ts.CHUNK = mode, c
-        if mode == "seq":
-            ts.BWD_BLOCK_D, ts.BWD_WARPS = bd, w
-        else:
-            ts.TILE_BLOCK_D, ts.TILE_WARPS = bd, w
+    for bd, w, c in bcfgs:
+        ts.BWD_BLOCK_D, ts.BWD_WARPS, ts.CHUNK = bd, w, c
         try:
             t = cuda_time(fwd_bwd, iters=10, warmup=2)["median_ms"]
         except Exception as err:
-            bwd_variants.append({"mode": mode, "block_d": bd, "warps": w, "chunk": c, "error": str(err)[:200]})
+            bwd_variants.append({"block_d": bd, "warps": w, "chunk": c, "error": str(err)[:200]})
             continue
-        bwd_variants.append({"mode": mode, "block_d": bd, "warps": w, "chunk": c, "pair_fwd_bwd_us": t * 1e3,
+        bwd_variants.append({"block_d": bd, "warps": w, "chunk": c, "pair_fwd_bwd_us": t * 1e3,
                              **kernel_report(ts.LAST_BWD)})
         log("bwd variant", bwd_variants[-1])
-        if mode == "seq" and (bbest is None or t < bbest[0]):
+        if bbest is None or t < bbest[0]:
             bbest = (t, bd, w, c)
-    ts.BWD_MODE = "seq"
     if bbest is not None:
         ts.BWD_BLOCK_D, ts.BWD_WARPS, ts.CHUNK = bbest[1:]
     res["bwd_variants"] = bwd_variants
-    res["bwd_config"] = dict(mode=ts.BWD_MODE, block_d=ts.BWD_BLOCK_D, warps=ts.BWD_WARPS, chunk=ts.CHUNK)
+    res["bwd_config"] = dict(block_d=ts.BWD_BLOCK_D, warps=ts.BWD_WARPS, chunk=ts.CHUNK)
     res["pair_fwd_bwd_us"] = cuda_time(fwd_bwd, iters=30)["median_ms"] * 1e3
     # the torch backend on the same single scan, for scale (few iterations: it is slow)
     # the paired conv kernel on the Vim-S layer input (x half of in_proj's output)

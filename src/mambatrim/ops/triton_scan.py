@@ -11,8 +11,8 @@ Design (see docs/gpu.md):
   output, ``scale * (y_fwd + y_bwd)``.
 * Training: the forward also stores the state every ``CHUNK`` steps (``L / CHUNK`` states, not L). The backward
   walks the chunks in reverse scan order; inside a chunk it recomputes the states from the stored one into a
-  small per-program scratch, then walks back with the state gradient in registers (``BWD_MODE = "seq"``; the
-  ``"tile"`` variant does both passes with tuple ``tl.associative_scan``s and is slower on an H100).
+  small per-program scratch, then walks back with the state gradient in registers (an associative-scan
+  variant of this backward was 3x slower on an H100 and was dropped).
   dB and dC are per-channel-block partial sums reduced on the host; dA, dD, d(delta_bias) use fp32 atomics.
 """
 from __future__ import annotations
@@ -33,12 +33,6 @@ CHUNK = 8  # time steps per stored state (forward, training) / backward chunk
 def _softplus(x):
     # log(1 + e^x) with the usual threshold (torch uses 20): exp2/log2 forms
     return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(x * 1.4426950408889634)) * 0.6931471805599453)
-
-
-@triton.jit
-def _combine(a1, b1, a2, b2):
-    """Compose two affine steps h -> a*h + b: first (a1, b1), then (a2, b2)."""
-    return a1 * a2, a2 * b1 + b2
 
 
 @triton.jit
@@ -160,166 +154,6 @@ def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t
     else:
         prev = u
     return u, r, Bt, Ct, zz, gp, prev
-
-
-@triton.jit
-def _scan_bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, dout_ptr, ckpt_ptr,
-    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, gs_ptr,
-    L, E, n_chunks, scale,
-    su_g, su_b, su_d, su_t,
-    sd_g, sd_b, sd_d, sd_t,
-    sB_g, sB_b, sB_n, sB_t,
-    sC_g, sC_b, sC_n, sC_t,
-    sz_g, sz_b, sz_d, sz_t,
-    so_b, so_d, so_t,
-    sg_g, sg_b, sg_t,
-    # gradient buffers: du/ddl/dz/gs share one (G, B, D, L) layout; dB/dC are (G, B, blocks, L, N) partials
-    gx_g, gx_b, gx_d, gx_t,
-    PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr,
-):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    g = tl.program_id(2)
-    if PAIR:
-        rev = g == 1
-    else:
-        rev = REVERSE
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
-    j = tl.arange(0, T)
-    dmask = d < E
-    nmask = n < N
-    mask2 = dmask[:, None] & nmask[None, :]
-    A2 = tl.load(A_ptr + g * E * N + d[:, None] * N + n[None, :], mask=mask2, other=0.0).to(tl.float32)
-    A2 = A2 * 1.4426950408889634
-    A3 = A2[:, None, :]
-    Dv = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-    bias = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-    ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[:, None]) * (n_chunks * N) + n[None, :]
-    carry = tl.zeros((BD, NP), dtype=tl.float32)  # gradient of the state just before the chunk processed last
-    dA_acc = tl.zeros((BD, NP), dtype=tl.float32)
-    dD_acc = tl.zeros((BD,), dtype=tl.float32)
-    db_acc = tl.zeros((BD,), dtype=tl.float32)
-    for kk in range(n_chunks):
-        k = n_chunks - 1 - kk
-        s = k * T + j  # scan positions of this chunk
-        smask = s < L
-        sn = s + 1
-        snmask = sn < L
-        sp = s - 1
-        spmask = (sp >= 0) & smask
-        if rev:
-            t = L - 1 - s
-            tn = L - 1 - sn
-            tp = L - 1 - sp
-        else:
-            t = s
-            tn = sn
-            tp = sp
-        m2 = dmask[:, None] & smask[None, :]
-        m2n = dmask[:, None] & snmask[None, :]
-        u = tl.load(u_ptr + g * su_g + pid_b * su_b + d[:, None] * su_d + t[None, :] * su_t, mask=m2,
-                    other=0.0).to(tl.float32)
-        draw = tl.load(dl_ptr + g * sd_g + pid_b * sd_b + d[:, None] * sd_d + t[None, :] * sd_t, mask=m2,
-                       other=0.0).to(tl.float32) + bias[:, None]
-        drawn = tl.load(dl_ptr + g * sd_g + pid_b * sd_b + d[:, None] * sd_d + tn[None, :] * sd_t, mask=m2n,
-                        other=0.0).to(tl.float32) + bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(draw)
-            dtn = _softplus(drawn)
-        else:
-            dt = draw
-            dtn = drawn
-        dt = tl.where(m2, dt, 0.0)
-        dtn = tl.where(m2n, dtn, 0.0)
-        ex = dt
-        exn = dtn
-        if HAS_GAP:
-            gp = tl.load(gap_ptr + g * sg_g + pid_b * sg_b + t * sg_t, mask=spmask, other=0.0).to(tl.float32)
-            gpn = tl.load(gap_ptr + g * sg_g + pid_b * sg_b + tn * sg_t, mask=snmask, other=0.0).to(tl.float32)
-            drawp = tl.load(dl_ptr + g * sd_g + pid_b * sd_b + d[:, None] * sd_d + tp[None, :] * sd_t,
-                            mask=dmask[:, None] & spmask[None, :], other=0.0).to(tl.float32) + bias[:, None]
-            if SOFTPLUS:
-                dtp = _softplus(drawp)
-            else:
-                dtp = drawp
-            dtp = tl.where(dmask[:, None] & spmask[None, :], dtp, 0.0)
-            ex = dt + gp[None, :] * dtp
-            exn = dtn + gpn[None, :] * dt
-        Bt = tl.load(B_ptr + g * sB_g + pid_b * sB_b + n[None, :] * sB_n + t[:, None] * sB_t,
-                     mask=smask[:, None] & nmask[None, :], other=0.0).to(tl.float32)  # (T, NP)
-        Ct = tl.load(C_ptr + g * sC_g + pid_b * sC_b + n[None, :] * sC_n + t[:, None] * sC_t,
-                     mask=smask[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + pid_b * so_b + d[:, None] * so_d + t[None, :] * so_t, mask=m2,
-                       other=0.0).to(tl.float32) * scale
-        # recompute the states of this chunk from the stored state at its start
-        h0 = tl.load(ck_base + k * N, mask=mask2 & (k > 0), other=0.0)
-        dA = tl.exp2(ex[:, :, None] * A3)  # (BD, T, NP)
-        dBu = (dt * u)[:, :, None] * Bt[None, :, :]
-        first = (j == 0)[None, :, None]
-        _, h = tl.associative_scan((dA, tl.where(first, dA * h0[:, None, :] + dBu, dBu)), axis=1,
-                                   combine_fn=_combine)
-        y = tl.sum(h * Ct[None, :, :], axis=2)
-        if HAS_D:
-            y = y + Dv[:, None] * u
-        if HAS_Z:
-            zz = tl.load(z_ptr + g * sz_g + pid_b * sz_b + d[:, None] * sz_d + t[None, :] * sz_t, mask=m2,
-                         other=0.0).to(tl.float32)
-            sig = 1.0 / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-            gy = dout * zz * sig
-            dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
-            tl.store(dz_ptr + g * gx_g + pid_b * gx_b + d[:, None] * gx_d + t[None, :] * gx_t,
-                     dz.to(dz_ptr.dtype.element_ty), mask=m2)
-        else:
-            gy = dout
-        # state gradient, right to left: dh_s = C_s gy_s + dA_{s+1} dh_{s+1}
-        dAn = tl.exp2(exn[:, :, None] * A3)
-        last = (j == T - 1)[None, :, None]
-        bb = gy[:, :, None] * Ct[None, :, :]
-        bb = tl.where(last, bb + dAn * carry[:, None, :], bb)
-        _, dh = tl.associative_scan((dAn, bb), axis=1, combine_fn=_combine, reverse=True)
-        carry = tl.sum(tl.where(first, dh, 0.0), axis=1)
-        # reductions
-        dC = tl.sum(gy[:, :, None] * h, axis=0)  # (T, NP)
-        dhB = tl.sum(dh * Bt[None, :, :], axis=2)  # (BD, T)
-        dB = tl.sum(dh * (dt * u)[:, :, None], axis=0)
-        q = dh * (h - dBu)  # = dh * dA * h_prev, without dividing by dA
-        de = tl.sum(q * A3, axis=2) * 0.6931471805599453  # d(exponent): A2 carries log2(e)
-        dA_acc += tl.sum(q * ex[:, :, None], axis=1)
-        ddt = dhB * u + de
-        du = dhB * dt + gy * Dv[:, None]
-        if HAS_D:
-            dD_acc += tl.sum(gy * u, axis=1)
-        nm2 = smask[:, None] & nmask[None, :]
-        # per-channel-block partial sums (summed on the host): atomics here were the bottleneck
-        part = ((g * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d).to(tl.int64) * L * N
-        tl.store(dB_ptr + part + t[:, None] * N + n[None, :], dB, mask=nm2)
-        tl.store(dC_ptr + part + t[:, None] * N + n[None, :], dC, mask=nm2)
-        gx = g * gx_g + pid_b * gx_b + d[:, None] * gx_d + t[None, :] * gx_t
-        tl.store(du_ptr + gx, du.to(du_ptr.dtype.element_ty), mask=m2)
-        if HAS_GAP:
-            # the previous step's dt also fed this step's exponent: finished outside (needs a shift)
-            tl.store(gs_ptr + gx, gp[None, :] * de, mask=m2)
-            tl.store(ddl_ptr + gx, ddt, mask=m2)
-        else:
-            if SOFTPLUS:
-                ddt = ddt / (1.0 + tl.exp2(-draw * 1.4426950408889634))
-            ddt = tl.where(m2, ddt, 0.0)
-            db_acc += tl.sum(ddt, axis=1)
-            tl.store(ddl_ptr + gx, ddt.to(ddl_ptr.dtype.element_ty), mask=m2)
-    tl.atomic_add(dA_ptr + g * E * N + d[:, None] * N + n[None, :], dA_acc, mask=mask2)
-    if HAS_D:
-        tl.atomic_add(dD_ptr + g * E + d, dD_acc, mask=dmask)
-    if HAS_BIAS:
-        if not HAS_GAP:
-            tl.atomic_add(dbias_ptr + g * E + d, db_acc, mask=dmask)
 
 
 @triton.jit
@@ -526,11 +360,8 @@ LAST_FWD = LAST_BWD = None  # the last compiled kernels (resource reports in ben
 # channels backward with 8-step chunks
 FWD_BLOCK_D = 64
 FWD_WARPS = 1
-BWD_MODE = "seq"  # 'seq' (sequential, scratch-cached states) or 'tile' (associative scans)
 BWD_BLOCK_D = 32
 BWD_WARPS = 1
-TILE_BLOCK_D = 8
-TILE_WARPS = 4
 
 
 def _strides4(t: Tensor) -> tuple[int, int, int, int]:
@@ -582,8 +413,7 @@ class _ScanFn(torch.autograd.Function):
         ddl = _alloc_like(delta, G, torch.float32 if has_gap else delta.dtype)
         gs = _alloc_like(delta, G, torch.float32) if has_gap else ddl
         dz = _alloc_like(z, G, z.dtype) if z is not None else du
-        seq = BWD_MODE == "seq"
-        block_d, warps = (BWD_BLOCK_D, BWD_WARPS) if seq else (TILE_BLOCK_D, TILE_WARPS)
+        block_d, warps = BWD_BLOCK_D, BWD_WARPS
         n_blocks = triton.cdiv(E, block_d)
         dB = torch.empty(G, bsz, n_blocks, L, N, device=u.device, dtype=torch.float32)
         dC = torch.empty_like(dB)
@@ -595,16 +425,12 @@ class _ScanFn(torch.autograd.Function):
         gp = gap if has_gap else dummy
         grid = (n_blocks, bsz, G)
         np2 = triton.next_power_of_2(N)
-        extra = ()
-        kernel = _scan_bwd_kernel
-        if seq:
-            kernel = _scan_bwd_seq_kernel
-            extra = (torch.empty(G * bsz * n_blocks * CHUNK * np2 * block_d, device=u.device, dtype=torch.float32),)
+        scratch = torch.empty(G * bsz * n_blocks * CHUNK * np2 * block_d, device=u.device, dtype=torch.float32)
         global LAST_BWD
-        LAST_BWD = kernel[grid](
+        LAST_BWD = _scan_bwd_seq_kernel[grid](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             bias if bias is not None else dummy, gp, dout4, ckpt,
-            du, ddl, dA, dB, dC, dD, dz, dbias, gs, *extra,
+            du, ddl, dA, dB, dC, dD, dz, dbias, gs, scratch,
             L, E, n_chunks, scale,
             *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
             *(_strides4(z) if z is not None else (0, 0, 0, 0)),
