@@ -26,6 +26,7 @@ import torch
 
 from mambatrim.analysis.flops import count_flops
 from mambatrim.data import build_data
+from mambatrim.engine.benchmark import mean_time_ms
 from mambatrim.engine.config import FIELDS, load_yaml, make_config
 from mambatrim.engine.evaluate import autocast_for, build_evaluated_model
 from mambatrim.engine.train import _resolve_input, train
@@ -66,16 +67,6 @@ def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool
     return {"top1": 100.0 * correct / count, "block_ratio": on / total if total else 1.0, "num_images": count}
 
 
-def cuda_time_ms(fn: Any, iters: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int = 5, iters: int = 20) -> dict:
     """Images/s per model on the same real images, bf16 autocast, interleaved rounds, median."""
     def fn(model: torch.nn.Module):
@@ -90,7 +81,7 @@ def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int 
     samples: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for name, model in models.items():
-            samples[name].append(images.shape[0] / cuda_time_ms(fn(model), iters) * 1000.0)
+            samples[name].append(images.shape[0] / mean_time_ms(fn(model), iters, images.device) * 1000.0)
     return {k: round(statistics.median(v), 1) for k, v in samples.items()}
 
 

@@ -25,34 +25,11 @@ from typing import Any, Callable
 import torch
 
 import mambatrim  # noqa: F401  (registers the models)
+from mambatrim.engine.benchmark import mean_time_ms
+from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.models.registry import create_model
 from mambatrim.ops import get_backend
 from mambatrim.reduce import dyvm
-
-
-def cuda_time_ms(fn: Callable[[], object], iters: int) -> float:
-    """Mean ms of ``fn`` over ``iters`` calls, timed with CUDA events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-def capture(forward: Callable[[], object]) -> Callable[[], object]:
-    """A CUDA graph of ``forward`` (after warm-up on a side stream); returns its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            forward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
-    return graph.replay
 
 
 def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[tuple[int, int]]:
@@ -124,7 +101,7 @@ def main() -> int:
     # Direction skipping decides sub-batches on the host per layer and runs eagerly only.
     for name in ("dense", "dyvm tokens only"):
         models[f"{name} (CUDA graph)"] = models[name]
-    graphs = {name: capture(forward_fn(models[name])) for name in models if "graph" in name}
+    graphs = {name: capture_graph(forward_fn(models[name])) for name in models if "graph" in name}
 
     stats: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
@@ -136,7 +113,7 @@ def main() -> int:
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
-            ms = cuda_time_ms(graphs[name] if name in graphs else forward_fn(model), args.iters)
+            ms = mean_time_ms(graphs[name] if name in graphs else forward_fn(model), args.iters, dev)
             samples[name].append(args.batch_size / ms * 1000.0)
 
     dense_ips = {name: statistics.median(samples["dense (CUDA graph)" if "graph" in name else "dense"])
@@ -201,7 +178,7 @@ def train_step_speed(dense: torch.nn.Module, args: argparse.Namespace) -> dict[s
     torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
         step()
-    ms = cuda_time_ms(step, args.train_iters)
+    ms = mean_time_ms(step, args.train_iters, dev)
     peak = torch.cuda.max_memory_allocated() / 2**30
     return dict(batch_size=args.train_batch_size, images_per_s=round(args.train_batch_size / ms * 1000.0, 1),
                 peak_memory_gib=round(peak, 2), iters=args.train_iters)

@@ -252,18 +252,9 @@ def infer_case(name: str, bsz: int, precision: str, backend: str, mode: str = "e
 
     fn: Callable[[], Any] = step
     if mode == "cuda_graph":
-        static = images
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = step()  # noqa: F841
-        fn = graph.replay
-        del static
+        from mambatrim.engine.cuda_graph import capture_graph
+
+        fn = capture_graph(step)
     torch.cuda.reset_peak_memory_stats()
     t = cuda_time(fn, iters=iters, warmup=3 if backend == "torch" else 5)
     return {"model": name, "batch": bsz, "precision": precision, "backend": backend, "mode": mode,

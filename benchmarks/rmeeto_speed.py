@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.analysis.flops import count_flops
+from mambatrim.engine.benchmark import mean_time_ms
+from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.models.registry import create_model
 from mambatrim.ops import get_backend
 from mambatrim.reduce import TokenState, rmeeto
@@ -36,22 +38,6 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], object], iters: int, dev: torch.device) -> float:
-    """Mean ms of ``fn`` over ``iters`` calls, timed with CUDA events (host clock on CPU: smoke runs only)."""
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) * 1000.0 / iters
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def check_gpu_merge(dev: torch.device) -> dict:
@@ -139,16 +125,7 @@ def main() -> int:
     def captured(name: str) -> Callable[[], object]:
         """One CUDA graph of the whole forward with this reducer (possible: the merge never syncs the host)."""
         attach(name)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward()
-        return graph.replay
+        return capture_graph(forward)
 
     # ------------------------------------------------------------------ inference, interleaved rounds
     for name, _, _ in configs:
@@ -167,7 +144,7 @@ def main() -> int:
         for key, fn in runners.items():
             attach(key[1])
             fn()  # one untimed call after switching configuration
-            ms = time_ms(fn, args.iters, dev)
+            ms = mean_time_ms(fn, args.iters, dev)
             samples[key].append(args.batch_size / ms * 1000.0)
     rows = []
     dense_flops = flops_of(model.set_reducer(None), args.img_size)
@@ -224,7 +201,7 @@ def main() -> int:
             train_step(with_teacher)
         sync(dev)
         t0 = time.perf_counter()
-        ms = time_ms(lambda: train_step(with_teacher), args.train_iters, dev)
+        ms = mean_time_ms(lambda: train_step(with_teacher), args.train_iters, dev)
         ips = args.train_batch_size / ms * 1000.0
         minutes = 3 * IMAGENET_TRAIN_IMAGES / ips / 60.0
         train[label] = dict(images_per_s=round(ips, 1), gpu_minutes_3_imagenet_epochs=round(minutes, 1),

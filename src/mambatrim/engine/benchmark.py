@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,23 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def mean_time_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    """Mean ms per call of ``fn`` over ``iters`` back-to-back calls (one pair of CUDA events around the loop on a
+    GPU, the host clock on a CPU). For interleaved comparisons; :func:`measure_throughput` times each call."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / iters
 
 
 def measure_throughput(

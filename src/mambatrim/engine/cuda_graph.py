@@ -15,6 +15,26 @@ import torch
 from torch import Tensor, nn
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """Capture ``fn`` (after ``warmup`` calls on a side stream: autotuning, lazy init) as a CUDA graph; returns
+    its replay. ``fn`` must read and write the same tensors on every call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:
+        raise RuntimeError(
+            "this forward cannot be captured in a CUDA graph (it synchronises with the host, e.g. per-sample "
+            f"scan-direction skipping or position-aligned pruning); run it eagerly. Cause: {err}") from err
+    return graph.replay
+
+
 class GraphedForward:
     """``GraphedForward(model, example)(images) -> logits`` with the forward replayed from a CUDA graph.
 
@@ -28,28 +48,20 @@ class GraphedForward:
             raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
         self.model = model
         self.static_in = example.detach().clone()
-        self._amp: Callable[[], object] = (
-            (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad(), self._amp():
-            for _ in range(max(1, warmup)):  # warm-up outside the capture: autotuning, lazy init
-                model(self.static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.no_grad(), self._amp(), torch.cuda.graph(self.graph):
-                self.static_out = model(self.static_in)
-        except RuntimeError as err:
-            raise RuntimeError(
-                "this model's forward cannot be captured in a CUDA graph (it synchronises with the host, e.g. "
-                f"per-sample scan-direction skipping or position-aligned pruning); run it eagerly. Cause: {err}"
-            ) from err
+        amp = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext
+        outputs: list[Tensor] = []
+
+        def forward() -> None:
+            with torch.no_grad(), amp():
+                outputs[:] = [model(self.static_in)]
+
+        self._replay = capture_graph(forward, warmup)
+        self.static_out = outputs[0]  # written by the captured call: the graph's output buffer
 
     def __call__(self, images: Tensor) -> Tensor:
         if images.shape != self.static_in.shape or images.dtype != self.static_in.dtype:
             raise ValueError(f"the graph was captured for inputs {tuple(self.static_in.shape)} "
                              f"{self.static_in.dtype}, got {tuple(images.shape)} {images.dtype}")
         self.static_in.copy_(images)
-        self.graph.replay()
+        self._replay()
         return self.static_out
