@@ -239,6 +239,13 @@ def _folder_datasets(path: Path, mode: str) -> tuple[Dataset, Dataset]:
     return ClassFolderDataset(path / train, mode=image_mode), ClassFolderDataset(path / val, mode=image_mode)
 
 
+def _check_one_global_batch(num_train: int, opts: DataOptions, world_size: int) -> None:
+    """Training drops incomplete batches: fewer images than one global batch would train on nothing."""
+    if num_train < opts.batch_size * world_size:
+        raise DataError(f"{num_train} training images are fewer than one global batch "
+                        f"({opts.batch_size} x {world_size} processes)")
+
+
 def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_size: int = 1,
                with_train: bool = True) -> DataBundle:
     """Datasets + batch sources for training and (sharded) evaluation (``with_train=False``: evaluation only,
@@ -272,9 +279,8 @@ def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_siz
             raise DataError(f"unknown data mode {mode!r} (auto, memory, stream)")
     if mode == "memory":
         size = val_t.images.shape[-1]
-        if with_train and len(train_t) < opts.batch_size * world_size:
-            raise DataError(f"{len(train_t)} training images are fewer than one global batch "
-                            f"({opts.batch_size} x {world_size} processes)")
+        if with_train:
+            _check_one_global_batch(len(train_t), opts, world_size)
         train = None
         if with_train:
             sampler = train_sampler(train_t, rank, world_size, opts.seed, opts.repeated_aug)
@@ -288,16 +294,15 @@ def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_siz
     from timm.data import create_transform
 
     size = opts.input_size or 224
+    mean, std = tuple(_per_channel(opts.mean, opts.in_chans)), tuple(_per_channel(opts.std, opts.in_chans))
     train_ds.transform = create_transform(  # type: ignore[attr-defined]
         size, is_training=True, auto_augment=opts.aa, color_jitter=opts.color_jitter,
         interpolation=opts.train_interpolation, re_prob=opts.reprob, re_mode=opts.remode, re_count=opts.recount,
-        mean=tuple(_per_channel(opts.mean, opts.in_chans)), std=tuple(_per_channel(opts.std, opts.in_chans)))
+        mean=mean, std=std)
     val_ds.transform = create_transform(  # type: ignore[attr-defined]
-        size, is_training=False, interpolation="bicubic", crop_pct=opts.crop_pct,
-        mean=tuple(_per_channel(opts.mean, opts.in_chans)), std=tuple(_per_channel(opts.std, opts.in_chans)))
-    if with_train and len(train_ds) < opts.batch_size * world_size:
-        raise DataError(f"{len(train_ds)} training images are fewer than one global batch "
-                        f"({opts.batch_size} x {world_size} processes)")
+        size, is_training=False, interpolation="bicubic", crop_pct=opts.crop_pct, mean=mean, std=std)
+    if with_train:
+        _check_one_global_batch(len(train_ds), opts, world_size)
     train = None
     if with_train:
         sampler = train_sampler(train_ds, rank, world_size, opts.seed, opts.repeated_aug)
