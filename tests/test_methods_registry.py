@@ -34,3 +34,14 @@ def test_unknown_method_and_bad_option_syntax_are_refused() -> None:
         apply_method(demo_model(), "tome")
     with pytest.raises(ValueError, match="key=value"):
         parse_method_options(["ratio0.3"])
+
+
+def test_options_and_config_files_read_exponent_floats(tmp_path) -> None:
+    """YAML 1.1 (PyYAML) reads ``2e-4`` as text; a learning rate written so must still be a number."""
+    from mambatrim.engine.config import load_yaml
+
+    assert parse_method_options(["lr=2e-4", "r=11", "layers=[6, 12]", "w=-1E+2", "name=1e"]) == {
+        "lr": 2e-4, "r": 11, "layers": [6, 12], "w": -100.0, "name": "1e"}
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-6\nmin_lr: 1.0e-5\nepochs: 30\n")
+    assert load_yaml(path) == {"lr": 5e-6, "min_lr": 1e-5, "epochs": 30}

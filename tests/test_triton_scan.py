@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the real kernels on a GPU, the interpreter elsewhere
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
 
 triton = pytest.importorskip("triton")
 
@@ -103,12 +104,10 @@ def test_scan_without_optional_inputs_and_through_dispatch() -> None:
     assert rel(got_tm.cpu(), selective_scan_ref(u, delta, A, B, C, reverse=True).cpu()) < 1e-5
 
 
-def test_pair_matches_two_reference_scans() -> None:
-    """One launch, both directions, token-major I/O == (ref(fwd) + ref(reverse)) / 2, values and grads."""
-    g = torch.Generator().manual_seed(11)
-    bsz, dim, length, n = 2, 6, 23, 4
+def pair_inputs(seed: int, bsz: int, dim: int, length: int, n: int):
+    """Inputs of a two-direction scan in token-major storage, seen as (2, b, d, L); returns them and ``r``."""
+    g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    # token-major storage, seen as (2, b, d, L)
     u = r(2, bsz, length, dim).permute(0, 1, 3, 2)
     delta = (r(2, bsz, length, dim) * 0.5).permute(0, 1, 3, 2)
     A = -torch.rand(2, dim, n, generator=g) - 0.2
@@ -116,6 +115,13 @@ def test_pair_matches_two_reference_scans() -> None:
     C = r(2, bsz, length, n).permute(0, 1, 3, 2)
     D, bias = r(2, dim), r(2, dim) * 0.3
     z = r(bsz, length, dim).transpose(1, 2)
+    return (u, delta, A, B, C, D, z, bias), r
+
+
+def test_pair_matches_two_reference_scans() -> None:
+    """One launch, both directions, token-major I/O == (ref(fwd) + ref(reverse)) / 2, values and grads."""
+    bsz, dim, length = 2, 6, 23
+    (u, delta, A, B, C, D, z, bias), r = pair_inputs(11, bsz, dim, length, 4)
     grad_out = r(bsz, dim, length)
 
     def grads(fn):
@@ -134,6 +140,37 @@ def test_pair_matches_two_reference_scans() -> None:
 
     for name, a, b in zip(NAMES, grads(pair), grads(two_refs)):
         assert rel(a, b) < 1e-5, f"{name}: rel err {rel(a, b):.2e}"
+
+
+def test_pair_direction_switch_skips_per_sample() -> None:
+    """``direction_on`` (inference): each sample gets 0.5 * (on_f * fwd + on_b * bwd) -- both, one or neither
+    direction -- from outputs the switched-off pairs never wrote (the conv leaves them undefined: NaN here)."""
+    bsz, dim, length = 4, 6, 19
+    (u, delta, A, B, C, D, z, bias), r = pair_inputs(3, bsz, dim, length, 4)
+    on = torch.tensor([[1, 1], [1, 0], [0, 1], [0, 0]])
+    refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1)
+            for i in range(2)]
+    expected = 0.5 * (refs[0] * on[:, 0, None, None] + refs[1] * on[:, 1, None, None])
+    u_off = u.clone()
+    u_off[0, on[:, 0] == 0] = float("nan")  # what a skipped direction's conv output may hold
+    u_off[1, on[:, 1] == 0] = float("nan")
+    args = [t.to(DEVICE) for t in (u_off, delta, A, B, C, D, z, bias)]
+    with torch.no_grad():
+        y = selective_scan_pair_triton(*args, delta_softplus=True, scale=0.5, direction_on=on.to(DEVICE)).cpu()
+    assert rel(y, expected) < 1e-5
+    assert torch.equal(y[3], torch.zeros_like(y[3]))
+    with pytest.raises(ValueError, match="inference-only"):
+        selective_scan_pair_triton(*[a.clone().requires_grad_() for a in args], direction_on=on.to(DEVICE))
+    with pytest.raises(ValueError, match=r"\(batch, 2\)"):
+        selective_scan_pair_triton(*args, direction_on=on[:3].to(DEVICE))
+
+    x = r(bsz, length, dim)
+    w, b = r(2, dim, 4), r(2, dim)
+    full = conv_pair_triton(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE)).cpu()
+    part = conv_pair_triton(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), direction_on=on.to(DEVICE).int()).cpu()
+    for i in range(2):
+        written = on[:, i] == 1
+        assert torch.equal(part[i, written], full[i, written])
 
 
 def test_conv_pair_matches_causal_and_anticausal_conv() -> None:
@@ -189,9 +226,9 @@ def test_tiny_vim_triton_matches_torch_backend() -> None:
 
 
 def test_pair_rejects_bad_shape() -> None:
-    u = torch.zeros(1, 2, 3, 5)
+    u = torch.zeros(1, 2, 3, 5, device=DEVICE)
     with pytest.raises(ValueError, match="2, batch, dim, length"):
-        selective_scan_pair_triton(u, u, torch.zeros(1, 3, 4), u, u, None, None, None)
+        selective_scan_pair_triton(u, u, torch.zeros(1, 3, 4, device=DEVICE), u, u, None, None, None)
 
 
 def test_fused_add_rms_norm_matches_pytorch() -> None:

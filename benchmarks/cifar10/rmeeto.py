@@ -6,7 +6,7 @@ settings). Every number comes from the project's engine: ``evaluate_checkpoint``
 baseline as teacher, AdamW, cosine, no warm-up), layered over the baseline's own data/augmentation settings.
 
     python benchmarks/cifar10/rmeeto.py --data-path cifar10.zip --checkpoint benchmarks/cifar10/BASELINE.pth \
-        --out benchmarks/results --epochs 2
+        --out benchmarks/results --epochs 3
 
 Writes ``rmeeto_cifar10.json`` and ``rmeeto_cifar10.md`` into ``--out``.
 """
@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="dense baseline checkpoint (mambatrim train output)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.14, 0.28, 0.31, 0.42, 0.54])
     parser.add_argument("--retrain-ratio", type=float, default=0.31, help="re-train at the r closest to this")
-    parser.add_argument("--epochs", type=int, default=2, help="re-training epochs (0: training-free only)")
+    parser.add_argument("--epochs", type=int, default=3, help="re-training epochs (0: training-free only)")
     parser.add_argument("--recipe", default=str(RECIPE))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a re-training config key (YAML value)")

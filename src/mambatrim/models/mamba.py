@@ -168,15 +168,12 @@ class BiMambaMixer(nn.Module):
             from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
             return bimamba_forward_triton(self, hidden)
-        if ctx is not None and ctx.skip_gated and ctx.direction_gate is not None and _fused_triton_applies(
-                hidden, replace(ctx, direction_gate=None)):
-            if callable(ctx.direction_gate):  # the selector reads the class token's in_proj output only
-                rows = torch.arange(hidden.shape[0], device=hidden.device)
-                ctx = replace(ctx, direction_gate=ctx.direction_gate(self.in_proj(hidden[rows, ctx.cls_index])))
-            both = (ctx.direction_gate > 0.5).all(1)
-            n_both = int(both.sum())  # the one host sync of a gated layer
-            if n_both:
-                return self._fused_where_both_run(hidden, ctx, both, n_both)
+        if (ctx is not None and ctx.skip_gated and ctx.direction_gate is not None and not torch.is_grad_enabled()
+                and _fused_triton_applies(hidden, replace(ctx, direction_gate=None))):
+            from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
+
+            # per-sample direction skipping inside the fused kernels: no host sync, no sub-batches
+            return bimamba_forward_triton(self, hidden, ctx.direction_gate, ctx.cls_index)
         bsz, length, _ = hidden.shape
         xz = self.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
@@ -201,25 +198,6 @@ class BiMambaMixer(nn.Module):
         if self.divide_out:
             y = y / 2
         return self.out_proj(y.transpose(1, 2))
-
-    def _fused_where_both_run(self, hidden: Tensor, ctx: MixerContext, both: Tensor, n_both: int) -> Tensor:
-        """Skip-gated inference on the fused kernels: samples running both directions take the fused path,
-        the others the per-direction path (one direction or none)."""
-        from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
-
-        gate = ctx.direction_gate
-        if n_both == hidden.shape[0]:
-            out = bimamba_forward_triton(self, hidden)
-        else:
-            on, rest = (torch.nonzero(m, as_tuple=True)[0] for m in (both, ~both))
-            fused = bimamba_forward_triton(self, hidden[on])
-            sub = replace(ctx, direction_gate=gate[rest], cls_index=None if ctx.cls_index is None else
-                          ctx.cls_index[rest], positions=None if ctx.positions is None else ctx.positions[rest])
-            other = self.forward(hidden[rest], sub)
-            out = fused.new_empty(hidden.shape[0], *fused.shape[1:])
-            out[on], out[rest] = fused, other.to(fused.dtype)
-        self.last_stats = {"tokens": hidden.shape[1], "gate": gate.detach()}
-        return out
 
     def _selected(self, x: Tensor, z: Tensor, backward: bool, ctx: MixerContext, mask: Tensor | None,
                   on: Tensor) -> Tensor:

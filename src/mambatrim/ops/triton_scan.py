@@ -37,7 +37,7 @@ def _softplus(x):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
     L, E, n_chunks, scale,
     su_g, su_b, su_d, su_t,
     sd_g, sd_b, sd_d, sd_t,
@@ -48,7 +48,7 @@ def _scan_fwd_kernel(
     sg_g, sg_b, sg_t,
     G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -57,6 +57,7 @@ def _scan_fwd_kernel(
     dmask = d < E
     nmask = n < N
     mask2 = nmask[:, None] & dmask[None, :]  # state is (N, channels): one thread owns a channel's states
+    n_on = 0
     for g in tl.static_range(G):
         if PAIR:
             rev = g == 1
@@ -64,6 +65,13 @@ def _scan_fwd_kernel(
         else:
             rev = REVERSE
             acc = False
+        steps = L
+        acc_on = 1
+        if HAS_ON:  # per-sample direction switch (inference): a switched-off direction costs no scan step
+            on_g = (tl.load(on_ptr + pid_b * G + g) != 0).to(tl.int32)
+            steps = L * on_g
+            acc_on = n_on  # add to the first direction's output only if it was written
+            n_on = n_on + on_g
         A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
         A2 = A2 * 1.4426950408889634
         if HAS_D:
@@ -84,14 +92,14 @@ def _scan_fwd_kernel(
         # sit in other cache lines, so without this every step waits a full memory latency
         u0, r0, B0, C0, z0, g0, p0 = _fwd_loads(0, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
                                                 sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask,
-                                                HAS_Z, HAS_GAP, acc)
+                                                HAS_Z, HAS_GAP, acc, acc_on)
         u1, r1, B1, C1, z1, g1, p1 = _fwd_loads(1, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
                                                 sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask,
-                                                HAS_Z, HAS_GAP, acc)
-        for s in range(L):
+                                                HAS_Z, HAS_GAP, acc, acc_on)
+        for s in range(steps):
             u2, r2, B2, C2, z2, g2, p2 = _fwd_loads(s + 2, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
                                                     C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
-                                                    dmask, nmask, HAS_Z, HAS_GAP, acc)
+                                                    dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on)
             if rev:
                 t = L - 1 - s
             else:
@@ -124,12 +132,16 @@ def _scan_fwd_kernel(
                         tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
             u0, r0, B0, C0, z0, g0, p0 = u1, r1, B1, C1, z1, g1, p1
             u1, r1, B1, C1, z1, g1, p1 = u2, r2, B2, C2, z2, g2, p2
+    if HAS_ON:  # every direction switched off: the output is zero
+        o_base = out_ptr + pid_b * so_b + d * so_d
+        for t in range(L * (n_on == 0).to(tl.int32)):
+            tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
 def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t,
                o_base, so_t, gp_base, sg_t, dmask, nmask, HAS_Z: tl.constexpr, HAS_GAP: tl.constexpr,
-               ACC: tl.constexpr):
+               ACC: tl.constexpr, acc_on):
     """Inputs of scan step ``s`` (raw dtypes; zeros past the end)."""
     ok = s < L
     if rev:
@@ -150,7 +162,7 @@ def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t
     else:
         gp = 0.0
     if ACC:
-        prev = tl.load(o_base + t * so_t, mask=m, other=0.0)
+        prev = tl.load(o_base + t * so_t, mask=m & (acc_on != 0), other=0.0)
     else:
         prev = u
     return u, r, Bt, Ct, zz, gp, prev
@@ -466,7 +478,8 @@ class _ScanFn(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
-def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, store_ckpt):
+def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, store_ckpt,
+                on=None):
     G, bsz, E, L = u.shape
     N = A.shape[-1]
     dummy = u
@@ -475,14 +488,14 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     LAST_FWD = _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         bias if bias is not None else dummy, gap if gap is not None else dummy, out, ckpt,
-        L, E, triton.cdiv(L, CHUNK), scale,
+        on if on is not None else dummy, L, E, triton.cdiv(L, CHUNK), scale,
         *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
         *(_strides4(z) if z is not None else (0, 0, 0, 0)),
         *_strides4(out)[1:],
         *(tuple(gap.stride()) if gap is not None else (0, 0, 0)),
         G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=FWD_BLOCK_D, CHUNK_T=CHUNK,
         SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, num_warps=FWD_WARPS,
+        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, HAS_ON=on is not None, num_warps=FWD_WARPS,
     )
 
 
@@ -534,20 +547,35 @@ def selective_scan_pair_triton(
     delta_softplus: bool = True,
     scale: float = 0.5,
     gap: Tensor | None = None,
+    direction_on: Tensor | None = None,
 ) -> Tensor:
     """Both Vim directions in one launch: ``scale * (scan(g=0) + reverse_scan(g=1))``.
 
     Shapes (logical; any strides): u, delta (2, b, d, L); A (2, d, n); B, C (2, b, n, L); D, delta_bias (2, d);
     z (b, d, L), shared by the directions; gap (2, b, L). Direction 1 scans right to left and writes in original
     order: nothing is flipped. Returns (b, d, L) laid out token-major (``(b, L, d)`` memory) in u's dtype.
+
+    ``direction_on`` (b, 2), inference only: sample i runs direction g only where ``direction_on[i, g]`` is
+    nonzero; a switched-off direction contributes zero and costs no scan step (no host sync, graph-capturable).
     """
-    _check_device(u, delta, A, B, C, D, z, delta_bias, gap)
+    _check_device(u, delta, A, B, C, D, z, delta_bias, gap, direction_on)
     if u.dim() != 4 or u.shape[0] != 2:
         raise ValueError(f"selective_scan_pair_triton: u must be (2, batch, dim, length), got {tuple(u.shape)}")
     z4 = None if z is None else z[None].expand(2, -1, -1, -1)
-    return _ScanFn.apply(
-        u, delta, A.float().contiguous(), B, C, None if D is None else D.float().contiguous(), z4,
-        None if delta_bias is None else delta_bias.float().contiguous(),
-        None if gap is None else gap.float(), delta_softplus, False, True, scale,
-    )
+    A, D = A.float().contiguous(), None if D is None else D.float().contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+    gap = None if gap is None else gap.float()
+    if direction_on is None:
+        return _ScanFn.apply(u, delta, A, B, C, D, z4, delta_bias, gap, delta_softplus, False, True, scale)
+    if direction_on.shape != (u.shape[1], 2):
+        raise ValueError(f"selective_scan_pair_triton: direction_on must be (batch, 2) = ({u.shape[1]}, 2), "
+                         f"got {tuple(direction_on.shape)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, B, C, z)):
+        raise ValueError("selective_scan_pair_triton: direction_on is inference-only (no backward); run under "
+                         "torch.no_grad() or gate the outputs instead")
+    bsz, E, L = u.shape[1:]
+    out = torch.empty(bsz, L, E, device=u.device, dtype=u.dtype).transpose(1, 2)[None]
+    _launch_fwd(u, delta, A, B, C, D, z4, delta_bias, gap, out, u.new_empty(1, dtype=torch.float32),
+                delta_softplus, False, True, scale, False, on=direction_on.to(torch.int32).contiguous())
+    return out[0]
 

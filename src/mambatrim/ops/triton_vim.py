@@ -8,6 +8,8 @@ activations the Linear layers produce.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -23,10 +25,10 @@ CONV_BLOCK_L, CONV_BLOCK_E, CONV_WARPS = 16, 128, 4  # best of an H100 sweep (92
 
 @triton.jit
 def _conv_pair_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, L, E,
+    x_ptr, w_ptr, b_ptr, out_ptr, on_ptr, L, E,
     sx_b, sx_t, sx_d,
     so_g, so_b, so_t,
-    K: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ON: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     pid_l = tl.program_id(1)
@@ -55,9 +57,14 @@ def _conv_pair_kernel(
     acc_f = acc_f / (1.0 + tl.exp2(-acc_f * 1.4426950408889634))
     acc_b = acc_b / (1.0 + tl.exp2(-acc_b * 1.4426950408889634))
     om = (t < L)[:, None] & emask[None, :]
+    om_f = om
+    om_b = om
+    if HAS_ON:  # a direction switched off for this sample is not written (its scan never reads it)
+        om_f = om & (tl.load(on_ptr + pid_b * 2) != 0)
+        om_b = om & (tl.load(on_ptr + pid_b * 2 + 1) != 0)
     optr = out_ptr + pid_b * so_b + t[:, None] * so_t + e[None, :]
-    tl.store(optr, acc_f.to(out_ptr.dtype.element_ty), mask=om)
-    tl.store(optr + so_g, acc_b.to(out_ptr.dtype.element_ty), mask=om)
+    tl.store(optr, acc_f.to(out_ptr.dtype.element_ty), mask=om_f)
+    tl.store(optr + so_g, acc_b.to(out_ptr.dtype.element_ty), mask=om_b)
 
 
 def _conv_pair_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -68,22 +75,26 @@ def _conv_pair_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.stack([o.transpose(1, 2) for o in outs])
 
 
+def _conv_pair_launch(x: Tensor, weight: Tensor, bias: Tensor | None, on: Tensor | None = None) -> Tensor:
+    bsz, L, E = x.shape
+    K = weight.shape[-1]
+    out = torch.empty(2, bsz, L, E, device=x.device, dtype=x.dtype)
+    BL, BE = CONV_BLOCK_L, CONV_BLOCK_E
+    grid = (triton.cdiv(E, BE), triton.cdiv(L, BL), bsz)
+    w = weight.contiguous()
+    _conv_pair_kernel[grid](
+        x, w, bias if bias is not None else w, out, on if on is not None else w, L, E,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        K=K, BL=BL, BE=BE, HAS_BIAS=bias is not None, HAS_ON=on is not None, num_warps=CONV_WARPS,
+    )
+    return out
+
+
 class _ConvPairFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        bsz, L, E = x.shape
-        K = weight.shape[-1]
-        out = torch.empty(2, bsz, L, E, device=x.device, dtype=x.dtype)
-        BL, BE = CONV_BLOCK_L, CONV_BLOCK_E
-        grid = (triton.cdiv(E, BE), triton.cdiv(L, BL), bsz)
-        w = weight.contiguous()
-        _conv_pair_kernel[grid](
-            x, w, bias if bias is not None else w, out, L, E,
-            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            K=K, BL=BL, BE=BE, HAS_BIAS=bias is not None, num_warps=CONV_WARPS,
-        )
         ctx.save_for_backward(x, weight, bias)
-        return out
+        return _conv_pair_launch(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -98,14 +109,19 @@ class _ConvPairFn(torch.autograd.Function):
         return grads[0], grads[1], grads[2] if bias is not None else None
 
 
-def conv_pair_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def conv_pair_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                     direction_on: Tensor | None = None) -> Tensor:
     """Causal (direction 0) and anti-causal (direction 1) depthwise conv + SiLU of token-major x.
 
     x (b, L, d) any strides; weight (2, d, k); bias (2, d) or None. Returns (2, b, L, d) in x's dtype.
+    ``direction_on`` (b, 2) int32, inference only: outputs of switched-off (sample, direction) pairs are left
+    unwritten (undefined), for a scan that skips them.
     """
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != 2 or weight.shape[1] != x.shape[2]:
         raise ValueError(f"conv_pair_triton: expected x (b, L, d) and weight (2, d, k), got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
+    if direction_on is not None:
+        return _conv_pair_launch(x, weight, bias, direction_on)
     return _ConvPairFn.apply(x, weight, bias)
 
 
@@ -138,14 +154,28 @@ def _direction_params(mixer: nn.Module) -> tuple[Tensor, ...]:
     return stacks
 
 
-def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor) -> Tensor:
-    """Vim v2 mixer forward (no mask, gate or alignment) with fused Triton kernels. hidden (b, L, d_model)."""
+def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
+                           direction_gate: Tensor | Callable[[Tensor], Tensor] | None = None,
+                           cls_index: Tensor | None = None) -> Tensor:
+    """Vim v2 mixer forward (no mask or alignment) with fused Triton kernels. hidden (b, L, d_model).
+
+    ``direction_gate`` (inference only): (b, 2) 0/1 per sample and direction, or a callable mapping the class
+    token's ``in_proj`` output (b, 2E) to it (needs ``cls_index``). Switched-off directions are skipped inside
+    the conv and scan kernels, without a host sync.
+    """
     E, N, R = mixer.d_inner, mixer.d_state, mixer.dt_rank
     bsz, L, _ = hidden.shape
     xz = mixer.in_proj(hidden)  # (b, L, 2E)
     x, z = xz[..., :E], xz[..., E:]
+    on = None
+    if callable(direction_gate):
+        if cls_index is None:
+            raise ValueError("a direction selector needs the class-token index")
+        direction_gate = direction_gate(xz[torch.arange(bsz, device=xz.device), cls_index])
+    if direction_gate is not None:
+        on = (direction_gate > 0.5).to(torch.int32).contiguous()
     conv_w, conv_b, w_x, w_dt, A, D, dt_bias = _direction_params(mixer)
-    u2 = conv_pair_triton(x, conv_w, conv_b)  # (2, b, L, E)
+    u2 = conv_pair_triton(x, conv_w, conv_b, direction_on=on)  # (2, b, L, E)
     u_flat = u2.view(2, bsz * L, E)
     x_dbl = torch.bmm(u_flat, w_x.transpose(1, 2).to(u_flat.dtype))  # under autocast: bf16 either way
     delta = torch.bmm(x_dbl[..., :R], w_dt.transpose(1, 2).to(x_dbl.dtype))
@@ -154,7 +184,7 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor) -> Tensor:
     y = selective_scan_pair_triton(
         u2.permute(0, 1, 3, 2), delta.view(2, bsz, L, E).permute(0, 1, 3, 2), A, Bm, Cm, D, z.transpose(1, 2),
         dt_bias, delta_softplus=True,
-        scale=0.5 if mixer.divide_out else 1.0,
+        scale=0.5 if mixer.divide_out else 1.0, direction_on=on,
     )  # (b, E, L) logical, (b, L, E) memory
-    mixer.last_stats = {"tokens": L, "gate": None}
+    mixer.last_stats = {"tokens": L, "gate": None if direction_gate is None else direction_gate.detach()}
     return mixer.out_proj(y.transpose(1, 2))

@@ -47,14 +47,14 @@ def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
 
 def parse_method_options(items: list[str] | None) -> dict[str, Any]:
     """CLI ``key=value`` pairs -> dict, values parsed as YAML scalars/lists (``ratio=0.31``, ``layers=[6,12]``)."""
-    import yaml
+    from .._yaml import load_yaml_text
 
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise ValueError(f"method option {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        out[key.strip().replace("-", "_")] = load_yaml_text(value)
     return out
 
 
