@@ -332,3 +332,41 @@ def test_untrained_predictors_keep_the_target_share_in_training():
         fractions[init] = [d.mean().item() for d in state.extras["dyvm_decisions"]]
     assert fractions[True] == pytest.approx([0.7, 0.49], abs=0.04)
     assert fractions[False][0] == pytest.approx(0.5, abs=0.05)
+
+
+def test_inference_top_k_path_equals_the_general_keep_path() -> None:
+    """The inference fast path (top-k indices sorted, no keep mask) gives the same logits and token positions as
+    the general path fed with the same top-k decisions as a keep mask."""
+    torch.manual_seed(0)
+    model = create_model("vim_tiny_patch16_224", depth=6, embed_dim=64, img_size=64, num_classes=10,
+                         drop_path_rate=0.0)
+    dyvm.apply(model, keep_ratio=0.6, block_ratio=None, pruning_layers=[2, 4]).eval()
+    for predictor in model.reducer.predictors:  # random scores, not the flat initial ones
+        torch.nn.init.normal_(predictor.out_conv[-2].weight, std=1.0)
+    x = images(3)
+    with torch.no_grad():
+        fast = model.forward_tokens(x)
+        fast_logits = model(x)
+
+        def top_k(stage, log_probs, policy, positions):
+            k = int(model.reducer.token_ratios[stage] * model.patch_embed.num_patches)
+            return torch.zeros_like(policy).scatter_(1, log_probs[..., 0].topk(k, dim=1).indices, 1.0)
+
+        model.reducer.keep_override = top_k
+        general = model.forward_tokens(x)
+        general_logits = model(x)
+    assert torch.equal(fast.positions, general.positions) and torch.equal(fast.cls_index, general.cls_index)
+    torch.testing.assert_close(fast_logits, general_logits, rtol=0, atol=0)
+
+
+def test_predictor_equals_the_concatenated_local_global_formulation() -> None:
+    """DynamicViT/DyVM predictor: out_conv([local, mean of alive global]) -- computed here with the explicit
+    concatenation, against the module's broadcast form; dead tokens do not enter the global mean."""
+    torch.manual_seed(0)
+    predictor = dyvm.TokenPredictor(32)
+    x, policy = torch.randn(3, 7, 32), (torch.rand(3, 7) > 0.3).float()
+    h = predictor.in_conv(x)
+    local, glob = h[..., :16], h[..., 16:]
+    glob = (glob * policy[..., None]).sum(1, keepdim=True) / (policy.sum(1, keepdim=True)[..., None] + 1)
+    expected = predictor.out_conv(torch.cat([local, glob.expand_as(local)], dim=-1))
+    torch.testing.assert_close(predictor(x, policy), expected, rtol=1e-5, atol=1e-6)

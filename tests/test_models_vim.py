@@ -121,3 +121,23 @@ def test_drop_path_schedule_matches_official():
     assert probs == pytest.approx([0.0, 0.0, 0.1, 0.2])
     assert model.drop_path.drop_prob == pytest.approx(0.3)
     assert math.isclose(model.layers[0].mixer.dt_rank, 12)
+
+
+@pytest.mark.parametrize("patch,stride", [(16, 16), (4, 4), (16, 8)])
+def test_patch_embedding_equals_the_official_conv(patch, stride):
+    """Non-overlapping patches run as one GEMM: same result as the Conv2d whose weights they use (the official
+    layout); overlapping ones (stride-8 variants) run the conv itself. Also under bf16 autocast."""
+    from mambatrim.models.vim import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(img_size=64, patch_size=patch, stride=stride, in_chans=3, embed_dim=24)
+    x = torch.randn(2, 3, 64, 64)
+    tokens, grid = embed(x)
+    reference = embed.proj(x).flatten(2).transpose(1, 2)
+    assert grid == embed.grid_size and tokens.shape == reference.shape
+    torch.testing.assert_close(tokens, reference, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = embed(x)
+        low_ref = embed.proj(x).flatten(2).transpose(1, 2)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), low_ref.float(), rtol=2e-2, atol=2e-2)

@@ -46,14 +46,16 @@ class TokenState:
         """Keep tokens ``index`` (B, K) of every per-token field; the caller sets ``cls_index``."""
 
         def take(t: Tensor | None) -> Tensor | None:
-            if t is None:
-                return None
-            if t.dim() == 2:
-                return t.gather(1, index)
-            return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+            return None if t is None else take_rows(t, index)
 
         return replace(self, hidden=take(self.hidden), residual=take(self.residual),
                        positions=take(self.positions), sizes=take(self.sizes), mask=take(self.mask))
+
+
+def take_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t`` (B, L, ...) rows ``index`` (B, K) -> (B, K, ...). Advanced indexing copies whole rows; a ``gather``
+    with an index expanded over the channels reads one index per element and was several times slower on a GPU."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
 from . import MethodSpec, register_method
-from .core import MixerContext, Reducer, TokenState
+from .core import MixerContext, Reducer, TokenState, take_rows
 
 # keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
 # positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
@@ -68,7 +68,12 @@ class TokenPredictor(nn.Module):
         local, glob = x[..., :half], x[..., half:]
         p = policy[..., None].to(x.dtype)
         glob = (glob * p).sum(1, keepdim=True) / (p.sum(1, keepdim=True) + 1)
-        return self.out_conv(torch.cat([local, glob.expand_as(local)], dim=-1))
+        # out_conv[0] applied to [local, glob] without materialising the concatenation: the global half is the
+        # same for every token, so its product is computed once per sample and broadcast
+        first = self.out_conv[0]
+        half_w = local.shape[-1]
+        x = F.linear(local, first.weight[:, :half_w]) + F.linear(glob, first.weight[:, half_w:], first.bias)
+        return self.out_conv[1:](x)
 
     def macs_per_token(self) -> int:
         return sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
@@ -184,24 +189,19 @@ class DyVMReducer(Reducer):
         if state.residual is None:
             raise ValueError("dyvm: pruning needs a residual stream (pruning layers must be >= 1)")
         bsz, length = state.hidden.shape[:2]
-        others = _others_index(state.cls_index, length)
-        take = others[..., None].expand(-1, -1, state.hidden.shape[-1])
-        stream = state.hidden.gather(1, take).float() + state.residual.gather(1, take)
-        policy = state.mask.gather(1, others) if state.mask is not None else stream.new_ones(bsz, length - 1)
-        log_probs = self.predictors[stage](stream, policy)
         num_patches = state.extras["dyvm_num_patches"]
         k = int(self.token_ratios[stage] * num_patches)
+        if not self.training and self.keep_override is None:
+            return self._prune_top_k(stage, state, k)
+        others = _others_index(state.cls_index, length)
+        stream = take_rows(state.residual + state.hidden, others)
+        policy = state.mask.gather(1, others) if state.mask is not None else stream.new_ones(bsz, length - 1)
+        log_probs = self.predictors[stage](stream, policy)
         if self.keep_override is not None:
             scored = state.positions.gather(1, others)
             keep = self.keep_override(stage, log_probs, policy, scored).to(policy.dtype) * policy
-        elif self.training:
+        else:  # training
             keep = F.gumbel_softmax(log_probs.float(), tau=self.token_tau, hard=True)[..., 0] * policy
-        else:
-            if not 1 <= k <= length - 1:
-                raise ValueError(f"dyvm: stage {stage} would keep {k} of {length - 1} tokens (ratio "
-                                 f"{self.token_ratios[stage]:.4g} of {num_patches} patches); use a larger ratio")
-            top = log_probs[..., 0].topk(k, dim=1).indices
-            keep = torch.zeros_like(policy).scatter_(1, top, 1.0)
         kept = keep > 0.5
         order = torch.argsort((~kept).to(torch.float32), dim=1, stable=True)  # kept first, original order
         num_keep = kept.sum(1)
@@ -218,18 +218,33 @@ class DyVMReducer(Reducer):
             slots = torch.arange(length - 1, device=mask.device).expand(bsz, -1)
             mask_index = _insert_cls_index(slots, torch.full_like(cls_at, length - 1), cls_at)
             new = state.gather(index).replace(mask=mask.gather(1, mask_index), cls_index=cls_at)
-        else:
-            if self.keep_override is None:
-                n = k  # top-k: no device sync
-            elif bool((num_keep == num_keep[0]).all()):
-                n = int(num_keep[0])
-            else:
+        else:  # inference with overridden decisions
+            if not bool((num_keep == num_keep[0]).all()):
                 raise ValueError("dyvm: at inference every sample must keep the same number of tokens")
+            n = int(num_keep[0])
             cls_at = torch.full_like(state.cls_index, n // 2)
             index = _insert_cls_index(others.gather(1, order[:, :n]), state.cls_index, cls_at)
             new = state.gather(index).replace(mask=None, cls_index=cls_at)
         state.extras["dyvm_tokens"].append(num_keep.detach())
         return new
+
+    def _prune_top_k(self, stage: int, state: TokenState, k: int) -> TokenState:
+        """Inference: keep the top-k patch tokens in their original order, the class token back at the middle.
+
+        The predictor scores the whole sequence with the class token given zero weight in its global pooling and
+        excluded from the top-k, which equals scoring the patch tokens alone without copying them out first."""
+        bsz, length = state.hidden.shape[:2]
+        if not 1 <= k <= length - 1:
+            raise ValueError(f"dyvm: stage {stage} would keep {k} of {length - 1} tokens (ratio "
+                             f"{self.token_ratios[stage]:.4g} of {state.extras['dyvm_num_patches']} patches); "
+                             "use a larger ratio")
+        is_cls = torch.arange(length, device=state.hidden.device)[None, :] == state.cls_index[:, None]
+        log_probs = self.predictors[stage](state.residual + state.hidden, (~is_cls).float())
+        score = log_probs[..., 0].masked_fill(is_cls, float("-inf"))
+        top = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # sequence indices, in order
+        cls_at = torch.full_like(state.cls_index, k // 2)
+        state.extras["dyvm_tokens"].append(torch.full_like(state.cls_index, k))
+        return state.gather(_insert_cls_index(top, state.cls_index, cls_at)).replace(mask=None, cls_index=cls_at)
 
     def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
         gate: Callable[[Tensor], Tensor] | None = None
@@ -396,7 +411,7 @@ register_method(MethodSpec(
     name="dyvm",
     apply=apply,
     description="DyVM: learned token pruning with rearrangement + dynamic scan-direction selection",
-    demo_options={"keep_ratio": 0.8, "block_ratio": 0.8, "pruning_layers": [1, 2, 3]},
+    demo_options={"keep_ratio": 0.7, "block_ratio": 0.8, "pruning_layers": [2]},
     trainable=True,
     learned=True,
 ))

@@ -23,11 +23,10 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import MethodSpec, register_method
-from .core import Reducer, TokenState
+from .core import Reducer, TokenState, take_rows
 
 CLS_POSITIONS = ("official", "middle", "boundary")
 DEFAULT_RATIO = 0.31  # the paper's Vim-S / Vim-B setting (r = 11)
@@ -81,12 +80,6 @@ def r_for_ratio(ratio: float, num_tokens: int = 197, depth: int = 24, layers: Se
 
 
 # ---------------------------------------------------------------------------------------------- merging
-def _take(t: Tensor, index: Tensor) -> Tensor:
-    """t (B, L, C) rows ``index`` (B, K): advanced indexing copies whole rows (a ``gather`` with an expanded
-    index reads one index per element and was the merge's main GPU cost)."""
-    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
-
-
 def _merge_rows(t: Tensor, out_seq: Tensor, src_seq: Tensor, dst_seq: Tensor, dst_slot: Tensor,
                 weight: Tensor) -> Tensor:
     """Kept rows of ``t`` in output order, then each merged-away row folded into its partner's slot.
@@ -94,9 +87,9 @@ def _merge_rows(t: Tensor, out_seq: Tensor, src_seq: Tensor, dst_seq: Tensor, ds
     ``out = t[b] + sum_a w_a (t[a] - t[b])`` with ``w_a = size_a / merged size``: the size-weighted average of the
     group, computed in >= fp32 on the r merged rows only. Unmerged rows are copied exactly.
     """
-    out = _take(t, out_seq)
+    out = take_rows(t, out_seq)
     work = torch.promote_types(t.dtype, torch.float32)
-    delta = (_take(t, src_seq).to(work) - _take(t, dst_seq).to(work)) * weight[..., None]
+    delta = (take_rows(t, src_seq).to(work) - take_rows(t, dst_seq).to(work)) * weight[..., None]
     return out.scatter_add_(1, dst_slot[..., None].expand(-1, -1, t.shape[-1]), delta.to(t.dtype))
 
 
@@ -138,7 +131,7 @@ def merge_arrays(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls
         # cosine similarity without a normalised copy: raw dot products scaled by inverse norms
         work = torch.promote_types(hidden.dtype, torch.float32)
         inv_norm = torch.linalg.vector_norm(hidden, dim=-1, dtype=work).clamp_min(1e-12).reciprocal()
-        scores = (_take(hidden, seq_a) @ _take(hidden, seq_b).transpose(1, 2)).to(work)
+        scores = (take_rows(hidden, seq_a) @ take_rows(hidden, seq_b).transpose(1, 2)).to(work)
         scores = scores * inv_norm.gather(1, seq_a)[..., None] * inv_norm.gather(1, seq_b)[:, None, :]
         best, partner = scores.max(-1)  # (B, na): each A token's most similar B token
         src = best.topk(r, dim=-1).indices  # (B, r): A tokens merged away
