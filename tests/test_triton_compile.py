@@ -3,7 +3,7 @@
 The interpreter tests (test_triton_scan.py) check what the kernels compute, but the interpreter accepts code the
 GPU compiler rejects (e.g. loop bounds or scalar types it cannot lower). This compiles each kernel, in each
 specialisation the library launches, down to a cubin with Triton's own ``ptxas``: no GPU needed. It runs in a
-subprocess because this test session runs Triton in interpreter mode (``TRITON_INTERPRET=1``).
+subprocess because the test process runs Triton in interpreter mode (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
