@@ -36,6 +36,43 @@ def _softplus(x):
 
 
 @triton.jit
+def _time_index(s, L, rev: tl.constexpr):
+    """Sequence position of scan step ``s`` (right to left when ``rev``)."""
+    t = s
+    if rev:
+        t = L - 1 - s
+    return t
+
+
+@triton.jit
+def _delta(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The step size in fp32: ``softplus(raw + bias)``, each part optional."""
+    dt = raw.to(tl.float32)
+    if HAS_BIAS:
+        dt = dt + bias
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    return dt
+
+
+@triton.jit
+def _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, dmask, nmask,
+                HAS_Z: tl.constexpr):
+    """u, delta, B, C and z at sequence position ``t`` in their raw dtypes (zeros where not ``ok``; z is u
+    without a gate)."""
+    m = dmask & ok
+    u = tl.load(u_base + t * su_t, mask=m, other=0.0)
+    r = tl.load(d_base + t * sd_t, mask=m, other=0.0)
+    Bt = tl.load(B_base + t * sB_t, mask=nmask & ok, other=0.0)
+    Ct = tl.load(C_base + t * sC_t, mask=nmask & ok, other=0.0)
+    if HAS_Z:
+        zz = tl.load(z_base + t * sz_t, mask=m, other=0.0)
+    else:
+        zz = u
+    return u, r, Bt, Ct, zz
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
     L, E, n_chunks, scale,
@@ -76,6 +113,7 @@ def _scan_fwd_kernel(
         A2 = A2 * 1.4426950408889634
         if HAS_D:
             Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+        bias = tl.zeros((BD,), dtype=tl.float32)  # read only with HAS_BIAS
         if HAS_BIAS:
             bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
         u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
@@ -100,16 +138,9 @@ def _scan_fwd_kernel(
             u2, r2, B2, C2, z2, g2, p2 = _fwd_loads(s + 2, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
                                                     C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
                                                     dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on)
-            if rev:
-                t = L - 1 - s
-            else:
-                t = s
+            t = _time_index(s, L, rev)
             u = u0.to(tl.float32)
-            dt = r0.to(tl.float32)
-            if HAS_BIAS:
-                dt = dt + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
+            dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
             ex = dt
             if HAS_GAP:
                 ex = dt + g0 * dt_prev  # dt_prev is 0 at the first step
@@ -144,19 +175,10 @@ def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t
                ACC: tl.constexpr, acc_on):
     """Inputs of scan step ``s`` (raw dtypes; zeros past the end)."""
     ok = s < L
-    if rev:
-        t = L - 1 - s
-    else:
-        t = s
+    t = _time_index(s, L, rev)
     m = dmask & ok
-    u = tl.load(u_base + t * su_t, mask=m, other=0.0)
-    r = tl.load(d_base + t * sd_t, mask=m, other=0.0)
-    Bt = tl.load(B_base + t * sB_t, mask=nmask & ok, other=0.0)
-    Ct = tl.load(C_base + t * sC_t, mask=nmask & ok, other=0.0)
-    if HAS_Z:
-        zz = tl.load(z_base + t * sz_t, mask=m, other=0.0)
-    else:
-        zz = u
+    u, r, Bt, Ct, zz = _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t,
+                                   dmask, nmask, HAS_Z)
     if HAS_GAP:
         gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
     else:
@@ -230,29 +252,18 @@ def _scan_bwd_seq_kernel(
         dt_prev = tl.zeros((BD,), dtype=tl.float32)
         if HAS_GAP:
             sp = k * T - 1
-            if rev:
-                tp = L - 1 - sp
-            else:
-                tp = sp
+            tp = _time_index(sp, L, rev)
             mp = dmask & (sp >= 0)
-            rp = tl.load(d_base + tp * sd_t, mask=mp, other=0.0).to(tl.float32) + bias
-            if SOFTPLUS:
-                rp = _softplus(rp)
+            rp = _delta(tl.load(d_base + tp * sd_t, mask=mp, other=0.0), bias, HAS_BIAS, SOFTPLUS)
             dt_prev = tl.where(mp, rp, 0.0)
         # pass 1: the chunk's states, forwards
         for j in range(T):
             s = k * T + j
             ok = s < L
-            if rev:
-                t = L - 1 - s
-            else:
-                t = s
+            t = _time_index(s, L, rev)
             m = dmask & ok
             u = tl.load(u_base + t * su_t, mask=m, other=0.0).to(tl.float32)
-            dt = tl.load(d_base + t * sd_t, mask=m, other=0.0).to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(m, dt, 0.0)
+            dt = tl.where(m, _delta(tl.load(d_base + t * sd_t, mask=m, other=0.0), bias, HAS_BIAS, SOFTPLUS), 0.0)
             ex = dt
             if HAS_GAP:
                 gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
@@ -269,21 +280,14 @@ def _scan_bwd_seq_kernel(
             j = T - 1 - jj
             s = k * T + j
             ok = s < L
-            if rev:
-                t = L - 1 - s
-            else:
-                t = s
+            t = _time_index(s, L, rev)
             m = dmask & ok
             nu, nr, nB, nC, no, nz, nh = _bwd_loads(s - 1, j - 1, L, rev, u_base, su_t, d_base, sd_t, B_base,
                                                     sB_t, C_base, sC_t, o_base, so_t, z_base, sz_t, sc_base,
                                                     dmask, nmask, NP, BD, HAS_Z)
             u = pu.to(tl.float32)
-            raw = pr.to(tl.float32) + bias
-            if SOFTPLUS:
-                dt = _softplus(raw)
-            else:
-                dt = raw
-            dt = tl.where(m, dt, 0.0)
+            raw = _delta(pr, bias, HAS_BIAS, False)
+            dt = tl.where(m, _delta(raw, bias, False, SOFTPLUS), 0.0)
             ex = dt
             if HAS_GAP:
                 gp = tl.load(gp_base + t * sg_t, mask=ok & (s > 0), other=0.0).to(tl.float32)
@@ -292,9 +296,7 @@ def _scan_bwd_seq_kernel(
                 else:
                     tpp = t - 1
                 mp = m & (s > 0)
-                rp = tl.load(d_base + tpp * sd_t, mask=mp, other=0.0).to(tl.float32) + bias
-                if SOFTPLUS:
-                    rp = _softplus(rp)
+                rp = _delta(tl.load(d_base + tpp * sd_t, mask=mp, other=0.0), bias, HAS_BIAS, SOFTPLUS)
                 ex = dt + gp * tl.where(mp, rp, 0.0)
             Bt = pB.to(tl.float32)
             Ct = pC.to(tl.float32)
@@ -347,20 +349,10 @@ def _bwd_loads(s, j, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, s
                z_base, sz_t, sc_base, dmask, nmask, NP: tl.constexpr, BD: tl.constexpr, HAS_Z: tl.constexpr):
     """Inputs of backward step ``s`` (chunk slot ``j``); zeros where out of range."""
     ok = (s < L) & (j >= 0)
-    if rev:
-        t = L - 1 - s
-    else:
-        t = s
-    m = dmask & ok
-    u = tl.load(u_base + t * su_t, mask=m, other=0.0)
-    r = tl.load(d_base + t * sd_t, mask=m, other=0.0)
-    Bt = tl.load(B_base + t * sB_t, mask=nmask & ok, other=0.0)
-    Ct = tl.load(C_base + t * sC_t, mask=nmask & ok, other=0.0)
-    dout = tl.load(o_base + t * so_t, mask=m, other=0.0)
-    if HAS_Z:
-        zz = tl.load(z_base + t * sz_t, mask=m, other=0.0)
-    else:
-        zz = u
+    t = _time_index(s, L, rev)
+    u, r, Bt, Ct, zz = _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t,
+                                   dmask, nmask, HAS_Z)
+    dout = tl.load(o_base + t * so_t, mask=dmask & ok, other=0.0)
     h = tl.load(sc_base + j * (NP * BD), mask=(j >= 0) & (nmask[:, None] | True), other=0.0)
     return u, r, Bt, Ct, dout, zz, h
 
