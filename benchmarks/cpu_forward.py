@@ -11,16 +11,15 @@ same way. Writes ``cpu_forward.json`` and ``cpu_forward.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from mambatrim.engine.benchmark import measure_throughput
+from mambatrim.engine.report import write_result
 from mambatrim.models import create_model
 from mambatrim.ops import selective_scan, use_backend
 
@@ -94,9 +93,6 @@ def main() -> None:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_forward.json").write_text(json.dumps(result, indent=2) + "\n")
     f, s = result["forward"], result["scan_one_direction"]
     md = [
         f"# Vim-Ti CPU forward, batch {args.batch_size}, fp32, 224x224 ({result['cpu_count']} CPU cores, "
@@ -112,7 +108,7 @@ def main() -> None:
         f"{load_before[0]:.1f} -> {load_after[0]:.1f}).",
         "",
     ]
-    (out / "cpu_forward.md").write_text("\n".join(md))
+    write_result(args.out, "cpu_forward", result, "\n".join(md))
     print("\n".join(md))
 
 

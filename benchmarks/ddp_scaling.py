@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mambatrim.engine.report import write_result
+
 TINY = ["--model-opt", "embed_dim=16", "--model-opt", "depth=2", "--model-opt", "patch_size=4",
         "--model-opt", "stride=4", "--input-size", "8"]
 CIFAR_LIKE = ["--model-opt", "depth=12", "--model-opt", "patch_size=2", "--model-opt", "stride=2",
@@ -67,14 +69,11 @@ def main() -> int:
               "speedup": scaled["train_img_per_s"] / single["train_img_per_s"],
               "scaling_efficiency": scaled["train_img_per_s"] / single["train_img_per_s"] / args.nproc,
               "max_abs_loss_diff": max(diffs) if diffs else None}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ddp_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| processes | train img/s | final loss |", "|---|---|---|"]
     lines += [f"| {r['nproc']} | {r['train_img_per_s']:.0f} | {r['losses'][-1][1]:.4f} |" for r in runs]
     lines += ["", f"speed-up {result['speedup']:.2f}x ({100 * result['scaling_efficiency']:.0f}% efficiency), "
                   f"max |loss difference| over logged steps {result['max_abs_loss_diff']:.2e}"]
-    (out / "ddp_scaling.md").write_text("\n".join(lines) + "\n")
+    write_result(args.out, "ddp_scaling", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -14,7 +14,6 @@ Writes ``dyvm_cifar10.json`` and ``dyvm_cifar10.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from mambatrim.engine.benchmark import mean_time_ms
 from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.engine.config import FIELDS, load_yaml, make_config
 from mambatrim.engine.evaluate import autocast_for, build_evaluated_model
+from mambatrim.engine.report import write_result
 from mambatrim.engine.train import _resolve_input, train
 from mambatrim.models.checkpoint import read_checkpoint
 from mambatrim.reduce import dyvm, parse_method_options
@@ -159,10 +159,7 @@ def main() -> int:
             speedup_graph=round(bench["dyvm (CUDA graph)"] / bench["dense (CUDA graph)"], 3),
             flops_ratio=round(dense_flops.gflops("paper") / measured.gflops("paper"), 3)),
         num_test_images=dyvm_eval["num_images"])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dyvm_cifar10.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "dyvm_cifar10.md").write_text(to_markdown(result))
+    write_result(args.out, "dyvm_cifar10", result, to_markdown(result))
     print(to_markdown(result))
     return 0
 

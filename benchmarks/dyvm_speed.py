@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -28,6 +26,7 @@ import torch
 import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.engine.benchmark import mean_time_ms
 from mambatrim.engine.cuda_graph import capture_graph
+from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
 from mambatrim.ops import get_backend
 from mambatrim.reduce import dyvm
@@ -171,10 +170,7 @@ def main() -> int:
         note="random weights; block selection by a static policy (the same directions off for every image) or "
              "a per-image one (random selectors calibrated to the block ratio; images differ in what they skip)",
         rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dyvm_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "dyvm_speed.md").write_text(markdown(result))
+    write_result(args.out, "dyvm_speed", result, markdown(result))
     print(markdown(result))
     return 0
 

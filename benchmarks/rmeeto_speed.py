@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -27,6 +25,7 @@ import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.analysis.flops import count_flops
 from mambatrim.engine.benchmark import mean_time_ms
 from mambatrim.engine.cuda_graph import capture_graph
+from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
 from mambatrim.ops import get_backend
 from mambatrim.reduce import TokenState, rmeeto
@@ -216,10 +215,7 @@ def main() -> int:
         scan_backend=get_backend(dev.type), rounds=args.rounds, iters_per_round=args.iters,
         inference=rows, retrain=train, gpu_merge_check=gpu_check, train_batch_size=args.train_batch_size,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rmeeto_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "rmeeto_speed.md").write_text(to_markdown(result))
+    write_result(args.out, "rmeeto_speed", result, to_markdown(result))
     print(to_markdown(result))
     return 0
 

@@ -13,12 +13,12 @@ block index stays below 20, the bound in the released code), this counts with th
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from mambatrim.analysis.flops import count_flops
+from mambatrim.engine.report import write_result
 from mambatrim.models import create_model
 from mambatrim.reduce import top
 
@@ -63,8 +63,6 @@ def main() -> None:
                                  align_cost_ours=round(ours - plain, 5), stepwise=round(plain + stepwise, 4),
                                  align_cost_stepwise=round(stepwise, 4), mean_tokens=round(sum(counts) / 24, 1),
                                  matches_quoted=(round(plain, 2), round(plain + stepwise, 2)) == quoted))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "top_flops.json").write_text(json.dumps(dict(quoted=QUOTED, rows=rows), indent=2) + "\n")
     lines = ["# ToP FLOPs at 224 px (paper convention: MACs, one scan direction)", "",
              "Quoted (R-MeeTo's table): token pruning 1.28 / 3.57 G, ToP hidden-state alignment 1.29 / 3.60 G "
              "(Vim-Ti / Vim-S).", "",
@@ -82,7 +80,7 @@ def main() -> None:
               "d_state MACs per pruned position per block (a kernel stepping through pruned positions). Our "
               "alignment folds each gap into the next kept step (one extra multiply-add per channel) and runs the "
               "local conv over the original length: a few MMACs."]
-    (RESULTS / "top_flops.md").write_text("\n".join(lines) + "\n")
+    write_result(RESULTS, "top_flops", dict(quoted=QUOTED, rows=rows), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

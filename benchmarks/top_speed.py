@@ -11,15 +11,14 @@ depend on them (the schedule keeps fixed counts).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
 import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.analysis.flops import count_flops
 from mambatrim.engine.benchmark import device_name, measure_throughput, resolve_device
+from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
 from mambatrim.ops import get_backend
 from mambatrim.reduce import apply_method
@@ -82,9 +81,6 @@ def main() -> int:
                   keep=args.keep, device=str(dev), device_name=device_name(dev), scan_backend=get_backend(dev.type),
                   torch=torch.__version__, rounds=args.rounds, iters=args.iters, rows=rows,
                   alignment_overhead_vs_plain_top=overhead)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "top_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# ToP speed: {args.model}, 224 px, batch {args.batch}, {args.dtype}, {result['device_name']} "
              f"(scan backend {result['scan_backend']}, torch {torch.__version__})", "",
              f"Pruning after blocks {args.layers}, keep {args.keep}; median of {args.rounds} interleaved rounds of "
@@ -96,7 +92,7 @@ def main() -> int:
                      f"{r['gflops']:.3f} | {r['flops_ratio']:.2f}x |")
     lines += ["", "Alignment overhead over ToP without alignment: " + ", ".join(
         f"{k}: {v:+.1%}" for k, v in overhead.items()) + "."]
-    (out / "top_speed.md").write_text("\n".join(lines) + "\n")
+    write_result(args.out, "top_speed", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -13,7 +13,6 @@ Writes ``rmeeto_cifar10.json`` and ``rmeeto_cifar10.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from mambatrim.engine.config import FIELDS, load_yaml, make_config
 from mambatrim.engine.evaluate import evaluate_checkpoint
+from mambatrim.engine.report import write_result
 from mambatrim.engine.train import train
 from mambatrim.models.checkpoint import read_checkpoint
 from mambatrim.reduce import rmeeto
@@ -101,10 +101,7 @@ def main() -> int:
     result = dict(data=data_name, model=base["model"], model_kwargs=base.get("model_kwargs", {}), img_size=dense["img_size"],
                   tokens=tokens, dense=dict(top1=round(dense["top1"], 2), gflops=round(dense["gflops"], 4)),
                   training_free=sweep, retrained=retrained, device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text(to_markdown(result))
+    write_result(args.out, args.name, result, to_markdown(result))
     print(to_markdown(result))
     return 0
 

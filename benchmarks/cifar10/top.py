@@ -13,7 +13,6 @@ Writes ``<name>.json`` and ``<name>.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from mambatrim.engine.config import FIELDS, load_yaml, make_config
 from mambatrim.engine.evaluate import evaluate_checkpoint
+from mambatrim.engine.report import write_result
 from mambatrim.engine.train import train
 from mambatrim.models.checkpoint import read_checkpoint
 from mambatrim.reduce import parse_method_options
@@ -130,8 +130,7 @@ def main() -> int:
 
 
 def write(result: dict[str, Any], out: Path, name: str) -> None:
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(to_markdown(result))
+    write_result(out, name, result, to_markdown(result))
 
 
 def to_markdown(res: dict[str, Any]) -> str:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..engine.benchmark import DTYPES, measure_throughput, resolve_device
+from ..engine.report import write_json
 from ..ops import BACKENDS, use_backend
 from .models import add_method_arguments, build_model
 
@@ -30,12 +30,9 @@ def run(args: argparse.Namespace) -> int:
                                     dtype=args.dtype, warmup=args.warmup, iters=args.iters, train=args.train)
     result = {"model": args.model, "method": args.method, "method_opts": args.method_opt,
               "params": sum(p.numel() for p in model.parameters()), **result}
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.json_out:
-        path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        write_json(args.json_out, result)
     return 0
 
 

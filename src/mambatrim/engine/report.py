@@ -40,9 +40,16 @@ class MetricsLog:
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """``data`` as indented JSON, written atomically (a temporary file replaced in one step)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def write_result(out_dir: str | Path, stem: str, result: dict[str, Any], markdown: str) -> None:
+    """A benchmark's record: ``STEM.json`` (the numbers) and ``STEM.md`` (the table) in ``out_dir``."""
+    write_json(Path(out_dir) / f"{stem}.json", result)
+    (Path(out_dir) / f"{stem}.md").write_text(markdown)
