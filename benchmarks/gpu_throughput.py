@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from mambatrim.models.vim import VisionMamba
-from mambatrim.ops import selective_scan, use_backend
+from mambatrim.ops import causal_conv1d, selective_scan, use_backend
 from mambatrim.ops import triton_scan as ts
 
 CONFIGS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24),
@@ -233,6 +233,28 @@ def section_kernel(out: dict, sweep: bool) -> None:
             cbest = (t, bl, be, w)
     tv.CONV_BLOCK_L, tv.CONV_BLOCK_E, tv.CONV_WARPS = cbest[1:]
     res["conv_pair"] = conv_rows
+    # its backward (training): the Triton kernel alone, and forward+backward against the PyTorch depthwise
+    # conv path it replaced (causal + anti-causal conv1d + SiLU, autograd)
+    gconv = torch.randn(2, bsz, length, dim, device="cuda", dtype=dtype)
+    x_half = xz[..., :dim]
+    res["conv_pair_bwd_kernel_us"] = cuda_time(lambda: tv._conv_pair_backward(x_half, cw, cb, gconv),
+                                               iters=30)["median_ms"] * 1e3
+
+    def conv_fwd_bwd(fn) -> Callable[[], None]:
+        leaves = [t.detach().requires_grad_() for t in (xz, cw, cb)]
+
+        def run() -> None:
+            fn(leaves[0][..., :dim], leaves[1], leaves[2]).backward(gconv)
+        return run
+
+    def torch_pair(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.stack([causal_conv1d(x.transpose(1, 2), w[i], b[i], "silu", reverse=i == 1).transpose(1, 2)
+                            for i in range(2)])
+
+    res["conv_pair_fwd_bwd_us"] = {
+        "triton": cuda_time(conv_fwd_bwd(tv.conv_pair_triton), iters=20)["median_ms"] * 1e3,
+        "torch_depthwise": cuda_time(conv_fwd_bwd(torch_pair), iters=20)["median_ms"] * 1e3}
+    log("conv backward", res["conv_pair_bwd_kernel_us"], res["conv_pair_fwd_bwd_us"])
     res["torch_backend_single_fwd_us"] = cuda_time(
         lambda: selective_scan(u, delta, A, B, C, D, z, bias, True, backend="torch"), iters=5, warmup=1
     )["median_ms"] * 1e3
@@ -365,6 +387,11 @@ def write_markdown(out: dict, path: Path) -> None:
         L.append(f"\nPair forward+backward (training): {k.get('pair_fwd_bwd_us', float('nan')):.0f} us; torch "
                  f"backend single forward: {k.get('torch_backend_single_fwd_us', float('nan')):.0f} us. "
                  f"Configs: fwd {k.get('fwd_config')}, bwd {k.get('bwd_config')}.")
+        if "conv_pair_bwd_kernel_us" in k:
+            fb = k["conv_pair_fwd_bwd_us"]
+            L.append(f"\nPaired conv (Vim-S layer input): backward kernel {k['conv_pair_bwd_kernel_us']:.0f} us; "
+                     f"forward+backward {fb['triton']:.0f} us (Triton) vs {fb['torch_depthwise']:.0f} us (PyTorch "
+                     f"depthwise conv path, autograd).")
     if "scan_vs_ref" in out:
         L += ["", "## Triton vs ref at Vim-S scan shapes (max relative L2 error over y and all grads)", "",
               "| dtype | reverse | gap | max rel err |", "|---|---|---|---:|"]
@@ -379,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", default="check,kernel,model,profile")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--stem", default="gpu_throughput", help="result file names: STEM.json / STEM.md")
     p.add_argument("--sweep", action="store_true", help="try several kernel block configurations")
     p.add_argument("--quick", action="store_true", help="Vim-S only in the model section")
     args = p.parse_args(argv)
@@ -409,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             out.setdefault("errors", {})[sec] = repr(err)[:500]
         log(f"section {sec}: {time.time() - t0:.0f} s")
-        (out_dir / "gpu_throughput.json").write_text(json.dumps(out, indent=1))
-        write_markdown(out, out_dir / "gpu_throughput.md")
+        (out_dir / f"{args.stem}.json").write_text(json.dumps(out, indent=1))
+        write_markdown(out, out_dir / f"{args.stem}.md")
     return 0
 
 

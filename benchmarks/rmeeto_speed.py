@@ -2,24 +2,19 @@
 
 Inference: images/s of the dense model and of R-MeeTo at each reduction ratio (median over interleaved timing
 rounds, so clock drift hits every configuration alike), speedup over dense, FLOPs ratio (paper convention) and
-speedup / FLOPs ratio. Re-training cost: images/s of one R-MeeTo re-training step (frozen dense teacher forward
-in eval mode + student forward/backward + AdamW step, bf16 autocast), turned into GPU-minutes for 3 ImageNet-1K
-epochs (3 x 1,281,167 images; data loading excluded). Weights are random: the work per image does not depend on
-them. Writes ``rmeeto_speed.json`` and ``rmeeto_speed.md`` into ``--out``.
+speedup / FLOPs ratio. (The re-training cost is measured by ``benchmarks/train_profile.py``.) Weights are
+random: the work per image does not depend on them. Writes ``rmeeto_speed.json`` and ``rmeeto_speed.md`` into ``--out``.
 
     python benchmarks/rmeeto_speed.py --out benchmarks/results
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import statistics
-import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.analysis.flops import count_flops
@@ -30,8 +25,6 @@ from mambatrim.models.registry import create_model
 from mambatrim.ops import get_backend
 from mambatrim.reduce import TokenState, rmeeto
 from mambatrim.reduce.rmeeto import merge_tokens
-
-IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def sync(dev: torch.device) -> None:
@@ -77,14 +70,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vim_small_patch16_224")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-batch-size", type=int, default=128)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.14, 0.31, 0.42, 0.54])
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--recompile-limit", type=int, default=64, help="torch._dynamo cache size (with --compile)")
     parser.add_argument("--iters", type=int, default=10, help="forwards per timing round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--train-iters", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--compile", action="store_true", help="also time R-MeeTo with compile=True")
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run only)")
@@ -167,53 +158,11 @@ def main() -> int:
                   f"FLOPs ratio {flops_ratio:.3f}", flush=True)
     del runners
 
-    # ------------------------------------------------------------------ re-training step throughput
-    train = {}
-    teacher = copy.deepcopy(model.set_reducer(None)).eval().requires_grad_(False)
-    student = rmeeto.apply(copy.deepcopy(teacher).train().requires_grad_(True), ratio=0.31)
-    train_reducers = {"rmeeto_0.31_kd": student.reducer}
-    if args.compile:
-        train_reducers["rmeeto_0.31_kd+compile"] = rmeeto.RMeeToReducer(student.reducer.r, student.reducer.layers,
-                                                                         compile=True)
-    del model
-    optimizer = torch.optim.AdamW(student.parameters(), lr=2e-5 * args.train_batch_size / 512, weight_decay=0.05)
-    timgs = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, device=dev)
-    labels = torch.randint(0, 1000, (args.train_batch_size,), device=dev)
-
-    def train_step(with_teacher: bool = True) -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            logits = student(timgs)
-            loss = F.cross_entropy(logits, labels)
-            if with_teacher:
-                with torch.no_grad():
-                    target = teacher(timgs)
-                loss = loss + 0.5 * F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1),
-                                             reduction="batchmean", log_target=True)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    train_runs = [(label, red, True) for label, red in train_reducers.items()] + [("dense_finetune", None, False)]
-    for label, reducer, with_teacher in train_runs:
-        student.set_reducer(reducer)
-        for _ in range(3):
-            train_step(with_teacher)
-        sync(dev)
-        t0 = time.perf_counter()
-        ms = mean_time_ms(lambda: train_step(with_teacher), args.train_iters, dev)
-        ips = args.train_batch_size / ms * 1000.0
-        minutes = 3 * IMAGENET_TRAIN_IMAGES / ips / 60.0
-        train[label] = dict(images_per_s=round(ips, 1), gpu_minutes_3_imagenet_epochs=round(minutes, 1),
-                            wall_s=round(time.perf_counter() - t0, 2))
-        print(f"train {label}: {ips:.1f} img/s -> {minutes:.1f} GPU-minutes for 3 ImageNet epochs", flush=True)
-    if dev.type == "cuda":
-        train["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-
     result = dict(
         model=args.model, img_size=args.img_size, batch_size=args.batch_size, precision="bf16 autocast",
         device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke run)", torch=torch.__version__, python=platform.python_version(),
         scan_backend=get_backend(dev.type), rounds=args.rounds, iters_per_round=args.iters,
-        inference=rows, retrain=train, gpu_merge_check=gpu_check, train_batch_size=args.train_batch_size,
+        inference=rows, gpu_merge_check=gpu_check,
     )
     write_result(args.out, "rmeeto_speed", result, to_markdown(result))
     print(to_markdown(result))
@@ -233,14 +182,8 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {row['mode']} | {row['config']} | {row['r']} | {row['tokens_last_block']} | {row['images_per_s']:.0f} | "
                      f"{row['speedup']:.3f}x | {row['gflops']:.2f} | {row['flops_ratio']:.3f} | "
                      f"{row['speedup_over_flops_ratio']:.2f} |")
-    tr = res["retrain"]
-    lines += ["", f"Re-training step (batch {res['train_batch_size']}, bf16 autocast, AdamW; R-MeeTo includes the "
-              "frozen dense teacher's forward; data loading excluded):", "",
-              "| step | img/s | GPU-minutes for 3 ImageNet-1K epochs |", "|---|---|---|"]
-    for key in [k for k in tr if k != "peak_memory_gib"]:
-        lines.append(f"| {key} | {tr[key]['images_per_s']:.0f} | {tr[key]['gpu_minutes_3_imagenet_epochs']:.1f} |")
-    if "peak_memory_gib" in tr:
-        lines.append(f"\nPeak GPU memory: {tr['peak_memory_gib']} GiB.")
+    lines += ["", "The re-training cost (the engine's training step, frozen teacher included) is measured by "
+              "`benchmarks/train_profile.py` (`train_profile.md`)."]
     return "\n".join(lines) + "\n"
 
 

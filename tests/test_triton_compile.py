@@ -27,7 +27,7 @@ except ImportError:
 from mambatrim.ops import triton_norm, triton_scan, triton_vim
 
 LOW = {"u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
-       "dz_ptr"}  # activations in bf16 (the model's dtype), the rest fp32
+       "dz_ptr", "g_ptr", "dx_ptr", "ga_ptr"}  # activations in bf16 (the model's dtype), the rest fp32
 
 def build(kernel, constants):
     sig = {}
@@ -57,6 +57,7 @@ cases = {
     "scan bwd, one direction with gaps": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=False, HAS_GAP=True)),
     "conv pair": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=False)),
     "conv pair, per-sample direction switch": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=True)),
+    "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=triton_vim.CONV_BWD_BLOCK_E, HAS_BIAS=True)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
 }
 results = {}
@@ -82,4 +83,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 8
+    assert len(results) == 9

@@ -28,7 +28,7 @@ from mambatrim.ops.scan_ref import selective_scan_ref  # noqa: E402
 from mambatrim.ops.triton_scan import selective_scan_pair_triton, selective_scan_triton  # noqa: E402
 from mambatrim.ops.triton_vim import conv_pair_triton  # noqa: E402
 
-from mambatrim.ops import triton_scan  # noqa: E402
+from mambatrim.ops import triton_scan, triton_vim  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +39,7 @@ def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(triton_scan, "FWD_BLOCK_D", 4)
         monkeypatch.setattr(triton_scan, "BWD_BLOCK_D", 4)
         monkeypatch.setattr(triton_scan, "CHUNK", 8)
+        monkeypatch.setattr(triton_vim, "CONV_BWD_SEGMENTS", 3)  # several sequence segments per sample
 
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -173,25 +174,30 @@ def test_pair_direction_switch_skips_per_sample() -> None:
         assert torch.equal(part[i, written], full[i, written])
 
 
-def test_conv_pair_matches_causal_and_anticausal_conv() -> None:
+@pytest.mark.parametrize("length,with_bias,taps", [(13, True, 4), (3, False, 4), (11, True, 3)])
+def test_conv_pair_matches_causal_and_anticausal_conv(length: int, with_bias: bool, taps: int) -> None:
+    """Values and the Triton backward (dx, dweight, dbias) against torch's convs; x strided like in_proj's
+    x half, several channel blocks and sequence segments, a sequence shorter than the kernel, 3 taps."""
     g = torch.Generator().manual_seed(5)
-    bsz, length, dim = 2, 13, 70  # dim over one channel block
-    x = torch.randn(bsz, length, 2 * dim, generator=g)[..., :dim]  # strided, like in_proj's x half
-    w, b = torch.randn(2, dim, 4, generator=g), torch.randn(2, dim, generator=g)
+    bsz, dim = 2, 70  # dim over one channel block
+    big = torch.randn(bsz, length, 2 * dim, generator=g)
+    w, b = torch.randn(2, dim, taps, generator=g), torch.randn(2, dim, generator=g)
     grad = torch.randn(2, bsz, length, dim, generator=g)
 
     def grads(fn):
-        xs = [t.clone().to(DEVICE).requires_grad_() for t in (x, w, b)]
-        y = fn(*xs)
+        xs = [t.clone().to(DEVICE).requires_grad_() for t in (big, w, b)]
+        y = fn(xs[0][..., :dim], xs[1], xs[2] if with_bias else None)
         (y * grad.to(DEVICE)).sum().backward()
-        return [y.detach().cpu()] + [t.grad.cpu() for t in xs]
+        return [y.detach().cpu()] + [t.grad.cpu() for t in xs[:3 if with_bias else 2]]
 
     def torch_pair(x, w, b):
-        outs = [causal_conv1d(x.transpose(1, 2), w[i], b[i], "silu", reverse=i == 1).transpose(1, 2)
-                for i in range(2)]
+        outs = [causal_conv1d(x.transpose(1, 2), w[i], None if b is None else b[i], "silu",
+                              reverse=i == 1).transpose(1, 2) for i in range(2)]
         return torch.stack(outs)
 
-    for a, c in zip(grads(conv_pair_triton), grads(torch_pair)):
+    got, ref = grads(conv_pair_triton), grads(torch_pair)
+    assert len(got) == len(ref)
+    for a, c in zip(got, ref):
         assert rel(a, c) < 1e-5
 
 

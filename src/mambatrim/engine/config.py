@@ -60,6 +60,8 @@ class TrainConfig(DataOptions):
     distill_weight: float = 0.5             # KL(teacher || student) on logits
     distill_temperature: float = 1.0
     token_distill_weight: float = 0.0       # MSE of final tokens vs the teacher's at the same positions
+    teacher_cuda_graph: bool = True         # on a GPU, replay the teacher's forward from a CUDA graph
+    cuda_graph: bool = True                 # on one GPU, replay the student's forward+backward from CUDA graphs
     # run
     output_dir: str | None = None
     resume: str | None = None               # a checkpoint, or 'auto' (OUTPUT_DIR/last.pth if it exists)

@@ -9,7 +9,7 @@ capture too; a forward that does synchronise (per-sample direction skipping, ali
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -36,10 +36,11 @@ def capture_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], Non
 
 
 class GraphedForward:
-    """``GraphedForward(model, example)(images) -> logits`` with the forward replayed from a CUDA graph.
+    """``GraphedForward(model, example)(images) -> model(images)`` with the forward replayed from a CUDA graph.
 
-    The output tensor is the graph's static buffer: clone it if you keep it across calls. Inputs must have the
-    captured shape and dtype. The model must not change structure afterwards (weights may change in place).
+    The output (a tensor, or whatever structure of tensors the model returns) lives in the graph's static
+    buffers: clone it if you keep it across calls. Inputs must have the captured shape and dtype. The model
+    must not change structure afterwards (weights may change in place).
     """
 
     def __init__(self, model: nn.Module, example: Tensor, autocast_dtype: torch.dtype | None = None,
@@ -49,7 +50,7 @@ class GraphedForward:
         self.model = model
         self.static_in = example.detach().clone()
         amp = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext
-        outputs: list[Tensor] = []
+        outputs: list[Any] = []
 
         def forward() -> None:
             with torch.no_grad(), amp():
@@ -58,10 +59,105 @@ class GraphedForward:
         self._replay = capture_graph(forward, warmup)
         self.static_out = outputs[0]  # written by the captured call: the graph's output buffer
 
-    def __call__(self, images: Tensor) -> Tensor:
+    def __call__(self, images: Tensor) -> Any:
         if images.shape != self.static_in.shape or images.dtype != self.static_in.dtype:
             raise ValueError(f"the graph was captured for inputs {tuple(self.static_in.shape)} "
                              f"{self.static_in.dtype}, got {tuple(images.shape)} {images.dtype}")
         self.static_in.copy_(images)
         self._replay()
         return self.static_out
+
+
+class GraphedStudent(nn.Module):
+    """A training forward (``x -> (logits, TokenState)``, e.g. ``StudentForward``) whose forward AND backward
+    replay CUDA graphs (``torch.cuda.make_graphed_callables``), captured at the first training call.
+
+    Why: an eager Vim training step launches thousands of small kernels (more with a reduction method's index
+    arithmetic); the host then cannot keep the GPU busy. Replayed, the step costs what its kernels cost.
+
+    Replays only for the captured input shape while ``model`` is in training mode; anything else (a short last
+    batch, evaluation) runs ``inner`` eagerly. The outputs are the graph's buffers: they hold until the next
+    call, which is all a training step needs. If the forward cannot be captured (it synchronises with the host,
+    or its outputs vary in structure), a warning says why and every call runs eagerly.
+    Single-process only (DDP's gradient hooks run outside the graph).
+    """
+
+    def __init__(self, inner: nn.Module, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.inner, self.autocast_dtype = inner, autocast_dtype
+        self._model = [model]  # not a submodule: ``inner`` already holds it
+        self._graphed: Callable[..., Any] | None = None
+        self._shape: tuple | None = None
+        self._spec: Any = None
+        self.failed: str | None = None
+
+    def _flat(self, x: Tensor) -> tuple[Tensor, ...]:
+        from torch.utils._pytree import tree_flatten
+
+        logits, state = self.inner(x)
+        leaves, spec = tree_flatten((logits, _state_tree(state)))
+        self._spec = spec
+        return tuple(leaves)
+
+    def _capture(self, x: Tensor) -> None:
+        import warnings
+
+        flat_module = _FlatForward(self)
+        amp = (torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False) if self.autocast_dtype
+               else nullcontext())
+        try:
+            with amp:
+                self._graphed = torch.cuda.make_graphed_callables(flat_module, (x.detach().clone(),),
+                                                                     allow_unused_input=True)
+            self._shape = (tuple(x.shape), x.dtype)
+        except Exception as err:  # noqa: BLE001 (any capture failure means: run eagerly)
+            self.failed = f"{type(err).__name__}: {err}"
+            warnings.warn(f"training step not captured in a CUDA graph, running eagerly: {self.failed}")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Any]:
+        model = self._model[0]
+        if not (model.training and x.is_cuda and torch.is_grad_enabled()) or self.failed:
+            return self.inner(x)
+        if self._graphed is None:
+            self._capture(x)
+            if self._graphed is None:
+                return self.inner(x)
+        if (tuple(x.shape), x.dtype) != self._shape:
+            return self.inner(x)
+        from torch.utils._pytree import tree_unflatten
+
+        logits, tree = tree_unflatten(list(self._graphed(x)), self._spec)
+        return logits, _state_from_tree(tree)
+
+
+class _FlatForward(nn.Module):
+    """``GraphedStudent.inner`` with its outputs flattened to a tuple of tensors (what capture needs)."""
+
+    def __init__(self, owner: GraphedStudent) -> None:
+        super().__init__()
+        self.inner = owner.inner
+        self._owner = [owner]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return self._owner[0]._flat(x)
+
+
+def _state_tree(state: Any) -> dict[str, Any]:
+    """A TokenState as a pytree of tensors (None and non-tensor values kept out of the leaves)."""
+    fields = {k: getattr(state, k) for k in ("hidden", "residual", "positions", "cls_index", "sizes", "mask")}
+    tree = {k: v for k, v in fields.items() if isinstance(v, Tensor)}
+    tree["extras"] = {k: v for k, v in state.extras.items() if _all_tensors(v)}
+    return tree
+
+
+def _all_tensors(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, Tensor) for v in value)
+
+
+def _state_from_tree(tree: dict[str, Any]) -> Any:
+    from ..reduce.core import TokenState
+
+    fields = {k: v for k, v in tree.items() if k != "extras"}
+    return TokenState(residual=fields.pop("residual", None), extras=dict(tree["extras"]), **fields)

@@ -19,7 +19,8 @@ from ..reduce.core import TokenState
 
 
 class StudentForward(nn.Module):
-    """``forward(x) -> (logits, state)`` in one pass; this wrapper is what DDP wraps (DDP must see forward)."""
+    """``forward(x) -> (logits, final token state)`` in one pass; this wrapper is what DDP wraps (DDP must see
+    forward) and what a CUDA graph captures. The frozen teacher is run through it too."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -80,19 +81,38 @@ class LossWeights:
     token: float = 0.0
 
 
-class TrainingLoss:
-    """Callable giving (total loss, {term: value}) from the student's outputs."""
+MAX_TEACHER_GRAPHS = 4  # input shapes captured (the full batch, a short last one, ...); others run eagerly
 
-    def __init__(self, criterion: nn.Module, weights: LossWeights, teacher: nn.Module | None) -> None:
+
+class TrainingLoss:
+    """Callable giving (total loss, {term: value}) from the student's outputs.
+
+    ``cuda_graph=True``: on a GPU the frozen teacher's forward is captured once per input shape and replayed
+    (an eager Vim forward is bound by kernel launches, and the teacher runs every step). Its outputs are then
+    the graph's buffers, valid until the next step's teacher call, which is all the losses need.
+    """
+
+    def __init__(self, criterion: nn.Module, weights: LossWeights, teacher: nn.Module | None,
+                 cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None) -> None:
         self.criterion, self.weights, self.teacher = criterion, weights, teacher
+        self.teacher_forward = StudentForward(teacher) if teacher is not None else None  # same two outputs
+        self.cuda_graph, self.autocast_dtype = cuda_graph, autocast_dtype
+        self._graphs: dict[tuple, object] = {}
 
     def teacher_outputs(self, images: Tensor) -> tuple[Tensor, TokenState] | None:
-        if self.teacher is None:
+        if self.teacher_forward is None:
             return None
+        if self.cuda_graph and images.is_cuda:
+            key = (tuple(images.shape), images.dtype)
+            graphed = self._graphs.get(key)
+            if graphed is None and len(self._graphs) < MAX_TEACHER_GRAPHS:
+                from .cuda_graph import GraphedForward
+
+                graphed = self._graphs[key] = GraphedForward(self.teacher_forward, images, self.autocast_dtype)
+            if graphed is not None:
+                return graphed(images)
         with torch.no_grad():
-            state = self.teacher.forward_tokens(images)
-            rows = torch.arange(state.hidden.shape[0], device=images.device)
-            return self.teacher.forward_head(state.hidden[rows, state.cls_index]), state
+            return self.teacher_forward(images)
 
     def __call__(self, model: nn.Module, images: Tensor, logits: Tensor, state: TokenState,
                  targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

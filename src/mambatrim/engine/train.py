@@ -214,8 +214,14 @@ class _Run:
         self.mixup_fn, criterion = _mixup(cfg, num_classes)
         self.loss_fn = TrainingLoss(criterion, LossWeights(cfg.cls_weight, cfg.distill_weight,
                                                            cfg.distill_temperature, cfg.token_distill_weight),
-                                    self.teacher)
+                                    self.teacher, cuda_graph=cfg.teacher_cuda_graph,
+                                    autocast_dtype=getattr(torch, cfg.amp_dtype) if self.use_amp else None)
         self.forward: nn.Module = StudentForward(self.model)
+        if cfg.cuda_graph and self.device.type == "cuda" and not dist_info.enabled:
+            from .cuda_graph import GraphedStudent
+
+            self.forward = GraphedStudent(self.forward, self.model,
+                                          getattr(torch, cfg.amp_dtype) if self.use_amp else None)
         if dist_info.enabled:
             self.forward = nn.parallel.DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -436,6 +442,8 @@ class _Run:
         summary.update({k: v for k, v in self.last_eval.items()})
         if self.device.type == "cuda":
             summary["device_name"] = torch.cuda.get_device_name(self.device)
+            graphed = getattr(self.forward, "failed", "n/a")
+            summary["train_step_cuda_graph"] = "n/a (off or DDP)" if graphed == "n/a" else (graphed or True)
         return summary
 
 

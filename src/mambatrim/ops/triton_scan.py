@@ -13,7 +13,8 @@ Design (see docs/gpu.md):
   walks the chunks in reverse scan order; inside a chunk it recomputes the states from the stored one into a
   small per-program scratch, then walks back with the state gradient in registers (an associative-scan
   variant of this backward was 3x slower on an H100 and was dropped).
-  dB and dC are per-channel-block partial sums reduced on the host; dA, dD, d(delta_bias) use fp32 atomics.
+  dB, dC (summed over channel blocks), dA, dD and d(delta_bias) use fp32 atomics (per-block partials of dB
+  and dC, summed afterwards, cost two 90 MB buffers and a reduction per Vim-S layer at batch 128).
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def _scan_bwd_seq_kernel(
     prog = (g * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
     ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
     sc_base = scratch_ptr + prog.to(tl.int64) * (T * NP * BD) + n[:, None] * BD + tl.arange(0, BD)[None, :]
-    part = prog.to(tl.int64) * L * N
+    part = (g * tl.num_programs(1) + pid_b).to(tl.int64) * L * N
     u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
     d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
     z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
@@ -322,8 +323,11 @@ def _scan_bwd_seq_kernel(
             ddt = dhB * u + de
             du = dhB * dt + gy * Dv
             dD_acc += gy * u
-            tl.store(dB_ptr + part + t * N + n, tl.sum(dh * dtu[None, :], axis=1), mask=nmask & ok)
-            tl.store(dC_ptr + part + t * N + n, tl.sum(h * gy[None, :], axis=1), mask=nmask & ok)
+            # every channel block adds its share into one (group, batch, L, N) fp32 buffer
+            tl.atomic_add(dB_ptr + part + t * N + n, tl.sum(dh * dtu[None, :], axis=1), mask=nmask & ok,
+                          sem="relaxed")
+            tl.atomic_add(dC_ptr + part + t * N + n, tl.sum(h * gy[None, :], axis=1), mask=nmask & ok,
+                          sem="relaxed")
             tl.store(du_ptr + gx_base + t * gx_t, du.to(du_ptr.dtype.element_ty), mask=m)
             if HAS_GAP:
                 tl.store(gs_ptr + gx_base + t * gx_t, gp * de, mask=m)
@@ -419,8 +423,8 @@ class _ScanFn(torch.autograd.Function):
         dz = _alloc_like(z, G, z.dtype) if z is not None else du
         block_d, warps = BWD_BLOCK_D, BWD_WARPS
         n_blocks = triton.cdiv(E, block_d)
-        dB = torch.empty(G, bsz, n_blocks, L, N, device=u.device, dtype=torch.float32)
-        dC = torch.empty_like(dB)
+        dB = torch.zeros(G, bsz, L, N, device=u.device, dtype=torch.float32)  # atomic sums over channel blocks
+        dC = torch.zeros_like(dB)
         dA = torch.zeros(G, E, N, device=u.device, dtype=torch.float32)
         dD = torch.zeros(G, E, device=u.device, dtype=torch.float32)
         dbias = torch.zeros(G, E, device=u.device, dtype=torch.float32)
@@ -460,8 +464,8 @@ class _ScanFn(torch.autograd.Function):
             if bias is not None:
                 dbias = ddt.sum(dim=(1, 3))
             ddl = ddt.to(delta.dtype)
-        dB = dB.sum(2).to(B.dtype).transpose(2, 3)  # (G, B, N, L) logical
-        dC = dC.sum(2).to(C.dtype).transpose(2, 3)
+        dB = dB.to(B.dtype).transpose(2, 3)  # (G, B, N, L) logical
+        dC = dC.to(C.dtype).transpose(2, 3)
         grads = [du, ddl, dA.to(A.dtype), dB, dC,
                  dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
                  dbias.to(bias.dtype) if bias is not None else None]

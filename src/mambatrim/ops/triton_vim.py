@@ -15,12 +15,13 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from .conv import causal_conv1d
 from .triton_scan import selective_scan_pair_triton
 
 __all__ = ["conv_pair_triton", "bimamba_forward_triton"]
 
 CONV_BLOCK_L, CONV_BLOCK_E, CONV_WARPS = 16, 128, 4  # best of an H100 sweep (92 us at Vim-S b128)
+# backward: one warp per (channel block, sequence segment, sample), the sequence cut in CONV_BWD_SEGMENTS
+CONV_BWD_BLOCK_E, CONV_BWD_WARPS, CONV_BWD_SEGMENTS = 64, 1, 4
 
 
 @triton.jit
@@ -67,12 +68,142 @@ def _conv_pair_kernel(
     tl.store(optr + so_g, acc_b.to(out_ptr.dtype.element_ty), mask=om_b)
 
 
-def _conv_pair_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Reference of the pair conv (used for its backward): x (b, L, d) -> (2, b, L, d)."""
-    xc = x.transpose(1, 2)
-    outs = [causal_conv1d(xc, weight[i], None if bias is None else bias[i], activation="silu", reverse=i == 1)
-            for i in range(2)]
-    return torch.stack([o.transpose(1, 2) for o in outs])
+@triton.jit
+def _silu_grad(g, a):
+    """g * d silu(a) / da."""
+    sig = 1.0 / (1.0 + tl.exp2(-a * 1.4426950408889634))
+    return g * sig * (1.0 + a * (1.0 - sig))
+
+
+@triton.jit
+def _conv_pair_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, g_ptr, dx_ptr, dw_ptr, L, E, SEG,
+    sx_b, sx_t, sx_d,
+    sg_g, sg_b, sg_t,
+    sdx_b, sdx_t,
+    BE: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Backward of the 4-tap pair conv + SiLU for one (channel block, segment of ``SEG`` positions, sample).
+
+    One walk along the sequence with a sliding window in registers: at position p it holds x[p-3..p+3], the
+    causal pre-activation gradient ga_f[p-3..p] and the anti-causal ga_b[p-6..p]; so every input row is read
+    once, the pre-activations are recomputed (never stored), dx[p-3] is emitted (x[t] fed the causal output at
+    t..t+3 and the anti-causal one at t-3..t), and the weight / bias sums of the segment's positions add up in
+    registers, written once to this program's slot of ``dw`` (rows: causal taps 0..3, causal bias, anti-causal
+    taps 0..3, anti-causal bias), summed over programs on the host."""
+    pid_e = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    e = pid_e * BE + tl.arange(0, BE)
+    em = e < E
+    s0 = pid_s * SEG
+    s1 = tl.minimum(s0 + SEG, L)
+    xb = x_ptr + pid_b * sx_b + e * sx_d
+    gf_b = g_ptr + pid_b * sg_b + e
+    gb_b = gf_b + sg_g
+    wf0 = tl.load(w_ptr + e * 4, mask=em, other=0.0)
+    wf1 = tl.load(w_ptr + e * 4 + 1, mask=em, other=0.0)
+    wf2 = tl.load(w_ptr + e * 4 + 2, mask=em, other=0.0)
+    wf3 = tl.load(w_ptr + e * 4 + 3, mask=em, other=0.0)
+    wb0 = tl.load(w_ptr + E * 4 + e * 4, mask=em, other=0.0)
+    wb1 = tl.load(w_ptr + E * 4 + e * 4 + 1, mask=em, other=0.0)
+    wb2 = tl.load(w_ptr + E * 4 + e * 4 + 2, mask=em, other=0.0)
+    wb3 = tl.load(w_ptr + E * 4 + e * 4 + 3, mask=em, other=0.0)
+    bf = tl.zeros((BE,), dtype=tl.float32)
+    bb = tl.zeros((BE,), dtype=tl.float32)
+    if HAS_BIAS:
+        bf = tl.load(b_ptr + e, mask=em, other=0.0)
+        bb = tl.load(b_ptr + E + e, mask=em, other=0.0)
+    zero = tl.zeros((BE,), dtype=tl.float32)
+    # x[p-3..p+3] for the first p = s0 - 3
+    xm3 = _row(xb, s0 - 6, sx_t, L, em)
+    xm2 = _row(xb, s0 - 5, sx_t, L, em)
+    xm1 = _row(xb, s0 - 4, sx_t, L, em)
+    x0 = _row(xb, s0 - 3, sx_t, L, em)
+    xp1 = _row(xb, s0 - 2, sx_t, L, em)
+    xp2 = _row(xb, s0 - 1, sx_t, L, em)
+    xp3 = _row(xb, s0, sx_t, L, em)
+    gf = _row(gf_b, s0 - 3, sg_t, L, em)
+    gb = _row(gb_b, s0 - 3, sg_t, L, em)
+    # ga_f[p-1..p-3] and ga_b[p-1..p-6]: each its own zeros (the compiler decides what a loop carries by
+    # comparing values after one pass; windows all starting as the same tensor would look unchanged)
+    f1, f2, f3 = _zeros(BE), _zeros(BE), _zeros(BE)
+    b1, b2, b3, b4, b5, b6 = _zeros(BE), _zeros(BE), _zeros(BE), _zeros(BE), _zeros(BE), _zeros(BE)
+    af0, af1, af2, af3, afb = zero, zero, zero, zero, zero
+    ab0, ab1, ab2, ab3, abb = zero, zero, zero, zero, zero
+    for p in range(s0 - 3, s1 + 3):
+        x_next = _row(xb, p + 4, sx_t, L, em)  # issued a step ahead of their use
+        gf_next = _row(gf_b, p + 1, sg_t, L, em)
+        gb_next = _row(gb_b, p + 1, sg_t, L, em)
+        ga_f = _silu_grad(gf, wf0 * xm3 + wf1 * xm2 + wf2 * xm1 + wf3 * x0 + bf)
+        ga_b = _silu_grad(gb, wb0 * xp3 + wb1 * xp2 + wb2 * xp1 + wb3 * x0 + bb)
+        own = ((p >= s0) & (p < s1)).to(tl.float32)  # this segment's positions count in the weight sums
+        of = ga_f * own
+        ob = ga_b * own
+        af0 += of * xm3
+        af1 += of * xm2
+        af2 += of * xm1
+        af3 += of * x0
+        afb += of
+        ab0 += ob * xp3
+        ab1 += ob * xp2
+        ab2 += ob * xp1
+        ab3 += ob * x0
+        abb += ob
+        q = p - 3
+        dx = wf0 * ga_f + wf1 * f1 + wf2 * f2 + wf3 * f3 + wb0 * b6 + wb1 * b5 + wb2 * b4 + wb3 * b3
+        tl.store(dx_ptr + pid_b * sdx_b + q * sdx_t + e, dx.to(dx_ptr.dtype.element_ty),
+                 mask=em & (q >= s0) & (q < s1))
+        f3, f2, f1 = f2, f1, ga_f
+        b6, b5, b4, b3, b2, b1 = b5, b4, b3, b2, b1, ga_b
+        xm3, xm2, xm1, x0, xp1, xp2, xp3 = xm2, xm1, x0, xp1, xp2, xp3, x_next
+        gf, gb = gf_next, gb_next
+    slot = dw_ptr + ((pid_b * tl.num_programs(1) + pid_s) * 10) * E + e
+    tl.store(slot, af0, mask=em)
+    tl.store(slot + E, af1, mask=em)
+    tl.store(slot + 2 * E, af2, mask=em)
+    tl.store(slot + 3 * E, af3, mask=em)
+    tl.store(slot + 4 * E, afb, mask=em)
+    tl.store(slot + 5 * E, ab0, mask=em)
+    tl.store(slot + 6 * E, ab1, mask=em)
+    tl.store(slot + 7 * E, ab2, mask=em)
+    tl.store(slot + 8 * E, ab3, mask=em)
+    tl.store(slot + 9 * E, abb, mask=em)
+
+
+@triton.jit
+def _zeros(BE: tl.constexpr):
+    return tl.zeros((BE,), dtype=tl.float32)
+
+
+@triton.jit
+def _row(base, p, stride, L, em):
+    """Row ``p`` of a (L, channels) slice as fp32; zeros outside [0, L)."""
+    return tl.load(base + p * stride, mask=em & (p >= 0) & (p < L), other=0.0).to(tl.float32)
+
+
+def _conv_pair_backward(x: Tensor, weight: Tensor, bias: Tensor | None, grad: Tensor) -> tuple[Tensor, ...]:
+    """(dx, dweight, dbias) of :func:`conv_pair_triton` for upstream ``grad`` (2, b, L, d) in one launch.
+    Kernels of up to 4 taps (Vim's is 4); shorter ones run as 4 taps with leading zeros."""
+    bsz, L, E = x.shape
+    K = weight.shape[-1]
+    if K > 4:
+        raise ValueError(f"conv_pair_triton's backward handles kernels of up to 4 taps, got {K}")
+    w4 = torch.nn.functional.pad(weight.float(), (4 - K, 0)).contiguous()
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    seg = triton.cdiv(L, CONV_BWD_SEGMENTS)
+    segments = triton.cdiv(L, seg)
+    dx = torch.empty(bsz, L, E, device=x.device, dtype=x.dtype)
+    dw = torch.empty(bsz, segments, 2, 5, E, device=x.device, dtype=torch.float32)
+    _conv_pair_bwd_kernel[(triton.cdiv(E, CONV_BWD_BLOCK_E), segments, bsz)](
+        x, w4, bias.float().contiguous() if bias is not None else w4, grad, dx, dw, L, E, seg,
+        x.stride(0), x.stride(1), x.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
+        dx.stride(0), dx.stride(1), BE=CONV_BWD_BLOCK_E, HAS_BIAS=bias is not None, num_warps=CONV_BWD_WARPS,
+    )
+    sums = dw.sum((0, 1))  # (2, 5, E): 4 taps, then the bias
+    dweight = sums[:, 4 - K:4].transpose(1, 2).to(weight.dtype)
+    dbias = None if bias is None else sums[:, 4].to(bias.dtype)
+    return dx, dweight, dbias
 
 
 def _conv_pair_launch(x: Tensor, weight: Tensor, bias: Tensor | None, on: Tensor | None = None) -> Tensor:
@@ -98,15 +229,8 @@ class _ConvPairFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        # depthwise k=4 conv backward is cheap next to the scan: recompute and differentiate the torch form
         x, weight, bias = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [x.detach().requires_grad_(), weight.detach().requires_grad_()]
-            if bias is not None:
-                inputs.append(bias.detach().requires_grad_())
-            out = _conv_pair_torch(inputs[0], inputs[1], inputs[2] if bias is not None else None)
-            grads = torch.autograd.grad(out, inputs, grad)
-        return grads[0], grads[1], grads[2] if bias is not None else None
+        return _conv_pair_backward(x, weight, bias, grad)
 
 
 def conv_pair_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None,
