@@ -370,3 +370,20 @@ def test_predictor_equals_the_concatenated_local_global_formulation() -> None:
     glob = (glob * policy[..., None]).sum(1, keepdim=True) / (policy.sum(1, keepdim=True)[..., None] + 1)
     expected = predictor.out_conv(torch.cat([local, glob.expand_as(local)], dim=-1))
     torch.testing.assert_close(predictor(x, policy), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_scores_in_fp32_under_autocast() -> None:
+    """Keep scores only rank tokens; under bf16 autocast they would tie and top-k would break ties arbitrarily
+    (a trained DyVM model lost 6 points on a GPU that way). The predictor ignores autocast: same fp32 scores,
+    and bf16 inputs give what their fp32 values give."""
+    torch.manual_seed(0)
+    predictor = dyvm.TokenPredictor(64)
+    x, policy = torch.randn(2, 50, 64), torch.ones(2, 50)
+    reference = predictor(x, policy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scored = predictor(x, policy)
+        from_bf16 = predictor(x.bfloat16(), policy)
+        plain = predictor.out_conv[1](predictor.out_conv[0](predictor.in_conv(x)[..., :32].repeat(1, 1, 2)))
+    assert plain.dtype == torch.bfloat16  # control: this autocast does run Linear layers in bf16
+    assert scored.dtype == torch.float32 and torch.equal(scored, reference)
+    torch.testing.assert_close(from_bf16, predictor(x.bfloat16().float(), policy))

@@ -63,6 +63,15 @@ class TokenPredictor(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
+        # always fp32, also under autocast: the scores only rank tokens, and in bf16 close scores collapse into
+        # ties that top-k and Gumbel decisions then break arbitrarily (a DyVM model lost 6 points of top-1 when
+        # its predictor ran in bf16, the backbone being unaffected). The predictor is ~1 % of the FLOPs.
+        if not torch.amp.is_autocast_available(x.device.type):  # e.g. 'meta' (FLOPs counting)
+            return self._scores(x.float(), policy.float())
+        with torch.autocast(x.device.type, enabled=False):
+            return self._scores(x.float(), policy.float())
+
+    def _scores(self, x: Tensor, policy: Tensor) -> Tensor:
         x = self.in_conv(x)
         half = x.shape[-1] // 2
         local, glob = x[..., :half], x[..., half:]
