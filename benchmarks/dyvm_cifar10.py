@@ -8,6 +8,9 @@ dropped, directions skipped per image), the executed-direction fraction the sele
 ``--bench-batch`` test images, bf16 autocast, interleaved timing rounds in one process.
 
     python benchmarks/dyvm_cifar10.py --data-path cifar10.zip --checkpoint BASELINE.pth --out benchmarks/results
+    # control: another method at DyVM's schedule through the same recipe (its accuracy before fine-tuning too)
+    python benchmarks/dyvm_cifar10.py ... --set method=prune_static \
+        --set "method_opts={keep: 0.7, layers: [3, 6, 9]}" --stem dyvm_cifar10_static_control
 
 Writes ``dyvm_cifar10.json`` and ``dyvm_cifar10.md`` into ``--out``.
 """
@@ -78,7 +81,11 @@ def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int 
         return run
 
     runs = {name: fn(model) for name, model in models.items()}
-    runs.update({f"{name} (CUDA graph)": capture_graph(fn(model)) for name, model in models.items()})
+    for name, model in models.items():
+        try:
+            runs[f"{name} (CUDA graph)"] = capture_graph(fn(model))
+        except RuntimeError as err:  # a control method whose forward synchronises: eager numbers only
+            print(f"{name}: no CUDA graph ({err})", file=sys.stderr)
     for run in runs.values():
         for _ in range(5):
             run()
@@ -101,16 +108,20 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work-dir", default=None, help="keep the fine-tuned checkpoint here (default: temp)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--stem", default="dyvm_cifar10", help="result file names: STEM.json / STEM.md")
     args = parser.parse_args()
 
     base = baseline_settings(read_checkpoint(args.checkpoint))
     common = {**base, "data_path": args.data_path, "device": args.device, "progress": False}
     recipe = load_yaml(args.recipe)
+    overrides = parse_method_options(args.overrides)
+    if overrides.get("method", recipe.get("method")) != recipe.get("method"):
+        recipe.pop("method_opts", None)  # another method: only its own options
     extra: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         cfg = make_config(common, recipe, {"finetune": args.checkpoint, "teacher": args.checkpoint,
-                                           "output_dir": str(work)}, extra, parse_method_options(args.overrides))
+                                           "output_dir": str(work)}, extra, overrides)
         start = time.time()
         summary = train(cfg)
         wall = time.time() - start
@@ -124,14 +135,20 @@ def main() -> int:
     dense_cfg = make_config(common)
     dense = build_evaluated_model(dense_cfg, read_checkpoint(args.checkpoint), data.num_classes, in_chans,
                                   data.input_size).to(device).eval()
-    tuned_cfg = make_config(common, {"method": "dyvm", "method_opts": cfg.method_opts})
-    student = dyvm.deploy(build_evaluated_model(tuned_cfg, tuned, data.num_classes, in_chans,
-                                                data.input_size).to(device))
+    tuned_cfg = make_config(common, {"method": cfg.method, "method_opts": cfg.method_opts})
+    student = build_evaluated_model(tuned_cfg, tuned, data.num_classes, in_chans, data.input_size).to(device)
+    student = dyvm.deploy(student) if cfg.method == "dyvm" else student.eval()
     amp = cfg.amp and device.type == "cuda"
     dense_eval, dyvm_eval = measure(dense, data.val, device, amp), measure(student, data.val, device, amp)
     dense_flops = count_flops(dense, data.input_size)
-    measured = dyvm.count_flops(student, data.input_size, block_ratio=dyvm_eval["block_ratio"])
-    nominal = dyvm.count_flops(student, data.input_size, block_ratio=cfg.method_opts.get("block_ratio", 0.8))
+    if cfg.method == "dyvm":
+        measured = dyvm.count_flops(student, data.input_size, block_ratio=dyvm_eval["block_ratio"])
+        nominal = dyvm.count_flops(student, data.input_size, block_ratio=cfg.method_opts.get("block_ratio", 0.8))
+    else:  # a control (e.g. prune_static at DyVM's schedule): its FLOPs, and its accuracy before fine-tuning
+        measured = nominal = count_flops(student, data.input_size)
+        untuned = build_evaluated_model(tuned_cfg, read_checkpoint(args.checkpoint), data.num_classes, in_chans,
+                                        data.input_size).to(device)
+        dyvm_eval["top1_training_free"] = measure(untuned, data.val, device, amp)["top1"]
     bench = None
     if device.type == "cuda":
         images = next(iter(data.val))[0][: args.bench_batch]
@@ -146,6 +163,7 @@ def main() -> int:
         tokens_per_layer=measured.tokens_per_layer,
         dense=dict(top1=round(dense_eval["top1"], 2), gflops=round(dense_flops.gflops("paper"), 4),
                    gflops_full=round(dense_flops.gflops("full"), 4)),
+        method=cfg.method, top1_training_free=dyvm_eval.get("top1_training_free"),
         dyvm=dict(top1=round(dyvm_eval["top1"], 2), drop=round(dense_eval["top1"] - dyvm_eval["top1"], 2),
                   realised_block_ratio=round(dyvm_eval["block_ratio"], 4),
                   gflops=round(measured.gflops("paper"), 4), gflops_full=round(measured.gflops("full"), 4),
@@ -155,11 +173,11 @@ def main() -> int:
             bench_batch=args.bench_batch, dtype="bf16 autocast", device=torch.cuda.get_device_name(),
             dense_img_per_s=bench["dense"], dyvm_img_per_s=bench["dyvm"],
             speedup=round(bench["dyvm"] / bench["dense"], 3),
-            dense_img_per_s_graph=bench["dense (CUDA graph)"], dyvm_img_per_s_graph=bench["dyvm (CUDA graph)"],
-            speedup_graph=round(bench["dyvm (CUDA graph)"] / bench["dense (CUDA graph)"], 3),
+            dense_img_per_s_graph=bench["dense (CUDA graph)"], dyvm_img_per_s_graph=bench.get("dyvm (CUDA graph)"),
+            speedup_graph=round(bench.get("dyvm (CUDA graph)", float("nan")) / bench["dense (CUDA graph)"], 3),
             flops_ratio=round(dense_flops.gflops("paper") / measured.gflops("paper"), 3)),
         num_test_images=dyvm_eval["num_images"])
-    write_result(args.out, "dyvm_cifar10", result, to_markdown(result))
+    write_result(args.out, args.stem, result, to_markdown(result))
     print(to_markdown(result))
     return 0
 
@@ -176,18 +194,20 @@ def to_markdown(r: dict[str, Any]) -> str:
         "| model | top-1 | drop | GFLOPs (paper) | FLOPs reduction | GFLOPs (full) | executed directions |",
         "|---|---|---|---|---|---|---|",
         f"| dense | {d['top1']:.2f} | | {d['gflops']:.4f} | | {d['gflops_full']:.4f} | 1.000 |",
-        f"| DyVM | {y['top1']:.2f} | {y['drop']:.2f} | {y['gflops']:.4f} | {100 * y['flops_reduction']:.1f}% | "
-        f"{y['gflops_full']:.4f} | {y['realised_block_ratio']:.3f} |",
+        f"| {r.get('method', 'dyvm')} | {y['top1']:.2f} | {y['drop']:.2f} | {y['gflops']:.4f} | "
+        f"{100 * y['flops_reduction']:.1f}% | {y['gflops_full']:.4f} | {y['realised_block_ratio']:.3f} |",
         "",
         f"Tokens per layer: {r['tokens_per_layer']}. GFLOPs at the nominal block ratio: "
         f"{y['gflops_at_nominal_block_ratio']:.4f}.",
     ]
+    if r.get("top1_training_free") is not None:
+        lines += ["", f"Before fine-tuning (training-free): top-1 {r['top1_training_free']:.2f}."]
     if s:
         lines += ["", f"Speed ({s['device']}, {s['dtype']}, batch {s['bench_batch']} test images): dense "
                       f"{s['dense_img_per_s']:.0f} img/s, DyVM {s['dyvm_img_per_s']:.0f} img/s, speedup "
                       f"{s['speedup']:.3f}x; under CUDA graphs dense {s['dense_img_per_s_graph']:.0f} img/s, DyVM "
-                      f"{s['dyvm_img_per_s_graph']:.0f} img/s, speedup {s['speedup_graph']:.3f}x (FLOPs ratio "
-                      f"{s['flops_ratio']:.3f})."]
+                      f"{s['dyvm_img_per_s_graph'] or float('nan'):.0f} img/s, speedup {s['speedup_graph']:.3f}x "
+                      f"(FLOPs ratio {s['flops_ratio']:.3f})."]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 per sample equals running each sample alone, official checkpoint names load, losses and ratios are right."""
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -387,3 +388,23 @@ def test_predictor_scores_in_fp32_under_autocast() -> None:
     assert plain.dtype == torch.bfloat16  # control: this autocast does run Linear layers in bf16
     assert scored.dtype == torch.float32 and torch.equal(scored, reference)
     torch.testing.assert_close(from_bf16, predictor(x.bfloat16().float(), policy))
+
+
+def test_dyvm_with_the_static_pruners_kept_set_equals_the_static_pruner() -> None:
+    """Control for the CIFAR-10 comparison (docs/dyvm.md): DyVM's pruning (eval, tokens dropped, class token
+    re-inserted in the middle) given the static pruner's kept tokens yields the static pruner's logits, so
+    their accuracy gap comes from which tokens are kept, not from the machinery."""
+    from mambatrim.reduce import apply_method
+
+    x = images(3)
+    static = copy.deepcopy(tiny(block_ratio=None)).set_reducer(None)
+    apply_method(static, "prune_static", keep=0.75, layers=[2])
+    static.eval()
+    with torch.no_grad():
+        kept_state = static.forward_tokens(x)
+        expected = static.head(kept_state.hidden[torch.arange(3), kept_state.cls_index])
+    kept = [set(p.tolist()) - {CLS} for p in kept_state.positions]
+    model = tiny(block_ratio=None, keep_ratio=len(kept[0]) / NUM_PATCHES, pruning_layers=[2])
+    logits, state = run(model, x, "eval", fixed_keep([kept]))
+    assert torch.equal(state.positions, kept_state.positions)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

@@ -111,9 +111,11 @@ class ProgressivePruner(Reducer):
         n_keep = kept_patches(length, keep)
         if n_keep >= length - 1:
             return state
-        score = self.scores(layer_idx, state).float().clone()
-        rows = torch.arange(bsz, device=score.device)
-        score[rows, state.cls_index] = float("-inf")  # the class token is never a candidate
+        score = self.scores(layer_idx, state).float()
+        is_cls = torch.arange(length, device=score.device)[None, :] == state.cls_index[:, None]
+        # the class token is never a candidate (masked_fill: an indexed write of a Python float would copy a
+        # host scalar every call, which also rules out CUDA-graph capture)
+        score = score.masked_fill(is_cls, float("-inf"))
         top = score.topk(n_keep, dim=1).indices.sort(dim=1).values  # survivors in original order
         cls = state.cls_index[:, None]
         if self.cls_placement == "middle":
