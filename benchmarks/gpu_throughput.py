@@ -241,10 +241,12 @@ def section_kernel(out: dict, sweep: bool) -> None:
                                                iters=30)["median_ms"] * 1e3
 
     def conv_fwd_bwd(fn) -> Callable[[], None]:
-        leaves = [t.detach().requires_grad_() for t in (xz, cw, cb)]
+        leaves = [t.detach().clone().requires_grad_() for t in (x_half, cw, cb)]
 
         def run() -> None:
-            fn(leaves[0][..., :dim], leaves[1], leaves[2]).backward(gconv)
+            for leaf in leaves:
+                leaf.grad = None
+            fn(*leaves).backward(gconv)
         return run
 
     def torch_pair(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
