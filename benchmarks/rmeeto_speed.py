@@ -51,10 +51,21 @@ def check_gpu_merge(dev: torch.device) -> dict:
         gpu = merge_tokens(merge_tokens(gpu_in, 11), 11)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    from mambatrim.reduce.rmeeto_kernels import fused_merge
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused = merge_tokens(merge_tokens(gpu_in, 11, merge_fn=fused_merge), 11, merge_fn=fused_merge)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     err = (gpu.hidden.cpu() - cpu.hidden).abs().max().item()
     same_positions = torch.equal(gpu.positions.cpu(), cpu.positions)
-    print(f"GPU merge vs CPU: max |diff| {err:.2e}, positions equal {same_positions}, no sync", flush=True)
-    return dict(max_abs_diff_hidden=err, positions_equal=same_positions, host_device_syncs=0)
+    err_fused = (fused.hidden.cpu() - cpu.hidden).abs().max().item()
+    same_fused = torch.equal(fused.positions.cpu(), cpu.positions)
+    print(f"GPU merge vs CPU: max |diff| {err:.2e}, positions equal {same_positions}; fused merge: max |diff| "
+          f"{err_fused:.2e}, positions equal {same_fused}; no sync", flush=True)
+    return dict(max_abs_diff_hidden=err, positions_equal=same_positions, fused_max_abs_diff_hidden=err_fused,
+                fused_positions_equal=same_fused, host_device_syncs=0)
 
 
 def flops_of(model: torch.nn.Module, img_size: int) -> float:
@@ -96,14 +107,17 @@ def main() -> int:
     depth, tokens0 = model.depth, model.patch_embed.num_patches + 1
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=dev)
 
-    configs: list[tuple[str, int, bool]] = [("dense", 0, False)]
+    # per ratio: the default (the fused Triton merge on a GPU), the PyTorch merge, and (--compile) the PyTorch
+    # merge through torch.compile
+    configs: list[tuple[str, int, bool, bool | None]] = [("dense", 0, False, None)]
     for ratio in args.ratios:
         r = rmeeto.r_for_ratio(ratio, tokens0, depth)
-        configs.append((f"{ratio:.2f}", r, False))
+        configs.append((f"{ratio:.2f}", r, False, None))
+        configs.append((f"{ratio:.2f} pytorch merge", r, False, False))
         if args.compile:
-            configs.append((f"{ratio:.2f}+compile", r, True))
-    reducers = {name: rmeeto.RMeeToReducer(r, rmeeto.merge_layers(depth), compile=comp)
-                for name, r, comp in configs if r > 0}
+            configs.append((f"{ratio:.2f} pytorch merge+compile", r, True, False))
+    reducers = {name: rmeeto.RMeeToReducer(r, rmeeto.merge_layers(depth), compile=comp, fused=fused)
+                for name, r, comp, fused in configs if r > 0}
 
     def attach(name: str) -> None:
         model.set_reducer(reducers.get(name))
@@ -118,13 +132,13 @@ def main() -> int:
         return capture_graph(forward)
 
     # ------------------------------------------------------------------ inference, interleaved rounds
-    for name, _, _ in configs:
+    for name, *_ in configs:
         attach(name)
         for _ in range(args.warmup):
             forward()
     sync(dev)
     runners: dict[tuple[str, str], Callable[[], object]] = {}
-    for name, _, _ in configs:
+    for name, *_ in configs:
         runners[("eager", name)] = forward
         if dev.type == "cuda":
             runners[("cuda_graph", name)] = captured(name)
@@ -141,7 +155,7 @@ def main() -> int:
     modes = sorted({mode for mode, _ in runners}, key=lambda m: m != "cuda_graph")
     for mode in modes:
         dense_ips = statistics.median(samples[(mode, "dense")])
-        for name, r, _ in configs:
+        for name, r, *_ in configs:
             attach(name)
             ips = statistics.median(samples[(mode, name)])
             flops = flops_of(model, args.img_size)

@@ -25,8 +25,9 @@ try:
 except ImportError:
     print(json.dumps({"skip": "this Triton has no compile-only API"})); sys.exit(0)
 from mambatrim.ops import triton_norm, triton_scan, triton_vim
+from mambatrim.reduce import rmeeto_kernels
 
-LOW = {"u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
+LOW = {"oh_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
        "dz_ptr", "g_ptr", "dx_ptr", "ga_ptr"}  # activations in bf16 (the model's dtype), the rest fp32
 
 def build(kernel, constants):
@@ -34,8 +35,10 @@ def build(kernel, constants):
     for name in kernel.arg_names:
         if name in constants:
             sig[name] = "constexpr"
-        elif name == "on_ptr":
+        elif name in ("on_ptr", "out_seq_ptr", "q_ptr", "src_ptr", "dst_ptr", "slot_ptr", "seq_ptr"):
             sig[name] = "*i32"
+        elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr"):
+            sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*bf16" if name in LOW else "*fp32"
         else:
@@ -58,6 +61,9 @@ cases = {
     "conv pair": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=False)),
     "conv pair, per-sample direction switch": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=True)),
     "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=triton_vim.CONV_BWD_BLOCK_E, HAS_BIAS=True)),
+    "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D)),
+    "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512)),
+    "R-MeeTo merge fold": (rmeeto_kernels._merge_fold_kernel, dict(HAS_RES=True, BD=512)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
 }
 results = {}
@@ -83,4 +89,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 9
+    assert len(results) == 12

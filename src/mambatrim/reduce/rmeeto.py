@@ -170,10 +170,19 @@ def _class_slot(positions: Tensor, cls: Tensor, kept: Tensor, seq_of_k: Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- reducer
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401, PLC0415  (only whether it imports)
+    except ImportError:
+        return False
+    return True
+
+
 class RMeeToReducer(Reducer):
     """Merge ``r`` tokens before every block in ``layers`` (hidden and residual, size-weighted, order kept)."""
 
-    def __init__(self, r: int, layers: Sequence[int], cls_position: str = "official", compile: bool = False) -> None:
+    def __init__(self, r: int, layers: Sequence[int], cls_position: str = "official", compile: bool = False,
+                 fused: bool | None = None) -> None:
         super().__init__()
         if int(r) != r or r < 0:
             raise ValueError(f"r (tokens merged per event) must be a non-negative integer, got {r!r}")
@@ -186,6 +195,7 @@ class RMeeToReducer(Reducer):
         self.layers = tuple(sorted({int(layer) for layer in layers}))
         self.cls_position = cls_position
         self.compile = bool(compile)
+        self.fused = fused
         self._merge_fn: Callable[..., tuple[Tensor, ...]] | None = None
 
     def merge_fn(self) -> Callable[..., tuple[Tensor, ...]]:
@@ -195,11 +205,27 @@ class RMeeToReducer(Reducer):
         return self._merge_fn
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, layers={list(self.layers)}, cls_position={self.cls_position!r}"
+        return (f"r={self.r}, layers={list(self.layers)}, cls_position={self.cls_position!r}, "
+                f"fused={self.fused}")
+
+    def use_fused(self, hidden: Tensor) -> bool:
+        """The Triton merge (:mod:`.rmeeto_kernels`, three launches per event): at inference on a GPU by default
+        (``fused=None``), never with ``fused=False``, wherever Triton runs with ``fused=True``; training always
+        uses the differentiable PyTorch merge."""
+        if self.fused is False or (torch.is_grad_enabled() and hidden.requires_grad):
+            return False
+        if self.fused is None:
+            return hidden.is_cuda and _triton_available()
+        return True
 
     def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
         if layer_idx in self.layers:
-            return merge_tokens(state, self.r, self.cls_position, self.merge_fn())
+            fn = self.merge_fn()
+            if self.use_fused(state.hidden):
+                from .rmeeto_kernels import fused_merge  # noqa: PLC0415 (needs triton)
+
+                fn = fused_merge
+            return merge_tokens(state, self.r, self.cls_position, fn)
         return state
 
     def flops_overhead(self, tokens_per_layer: list[int], dim: int) -> float:
@@ -214,13 +240,15 @@ class RMeeToReducer(Reducer):
 
 
 def apply(model: nn.Module, ratio: float | None = None, r: int | None = None, layers: Sequence[int] | None = None,
-          interval: int = 2, cls_position: str = "official", compile: bool = False) -> nn.Module:
+          interval: int = 2, cls_position: str = "official", compile: bool = False,
+          fused: bool | None = None) -> nn.Module:
     """Attach R-MeeTo to a Vim ``model`` (in place) and return it; ``model.set_reducer(None)`` undoes it.
 
     Give either ``ratio`` (reduction ratio, mapped to the nearest r for the model's token count and depth) or
     ``r`` (tokens merged per event); neither means the paper's ratio 0.31. ``layers`` defaults to every
     ``interval``-th block from ``interval`` on. ``compile=True`` runs the merge through ``torch.compile``
     (fused index arithmetic; worth it on a GPU, where the merge is otherwise dozens of tiny kernels).
+    ``fused``: the Triton merge at inference (three launches per event); ``None`` = on a GPU.
     """
     if not hasattr(model, "set_reducer") or not hasattr(model, "depth"):
         raise TypeError(f"R-MeeTo needs a mambatrim VisionMamba model, got {type(model).__name__}")
@@ -236,7 +264,7 @@ def apply(model: nn.Module, ratio: float | None = None, r: int | None = None, la
     if r is None:
         num_tokens = model.patch_embed.num_patches + 1
         r = r_for_ratio(float(ratio), num_tokens, depth, layers)
-    return model.set_reducer(RMeeToReducer(r, layers, cls_position, compile))
+    return model.set_reducer(RMeeToReducer(r, layers, cls_position, compile, fused))
 
 
 register_method(MethodSpec(
