@@ -21,12 +21,28 @@ from mambatrim.reduce.rmeeto_kernels import fused_merge  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("length,r,rule,with_residual", [
-    (13, 3, "official", True), (14, 4, "middle", True), (21, 10, "boundary", True), (9, 1, "official", False)])
-def test_fused_merge_equals_the_pytorch_merge(length: int, r: int, rule: str, with_residual: bool) -> None:
+@pytest.fixture(autouse=True)
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channel slices of the fold narrower than the rows, so several programs share an image."""
+    from mambatrim.reduce import rmeeto_kernels
+
+    monkeypatch.setattr(rmeeto_kernels, "FOLD_BLOCK_D", 16)
+
+
+@pytest.mark.parametrize("length,r,rule,with_residual,shared", [
+    (13, 3, "official", True, False), (14, 4, "middle", True, False), (21, 10, "boundary", True, False),
+    (9, 1, "official", False, False), (15, 6, "middle", True, True)])
+def test_fused_merge_equals_the_pytorch_merge(length: int, r: int, rule: str, with_residual: bool,
+                                              shared: bool) -> None:
+    """``shared``: every A token's best partner is the same B token, so all r merge into one destination."""
     g = torch.Generator().manual_seed(length + r)
-    bsz, dim = 3, 20
+    bsz, dim = 3, 20  # with FOLD_BLOCK_D patched to 16 on CPU: two channel slices
     hidden = torch.randn(bsz, length, dim, generator=g)
+    if shared:
+        common = torch.randn(dim, generator=g)
+        hidden = common + 0.3 * hidden
+        hidden[:, 1] = common  # sequence index 1 is the first B token whatever the class token's place
+
     residual = torch.randn(bsz, length, dim, generator=g) if with_residual else None
     positions = torch.stack([torch.randperm(length, generator=g) for _ in range(bsz)])
     cls = torch.tensor([length // 2, 0, length - 1])

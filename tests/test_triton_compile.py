@@ -63,7 +63,7 @@ cases = {
     "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=triton_vim.CONV_BWD_BLOCK_E, HAS_BIAS=True)),
     "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D)),
     "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512)),
-    "R-MeeTo merge fold": (rmeeto_kernels._merge_fold_kernel, dict(HAS_RES=True, BD=512)),
+    "R-MeeTo merge fold": (rmeeto_kernels._merge_fold_kernel, dict(HAS_RES=True, BD=rmeeto_kernels.FOLD_BLOCK_D)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
 }
 results = {}

@@ -7,8 +7,9 @@
    destination row and the size weight. Index lookups between the A, B and sequence spaces are one-hot
    reductions over at most 256 tokens (registers only, no scratch).
 2. ``_merge_rows_kernel``: every output row copied from its source row (hidden and residual stream).
-3. ``_merge_fold_kernel``, one program per image: the ``r`` merged rows folded into their destinations one after
-   the other (``out[b] += w (t[a] - t[b])``, in fp32), so several A tokens may share a destination.
+3. ``_merge_fold_kernel``, one program per (image, slice of channels): the ``r`` merged rows folded into their
+   destinations one after the other (``out[b] += w (t[a] - t[b])``, in fp32), so several A tokens may share a
+   destination.
 
 Same result as :func:`mambatrim.reduce.rmeeto.merge_arrays` (tests compare them); similarities are computed
 in fp32 from the token values (the PyTorch path rounds the bf16 matmul's output to bf16 first), so a near-tie
@@ -24,6 +25,7 @@ from torch import Tensor
 RULES = {"official": 0, "middle": 1, "boundary": 2}
 CHUNK_D = 32  # channels per similarity step
 PLAN_WARPS = 4
+FOLD_BLOCK_D = 64  # channels per fold program (its loop over the merged rows is sequential: latency-bound)
 
 
 @triton.jit
@@ -138,7 +140,7 @@ def _merge_rows_kernel(h_ptr, res_ptr, seq_ptr, oh_ptr, ores_ptr, L, Lo, D,
 def _merge_fold_kernel(h_ptr, res_ptr, src_ptr, dst_ptr, slot_ptr, w_ptr, oh_ptr, ores_ptr, L, Lo, D, r,
                        HAS_RES: tl.constexpr, BD: tl.constexpr):
     b = tl.program_id(0)
-    d = tl.arange(0, BD)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)  # a slice of the channels: more programs, same order
     dm = d < D
     for m in range(r):  # one after the other: merged tokens may share a destination
         src = tl.load(src_ptr + b * r + m).to(tl.int64)
@@ -187,7 +189,7 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
     bd = triton.next_power_of_2(dim)
     _merge_rows_kernel[(bsz, out_len)](hidden, res, out_seq, out_h, out_res if out_res is not None else out_h,
                                        length, out_len, dim, HAS_RES=residual is not None, BD=bd)
-    _merge_fold_kernel[(bsz,)](hidden, res, src, dst, slot, weight, out_h,
-                               out_res if out_res is not None else out_h, length, out_len, dim, r,
-                               HAS_RES=residual is not None, BD=bd)
+    _merge_fold_kernel[(bsz, triton.cdiv(dim, FOLD_BLOCK_D))](
+        hidden, res, src, dst, slot, weight, out_h, out_res if out_res is not None else out_h, length, out_len,
+        dim, r, HAS_RES=residual is not None, BD=FOLD_BLOCK_D)
     return out_h, out_res, out_pos, q.to(cls.dtype), out_size
