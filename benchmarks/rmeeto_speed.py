@@ -44,24 +44,20 @@ def check_gpu_merge(dev: torch.device) -> dict:
         return dict(skipped="not a CUDA device")
     gpu_in = state.replace(hidden=state.hidden.to(dev), residual=state.residual.to(dev),
                            positions=state.positions.to(dev), cls_index=state.cls_index.to(dev))
-    merge_tokens(gpu_in, 11)  # warm-up (lazy CUDA init may sync)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        gpu = merge_tokens(merge_tokens(gpu_in, 11), 11)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     from mambatrim.reduce.rmeeto_kernels import fused_merge
 
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fused = merge_tokens(merge_tokens(gpu_in, 11, merge_fn=fused_merge), 11, merge_fn=fused_merge)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    err = (gpu.hidden.cpu() - cpu.hidden).abs().max().item()
-    same_positions = torch.equal(gpu.positions.cpu(), cpu.positions)
-    err_fused = (fused.hidden.cpu() - cpu.hidden).abs().max().item()
-    same_fused = torch.equal(fused.positions.cpu(), cpu.positions)
+    checks = {}
+    for label, fn in (("pytorch", None), ("fused", fused_merge)):
+        merge_tokens(gpu_in, 11, merge_fn=fn)  # warm-up (lazy CUDA init, compilation may sync)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu = merge_tokens(merge_tokens(gpu_in, 11, merge_fn=fn), 11, merge_fn=fn)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checks[label] = ((gpu.hidden.cpu() - cpu.hidden).abs().max().item(),
+                         torch.equal(gpu.positions.cpu(), cpu.positions))
+    (err, same_positions), (err_fused, same_fused) = checks["pytorch"], checks["fused"]
     print(f"GPU merge vs CPU: max |diff| {err:.2e}, positions equal {same_positions}; fused merge: max |diff| "
           f"{err_fused:.2e}, positions equal {same_fused}; no sync", flush=True)
     return dict(max_abs_diff_hidden=err, positions_equal=same_positions, fused_max_abs_diff_hidden=err_fused,

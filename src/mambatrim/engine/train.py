@@ -212,16 +212,16 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and cfg.amp_dtype == "float16")
         self.ema = _make_ema(self.model, cfg.model_ema_decay) if cfg.model_ema else None
         self.mixup_fn, criterion = _mixup(cfg, num_classes)
+        amp_dtype = getattr(torch, cfg.amp_dtype) if self.use_amp else None
         self.loss_fn = TrainingLoss(criterion, LossWeights(cfg.cls_weight, cfg.distill_weight,
                                                            cfg.distill_temperature, cfg.token_distill_weight),
-                                    self.teacher, cuda_graph=cfg.teacher_cuda_graph,
-                                    autocast_dtype=getattr(torch, cfg.amp_dtype) if self.use_amp else None)
+                                    self.teacher, cuda_graph=cfg.teacher_cuda_graph, autocast_dtype=amp_dtype)
         self.forward: nn.Module = StudentForward(self.model)
+        self.graphed_step = None  # the GraphedStudent, when the step replays CUDA graphs
         if cfg.cuda_graph and self.device.type == "cuda" and not dist_info.enabled:
             from .cuda_graph import GraphedStudent
 
-            self.forward = GraphedStudent(self.forward, self.model,
-                                          getattr(torch, cfg.amp_dtype) if self.use_amp else None)
+            self.forward = self.graphed_step = GraphedStudent(self.forward, self.model, amp_dtype)
         if dist_info.enabled:
             self.forward = nn.parallel.DistributedDataParallel(
                 self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -442,8 +442,8 @@ class _Run:
         summary.update({k: v for k, v in self.last_eval.items()})
         if self.device.type == "cuda":
             summary["device_name"] = torch.cuda.get_device_name(self.device)
-            graphed = getattr(self.forward, "failed", "n/a")
-            summary["train_step_cuda_graph"] = "n/a (off or DDP)" if graphed == "n/a" else (graphed or True)
+            step = self.graphed_step
+            summary["train_step_cuda_graph"] = "n/a (off or DDP)" if step is None else (step.failed or True)
         return summary
 
 

@@ -20,6 +20,7 @@ it; ``model.set_reducer(None)`` removes it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -170,7 +171,9 @@ def _class_slot(positions: Tensor, cls: Tensor, kept: Tensor, seq_of_k: Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- reducer
+@functools.cache
 def _triton_available() -> bool:
+    """Whether Triton imports (asked once: the answer is needed at every merge event)."""
     try:
         import triton  # noqa: F401, PLC0415  (only whether it imports)
     except ImportError:

@@ -170,7 +170,7 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
     residual = None if residual is None else residual.contiguous()
     out_len = length - r
     dev = hidden.device
-    np_ = max(16, triton.next_power_of_2((length - 1 + 1) // 2))
+    np_ = max(16, triton.next_power_of_2(length // 2))  # A tokens: ceil((length - 1) / 2); tl.dot needs >= 16
     out_seq = torch.empty(bsz, out_len, device=dev, dtype=torch.int32)
     out_pos = torch.empty(bsz, out_len, device=dev, dtype=positions.dtype)
     out_size = torch.empty(bsz, out_len, device=dev, dtype=torch.float32)
@@ -185,11 +185,11 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
         RULE=RULES[cls_position], NP=np_, BK=CHUNK_D, num_warps=PLAN_WARPS)
     out_h = torch.empty(bsz, out_len, dim, device=dev, dtype=hidden.dtype)
     out_res = None if residual is None else torch.empty(bsz, out_len, dim, device=dev, dtype=residual.dtype)
-    res = residual if residual is not None else hidden
-    bd = triton.next_power_of_2(dim)
-    _merge_rows_kernel[(bsz, out_len)](hidden, res, out_seq, out_h, out_res if out_res is not None else out_h,
-                                       length, out_len, dim, HAS_RES=residual is not None, BD=bd)
+    has_res = residual is not None
+    res, res_out = (residual, out_res) if has_res else (hidden, out_h)  # unread stand-ins without a residual
+    _merge_rows_kernel[(bsz, out_len)](hidden, res, out_seq, out_h, res_out, length, out_len, dim,
+                                       HAS_RES=has_res, BD=triton.next_power_of_2(dim))
     _merge_fold_kernel[(bsz, triton.cdiv(dim, FOLD_BLOCK_D))](
-        hidden, res, src, dst, slot, weight, out_h, out_res if out_res is not None else out_h, length, out_len,
-        dim, r, HAS_RES=residual is not None, BD=FOLD_BLOCK_D)
+        hidden, res, src, dst, slot, weight, out_h, res_out, length, out_len, dim, r, HAS_RES=has_res,
+        BD=FOLD_BLOCK_D)
     return out_h, out_res, out_pos, q.to(cls.dtype), out_size

@@ -107,7 +107,7 @@ class ProgressivePruner(Reducer):
             return state
         if state.mask is not None:
             raise ValueError("token pruning cannot follow a method that masks tokens (TokenState.mask is set)")
-        bsz, length = state.hidden.shape[:2]
+        length = state.num_tokens
         n_keep = kept_patches(length, keep)
         if n_keep >= length - 1:
             return state
