@@ -408,3 +408,40 @@ def test_dyvm_with_the_static_pruners_kept_set_equals_the_static_pruner() -> Non
     logits, state = run(model, x, "eval", fixed_keep([kept]))
     assert torch.equal(state.positions, kept_state.positions)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_coverage_grid_spreads_the_share_evenly_over_alive_tokens() -> None:
+    alive = torch.tensor([[1.0] * 10, [1, 0, 1, 1, 0, 1, 1, 1, 0, 1]])
+    on = dyvm.coverage_grid(alive, 0.5)
+    assert on[0].tolist() == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0]  # every second token, 5 of 10
+    assert on[1].sum() == 4 and bool((on[1] <= alive[1]).all())  # 4 of the 7 alive, never a dead one
+    ranks = (torch.cumsum(alive[1], 0) - 1)[on[1] > 0]
+    assert ranks.tolist() == [0, 2, 4, 6]  # every second alive token (ranks), 7 * 0.5 = 3.5 -> 4
+    for share in (0.3, 0.7, 0.9):
+        assert int(dyvm.coverage_grid(torch.ones(1, 196), share).sum()) == round(196 * share + 1e-9)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_strong_coverage_prior_keeps_the_evenly_spread_grid(mode: str) -> None:
+    """With an overwhelming prior, training (Gumbel) and inference (top-k) keep exactly the grid tokens of
+    every stage, whatever the predictor says; with the prior off (the default) the keep logits are the
+    predictor's own."""
+    model = tiny(keep_ratio=0.5, block_ratio=None, coverage_prior=1e4)
+    for predictor in model.reducer.predictors:  # confident random scores the prior must override
+        torch.nn.init.normal_(predictor.out_conv[-2].weight, std=3.0)
+    _, state = run(model, images(3), mode)
+    patches = [p for p in range(NUM_PATCHES + 1) if p != CLS]
+    grid1 = patches[0::2]  # 8 of 16, every second patch
+    grid2 = grid1[0::2]  # 4 of 8
+    kept = state.positions if mode == "eval" else state.positions[:, :5]  # train: kept first (cls at middle)
+    for b in range(3):
+        got = sorted(p for p in kept[b].tolist() if p != CLS)
+        assert got == grid2
+    if mode == "train":
+        assert state.extras["dyvm_decisions"][0][0].tolist() == [float(p in grid1) for p in patches]
+    off = tiny(keep_ratio=0.5, block_ratio=None)
+    assert off.reducer.coverage_prior == 0.0
+    lp = torch.randn(2, 16, 2).log_softmax(-1)
+    assert off.reducer._with_prior(0, lp, torch.ones(2, 16)) is lp
+    with pytest.raises(ValueError, match="coverage_prior"):
+        tiny(coverage_prior=-1.0)

@@ -133,6 +133,7 @@ class DyVMReducer(Reducer):
         selector_init_bias: float = 5.0,
         rearrange: bool = True,
         predictor_init_keep: bool = True,
+        coverage_prior: float = 0.0,
     ) -> None:
         super().__init__()
         self.depth = depth
@@ -177,6 +178,12 @@ class DyVMReducer(Reducer):
                 for sel in self.selectors:
                     sel.weight.zero_()
                     sel.bias.fill_(selector_init_bias)
+        if coverage_prior < 0:
+            raise ValueError(f"dyvm: coverage_prior must be >= 0, got {coverage_prior}")
+        # > 0 (our extension): the keep logit of each alive token gets +b if it lies on an evenly spread grid of
+        # the stage's share of the alive tokens (in sequence order), -b otherwise, so the predictor starts from
+        # static evenly-spread pruning and learns deviations from it; 0 = the paper's predictor alone
+        self.coverage_prior = float(coverage_prior)
         # False: training masks pruned tokens in place (DynamicViT style) -- an ablation; inexact for SSMs
         self.rearrange = bool(rearrange)
         self.keep_override: KeepOverride | None = None
@@ -205,7 +212,7 @@ class DyVMReducer(Reducer):
         others = _others_index(state.cls_index, length)
         stream = take_rows(state.residual + state.hidden, others)
         policy = state.mask.gather(1, others) if state.mask is not None else stream.new_ones(bsz, length - 1)
-        log_probs = self.predictors[stage](stream, policy)
+        log_probs = self._with_prior(stage, self.predictors[stage](stream, policy), policy)
         if self.keep_override is not None:
             scored = state.positions.gather(1, others)
             keep = self.keep_override(stage, log_probs, policy, scored).to(policy.dtype) * policy
@@ -248,12 +255,23 @@ class DyVMReducer(Reducer):
                              f"{self.token_ratios[stage]:.4g} of {state.extras['dyvm_num_patches']} patches); "
                              "use a larger ratio")
         is_cls = torch.arange(length, device=state.hidden.device)[None, :] == state.cls_index[:, None]
-        log_probs = self.predictors[stage](state.residual + state.hidden, (~is_cls).float())
+        alive = (~is_cls).float()
+        log_probs = self._with_prior(stage, self.predictors[stage](state.residual + state.hidden, alive), alive)
         score = log_probs[..., 0].masked_fill(is_cls, float("-inf"))
         top = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # sequence indices, in order
         cls_at = torch.full_like(state.cls_index, k // 2)
         state.extras["dyvm_tokens"].append(torch.full_like(state.cls_index, k))
         return state.gather(_insert_cls_index(top, state.cls_index, cls_at)).replace(mask=None, cls_index=cls_at)
+
+    def _with_prior(self, stage: int, log_probs: Tensor, alive: Tensor) -> Tensor:
+        """Add the coverage prior (``coverage_prior`` > 0) to the keep logits: +b on the evenly spread grid of
+        the stage's relative share of the alive tokens, -b elsewhere; returns log-probabilities again."""
+        if self.coverage_prior == 0:
+            return log_probs
+        previous = self.token_ratios[stage - 1] if stage > 0 else 1.0
+        on = coverage_grid(alive, self.token_ratios[stage] / previous)
+        shift = (self.coverage_prior * (2.0 * on - 1.0)) * alive  # pruned (not alive) tokens: no shift
+        return torch.log_softmax(log_probs + torch.stack([shift / 2, -shift / 2], -1), dim=-1)
 
     def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
         gate: Callable[[Tensor], Tensor] | None = None
@@ -307,6 +325,17 @@ class DyVMReducer(Reducer):
                 f"block_ratio={self.block_ratio}")
 
 
+def coverage_grid(alive: Tensor, share: float) -> Tensor:
+    """(B, N) 0/1: alive tokens (``alive`` 0/1, sequence order) on an evenly spread grid keeping ``share`` of them.
+
+    The alive token of rank j (0-based) is on the grid iff a pick (i + 1/2) / share - 1/2 rounds to j, i.e.
+    floor((j + 1) * share + 1/2) - floor(j * share + 1/2) = 1: round(n * share) of n alive tokens, evenly spread.
+    """
+    rank = torch.cumsum(alive, dim=1) - 1
+    on = torch.floor((rank + 1) * share + 0.5) - torch.floor(rank * share + 0.5)
+    return on.clamp(0, 1) * alive
+
+
 def token_distill_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
     """MSE of the student's surviving patch tokens against the dense teacher's tokens at the same original
     positions (both after the final norm); the class token and pruned (masked) tokens are excluded. The
@@ -343,7 +372,7 @@ def apply(model: nn.Module, keep_ratio: float | None = 0.7, block_ratio: float |
     ``block_ratio``: target fraction of executed scan directions (``None``: no block selection);
     ``pruning_layers``: layers to prune before (default 6, 12, 18 for depth 24). Other options: see
     :class:`DyVMReducer` (token_ratios, token_loss_weight, block_loss_weight, distill_weight, token_tau,
-    block_tau, selector_init_bias).
+    block_tau, selector_init_bias, coverage_prior).
     """
     for attr in ("embed_dim", "d_inner", "depth", "set_reducer"):
         if not hasattr(model, attr):
