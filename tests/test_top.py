@@ -318,3 +318,31 @@ def test_paper_flops_figures(name: str, layers: list[int], plain: float, aligned
     mixer = model.layers[0].mixer
     stepwise = top.stepwise_alignment_macs(report.tokens_per_layer, mixer.d_inner, mixer.d_state)
     assert round(report.gflops("paper") + stepwise / 1e9, 2) == aligned
+
+
+def test_score_order_ranks_survivors_by_score_as_vit_pruning_does() -> None:
+    """order='score' keeps the same tokens as order='original' but ranked by descending score (the class token
+    at the middle), which changes what the scans see; misuse with alignment is refused."""
+    model = tiny_vim(depth=2)
+    images = torch.randn(3, 3, 20, 20)
+    model.set_reducer(NormPruner(layers=[1], keep=0.5))
+    kept = capture_final_state(model, images)
+    with torch.no_grad():
+        state1 = model.embed(images)
+        hidden, residual = model.layers[0](state1.hidden, None)
+        norm = (residual + hidden.float()).norm(dim=-1)
+    norm[:, 12] = -float("inf")
+    n = kept_patches(26, 0.5)
+    model.set_reducer(NormPruner(layers=[1], keep=0.5, order="score"))
+    ranked = capture_final_state(model, images)
+    pos = torch.cat([ranked.positions[:, : n // 2], ranked.positions[:, n // 2 + 1:]], 1)
+    assert bool((ranked.positions[:, n // 2] == 12).all())
+    assert torch.equal(pos, norm.topk(n, dim=1).indices)  # descending score, not sorted
+    assert torch.equal(pos.sort(1).values, torch.cat([kept.positions[:, : n // 2], kept.positions[:, n // 2 + 1:]], 1))
+    with torch.no_grad():
+        assert not torch.allclose(model(images), model.set_reducer(NormPruner(layers=[1], keep=0.5))(images))
+    for bad in (dict(align="hold"), dict(cls_placement="original")):
+        with pytest.raises(ValueError, match="order='score'"):
+            NormPruner(layers=[1], order="score", **bad)
+    with pytest.raises(ValueError, match="order must be"):
+        NormPruner(layers=[1], order="random")

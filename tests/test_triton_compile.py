@@ -35,7 +35,8 @@ def build(kernel, constants):
     for name in kernel.arg_names:
         if name in constants:
             sig[name] = "constexpr"
-        elif name in ("on_ptr", "out_seq_ptr", "q_ptr", "src_ptr", "dst_ptr", "slot_ptr", "seq_ptr"):
+        elif name in ("on_ptr", "out_seq_ptr", "q_ptr", "src_ptr", "dst_ptr", "slot_ptr", "seq_ptr",
+                      "inv_ptr"):
             sig[name] = "*i32"
         elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr"):
             sig[name] = "*i64"
@@ -56,10 +57,14 @@ cases = {
         scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False)),
     "scan fwd, one direction with gaps": (triton_scan._scan_fwd_kernel, dict(
         scan, G=1, PAIR=False, REVERSE=True, HAS_GAP=True, STORE_CKPT=True, HAS_ON=False)),
+    "scan fwd, pair with gaps (aligned pruning, inference)": (triton_scan._scan_fwd_kernel, dict(
+        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False)),
     "scan bwd, pair": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=True, HAS_GAP=False)),
     "scan bwd, one direction with gaps": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=False, HAS_GAP=True)),
-    "conv pair": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=False)),
-    "conv pair, per-sample direction switch": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=True)),
+    "conv pair": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=False, HAS_MAP=False)),
+    "conv pair, per-sample direction switch": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=True, HAS_MAP=False)),
+    "conv pair, position map (aligned pruning)": (triton_vim._conv_pair_kernel, dict(
+        conv, HAS_ON=False, HAS_MAP=True)),
     "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=triton_vim.CONV_BWD_BLOCK_E, HAS_BIAS=True)),
     "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D)),
     "R-MeeTo merge rows + grouped fold": (rmeeto_kernels._merge_rows_kernel, dict(
@@ -89,4 +94,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 11
+    assert len(results) == 13

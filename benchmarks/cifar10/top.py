@@ -43,6 +43,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [  # (row, method, options on 
     ("random pruning + align=decay", "prune_random", dict(align="decay")),
     ("static evenly-spread pruning", "prune_static", {}),
     ("norm pruning (plain)", "prune_norm", {}),
+    ("norm pruning, cls at original place", "prune_norm", dict(cls_placement="original")),
+    ("norm pruning, survivors ranked by score (EViT-style)", "prune_norm", dict(order="score")),
+    ("random pruning, survivors ranked by score", "prune_random", dict(order="score")),
 ]
 FINETUNED = ("ToP, align=decay (R2)", "ToP, align=hold (R1)", "norm pruning (plain)")
 

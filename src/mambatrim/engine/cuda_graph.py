@@ -3,8 +3,9 @@
 A Vim forward launches hundreds of small kernels; at moderate batch sizes the host cannot issue them as fast
 as the H100 runs them, so eager throughput is set by Python, not by the GPU. Replaying a captured graph removes
 that overhead (Vim-S bf16 batch 128: see ``benchmarks/results/gpu_throughput.md``). Token-reduction methods
-whose forward never synchronises with the host (R-MeeTo merging, DyVM token pruning at inference, plain pruning)
-capture too; a forward that does synchronise (per-sample direction skipping, aligned ToP) cannot, and says so.
+whose forward never synchronises with the host (R-MeeTo merging, DyVM token pruning at inference, plain pruning,
+ToP with alignment on the fused Triton mixer) capture too; a forward that does synchronise (per-sample direction
+skipping on the PyTorch path, alignment without a known dense length) cannot, and says so.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def capture_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], Non
     except RuntimeError as err:
         raise RuntimeError(
             "this forward cannot be captured in a CUDA graph (it synchronises with the host, e.g. per-sample "
-            f"scan-direction skipping or position-aligned pruning); run it eagerly. Cause: {err}") from err
+            "scan-direction skipping off the fused Triton mixer, or position-aligned pruning without a known dense "
+            f"length); run it eagerly. Cause: {err}") from err
     return graph.replay
 
 

@@ -69,24 +69,48 @@ def _gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None) -> 
     return torch.cat([gap, pad], 1) if reverse else torch.cat([pad, gap], 1)
 
 
-def _conv_at_positions(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor, reverse: bool) -> Tensor:
-    """Local conv where each kept token sees its original neighbourhood (pruned slots read as zeros)."""
+def _conv_at_positions(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor, reverse: bool,
+                       full_length: int | None = None) -> Tensor:
+    """Local conv where each kept token sees its original neighbourhood (pruned slots read as zeros).
+
+    ``full_length``: the dense length the positions index into; ``None`` reads ``positions.max() + 1`` back
+    from the device (a host sync). Either gives the same result: the extra slots are zeros."""
     if x.is_meta:  # shape-only runs (FLOPs counting): the output shape does not depend on the positions
         return causal_conv1d(x, weight, bias, activation="silu", reverse=reverse)
     bsz, dim, _ = x.shape
-    full = int(positions.max()) + 1
+    full = int(positions.max()) + 1 if full_length is None else full_length
     index = positions[:, None, :].expand(-1, dim, -1)
     buf = x.new_zeros(bsz, dim, full).scatter(2, index, x)
     out = causal_conv1d(buf, weight, bias, activation="silu", reverse=reverse)
     return out.gather(2, index)
 
 
+def _alignment(ctx: MixerContext | None) -> str | None:
+    """The hidden-state alignment the context asks for ('hold' / 'decay'), None without positions."""
+    return ctx.align if ctx is not None and ctx.positions is not None else None
+
+
 def _fused_triton_applies(hidden: Tensor, ctx: MixerContext | None) -> bool:
-    """The fused Triton mixer covers the plain case (no mask, gate or alignment) on the 'triton' backend."""
-    if ctx is not None and (ctx.token_mask is not None or ctx.direction_gate is not None
-                            or (ctx.align is not None and ctx.positions is not None)):
+    """The fused Triton mixer covers, on the 'triton' backend, the case without token mask or direction gate;
+    with alignment only at inference (its position-mapped conv has no backward: fine-tuning runs the
+    per-direction path)."""
+    if ctx is not None and (ctx.token_mask is not None or ctx.direction_gate is not None):
+        return False
+    if _alignment(ctx) is not None and torch.is_grad_enabled():
         return False
     return get_backend(hidden.device.type) == "triton"
+
+
+def _fused_alignment(ctx: MixerContext | None) -> dict[str, object]:
+    """Keyword arguments of :func:`bimamba_forward_triton` for the context's alignment: the position map
+    (both modes) and, for 'decay', the gaps of both scan directions (direction 0 forward, 1 backward)."""
+    align = _alignment(ctx)
+    if align is None:
+        return {}
+    gap = None
+    if align == "decay":
+        gap = torch.stack([_gaps(ctx.positions, False, ctx.cls_index), _gaps(ctx.positions, True, ctx.cls_index)])
+    return dict(positions=ctx.positions, full_length=ctx.full_length, gap=gap)
 
 
 class BiMambaMixer(nn.Module):
@@ -148,9 +172,10 @@ class BiMambaMixer(nn.Module):
         D = (self.D_b if backward else self.D).float()
         if mask is not None:
             x = x * mask
-        align = ctx.align if ctx is not None and ctx.positions is not None else None
+        align = _alignment(ctx)
         if align is not None:
-            u = _conv_at_positions(x, conv.weight, conv.bias, ctx.positions, reverse=backward)
+            u = _conv_at_positions(x, conv.weight, conv.bias, ctx.positions, reverse=backward,
+                                   full_length=ctx.full_length)
         else:
             u = causal_conv1d(x, conv.weight, conv.bias, activation="silu", reverse=backward)
         if mask is not None:
@@ -167,13 +192,14 @@ class BiMambaMixer(nn.Module):
         if _fused_triton_applies(hidden, ctx):
             from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
-            return bimamba_forward_triton(self, hidden)
+            # aligned pruning at inference too: the position map inside the conv kernel, gaps in the scan
+            return bimamba_forward_triton(self, hidden, **_fused_alignment(ctx))
         if (ctx is not None and ctx.skip_gated and ctx.direction_gate is not None and not torch.is_grad_enabled()
                 and _fused_triton_applies(hidden, replace(ctx, direction_gate=None))):
             from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
             # per-sample direction skipping inside the fused kernels: no host sync, no sub-batches
-            return bimamba_forward_triton(self, hidden, ctx.direction_gate, ctx.cls_index)
+            return bimamba_forward_triton(self, hidden, ctx.direction_gate, ctx.cls_index, **_fused_alignment(ctx))
         bsz, length, _ = hidden.shape
         xz = self.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
@@ -209,6 +235,7 @@ class BiMambaMixer(nn.Module):
         if idx.numel() == 0:
             return out
         sub = MixerContext(positions=None if ctx.positions is None else ctx.positions[idx], align=ctx.align,
-                           cls_index=None if ctx.cls_index is None else ctx.cls_index[idx])
+                           cls_index=None if ctx.cls_index is None else ctx.cls_index[idx],
+                           full_length=ctx.full_length)
         y = self._direction(x[idx], z[idx], backward, sub, None if mask is None else mask[idx])
         return out.index_copy(0, idx, y.to(out.dtype))

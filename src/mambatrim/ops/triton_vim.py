@@ -5,6 +5,10 @@ One layer runs: in_proj -> **one** conv kernel for both directions (causal with 
 **one** scan launch for both directions (the backward one reads right to left and both write, summed and scaled,
 into one token-major output) -> out_proj. No ``flip``, no transpose copies: every kernel reads the (B, L, channels)
 activations the Linear layers produce.
+
+Pruned sequences with hidden-state alignment (ToP, inference): the conv kernel takes a position map, so each
+kept token sees its original neighbourhood without a full-length buffer, and the scan takes the pruned-position
+gaps of both directions.
 """
 from __future__ import annotations
 
@@ -26,11 +30,18 @@ CONV_BWD_BLOCK_E, CONV_BWD_WARPS, CONV_BWD_SEGMENTS = 64, 1, 4
 
 @triton.jit
 def _conv_pair_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, on_ptr, L, E,
+    x_ptr, w_ptr, b_ptr, out_ptr, on_ptr, pos_ptr, inv_ptr, L, E, FULL,
     sx_b, sx_t, sx_d,
     so_g, so_b, so_t,
+    sp_b, sp_t, si_b,
     K: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ON: tl.constexpr,
+    HAS_MAP: tl.constexpr,
 ):
+    """Both directions' conv + SiLU for one (channel block, block of BL tokens, sample).
+
+    ``HAS_MAP`` (aligned pruning, inference): token t sits at original position p = pos[b, t] of a dense
+    sequence of ``FULL`` tokens and sees the tokens at original positions p + o, read through the inverse map
+    inv[b, p + o] (compact index, -1 where pruned: zeros, as in the dense sequence with pruned slots zeroed)."""
     pid_e = tl.program_id(0)
     pid_l = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -40,11 +51,19 @@ def _conv_pair_kernel(
     acc_f = tl.zeros((BL, BE), dtype=tl.float32)
     acc_b = tl.zeros((BL, BE), dtype=tl.float32)
     base = x_ptr + pid_b * sx_b + e[None, :] * sx_d
+    if HAS_MAP:
+        p = tl.load(pos_ptr + pid_b * sp_b + t * sp_t, mask=t < L, other=0).to(tl.int32)
     # x[t + o] for o in -(K-1)..(K-1), each tile loaded once and used by both directions
     for i in tl.static_range(2 * K - 1):
         o = i - (K - 1)
-        tt = t + o
-        xm = ((tt >= 0) & (tt < L))[:, None] & emask[None, :]
+        if HAS_MAP:  # the neighbour at original position p + o, if it was kept
+            q = p + o
+            tt = tl.load(inv_ptr + pid_b * si_b + q, mask=(t < L) & (q >= 0) & (q < FULL), other=-1)
+            row_ok = tt >= 0
+        else:
+            tt = t + o
+            row_ok = (tt >= 0) & (tt < L)
+        xm = row_ok[:, None] & emask[None, :]
         xv = tl.load(base + tt[:, None] * sx_t, mask=xm, other=0.0).to(tl.float32)
         if o <= 0:  # causal: out[t] = sum_k w[k] x[t - (K-1) + k]
             wf = tl.load(w_ptr + e * K + (o + K - 1), mask=emask, other=0.0).to(tl.float32)
@@ -206,17 +225,32 @@ def _conv_pair_backward(x: Tensor, weight: Tensor, bias: Tensor | None, grad: Te
     return dx, dweight, dbias
 
 
-def _conv_pair_launch(x: Tensor, weight: Tensor, bias: Tensor | None, on: Tensor | None = None) -> Tensor:
+def _inverse_positions(positions: Tensor, full_length: int) -> Tensor:
+    """(b, full_length) int32: the compact index of the token at each original position, -1 where pruned.
+    One scatter on the device (no host sync); ``positions`` (b, L) must be distinct and < full_length per row."""
+    bsz, length = positions.shape
+    inv = torch.full((bsz, full_length), -1, dtype=torch.int32, device=positions.device)
+    compact = torch.arange(length, dtype=torch.int32, device=positions.device).expand(bsz, length)
+    return inv.scatter_(1, positions.long(), compact)
+
+
+def _conv_pair_launch(x: Tensor, weight: Tensor, bias: Tensor | None, on: Tensor | None = None,
+                      positions: Tensor | None = None, inverse: Tensor | None = None) -> Tensor:
     bsz, L, E = x.shape
     K = weight.shape[-1]
     out = torch.empty(2, bsz, L, E, device=x.device, dtype=x.dtype)
     BL, BE = CONV_BLOCK_L, CONV_BLOCK_E
     grid = (triton.cdiv(E, BE), triton.cdiv(L, BL), bsz)
     w = weight.contiguous()
+    has_map = positions is not None
     _conv_pair_kernel[grid](
-        x, w, bias if bias is not None else w, out, on if on is not None else w, L, E,
+        x, w, bias if bias is not None else w, out, on if on is not None else w,
+        positions if has_map else w, inverse if has_map else w, L, E, inverse.shape[1] if has_map else 0,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        K=K, BL=BL, BE=BE, HAS_BIAS=bias is not None, HAS_ON=on is not None, num_warps=CONV_WARPS,
+        positions.stride(0) if has_map else 0, positions.stride(1) if has_map else 0,
+        inverse.stride(0) if has_map else 0,
+        K=K, BL=BL, BE=BE, HAS_BIAS=bias is not None, HAS_ON=on is not None, HAS_MAP=has_map,
+        num_warps=CONV_WARPS,
     )
     return out
 
@@ -234,16 +268,35 @@ class _ConvPairFn(torch.autograd.Function):
 
 
 def conv_pair_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                     direction_on: Tensor | None = None) -> Tensor:
+                     direction_on: Tensor | None = None, positions: Tensor | None = None,
+                     full_length: int | None = None) -> Tensor:
     """Causal (direction 0) and anti-causal (direction 1) depthwise conv + SiLU of token-major x.
 
     x (b, L, d) any strides; weight (2, d, k); bias (2, d) or None. Returns (2, b, L, d) in x's dtype.
     ``direction_on`` (b, 2) int32, inference only: outputs of switched-off (sample, direction) pairs are left
     unwritten (undefined), for a scan that skips them.
+
+    ``positions`` (b, L) integer, inference only (no backward): the tokens are the kept ones of a dense
+    sequence of ``full_length`` tokens, token t at original index ``positions[b, t]`` (distinct per row, any
+    order), and each sees its original neighbourhood, pruned slots reading as zeros: the conv of the dense
+    sequence with pruned tokens zeroed, at the kept positions (ToP's aligned conv). ``full_length`` None reads
+    ``positions.max() + 1`` back from the device (a host sync).
     """
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[0] != 2 or weight.shape[1] != x.shape[2]:
         raise ValueError(f"conv_pair_triton: expected x (b, L, d) and weight (2, d, k), got {tuple(x.shape)} "
                          f"and {tuple(weight.shape)}")
+    if positions is not None:
+        if positions.shape != x.shape[:2]:
+            raise ValueError(f"conv_pair_triton: positions must be (b, L) = {tuple(x.shape[:2])}, got "
+                             f"{tuple(positions.shape)}")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            raise ValueError("conv_pair_triton: the position-mapped conv (aligned pruning) is inference-only (no "
+                             "backward); run under torch.no_grad(), or train through the per-direction PyTorch "
+                             "path (BiMambaMixer does so whenever autograd is on)")
+        if full_length is None:
+            full_length = int(positions.max()) + 1
+        inverse = _inverse_positions(positions, full_length)
+        return _conv_pair_launch(x, weight, bias, direction_on, positions, inverse)
     if direction_on is not None:
         return _conv_pair_launch(x, weight, bias, direction_on)
     return _ConvPairFn.apply(x, weight, bias)
@@ -280,12 +333,18 @@ def _direction_params(mixer: nn.Module) -> tuple[Tensor, ...]:
 
 def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
                            direction_gate: Tensor | Callable[[Tensor], Tensor] | None = None,
-                           cls_index: Tensor | None = None) -> Tensor:
-    """Vim v2 mixer forward (no mask or alignment) with fused Triton kernels. hidden (b, L, d_model).
+                           cls_index: Tensor | None = None, *, positions: Tensor | None = None,
+                           full_length: int | None = None, gap: Tensor | None = None) -> Tensor:
+    """Vim v2 mixer forward (no token mask) with fused Triton kernels. hidden (b, L, d_model).
 
     ``direction_gate`` (inference only): (b, 2) 0/1 per sample and direction, or a callable mapping the class
     token's ``in_proj`` output (b, 2E) to it (needs ``cls_index``). Switched-off directions are skipped inside
     the conv and scan kernels, without a host sync.
+
+    Hidden-state alignment of pruned tokens (inference only): ``positions`` (b, L) original indices into a
+    dense sequence of ``full_length`` tokens make the conv see each token's original neighbourhood (see
+    :func:`conv_pair_triton`); ``gap`` (2, b, L) float, pruned positions before each token in the forward
+    (0) and backward (1) scan order, makes the state decay across them (``align='decay'``; ``None`` holds it).
     """
     E, N, R = mixer.d_inner, mixer.d_state, mixer.dt_rank
     bsz, L, _ = hidden.shape
@@ -299,7 +358,8 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     if direction_gate is not None:
         on = (direction_gate > 0.5).to(torch.int32).contiguous()
     conv_w, conv_b, w_x, w_dt, A, D, dt_bias = _direction_params(mixer)
-    u2 = conv_pair_triton(x, conv_w, conv_b, direction_on=on)  # (2, b, L, E)
+    u2 = conv_pair_triton(x, conv_w, conv_b, direction_on=on, positions=positions,
+                          full_length=full_length)  # (2, b, L, E)
     u_flat = u2.view(2, bsz * L, E)
     x_dbl = torch.bmm(u_flat, w_x.transpose(1, 2).to(u_flat.dtype))  # under autocast: bf16 either way
     delta = torch.bmm(x_dbl[..., :R], w_dt.transpose(1, 2).to(x_dbl.dtype))
@@ -308,7 +368,7 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     y = selective_scan_pair_triton(
         u2.permute(0, 1, 3, 2), delta.view(2, bsz, L, E).permute(0, 1, 3, 2), A, Bm, Cm, D, z.transpose(1, 2),
         dt_bias, delta_softplus=True,
-        scale=0.5 if mixer.divide_out else 1.0, direction_on=on,
+        scale=0.5 if mixer.divide_out else 1.0, gap=gap, direction_on=on,
     )  # (b, E, L) logical, (b, L, E) memory
     mixer.last_stats = {"tokens": L, "gate": None if direction_gate is None else direction_gate.detach()}
     return mixer.out_proj(y.transpose(1, 2))

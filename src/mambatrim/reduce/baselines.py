@@ -6,7 +6,8 @@
                   knowledge, the "plain token pruning" the papers compare against
 
 By default none uses hidden-state alignment (``align=None``), so they are plain pruning; ``align`` is accepted
-for ablations.
+for ablations. ``order='score'`` leaves the survivors ranked by score instead of in their original order, as
+top-k pruning for ViTs does (EViT-style pruning applied to Vim, what ToP's paper calls naive pruning).
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ class RandomPruner(ProgressivePruner):
     """Random scores. ``seed`` makes evaluation repeatable: the generator restarts at every forward pass."""
 
     def __init__(self, layers: Sequence[int] = DEFAULT_LAYERS, keep: float | Sequence[float] = 0.8,
-                 align: str | None = None, cls_placement: str = "middle", seed: int | None = 0) -> None:
-        super().__init__(layers, keep, align, cls_placement)
+                 align: str | None = None, cls_placement: str = "middle", seed: int | None = 0,
+                 order: str = "original") -> None:
+        super().__init__(layers, keep, align, cls_placement, order)
         self.seed = seed
         self._gen: torch.Generator | None = None
 
@@ -32,7 +34,7 @@ class RandomPruner(ProgressivePruner):
         self._gen = None
         if self.seed is not None:
             self._gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        return state
+        return super().begin(state)
 
     def scores(self, layer_idx: int, state: TokenState) -> Tensor:
         score = torch.rand(state.hidden.shape[:2], generator=self._gen)

@@ -74,6 +74,9 @@ class MixerContext:
     align:          how the scan treats those gaps: None (compact sequence), 'hold' (state unchanged across a
                     gap, local conv sees the original neighbourhood) or 'decay' ('hold' plus the state decays
                     across the gap at the previous token's rate).
+    full_length:    length of the dense sequence the positions index into (every position < full_length), so
+                    the aligned conv needs no device-to-host read of ``positions.max()`` (no sync, capturable
+                    in a CUDA graph); ``None``: derived from the positions.
     """
 
     token_mask: Tensor | None = None
@@ -82,6 +85,7 @@ class MixerContext:
     skip_gated: bool = False
     positions: Tensor | None = None
     align: str | None = None
+    full_length: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
 

@@ -28,8 +28,10 @@ from .core import MixerContext, Reducer, TokenState
 
 ALIGN_MODES = (None, "hold", "decay")
 CLS_PLACEMENTS = ("middle", "original")
+ORDERS = ("original", "score")
 DEFAULT_LAYERS = (5, 10, 15)
 DEFAULT_ALIGN = "hold"  # R1 recovered more accuracy than R2 on CIFAR-10 (tied on digits): docs/top.md
+DENSE_TOKENS = "dense_tokens"  # TokenState.extras key: the token count before any pruning (set by begin)
 
 
 def kept_patches(num_tokens: int, keep: float) -> int:
@@ -86,20 +88,33 @@ class ProgressivePruner(Reducer):
     """
 
     def __init__(self, layers: Sequence[int] = DEFAULT_LAYERS, keep: float | Sequence[float] = 0.8,
-                 align: str | None = None, cls_placement: str = "middle") -> None:
+                 align: str | None = None, cls_placement: str = "middle", order: str = "original") -> None:
         super().__init__()
         if align not in ALIGN_MODES:
             raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
         if cls_placement not in CLS_PLACEMENTS:
             raise ValueError(f"cls_placement must be one of {CLS_PLACEMENTS}, got {cls_placement!r}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if order == "score" and (align is not None or cls_placement != "middle"):
+            raise ValueError("order='score' (survivors ranked by score, as ViT pruning does) keeps no positional "
+                             "order: it needs align=None and cls_placement='middle'")
         self.keep_at = _per_layer_keep(layers, keep)
         self.layers = sorted(self.keep_at)
         self.align = align
         self.cls_placement = cls_placement
+        # 'original': survivors keep their order (ToP); 'score': ranked by score, as top-k token pruning for ViTs
+        # (EViT, DynamicViT's inference) leaves them -- harmless for attention, not for a scan (an ablation)
+        self.order = order
 
     def scores(self, layer_idx: int, state: TokenState) -> Tensor:
         """(B, L) importance of each token (higher = kept); the class token's value is ignored."""
         raise NotImplementedError
+
+    def begin(self, state: TokenState) -> TokenState:
+        """Record the dense token count (what ``positions`` index into) in the state, for the aligned mixer:
+        it then sizes its position map without reading ``positions.max()`` back from the device."""
+        return state.replace(extras={**state.extras, DENSE_TOKENS: state.num_tokens})
 
     def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
         keep = self.keep_at.get(layer_idx)
@@ -116,7 +131,9 @@ class ProgressivePruner(Reducer):
         # the class token is never a candidate (masked_fill: an indexed write of a Python float would copy a
         # host scalar every call, which also rules out CUDA-graph capture)
         score = score.masked_fill(is_cls, float("-inf"))
-        top = score.topk(n_keep, dim=1).indices.sort(dim=1).values  # survivors in original order
+        top = score.topk(n_keep, dim=1).indices  # by descending score
+        if self.order == "original":
+            top = top.sort(dim=1).values  # survivors in original order
         cls = state.cls_index[:, None]
         if self.cls_placement == "middle":
             mid = n_keep // 2
@@ -130,7 +147,8 @@ class ProgressivePruner(Reducer):
     def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
         if self.align is None or layer_idx < self.layers[0]:
             return None
-        return MixerContext(positions=state.positions, cls_index=state.cls_index, align=self.align)
+        return MixerContext(positions=state.positions, cls_index=state.cls_index, align=self.align,
+                            full_length=state.extras.get(DENSE_TOKENS))
 
     def tokens_per_layer(self, num_tokens: int, depth: int) -> list[int]:
         return tokens_per_layer(num_tokens, depth, self.layers, [self.keep_at[i] for i in self.layers])
@@ -151,7 +169,8 @@ class ProgressivePruner(Reducer):
         return extra
 
     def extra_repr(self) -> str:
-        return f"keep_at={self.keep_at}, align={self.align!r}, cls_placement={self.cls_placement!r}"
+        return (f"keep_at={self.keep_at}, align={self.align!r}, cls_placement={self.cls_placement!r}, "
+                f"order={self.order!r}")
 
 
 def _record_ssm_output(module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -209,7 +228,7 @@ class ToP(ProgressivePruner):
         if not self._targets:
             raise RuntimeError("ToP has no score hooks: attach it with mambatrim.reduce.top.apply(model, ...)")
         self._set_recording(True)
-        return state
+        return super().begin(state)
 
     def finish(self, state: TokenState) -> TokenState:
         self._set_recording(False)
