@@ -1,5 +1,5 @@
-"""The fused R-MeeTo merge (two Triton launches) against the PyTorch merge, through the Triton interpreter on
-CPU (tiny shapes) and with the real kernels on a GPU (two launches): same kept rows in the same order, class-token slot,
+"""The fused R-MeeTo merge (three Triton launches) against the PyTorch merge, through the Triton interpreter on
+CPU (tiny shapes) and with the real kernels on a GPU: same kept rows in the same order, class-token slot,
 positions, sizes and merged values, for every class-token rule, odd and even token counts, and a residual
 stream or none."""
 from __future__ import annotations
@@ -22,11 +22,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
-def small_fold_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A destination folds its group two merged rows per step, so groups span several steps."""
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channel slices of the fold narrower than the rows, so several programs share an image."""
     from mambatrim.reduce import rmeeto_kernels
 
-    monkeypatch.setattr(rmeeto_kernels, "FOLD_ROWS", 2)
+    monkeypatch.setattr(rmeeto_kernels, "FOLD_BLOCK_D", 16)
 
 
 @pytest.mark.parametrize("length,r,rule,with_residual,shared", [
@@ -36,7 +36,7 @@ def test_fused_merge_equals_the_pytorch_merge(length: int, r: int, rule: str, wi
                                               shared: bool) -> None:
     """``shared``: every A token's best partner is the same B token, so all r merge into one destination."""
     g = torch.Generator().manual_seed(length + r)
-    bsz, dim = 3, 20  # 20 channels: a padded (32-wide) channel block
+    bsz, dim = 3, 20  # with FOLD_BLOCK_D patched to 16 on CPU: two channel slices
     hidden = torch.randn(bsz, length, dim, generator=g)
     if shared:
         common = torch.randn(dim, generator=g)

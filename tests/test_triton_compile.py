@@ -66,9 +66,10 @@ cases = {
     "conv pair, position map (aligned pruning)": (triton_vim._conv_pair_kernel, dict(
         conv, HAS_ON=False, HAS_MAP=True)),
     "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=triton_vim.CONV_BWD_BLOCK_E, HAS_BIAS=True)),
-    "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D)),
-    "R-MeeTo merge rows + grouped fold": (rmeeto_kernels._merge_rows_kernel, dict(
-        HAS_RES=True, BD=512, RP=32, MB=rmeeto_kernels.FOLD_ROWS)),
+    "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(
+        RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D, PREC="tf32")),
+    "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512)),
+    "R-MeeTo merge fold": (rmeeto_kernels._merge_fold_kernel, dict(HAS_RES=True, BD=rmeeto_kernels.FOLD_BLOCK_D)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
 }
 results = {}
@@ -94,4 +95,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 13
+    assert len(results) == 14

@@ -60,9 +60,8 @@ def _gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None) -> 
         bridge = (after - before - 1).clamp(min=0)
         # forward: the token after the cls (pair c) carries the bridge; reverse: the token before it (pair c-1)
         carry, zero = (c - 1, c) if reverse else (c, c - 1)
-        fixed = diff.clone()
-        fixed[rows, carry] = bridge
-        fixed[rows, zero] = 0
+        # scatters, not indexed writes: writing a Python 0 copies a host scalar (a sync, no CUDA-graph capture)
+        fixed = diff.scatter(1, carry[:, None], bridge[:, None]).scatter(1, zero[:, None], torch.zeros_like(c)[:, None])
         diff = torch.where(out_of_order[:, None], fixed, diff)
     gap = diff.float()
     pad = gap.new_zeros(bsz, 1)
