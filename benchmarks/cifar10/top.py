@@ -47,7 +47,8 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [  # (row, method, options on 
     ("norm pruning, survivors ranked by score (EViT-style)", "prune_norm", dict(order="score")),
     ("random pruning, survivors ranked by score", "prune_random", dict(order="score")),
 ]
-FINETUNED = ("ToP, align=decay (R2)", "ToP, align=hold (R1)", "norm pruning (plain)")
+FINETUNED = ("ToP, align=decay (R2)", "ToP, align=hold (R1)", "norm pruning (plain)", "random pruning",
+             "static evenly-spread pruning", "norm pruning, survivors ranked by score (EViT-style)")
 
 
 def scaled_schedule(depth: int) -> list[int]:
@@ -119,7 +120,10 @@ def main() -> int:
         write(result, out, args.name)  # after every row: a cut-short run keeps what it measured
     for row in (r for r in rows if args.epochs > 0 and r["name"] in FINETUNED):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = make_config(common, load_yaml(args.recipe),
+            recipe = load_yaml(args.recipe)
+            if row["method"] != recipe.get("method"):  # a baseline: none of ToP's recipe options (e.g. align)
+                recipe.pop("method_opts", None)
+            cfg = make_config(common, recipe,
                               {"method": row["method"], "method_opts": row["options"], "finetune": args.checkpoint,
                                "epochs": args.epochs, "output_dir": tmp}, parse_method_options(args.overrides))
             start = time.time()
