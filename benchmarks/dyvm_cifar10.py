@@ -109,6 +109,10 @@ def main() -> int:
     parser.add_argument("--work-dir", default=None, help="keep the fine-tuned checkpoint here (default: temp)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--stem", default="dyvm_cifar10", help="result file names: STEM.json / STEM.md")
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the speed measurement (e.g. while other jobs share the GPU)")
+    parser.add_argument("--tuned", default=None, metavar="CHECKPOINT",
+                        help="evaluate this fine-tuned checkpoint (a --work-dir's last.pth) instead of fine-tuning")
     args = parser.parse_args()
 
     base = baseline_settings(read_checkpoint(args.checkpoint))
@@ -118,14 +122,25 @@ def main() -> int:
     if overrides.get("method", recipe.get("method")) != recipe.get("method"):
         recipe.pop("method_opts", None)  # another method: only its own options
     extra: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work_dir or tmp)
-        cfg = make_config(common, recipe, {"finetune": args.checkpoint, "teacher": args.checkpoint,
-                                           "output_dir": str(work)}, extra, overrides)
-        start = time.time()
-        summary = train(cfg)
-        wall = time.time() - start
-        tuned = read_checkpoint(work / "last.pth")
+    if args.tuned:  # a fine-tune done earlier: its own recorded config and training summary
+        tuned = read_checkpoint(args.tuned)
+        cfg = make_config(common, recipe, {k: v for k, v in (tuned.get("config") or {}).items()
+                                           if k in ("method", "method_opts", "epochs", "lr")}, overrides)
+        summary, wall = dict(tuned.get("train_summary") or {}), float("nan")
+        wall = summary.pop("wall_s", wall)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(args.work_dir or tmp)
+            cfg = make_config(common, recipe, {"finetune": args.checkpoint, "teacher": args.checkpoint,
+                                               "output_dir": str(work)}, extra, overrides)
+            start = time.time()
+            summary = train(cfg)
+            wall = time.time() - start
+            tuned = read_checkpoint(work / "last.pth")
+            if args.work_dir:  # what a later --tuned run reports as the fine-tune
+                torch.save({"model": tuned["model"], "config": tuned.get("config"),
+                            "train_summary": {**{k: summary.get(k) for k in ("lr", "global_batch", "train_img_per_s")},
+                                              "wall_s": round(wall, 1)}}, work / "tuned.pth")
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     in_chans, size = _resolve_input(cfg)
@@ -150,7 +165,7 @@ def main() -> int:
                                         data.input_size).to(device)
         dyvm_eval["top1_training_free"] = measure(untuned, data.val, device, amp)["top1"]
     bench = None
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_speed:
         images = next(iter(data.val))[0][: args.bench_batch]
         while images.shape[0] < args.bench_batch:
             images = torch.cat([images, images])[: args.bench_batch]

@@ -93,7 +93,6 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("dyvm_speed.py measures GPU speed: no CUDA device found")
-    torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -390,6 +390,41 @@ def test_predictor_scores_in_fp32_under_autocast() -> None:
     torch.testing.assert_close(from_bf16, predictor(x.bfloat16().float(), policy))
 
 
+def test_predictor_precision_option_and_its_tf32_switch_restores_the_global_setting() -> None:
+    model = create_model("vim_tiny_patch16_224", depth=4, embed_dim=64, img_size=64, num_classes=10)
+    dyvm.apply(model, pruning_layers=[2], predictor_precision="fp32")
+    assert [p.precision for p in model.reducer.predictors] == ["fp32"]
+    dyvm.apply(model, pruning_layers=[2])
+    assert [p.precision for p in model.reducer.predictors] == ["tf32"]  # the default
+    with pytest.raises(ValueError, match="predictor_precision"):
+        dyvm.apply(model, predictor_precision="bf16")
+    matmul = torch.backends.cuda.matmul
+    attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, attr)
+    with dyvm._matmul_tf32(True):
+        assert getattr(matmul, attr) in ("tf32", True)
+    assert getattr(matmul, attr) == before
+    with pytest.raises(RuntimeError, match="boom"), dyvm._matmul_tf32(True):
+        raise RuntimeError("boom")
+    assert getattr(matmul, attr) == before  # restored on errors too
+
+
+def test_block_selector_inference_path_equals_the_linear_layer() -> None:
+    torch.manual_seed(0)
+    sel = dyvm.BlockSelector(48, 2)
+    x = torch.randn(5, 48)
+    want = torch.nn.functional.linear(x, sel.weight, sel.bias)
+    torch.testing.assert_close(sel(x), want)  # training mode: the Linear itself
+    sel.eval()
+    with torch.no_grad():
+        fast = sel(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_amp = sel(x.bfloat16())
+    assert fast.dtype == fast_amp.dtype == torch.float32
+    torch.testing.assert_close(fast, want)
+    torch.testing.assert_close(fast_amp, torch.nn.functional.linear(x.bfloat16().float(), sel.weight, sel.bias))
+
+
 def test_dyvm_with_the_static_pruners_kept_set_equals_the_static_pruner() -> None:
     """Control for the CIFAR-10 comparison (docs/dyvm.md): DyVM's pruning (eval, tokens dropped, class token
     re-inserted in the middle) given the static pruner's kept tokens yields the static pruner's logits, so

@@ -220,15 +220,32 @@ def test_tiny_vim_triton_matches_torch_backend() -> None:
     for key in ("layers.0.mixer.conv1d_b.weight", "layers.1.mixer.A_b_log", "layers.0.mixer.x_proj.weight",
                 "layers.1.mixer.dt_proj_b.bias", "patch_embed.proj.weight"):
         assert rel(gt[key].cpu(), gr[key].cpu()) < 1e-4, key
-    # inference caches the stacked direction weights: an in-place weight update must reach the next call
-    with torch.no_grad(), use_backend("triton"):
-        model(images)
-        model.layers[0].mixer.A_b_log.add_(0.5)
-        after = model(images)
-    with torch.no_grad(), use_backend("torch"):
-        want = model(images)
-    assert rel(want.cpu(), lr.cpu()) > 1e-6  # the update changed the output
-    assert rel(after.cpu(), want.cpu()) < 1e-5
+    # inference caches the stacked direction weights and the compute-dtype linear weights: an in-place
+    # update of any of them must reach the next call
+    mixer = model.layers[0].mixer
+    for update in (lambda: mixer.A_b_log.add_(0.5), lambda: mixer.in_proj.weight.mul_(1.5),
+                   lambda: mixer.out_proj.weight.add_(0.1), lambda: mixer.x_proj_b.weight.mul_(0.5)):
+        with torch.no_grad(), use_backend("triton"):
+            before = model(images)
+            update()
+            after = model(images)
+        with torch.no_grad(), use_backend("torch"):
+            want = model(images)
+        assert rel(want.cpu(), before.cpu()) > 1e-6  # the update changed the output
+        assert rel(after.cpu(), want.cpu()) < 1e-5
+    # under autocast the cached weights are in the autocast dtype, as autocast's own casts would be
+    kind = DEVICE.type if isinstance(DEVICE, torch.device) else str(DEVICE).split(":")[0]
+    with torch.no_grad(), torch.autocast(kind, dtype=torch.bfloat16):
+        with use_backend("triton"):
+            low = model(images)
+        with use_backend("torch"):
+            low_ref = model(images)
+    assert mixer._triton_cast_cache[1][0].dtype == torch.bfloat16
+    # inference mode (tensors without version counters) runs the cached path too
+    with torch.inference_mode(), use_backend("triton"):
+        inferred = model(images)
+    assert rel(inferred.cpu(), want.cpu()) < 1e-5
+    assert rel(low.float().cpu(), low_ref.float().cpu()) < 3e-2
 
 
 def test_pair_rejects_bad_shape() -> None:

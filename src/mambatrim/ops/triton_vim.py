@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor, nn
@@ -313,7 +314,7 @@ def _direction_params(mixer: nn.Module) -> tuple[Tensor, ...]:
               mixer.x_proj.weight, mixer.x_proj_b.weight, mixer.dt_proj.weight, mixer.dt_proj_b.weight,
               mixer.A_log, mixer.A_b_log, mixer.D, mixer.D_b, mixer.dt_proj.bias, mixer.dt_proj_b.bias)
     grad = torch.is_grad_enabled()
-    key = tuple((id(p), p.data_ptr(), p._version) if p is not None else None for p in params)
+    key = tuple((id(p), p.data_ptr(), _version(p)) if p is not None else None for p in params)
     cached = getattr(mixer, "_triton_stack_cache", None)
     if not grad and cached is not None and cached[0] == key:
         return cached[1]
@@ -329,6 +330,47 @@ def _direction_params(mixer: nn.Module) -> tuple[Tensor, ...]:
     if not grad:
         mixer._triton_stack_cache = (key, stacks)
     return stacks
+
+
+def _version(t: Tensor) -> int:
+    """In-place update counter; inference-mode tensors have none (and cannot be updated outside that mode)."""
+    return -1 if t.is_inference() else t._version
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (e.g. ToP reads its score through a pre-hook on ``out_proj``)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _linear(module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``module(x)``, with the cached compute-dtype ``weight`` where given and the module has no hooks."""
+    if weight is None or _hooked(module):
+        return module(x)
+    return F.linear(x.to(weight.dtype), weight, bias)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in here: autocast's where it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _inference_linears(mixer: nn.Module, w_x: Tensor, w_dt: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+    """in_proj, out_proj, x_proj and dt_proj weights (and biases) in the compute dtype, cached on the mixer.
+
+    Without autograd the casts autocast would otherwise repeat at every forward (4 kernels a layer, also inside
+    a CUDA graph: a fixed cost that token reduction cannot shrink) are done once and redone only when a weight
+    changes (in place or replaced) or the dtype does."""
+    params = (mixer.in_proj.weight, mixer.in_proj.bias, mixer.out_proj.weight, mixer.out_proj.bias, w_x, w_dt)
+    key = (dtype,) + tuple(None if p is None else (id(p), p.data_ptr(), _version(p)) for p in params)
+    cached = getattr(mixer, "_triton_cast_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    casts = tuple(None if p is None else p.detach().to(dtype) for p in params[:4]) + (
+        w_x.transpose(1, 2).to(dtype).contiguous(), w_dt.transpose(1, 2).to(dtype).contiguous())
+    mixer._triton_cast_cache = (key, casts)
+    return casts
 
 
 def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
@@ -348,7 +390,15 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     """
     E, N, R = mixer.d_inner, mixer.d_state, mixer.dt_rank
     bsz, L, _ = hidden.shape
-    xz = mixer.in_proj(hidden)  # (b, L, 2E)
+    conv_w, conv_b, w_x, w_dt, A, D, dt_bias = _direction_params(mixer)
+    if torch.is_grad_enabled():  # training: autocast casts (and differentiates through) the fp32 weights
+        w_in = b_in = w_out = b_out = None
+        w_x_t, w_dt_t = w_x.transpose(1, 2), w_dt.transpose(1, 2)
+        xz = mixer.in_proj(hidden)  # (b, L, 2E)
+    else:
+        dtype = _compute_dtype(hidden)
+        w_in, b_in, w_out, b_out, w_x_t, w_dt_t = _inference_linears(mixer, w_x, w_dt, dtype)
+        xz = _linear(mixer.in_proj, hidden, w_in, b_in)  # (b, L, 2E)
     x, z = xz[..., :E], xz[..., E:]
     on = None
     if callable(direction_gate):
@@ -357,12 +407,11 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
         direction_gate = direction_gate(xz[torch.arange(bsz, device=xz.device), cls_index])
     if direction_gate is not None:
         on = (direction_gate > 0.5).to(torch.int32).contiguous()
-    conv_w, conv_b, w_x, w_dt, A, D, dt_bias = _direction_params(mixer)
     u2 = conv_pair_triton(x, conv_w, conv_b, direction_on=on, positions=positions,
                           full_length=full_length)  # (2, b, L, E)
     u_flat = u2.view(2, bsz * L, E)
-    x_dbl = torch.bmm(u_flat, w_x.transpose(1, 2).to(u_flat.dtype))  # under autocast: bf16 either way
-    delta = torch.bmm(x_dbl[..., :R], w_dt.transpose(1, 2).to(x_dbl.dtype))
+    x_dbl = torch.bmm(u_flat, w_x_t.to(u_flat.dtype))  # under autocast: bf16 either way
+    delta = torch.bmm(x_dbl[..., :R], w_dt_t.to(x_dbl.dtype))
     Bm = x_dbl[..., R:R + N].view(2, bsz, L, N).permute(0, 1, 3, 2)
     Cm = x_dbl[..., R + N:].view(2, bsz, L, N).permute(0, 1, 3, 2)
     y = selective_scan_pair_triton(
@@ -371,4 +420,4 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
         scale=0.5 if mixer.divide_out else 1.0, gap=gap, direction_on=on,
     )  # (b, E, L) logical, (b, L, E) memory
     mixer.last_stats = {"tokens": L, "gate": None if direction_gate is None else direction_gate.detach()}
-    return mixer.out_proj(y.transpose(1, 2))
+    return _linear(mixer.out_proj, y.transpose(1, 2), w_out, b_out)

@@ -27,7 +27,8 @@ Usage::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -42,6 +43,40 @@ from .core import MixerContext, Reducer, TokenState, take_rows
 # keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
 # positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
 KeepOverride = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+@contextmanager
+def _matmul_tf32(enabled: bool) -> Iterator[None]:
+    """CUDA fp32 matmuls with TF32 inputs inside the block (the global switch, restored after)."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        old, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:
+        old_flag, matmul.allow_tf32 = matmul.allow_tf32, True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old_flag
+
+
+class BlockSelector(nn.Linear):
+    """Per-layer scan-direction selector: the class token's ``in_proj`` output (B, 2E) -> (B, 2) fp32 logits
+    (forward, backward). A plain Linear (the released parameter names); at inference (eval, no autograd) one
+    fp32 GEMV with the bias fused, where autocast would wrap a slow bf16 GEMM in casts at every layer."""
+
+    def forward(self, cls_xz: Tensor) -> Tensor:
+        if self.training or torch.is_grad_enabled():
+            return super().forward(cls_xz.to(self.weight.dtype)).float()
+        kind = cls_xz.device.type
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
+            return torch.addmm(self.bias.float(), cls_xz.float(), self.weight.float().t())
 
 
 class TokenPredictor(nn.Module):
@@ -62,13 +97,17 @@ class TokenPredictor(nn.Module):
                 trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    precision = "tf32"  # of the predictor's matmuls on a GPU ('tf32' or 'fp32'); set by DyVMReducer
+
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
-        # always fp32, also under autocast: the scores only rank tokens, and in bf16 close scores collapse into
+        # fp32 outputs, also under autocast: the scores only rank tokens, and in bf16 close scores collapse into
         # ties that top-k and Gumbel decisions then break arbitrarily (a DyVM model lost 6 points of top-1 when
-        # its predictor ran in bf16, the backbone being unaffected). The predictor is ~1 % of the FLOPs.
+        # its predictor ran in bf16, the backbone being unaffected). On a GPU the matmuls take TF32 inputs by
+        # default (fp32 accumulation and outputs, so no such ties): plain fp32 GEMMs run on the CUDA cores and
+        # cost ~5 % of a DyVM-Vim-S forward for ~1 % of its FLOPs. ``predictor_precision='fp32'`` keeps them.
         if not torch.amp.is_autocast_available(x.device.type):  # e.g. 'meta' (FLOPs counting)
             return self._scores(x.float(), policy.float())
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), _matmul_tf32(x.is_cuda and self.precision == "tf32"):
             return self._scores(x.float(), policy.float())
 
     def _scores(self, x: Tensor, policy: Tensor) -> Tensor:
@@ -134,6 +173,7 @@ class DyVMReducer(Reducer):
         rearrange: bool = True,
         predictor_init_keep: bool = True,
         coverage_prior: float = 0.0,
+        predictor_precision: str = "tf32",
     ) -> None:
         super().__init__()
         self.depth = depth
@@ -159,7 +199,11 @@ class DyVMReducer(Reducer):
         self.token_loss_weight, self.block_loss_weight = float(token_loss_weight), float(block_loss_weight)
         self.distill_weight = float(distill_weight)
         self.token_tau, self.block_tau, self.block_threshold = float(token_tau), float(block_tau), block_threshold
+        if predictor_precision not in ("tf32", "fp32"):
+            raise ValueError(f"dyvm: predictor_precision must be 'tf32' or 'fp32', got {predictor_precision!r}")
         self.predictors = nn.ModuleList(TokenPredictor(embed_dim) for _ in layers)
+        for predictor in self.predictors:
+            predictor.precision = predictor_precision
         if predictor_init_keep:
             # Start each stage keeping its target share of the tokens still alive (rho of them), not half:
             # with zero-bias predictors (the released code) the Gumbel decisions keep ~50% per stage at first,
@@ -173,7 +217,7 @@ class DyVMReducer(Reducer):
                     previous = ratio
         self.selectors: nn.ModuleList | None = None
         if self.block_ratio is not None:
-            self.selectors = nn.ModuleList(nn.Linear(2 * d_inner, 2) for _ in range(depth))
+            self.selectors = nn.ModuleList(BlockSelector(2 * d_inner, 2) for _ in range(depth))
             with torch.no_grad():
                 for sel in self.selectors:
                     sel.weight.zero_()
@@ -279,7 +323,7 @@ class DyVMReducer(Reducer):
             selector, record = self.selectors[layer_idx], state.extras.setdefault("dyvm_gates", [])
 
             def gate(cls_xz: Tensor) -> Tensor:
-                logits = selector(cls_xz.to(selector.weight.dtype)).float()
+                logits = selector(cls_xz)
                 if self.training:
                     g = gumbel_sigmoid_hard(logits, self.block_tau, self.block_threshold)
                 else:
@@ -372,7 +416,7 @@ def apply(model: nn.Module, keep_ratio: float | None = 0.7, block_ratio: float |
     ``block_ratio``: target fraction of executed scan directions (``None``: no block selection);
     ``pruning_layers``: layers to prune before (default 6, 12, 18 for depth 24). Other options: see
     :class:`DyVMReducer` (token_ratios, token_loss_weight, block_loss_weight, distill_weight, token_tau,
-    block_tau, selector_init_bias, coverage_prior).
+    block_tau, selector_init_bias, coverage_prior, predictor_precision).
     """
     for attr in ("embed_dim", "d_inner", "depth", "set_reducer"):
         if not hasattr(model, attr):

@@ -1,0 +1,118 @@
+"""Where a CUDA-graph forward's GPU time goes: kernel time by kernel name, dense Vim-S vs reduced models.
+
+Captures each configuration's whole forward (bf16 autocast, batch 128, random weights) in a CUDA graph, times
+the replay, then profiles a few replays with ``torch.profiler`` and sums the kernels' device time by name. The
+fixed costs that token reduction cannot shrink (weight casts, the patch embedding, a method's own kernels)
+show up as kernels whose time does not fall with the token count.
+
+    python benchmarks/graph_profile.py --out benchmarks/results
+
+Writes ``graph_profile.{json,md}``: configurations dense, R-MeeTo at ratio 0.54 (r = 20), DyVM rho 0.7 with a
+static and a per-image block policy at block ratio 0.8 (as in ``dyvm_speed.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mambatrim  # noqa: E402,F401  (registers the models)
+from dyvm_speed import set_per_image_block_policy, set_static_block_policy  # noqa: E402
+from mambatrim.engine.cuda_graph import capture_graph  # noqa: E402
+from mambatrim.engine.report import write_result  # noqa: E402
+from mambatrim.models.registry import create_model  # noqa: E402
+from mambatrim.reduce import dyvm, rmeeto  # noqa: E402
+
+
+def build(name: str, state: dict, images: torch.Tensor) -> torch.nn.Module:
+    model = create_model("vim_small_patch16_224").cuda().eval()
+    model.load_state_dict(state)
+    if name.startswith("rmeeto"):
+        model.set_reducer(rmeeto.RMeeToReducer(20, rmeeto.merge_layers(model.depth)))
+    elif name.startswith("dyvm"):
+        dyvm.apply(model, keep_ratio=0.7, block_ratio=0.8)
+        model.cuda().eval()
+        if name == "dyvm static policy":
+            set_static_block_policy(model, 0.8)
+        else:
+            set_per_image_block_policy(model, images, 0.8)
+    return model
+
+
+def profile_replay(replay, reps: int) -> tuple[float, int, list[dict]]:
+    """(kernel ms per forward, kernels per forward, per-name rows sorted by time)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            replay()
+        torch.cuda.synchronize()
+    agg: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in events:
+        agg[e.name][0] += 1
+        agg[e.name][1] += e.device_time
+    rows = [dict(kernel=k[:100], per_forward=c / reps, us=round(t / reps, 1)) for k, (c, t) in agg.items()]
+    rows.sort(key=lambda r: -r["us"])
+    return sum(r["us"] for r in rows) / 1e3, round(len(events) / reps), rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=5, help="profiled replays per configuration")
+    parser.add_argument("--top", type=int, default=12, help="kernels listed per configuration in the markdown")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("graph_profile.py profiles CUDA graphs: no CUDA device found")
+    torch.manual_seed(0)
+    state = create_model("vim_small_patch16_224").state_dict()
+    images = torch.randn(args.batch_size, 3, 224, 224, device="cuda")
+    configs = {}
+    for name in ("dense", "rmeeto 0.54", "dyvm static policy", "dyvm per-image policy"):
+        model = build(name, state, images)
+
+        def forward(m: torch.nn.Module = model) -> None:
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                m(images)
+        replay = capture_graph(forward)
+        walls = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                replay()
+            torch.cuda.synchronize()
+            walls.append((time.perf_counter() - start) / 20 * 1e3)
+        kernel_ms, count, rows = profile_replay(replay, args.reps)
+        configs[name] = dict(wall_ms=round(statistics.median(walls), 3), kernel_ms=round(kernel_ms, 3),
+                             kernels_per_forward=count, kernels=rows[:40])
+        print(name, configs[name]["wall_ms"], configs[name]["kernel_ms"], count, flush=True)
+        del replay, model
+    result = dict(model="vim_small_patch16_224", batch_size=args.batch_size, precision="bf16 autocast",
+                  device=torch.cuda.get_device_name(), torch=torch.__version__, configs=configs)
+    write_result(args.out, "graph_profile", result, to_markdown(result, args.top))
+    print(to_markdown(result, args.top))
+    return 0
+
+
+def to_markdown(res: dict, top: int) -> str:
+    lines = [f"# CUDA-graph forward, kernel time by kernel: {res['model']}, batch {res['batch_size']}, "
+             f"{res['precision']}, {res['device']}", "",
+             "| config | replay wall ms | kernel ms | kernels per forward |", "|---|---|---|---|"]
+    for name, c in res["configs"].items():
+        lines.append(f"| {name} | {c['wall_ms']:.3f} | {c['kernel_ms']:.3f} | {c['kernels_per_forward']} |")
+    for name, c in res["configs"].items():
+        lines += ["", f"## {name}", "", "| kernel | per forward | us per forward |", "|---|---|---|"]
+        lines += [f"| `{r['kernel']}` | {r['per_forward']:g} | {r['us']:.1f} |" for r in c["kernels"][:top]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
