@@ -21,17 +21,21 @@ from mambatrim.reduce.rmeeto_kernels import fused_merge  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Channel slices of the fold narrower than the rows, so several programs share an image."""
+@pytest.fixture(autouse=True, params=["tile", "sequential"])
+def small_slices(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Channel slices of the fold narrower than the rows, so several programs share an image; each test runs
+    with the sequential fold (the default) and with the opt-in tile fold."""
     from mambatrim.reduce import rmeeto_kernels
 
     monkeypatch.setattr(rmeeto_kernels, "FOLD_BLOCK_D", 16)
+    monkeypatch.setattr(rmeeto_kernels, "TILE_FOLD_BLOCK_D", 16)
+    monkeypatch.setattr(rmeeto_kernels, "TILE_FOLD_MAX_R", 64 if request.param == "tile" else 0)
 
 
 @pytest.mark.parametrize("length,r,rule,with_residual,shared", [
     (13, 3, "official", True, False), (14, 4, "middle", True, False), (21, 10, "boundary", True, False),
-    (9, 1, "official", False, False), (15, 6, "middle", True, True)])
+    (9, 1, "official", False, False), (15, 6, "middle", True, True), (45, 20, "official", True, True),
+    (41, 17, "middle", False, False)])
 def test_fused_merge_equals_the_pytorch_merge(length: int, r: int, rule: str, with_residual: bool,
                                               shared: bool) -> None:
     """``shared``: every A token's best partner is the same B token, so all r merge into one destination."""
