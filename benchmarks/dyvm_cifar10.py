@@ -28,7 +28,7 @@ import torch
 
 from mambatrim.analysis.flops import count_flops
 from mambatrim.data import build_data
-from mambatrim.engine.benchmark import mean_time_ms
+from mambatrim.engine.benchmark import interleaved_times_ms
 from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.engine.config import FIELDS, load_yaml, make_config
 from mambatrim.engine.evaluate import autocast_for, build_evaluated_model
@@ -89,11 +89,8 @@ def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int 
     for run in runs.values():
         for _ in range(5):
             run()
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            samples[name].append(images.shape[0] / mean_time_ms(run, iters, images.device) * 1000.0)
-    return {k: round(statistics.median(v), 1) for k, v in samples.items()}
+    times = interleaved_times_ms(runs, rounds, iters, images.device)
+    return {k: round(images.shape[0] / statistics.median(v) * 1000.0, 1) for k, v in times.items()}
 
 
 def main() -> int:

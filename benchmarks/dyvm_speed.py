@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 import mambatrim  # noqa: F401  (registers the models)
-from mambatrim.engine.benchmark import mean_time_ms
+from mambatrim.engine.benchmark import interleaved_times_ms, mean_time_ms
 from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
@@ -134,11 +134,9 @@ def main() -> int:
         stats[name] = {"tokens_per_layer": [m.last_stats.get("tokens") for m in _mixers(model)],
                        "block_ratio": dyvm.realised_block_ratio(model) or 1.0}
     torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            ms = mean_time_ms(graphs[name] if name in graphs else forward_fn(model), args.iters, dev)
-            samples[name].append(args.batch_size / ms * 1000.0)
+    runners = {name: graphs[name] if name in graphs else forward_fn(model) for name, model in models.items()}
+    samples = {name: [args.batch_size / ms * 1000.0 for ms in times]
+               for name, times in interleaved_times_ms(runners, args.rounds, args.iters, dev).items()}
 
     dense_ips = {name: statistics.median(samples["dense (CUDA graph)" if "graph" in name else "dense"])
                  for name in models}

@@ -18,7 +18,7 @@ import torch
 
 import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.analysis.flops import count_flops
-from mambatrim.engine.benchmark import mean_time_ms
+from mambatrim.engine.benchmark import interleaved_times_ms
 from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
@@ -145,13 +145,8 @@ def main() -> int:
         if dev.type == "cuda":
             runners[("cuda_graph", name)] = captured(name)
     sync(dev)
-    samples: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
-    for _ in range(args.rounds):
-        for key, fn in runners.items():
-            attach(key[1])
-            fn()  # one untimed call after switching configuration
-            ms = mean_time_ms(fn, args.iters, dev)
-            samples[key].append(args.batch_size / ms * 1000.0)
+    samples = {key: [args.batch_size / ms * 1000.0 for ms in times] for key, times in interleaved_times_ms(
+        runners, args.rounds, args.iters, dev, switch=lambda key: attach(key[1])).items()}
     rows = []
     dense_flops = flops_of(model.set_reducer(None), args.img_size)
     modes = sorted({mode for mode, _ in runners}, key=lambda m: m != "cuda_graph")

@@ -4,7 +4,7 @@ Rows: dense; ToP (after blocks 5, 10, 15, keep 0.8) without alignment, with 'hol
 alignment; the norm-pruning baseline. Two modes: ``eager`` (plain launches) and ``cuda_graph`` (the whole
 forward captured once per configuration and replayed, launch overhead removed; aligned ToP is capturable since
 the fused aligned mixer never synchronises with the host). Every (mode, configuration) is timed with the
-engine's ``mean_time_ms`` in interleaved rounds (median of the rounds), so clock drift hits every row alike.
+engine's ``interleaved_times_ms`` (median of the rounds), so clock drift hits every row alike.
 The alignment overhead is the time of ToP+alignment over ToP without it, per mode. Weights are random: the work
 per image does not depend on them (the schedule keeps fixed counts).
 
@@ -23,7 +23,7 @@ import torch
 
 import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.analysis.flops import count_flops
-from mambatrim.engine.benchmark import DTYPES, device_name, mean_time_ms, resolve_device
+from mambatrim.engine.benchmark import DTYPES, device_name, interleaved_times_ms, resolve_device
 from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
@@ -106,13 +106,8 @@ def main() -> int:
                 print(f"cuda_graph {name}: not capturable ({not_captured[name]})", flush=True)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in runners}
-    for r in range(args.rounds):
-        for key, fn in runners.items():
-            fn()  # one untimed call after switching configuration
-            ms = mean_time_ms(fn, args.iters, dev)
-            times[key].append(ms)
-            print(f"round {r + 1} {key[0]:>10} {key[1]}: {args.batch / ms * 1e3:.0f} img/s ({ms:.2f} ms)", flush=True)
+    times = interleaved_times_ms(runners, args.rounds, args.iters, dev, log=lambda r, key, ms: print(
+        f"round {r + 1} {key[0]:>10} {key[1]}: {args.batch / ms * 1e3:.0f} img/s ({ms:.2f} ms)", flush=True))
     ms = {key: statistics.median(v) for key, v in times.items()}
     rows, overhead = [], {}
     for mode in modes:

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambatrim.models.mamba import BiMambaMixer, _gaps
+from mambatrim.models.mamba import BiMambaMixer
 from mambatrim.models.vim import VisionMamba
 from mambatrim.ops import causal_conv1d, selective_scan
 from mambatrim.reduce import MixerContext, apply_method
 from mambatrim.reduce import top
 from mambatrim.reduce.baselines import NormPruner, StaticPruner
+from mambatrim.reduce.core import scan_gaps
 from mambatrim.reduce.top import ProgressivePruner, kept_patches, tokens_per_layer
 
 
@@ -86,7 +87,7 @@ def test_gaps_from_positions_match_hand_count() -> None:
     for _ in range(5):
         kept = random_positions(15, gen)
         for reverse in (False, True):
-            got = _gaps(kept[None], reverse)[0].tolist()
+            got = scan_gaps(kept[None], reverse)[0].tolist()
             assert got == expected_gaps(kept.tolist(), reverse)
 
 
@@ -95,10 +96,10 @@ def test_gaps_class_token_out_of_order_is_transparent() -> None:
     # pruned position between 5 and 7 goes to the token after it in scan order
     positions = torch.tensor([[0, 2, 5, 3, 7, 8]])
     cls = torch.tensor([3])
-    assert _gaps(positions, False, cls)[0].tolist() == [0, 1, 2, 0, 1, 0]
-    assert _gaps(positions, True, cls)[0].tolist() == [1, 2, 1, 0, 0, 0]
+    assert scan_gaps(positions, False, cls)[0].tolist() == [0, 1, 2, 0, 1, 0]
+    assert scan_gaps(positions, True, cls)[0].tolist() == [1, 2, 1, 0, 0, 0]
     in_order = torch.tensor([[0, 2, 4, 7]])  # class token at 4 between 2 and 7: ordinary gaps
-    assert _gaps(in_order, False, torch.tensor([2]))[0].tolist() == [0, 1, 1, 2]
+    assert scan_gaps(in_order, False, torch.tensor([2]))[0].tolist() == [0, 1, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------- mixer level
@@ -173,6 +174,37 @@ def test_keep_one_equals_dense(method: str, align: str | None) -> None:
         apply_method(model, method, keep=1.0, layers=[1, 2, 3], align=align)
         pruned = model(images)
     torch.testing.assert_close(pruned, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["middle", "original"])
+def test_decay_gaps_computed_once_per_pruning_event_equal_per_layer_ones(placement: str) -> None:
+    """ToP hands the mixers the decay gaps it computed when it pruned; they give what each mixer would derive
+    from the positions itself, and the mixer does use them (zero gaps change the logits)."""
+    import dataclasses
+
+    model = tiny_vim()
+    images = torch.randn(2, 3, 20, 20)
+    reducer = apply_method(model, "top", keep=0.7, layers=[1, 2], align="decay", cls_placement=placement).reducer
+    own = reducer.mixer_context
+    seen: list[torch.Tensor] = []
+
+    def without_gaps(i: int, state):  # the mixer derives them from the positions
+        ctx = own(i, state)
+        if ctx is not None and ctx.gaps is not None:
+            seen.append(ctx.gaps)
+            ctx = dataclasses.replace(ctx, gaps=None)
+        return ctx
+
+    with torch.no_grad():
+        given = model(images)
+        reducer.mixer_context = without_gaps
+        derived = model(images)
+        reducer.mixer_context = lambda i, state: (lambda c: c if c is None else dataclasses.replace(
+            c, gaps=torch.zeros_like(c.gaps)))(own(i, state))
+        zeroed = model(images)
+    assert seen and all(g.shape[0] == 2 for g in seen)
+    torch.testing.assert_close(given, derived, rtol=0, atol=0)
+    assert not torch.allclose(given, zeroed)
 
 
 def capture_final_state(model: VisionMamba, images: torch.Tensor):

@@ -12,7 +12,8 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Any, Callable
+from collections.abc import Hashable, Mapping
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch import nn
 from ..ops import get_backend
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+K = TypeVar("K", bound=Hashable)
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -62,6 +64,27 @@ def mean_time_ms(fn: Callable[[], object], iters: int, device: torch.device) -> 
     end.record()
     torch.cuda.synchronize(device)
     return start.elapsed_time(end) / iters
+
+
+def interleaved_times_ms(runners: Mapping[K, Callable[[], object]], rounds: int, iters: int, device: torch.device,
+                         switch: Callable[[K], None] | None = None,
+                         log: Callable[[int, K, float], None] | None = None) -> dict[K, list[float]]:
+    """ms per call of every runner, one :func:`mean_time_ms` of ``iters`` calls per runner and round, in
+    ``rounds`` interleaved rounds (every runner once per round, so clock and thermal drift hit all alike).
+
+    Before each timing: ``switch(key)`` (e.g. attach that configuration's reducer to a shared model) and one
+    untimed call. ``log(round, key, ms)`` after each timing. Returns each runner's per-round times."""
+    times: dict[K, list[float]] = {key: [] for key in runners}
+    for r in range(rounds):
+        for key, fn in runners.items():
+            if switch is not None:
+                switch(key)
+            fn()
+            ms = mean_time_ms(fn, iters, device)
+            times[key].append(ms)
+            if log is not None:
+                log(r, key, ms)
+    return times
 
 
 def measure_throughput(

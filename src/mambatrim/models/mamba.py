@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import causal_conv1d, get_backend, selective_scan
-from ..reduce.core import MixerContext
+from ..reduce.core import MixerContext, scan_gaps
 
 
 class RMSNorm(nn.Module):
@@ -41,31 +41,6 @@ class RMSNorm(nn.Module):
             return add_rms_norm_triton(hidden, residual, self.weight, self.eps)
         residual = hidden.float() if residual is None else residual + hidden.float()
         return self(residual).to(hidden.dtype), residual
-
-
-def _gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None) -> Tensor:
-    """Pruned positions between each token and its predecessor in scan order, from original indices.
-
-    The class token may sit out of positional order (pruning methods re-insert it at the middle of the kept
-    tokens). Where it does not lie between its two neighbours' positions, it is transparent: it gets gap 0 and
-    the pruned positions between its neighbours are charged to the neighbour that follows it in scan order.
-    """
-    diff = (positions[:, 1:] - positions[:, :-1] - 1).clamp(min=0)  # diff[k]: between tokens k and k+1
-    bsz, length = positions.shape
-    if cls_index is not None and length >= 3:
-        c = cls_index.clamp(1, length - 2)
-        rows = torch.arange(bsz, device=positions.device)
-        before, at, after = positions[rows, c - 1], positions[rows, c], positions[rows, c + 1]
-        out_of_order = (cls_index > 0) & (cls_index < length - 1) & ~((before < at) & (at < after))
-        bridge = (after - before - 1).clamp(min=0)
-        # forward: the token after the cls (pair c) carries the bridge; reverse: the token before it (pair c-1)
-        carry, zero = (c - 1, c) if reverse else (c, c - 1)
-        # scatters, not indexed writes: writing a Python 0 copies a host scalar (a sync, no CUDA-graph capture)
-        fixed = diff.scatter(1, carry[:, None], bridge[:, None]).scatter(1, zero[:, None], torch.zeros_like(c)[:, None])
-        diff = torch.where(out_of_order[:, None], fixed, diff)
-    gap = diff.float()
-    pad = gap.new_zeros(bsz, 1)
-    return torch.cat([gap, pad], 1) if reverse else torch.cat([pad, gap], 1)
 
 
 def _conv_at_positions(x: Tensor, weight: Tensor, bias: Tensor, positions: Tensor, reverse: bool,
@@ -106,10 +81,17 @@ def _fused_alignment(ctx: MixerContext | None) -> dict[str, object]:
     align = _alignment(ctx)
     if align is None:
         return {}
-    gap = None
-    if align == "decay":
-        gap = torch.stack([_gaps(ctx.positions, False, ctx.cls_index), _gaps(ctx.positions, True, ctx.cls_index)])
-    return dict(positions=ctx.positions, full_length=ctx.full_length, gap=gap)
+    return dict(positions=ctx.positions, full_length=ctx.full_length, gap=_decay_gaps(ctx))
+
+
+def _decay_gaps(ctx: MixerContext) -> Tensor | None:
+    """(2, B, L) gaps of both scan directions for 'decay' (None otherwise): the context's precomputed ones (a
+    method computes them once per pruning event) or, without them, derived from the positions here."""
+    if ctx.align != "decay":
+        return None
+    if ctx.gaps is not None:
+        return ctx.gaps
+    return torch.stack([scan_gaps(ctx.positions, False, ctx.cls_index), scan_gaps(ctx.positions, True, ctx.cls_index)])
 
 
 class BiMambaMixer(nn.Module):
@@ -182,7 +164,8 @@ class BiMambaMixer(nn.Module):
         x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        gap = _gaps(ctx.positions, backward, ctx.cls_index) if align == "decay" else None
+        gaps = _decay_gaps(ctx) if align == "decay" else None
+        gap = None if gaps is None else gaps[int(backward)]
         return selective_scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z,
                               delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=backward, gap=gap)
 

@@ -77,6 +77,9 @@ class MixerContext:
     full_length:    length of the dense sequence the positions index into (every position < full_length), so
                     the aligned conv needs no device-to-host read of ``positions.max()`` (no sync, capturable
                     in a CUDA graph); ``None``: derived from the positions.
+    gaps:           (2, B, L) float, for 'decay': pruned positions before each token in forward (0) and backward
+                    (1) scan order (``mambatrim.models.mamba.scan_gaps``), computed once when the positions
+                    change instead of in every layer; ``None``: the mixer derives them from the positions.
     """
 
     token_mask: Tensor | None = None
@@ -86,6 +89,7 @@ class MixerContext:
     positions: Tensor | None = None
     align: str | None = None
     full_length: int | None = None
+    gaps: Tensor | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,3 +130,28 @@ class Reducer(nn.Module):
 def batch_arange(batch: int, length: int, device: torch.device) -> Tensor:
     """(B, L) tensor of 0..L-1 per row."""
     return torch.arange(length, device=device).expand(batch, length)
+
+
+def scan_gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None) -> Tensor:
+    """Pruned positions between each token and its predecessor in scan order, from original indices.
+
+    The class token may sit out of positional order (pruning methods re-insert it at the middle of the kept
+    tokens). Where it does not lie between its two neighbours' positions, it is transparent: it gets gap 0 and
+    the pruned positions between its neighbours are charged to the neighbour that follows it in scan order.
+    """
+    diff = (positions[:, 1:] - positions[:, :-1] - 1).clamp(min=0)  # diff[k]: between tokens k and k+1
+    bsz, length = positions.shape
+    if cls_index is not None and length >= 3:
+        c = cls_index.clamp(1, length - 2)
+        rows = torch.arange(bsz, device=positions.device)
+        before, at, after = positions[rows, c - 1], positions[rows, c], positions[rows, c + 1]
+        out_of_order = (cls_index > 0) & (cls_index < length - 1) & ~((before < at) & (at < after))
+        bridge = (after - before - 1).clamp(min=0)
+        # forward: the token after the cls (pair c) carries the bridge; reverse: the token before it (pair c-1)
+        carry, zero = (c - 1, c) if reverse else (c, c - 1)
+        # scatters, not indexed writes: writing a Python 0 copies a host scalar (a sync, no CUDA-graph capture)
+        fixed = diff.scatter(1, carry[:, None], bridge[:, None]).scatter(1, zero[:, None], torch.zeros_like(c)[:, None])
+        diff = torch.where(out_of_order[:, None], fixed, diff)
+    gap = diff.float()
+    pad = gap.new_zeros(bsz, 1)
+    return torch.cat([gap, pad], 1) if reverse else torch.cat([pad, gap], 1)

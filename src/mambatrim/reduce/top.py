@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import MixerContext, Reducer, TokenState
+from .core import MixerContext, Reducer, TokenState, scan_gaps
 
 ALIGN_MODES = (None, "hold", "decay")
 CLS_PLACEMENTS = ("middle", "original")
@@ -32,6 +32,7 @@ ORDERS = ("original", "score")
 DEFAULT_LAYERS = (5, 10, 15)
 DEFAULT_ALIGN = "hold"  # R1 recovered more accuracy than R2 on CIFAR-10 (tied on digits): docs/top.md
 DENSE_TOKENS = "dense_tokens"  # TokenState.extras key: the token count before any pruning (set by begin)
+SCAN_GAPS = "scan_gaps"  # TokenState.extras key: (2, B, L) decay gaps of the current positions (align='decay')
 
 
 def kept_patches(num_tokens: int, keep: float) -> int:
@@ -142,13 +143,17 @@ class ProgressivePruner(Reducer):
         else:
             index = torch.cat([top, cls], 1).sort(dim=1).values
             cls_index = (index == cls).float().argmax(1)
-        return state.gather(index).replace(cls_index=cls_index)
+        state = state.gather(index).replace(cls_index=cls_index)
+        if self.align == "decay":  # the scan gaps of the new positions, once for the layers up to the next event
+            gaps = torch.stack([scan_gaps(state.positions, reverse, cls_index) for reverse in (False, True)])
+            state = state.replace(extras={**state.extras, SCAN_GAPS: gaps})
+        return state
 
     def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
         if self.align is None or layer_idx < self.layers[0]:
             return None
         return MixerContext(positions=state.positions, cls_index=state.cls_index, align=self.align,
-                            full_length=state.extras.get(DENSE_TOKENS))
+                            full_length=state.extras.get(DENSE_TOKENS), gaps=state.extras.get(SCAN_GAPS))
 
     def tokens_per_layer(self, num_tokens: int, depth: int) -> list[int]:
         return tokens_per_layer(num_tokens, depth, self.layers, [self.keep_at[i] for i in self.layers])
