@@ -123,8 +123,8 @@ def main() -> int:
         tuned = read_checkpoint(args.tuned)
         cfg = make_config(common, recipe, {k: v for k, v in (tuned.get("config") or {}).items()
                                            if k in ("method", "method_opts", "epochs", "lr")}, overrides)
-        summary, wall = dict(tuned.get("train_summary") or {}), float("nan")
-        wall = summary.pop("wall_s", wall)
+        summary = dict(tuned.get("train_summary") or {})
+        wall = summary.pop("wall_s", float("nan"))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(args.work_dir or tmp)

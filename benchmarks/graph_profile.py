@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mambatrim  # noqa: E402,F401  (registers the models)
 from dyvm_speed import set_per_image_block_policy, set_static_block_policy  # noqa: E402
+from mambatrim.engine.benchmark import mean_time_ms  # noqa: E402
 from mambatrim.engine.cuda_graph import capture_graph  # noqa: E402
 from mambatrim.engine.report import write_result  # noqa: E402
 from mambatrim.models.registry import create_model  # noqa: E402
@@ -82,14 +82,7 @@ def main() -> int:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
                 m(images)
         replay = capture_graph(forward)
-        walls = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(20):
-                replay()
-            torch.cuda.synchronize()
-            walls.append((time.perf_counter() - start) / 20 * 1e3)
+        walls = [mean_time_ms(replay, 20, images.device) for _ in range(5)]
         kernel_ms, count, rows = profile_replay(replay, args.reps)
         configs[name] = dict(wall_ms=round(statistics.median(walls), 3), kernel_ms=round(kernel_ms, 3),
                              kernels_per_forward=count, kernels=rows[:40])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import causal_conv1d, get_backend, selective_scan
-from ..reduce.core import MixerContext, scan_gaps
+from ..reduce.core import MixerContext, scan_gap_pair, scan_gaps
 
 
 class RMSNorm(nn.Module):
@@ -89,9 +89,7 @@ def _decay_gaps(ctx: MixerContext) -> Tensor | None:
     method computes them once per pruning event) or, without them, derived from the positions here."""
     if ctx.align != "decay":
         return None
-    if ctx.gaps is not None:
-        return ctx.gaps
-    return torch.stack([scan_gaps(ctx.positions, False, ctx.cls_index), scan_gaps(ctx.positions, True, ctx.cls_index)])
+    return ctx.gaps if ctx.gaps is not None else scan_gap_pair(ctx.positions, ctx.cls_index)
 
 
 class BiMambaMixer(nn.Module):
@@ -164,8 +162,9 @@ class BiMambaMixer(nn.Module):
         x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        gaps = _decay_gaps(ctx) if align == "decay" else None
-        gap = None if gaps is None else gaps[int(backward)]
+        gap = None
+        if align == "decay":  # this direction's gaps only
+            gap = ctx.gaps[int(backward)] if ctx.gaps is not None else scan_gaps(ctx.positions, backward, ctx.cls_index)
         return selective_scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z,
                               delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=backward, gap=gap)
 

@@ -78,8 +78,8 @@ class MixerContext:
                     the aligned conv needs no device-to-host read of ``positions.max()`` (no sync, capturable
                     in a CUDA graph); ``None``: derived from the positions.
     gaps:           (2, B, L) float, for 'decay': pruned positions before each token in forward (0) and backward
-                    (1) scan order (``mambatrim.models.mamba.scan_gaps``), computed once when the positions
-                    change instead of in every layer; ``None``: the mixer derives them from the positions.
+                    (1) scan order (:func:`scan_gap_pair`), computed once when the positions change instead of
+                    in every layer; ``None``: the mixer derives them from the positions.
     """
 
     token_mask: Tensor | None = None
@@ -155,3 +155,8 @@ def scan_gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None)
     gap = diff.float()
     pad = gap.new_zeros(bsz, 1)
     return torch.cat([gap, pad], 1) if reverse else torch.cat([pad, gap], 1)
+
+
+def scan_gap_pair(positions: Tensor, cls_index: Tensor | None = None) -> Tensor:
+    """(2, B, L) :func:`scan_gaps` of the forward (0) and backward (1) scan directions."""
+    return torch.stack([scan_gaps(positions, False, cls_index), scan_gaps(positions, True, cls_index)])

@@ -52,18 +52,14 @@ def _matmul_tf32(enabled: bool) -> Iterator[None]:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        old, matmul.fp32_precision = matmul.fp32_precision, "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = old
-    else:
-        old_flag, matmul.allow_tf32 = matmul.allow_tf32, True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old_flag
+    # torch >= 2.9 has the fp32_precision switch; older versions only allow_tf32
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, old)
 
 
 class BlockSelector(nn.Linear):
@@ -86,8 +82,9 @@ class TokenPredictor(nn.Module):
     Module layout mirrors the released DyVM predictors so their weights load by a plain prefix rename.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, precision: str = "tf32") -> None:
         super().__init__()
+        self.precision = precision  # of the matmuls on a GPU: 'tf32' or 'fp32' (see forward)
         self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.out_conv = nn.Sequential(
             nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
@@ -96,8 +93,6 @@ class TokenPredictor(nn.Module):
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
-
-    precision = "tf32"  # of the predictor's matmuls on a GPU ('tf32' or 'fp32'); set by DyVMReducer
 
     def forward(self, x: Tensor, policy: Tensor) -> Tensor:
         # fp32 outputs, also under autocast: the scores only rank tokens, and in bf16 close scores collapse into
@@ -201,9 +196,7 @@ class DyVMReducer(Reducer):
         self.token_tau, self.block_tau, self.block_threshold = float(token_tau), float(block_tau), block_threshold
         if predictor_precision not in ("tf32", "fp32"):
             raise ValueError(f"dyvm: predictor_precision must be 'tf32' or 'fp32', got {predictor_precision!r}")
-        self.predictors = nn.ModuleList(TokenPredictor(embed_dim) for _ in layers)
-        for predictor in self.predictors:
-            predictor.precision = predictor_precision
+        self.predictors = nn.ModuleList(TokenPredictor(embed_dim, predictor_precision) for _ in layers)
         if predictor_init_keep:
             # Start each stage keeping its target share of the tokens still alive (rho of them), not half:
             # with zero-bias predictors (the released code) the Gumbel decisions keep ~50% per stage at first,

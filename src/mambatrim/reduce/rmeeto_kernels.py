@@ -234,7 +234,7 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
         _merge_fold_tile_kernel[(bsz, triton.cdiv(dim, TILE_FOLD_BLOCK_D))](
             hidden, res, src, dst, slot, weight, out_h, res_out, length, out_len, dim, r, HAS_RES=has_res,
             BD=TILE_FOLD_BLOCK_D, RP=max(16, triton.next_power_of_2(r)))
-    else:  # many merges per event: the (r, r) grouping matrix would not fit in registers
+    else:  # the default; also for r > 64, where the (r, r) grouping matrix would not fit in registers
         _merge_fold_kernel[(bsz, triton.cdiv(dim, FOLD_BLOCK_D))](
             hidden, res, src, dst, slot, weight, out_h, res_out, length, out_len, dim, r, HAS_RES=has_res,
             BD=FOLD_BLOCK_D)

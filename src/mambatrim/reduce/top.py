@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import MixerContext, Reducer, TokenState, scan_gaps
+from .core import MixerContext, Reducer, TokenState, scan_gap_pair
 
 ALIGN_MODES = (None, "hold", "decay")
 CLS_PLACEMENTS = ("middle", "original")
@@ -145,8 +145,7 @@ class ProgressivePruner(Reducer):
             cls_index = (index == cls).float().argmax(1)
         state = state.gather(index).replace(cls_index=cls_index)
         if self.align == "decay":  # the scan gaps of the new positions, once for the layers up to the next event
-            gaps = torch.stack([scan_gaps(state.positions, reverse, cls_index) for reverse in (False, True)])
-            state = state.replace(extras={**state.extras, SCAN_GAPS: gaps})
+            state = state.replace(extras={**state.extras, SCAN_GAPS: scan_gap_pair(state.positions, cls_index)})
         return state
 
     def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
