@@ -52,10 +52,19 @@ def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[
 def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor, block_ratio: float,
                                rounds: int = 3) -> None:
     """Random selector weights; each bias set so that a direction is off for ``1 - block_ratio`` of ``images``
-    (recalibrated ``rounds`` times, since upstream skipping shifts downstream inputs)."""
+    (recalibrated ``rounds`` times, since upstream skipping shifts downstream inputs). Layer 0 runs both
+    directions for every image: its class-token row does not depend on the image."""
+    # a selector's input is its layer's class-token in_proj row: the mixer's context gives the class token's
+    # index, the in_proj output the rows (at inference the selectors' weights go to the mixer, not a call)
+    cls_at: dict[int, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [sel.register_forward_hook(lambda mod, inp, out, i=i: inputs.__setitem__(i, inp[0].float()))
-             for i, sel in enumerate(model.reducer.selectors)]
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        hooks.append(layer.mixer.register_forward_pre_hook(
+            lambda mod, args, i=i: cls_at.__setitem__(i, args[1].cls_index)))
+        hooks.append(layer.mixer.in_proj.register_forward_hook(
+            lambda mod, inp, out, i=i: inputs.__setitem__(
+                i, out[torch.arange(out.shape[0], device=out.device), cls_at[i]].float())))
     gen = torch.Generator(device="cpu").manual_seed(1)
     for sel in model.reducer.selectors:
         sel.weight.copy_(torch.randn(sel.weight.shape, generator=gen) / sel.weight.shape[1] ** 0.5)
@@ -65,7 +74,10 @@ def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor, blo
             model(images)
         for i, sel in enumerate(model.reducer.selectors):
             proj = inputs[i] @ sel.weight.float().t()
-            sel.bias.copy_(-torch.quantile(proj, 1.0 - block_ratio, dim=0))
+            # ties at the threshold run (e.g. layer 0, whose class-token row is the same for every image: a
+            # strict threshold at a quantile of equal values would switch that layer off for all of them)
+            q = torch.quantile(proj, 1.0 - block_ratio, dim=0)
+            sel.bias.copy_(-q + 1e-4 * q.abs().clamp_min(1e-3))
     for h in hooks:
         h.remove()
 

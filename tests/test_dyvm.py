@@ -278,7 +278,8 @@ def test_registered_and_bad_options_are_refused():
 
 
 def test_skip_gated_inference_on_the_fused_triton_path_matches_the_torch_path():
-    """Samples running both directions go through the fused kernels, the rest through the per-direction path."""
+    """Per-image direction skipping with the selectors' gates computed by the fused class-token gate kernel
+    equals the per-direction PyTorch path (where the gate is the fp32 linear map, thresholded)."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
     pytest.importorskip("triton")
@@ -289,18 +290,22 @@ def test_skip_gated_inference_on_the_fused_triton_path_matches_the_torch_path():
                          drop_path_rate=0.0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dyvm.apply(model.to(device), keep_ratio=0.7, block_ratio=0.8, pruning_layers=[2]).eval()
-    fixed = torch.tensor([[[1.0, 1.0]] * 5, [[1, 1], [1, -1], [-1, -1], [1, 1], [-1, 1]], [[-1.0, 1.0]] * 5],
-                         device=device)
-    for sel, logits in zip(model.reducer.selectors, fixed):
-        sel.forward = (lambda out: (lambda inp: out[: inp.shape[0]]))(logits)
-    x = images(5)[:, :, :32, :32].to(device)
+    with torch.no_grad():
+        for sel in model.reducer.selectors:
+            sel.weight.normal_(0, 1.0)
+            sel.bias.zero_()
+        model.reducer.selectors[0].bias.fill_(40.0)  # layer 0: both directions for every image
+    x = images(6, seed=3)[:, :, :32, :32].to(device)
     with torch.no_grad():
         with use_backend("torch"):
             reference = model(x)
+            want = torch.stack([layer.mixer.last_stats["gate"] for layer in model.layers])
         with use_backend("triton"):
             fused = model(x)
     gates = torch.stack([layer.mixer.last_stats["gate"] for layer in model.layers])
-    assert torch.equal(gates, (fixed > 0).float())
+    assert torch.equal(gates, want)
+    assert (gates[1:] != gates[1:, :1]).any(), "the test needs images that select different directions"
+    assert (gates[1:] == 0).all(-1).any(), "and one that runs no direction at some layer"
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
 
 
@@ -409,20 +414,26 @@ def test_predictor_precision_option_and_its_tf32_switch_restores_the_global_sett
     assert getattr(matmul, attr) == before  # restored on errors too
 
 
-def test_block_selector_inference_path_equals_the_linear_layer() -> None:
+def test_inference_gate_is_the_fp32_linear_selector_thresholded_at_zero() -> None:
     torch.manual_seed(0)
-    sel = dyvm.BlockSelector(48, 2)
-    x = torch.randn(5, 48)
-    want = torch.nn.functional.linear(x, sel.weight, sel.bias)
-    torch.testing.assert_close(sel(x), want)  # training mode: the Linear itself
-    sel.eval()
+    model = tiny(keep_ratio=0.7, block_ratio=0.8)
+    sel = model.reducer.selectors[1]
     with torch.no_grad():
-        fast = sel(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            fast_amp = sel(x.bfloat16())
-    assert fast.dtype == fast_amp.dtype == torch.float32
-    torch.testing.assert_close(fast, want)
-    torch.testing.assert_close(fast_amp, torch.nn.functional.linear(x.bfloat16().float(), sel.weight, sel.bias))
+        sel.weight.normal_(0, 1.0)
+    x = torch.randn(5, sel.in_features)
+    want = torch.nn.functional.linear(x, sel.weight, sel.bias)
+    torch.testing.assert_close(sel(x), want)  # training: the Linear itself, fp32 logits
+    model.eval()
+    state = TokenState(hidden=torch.zeros(5, 3, 64), residual=None, positions=torch.arange(3).expand(5, -1),
+                       cls_index=torch.ones(5, dtype=torch.long))
+    gate = model.reducer.mixer_context(1, state).direction_gate
+    assert isinstance(gate, dyvm.LinearDirectionGate) and gate.weight is sel.weight
+    assert torch.equal(gate(x), (want > 0).float())
+    assert 0 < gate(x).mean() < 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 product of the bf16 input, not a bf16 GEMM
+        amp = gate.logits(x.bfloat16())
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(amp, torch.nn.functional.linear(x.bfloat16().float(), sel.weight, sel.bias))
 
 
 def test_dyvm_with_the_static_pruners_kept_set_equals_the_static_pruner() -> None:

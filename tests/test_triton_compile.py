@@ -28,7 +28,7 @@ from mambatrim.ops import triton_norm, triton_scan, triton_vim
 from mambatrim.reduce import rmeeto_kernels
 
 LOW = {"oh_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
-       "dz_ptr", "g_ptr", "dx_ptr", "ga_ptr"}  # activations in bf16 (the model's dtype), the rest fp32
+       "dz_ptr", "g_ptr", "dx_ptr", "ga_ptr", "xz_ptr"}  # activations in bf16 (the model's dtype), the rest fp32
 
 def build(kernel, constants):
     sig = {}
@@ -73,6 +73,7 @@ cases = {
     "R-MeeTo merge fold, tile": (rmeeto_kernels._merge_fold_tile_kernel, dict(
         HAS_RES=True, BD=rmeeto_kernels.TILE_FOLD_BLOCK_D, RP=32)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
+    "class-token direction gate": (triton_vim._class_token_gate_kernel, dict(HAS_BIAS=True, BK=1024)),
 }
 results = {}
 for name, (kernel, constants) in cases.items():
@@ -97,4 +98,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 15
+    assert len(results) == 16

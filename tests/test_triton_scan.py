@@ -174,6 +174,36 @@ def test_pair_direction_switch_skips_per_sample() -> None:
         assert torch.equal(part[i, written], full[i, written])
 
 
+@pytest.mark.parametrize("width,dtype", [(1500, torch.bfloat16), (40, torch.float32)])
+def test_class_token_gate_matches_the_linear_selector(width: int, dtype: torch.dtype) -> None:
+    """The fused gate kernel reads each sample's class-token row (a different one per sample), takes the fp32
+    products with both selector rows over a width longer than one block (1500: two blocks, the last partial) and
+    thresholds at 0, as :class:`LinearDirectionGate` does on the gathered rows."""
+    from mambatrim.ops.triton_vim import class_token_gate_triton
+    from mambatrim.reduce.core import LinearDirectionGate
+
+    gen = torch.Generator().manual_seed(4)
+    bsz, length = 7, 5
+    xz = torch.randn(bsz, length, width, generator=gen).to(dtype)
+    cls_index = torch.randint(0, length, (bsz,), generator=gen)
+    weight, bias = torch.randn(2, width, generator=gen), torch.randn(2, generator=gen)
+    ref = LinearDirectionGate(weight, bias)
+    rows = xz[torch.arange(bsz), cls_index]
+    logits = ref.logits(rows)
+    assert logits.abs().min() > 1e-3, "ties at 0 would make the comparison depend on summation order"
+    for b in (bias, None):
+        want = LinearDirectionGate(weight, b)(rows)
+        gate, on = class_token_gate_triton(xz.to(DEVICE), cls_index.to(DEVICE), weight.to(DEVICE),
+                                           None if b is None else b.to(DEVICE))
+        assert gate.dtype == torch.float32 and on.dtype == torch.int32
+        assert torch.equal(gate.cpu(), want) and torch.equal(on.cpu(), want.int())
+        assert 0 < want.mean() < 1
+    with pytest.raises(ValueError, match="weight must be"):
+        class_token_gate_triton(xz.to(DEVICE), cls_index.to(DEVICE), weight[:, 1:].to(DEVICE))
+    with pytest.raises(ValueError, match="cls_index"):
+        class_token_gate_triton(xz.to(DEVICE), cls_index[:3].to(DEVICE), weight.to(DEVICE))
+
+
 @pytest.mark.parametrize("length,with_bias,taps", [(13, True, 4), (3, False, 4), (11, True, 3)])
 def test_conv_pair_matches_causal_and_anticausal_conv(length: int, with_bias: bool, taps: int) -> None:
     """Values and the Triton backward (dx, dweight, dbias) against torch's convs; x strided like in_proj's

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import causal_conv1d, get_backend, selective_scan
-from ..reduce.core import MixerContext, scan_gap_pair, scan_gaps
+from ..reduce.core import LinearDirectionGate, MixerContext, scan_gap_pair, scan_gaps
 
 
 class RMSNorm(nn.Module):
@@ -180,7 +180,11 @@ class BiMambaMixer(nn.Module):
             from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
             # per-sample direction skipping inside the fused kernels: no host sync, no sub-batches
-            return bimamba_forward_triton(self, hidden, ctx.direction_gate, ctx.cls_index, **_fused_alignment(ctx))
+            gate = ctx.direction_gate
+            if isinstance(gate, LinearDirectionGate):  # gather, product and threshold in one kernel
+                return bimamba_forward_triton(self, hidden, None, ctx.cls_index, selector=(gate.weight, gate.bias),
+                                              **_fused_alignment(ctx))
+            return bimamba_forward_triton(self, hidden, gate, ctx.cls_index, **_fused_alignment(ctx))
         bsz, length, _ = hidden.shape
         xz = self.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each

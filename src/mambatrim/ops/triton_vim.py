@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .triton_scan import selective_scan_pair_triton
 
-__all__ = ["conv_pair_triton", "bimamba_forward_triton"]
+__all__ = ["conv_pair_triton", "bimamba_forward_triton", "class_token_gate_triton"]
 
 CONV_BLOCK_L, CONV_BLOCK_E, CONV_WARPS = 16, 128, 4  # best of an H100 sweep (92 us at Vim-S b128)
 # backward: one warp per (channel block, sequence segment, sample), the sequence cut in CONV_BWD_SEGMENTS
@@ -373,15 +373,68 @@ def _inference_linears(mixer: nn.Module, w_x: Tensor, w_dt: Tensor, dtype: torch
     return casts
 
 
+@triton.jit
+def _class_token_gate_kernel(xz_ptr, cls_ptr, w_ptr, b_ptr, gate_ptr, on_ptr, K, sx_b, sx_t, sw_o,
+                             HAS_BIAS: tl.constexpr, BK: tl.constexpr):
+    """One sample: logits = W . xz[b, cls[b], :] + bias (fp32), gate = logits > 0 as float and int32."""
+    pid = tl.program_id(0)
+    row = xz_ptr + pid * sx_b + tl.load(cls_ptr + pid) * sx_t
+    acc_f = tl.zeros((BK,), dtype=tl.float32)
+    acc_b = tl.zeros((BK,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        km = k < K
+        x = tl.load(row + k, mask=km, other=0.0).to(tl.float32)
+        acc_f += x * tl.load(w_ptr + k, mask=km, other=0.0).to(tl.float32)
+        acc_b += x * tl.load(w_ptr + sw_o + k, mask=km, other=0.0).to(tl.float32)
+    logit_f = tl.sum(acc_f, axis=0)
+    logit_b = tl.sum(acc_b, axis=0)
+    if HAS_BIAS:
+        logit_f += tl.load(b_ptr).to(tl.float32)
+        logit_b += tl.load(b_ptr + 1).to(tl.float32)
+    on_f = (logit_f > 0).to(tl.int32)
+    on_b = (logit_b > 0).to(tl.int32)
+    tl.store(on_ptr + 2 * pid, on_f)
+    tl.store(on_ptr + 2 * pid + 1, on_b)
+    tl.store(gate_ptr + 2 * pid, on_f.to(tl.float32))
+    tl.store(gate_ptr + 2 * pid + 1, on_b.to(tl.float32))
+
+
+def class_token_gate_triton(xz: Tensor, cls_index: Tensor, weight: Tensor,
+                            bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Direction gates of a linear selector on the class token: xz (b, L, 2E) ``in_proj`` output, cls_index (b,),
+    weight (2, 2E), bias (2,) -> gate (b, 2) 0/1 float, on (b, 2) int32, where gate = W . xz[i, cls_i] + b > 0
+    (fp32). One launch replaces the row gather, the casts, a skinny GEMM and the thresholds (~1 ms of a DyVM
+    Vim-S forward over 24 layers)."""
+    bsz, _, K = xz.shape
+    if weight.shape != (2, K) or (bias is not None and bias.shape != (2,)):
+        raise ValueError(f"class_token_gate_triton: weight must be (2, {K}) and bias (2,), got "
+                         f"{tuple(weight.shape)} / {None if bias is None else tuple(bias.shape)}")
+    if cls_index.shape != (bsz,):
+        raise ValueError(f"class_token_gate_triton: cls_index must be ({bsz},), got {tuple(cls_index.shape)}")
+    if xz.stride(-1) != 1:
+        xz = xz.contiguous()
+    weight = weight.contiguous()
+    gate = torch.empty(bsz, 2, device=xz.device, dtype=torch.float32)
+    on = torch.empty(bsz, 2, device=xz.device, dtype=torch.int32)
+    _class_token_gate_kernel[(bsz,)](
+        xz, cls_index.contiguous(), weight, bias if bias is not None else weight, gate, on, K,
+        xz.stride(0), xz.stride(1), weight.stride(0),
+        HAS_BIAS=bias is not None, BK=min(1024, triton.next_power_of_2(K)), num_warps=4)
+    return gate, on
+
+
 def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
                            direction_gate: Tensor | Callable[[Tensor], Tensor] | None = None,
-                           cls_index: Tensor | None = None, *, positions: Tensor | None = None,
-                           full_length: int | None = None, gap: Tensor | None = None) -> Tensor:
+                           cls_index: Tensor | None = None, *, selector: tuple[Tensor, Tensor | None] | None = None,
+                           positions: Tensor | None = None, full_length: int | None = None,
+                           gap: Tensor | None = None) -> Tensor:
     """Vim v2 mixer forward (no token mask) with fused Triton kernels. hidden (b, L, d_model).
 
     ``direction_gate`` (inference only): (b, 2) 0/1 per sample and direction, or a callable mapping the class
-    token's ``in_proj`` output (b, 2E) to it (needs ``cls_index``). Switched-off directions are skipped inside
-    the conv and scan kernels, without a host sync.
+    token's ``in_proj`` output (b, 2E) to it (needs ``cls_index``); or ``selector`` = (weight (2, 2E), bias):
+    the gate of a linear selector on the class token, computed by :func:`class_token_gate_triton`.
+    Switched-off directions are skipped inside the conv and scan kernels, without a host sync.
 
     Hidden-state alignment of pruned tokens (inference only): ``positions`` (b, L) original indices into a
     dense sequence of ``full_length`` tokens make the conv see each token's original neighbourhood (see
@@ -401,11 +454,15 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
         xz = _linear(mixer.in_proj, hidden, w_in, b_in)  # (b, L, 2E)
     x, z = xz[..., :E], xz[..., E:]
     on = None
-    if callable(direction_gate):
-        if cls_index is None:
-            raise ValueError("a direction selector needs the class-token index")
+    if (callable(direction_gate) or selector is not None) and cls_index is None:
+        raise ValueError("a direction selector needs the class-token index")
+    if selector is not None:
+        if direction_gate is not None:
+            raise ValueError("give either direction_gate or selector, not both")
+        direction_gate, on = class_token_gate_triton(xz, cls_index, *selector)
+    elif callable(direction_gate):
         direction_gate = direction_gate(xz[torch.arange(bsz, device=xz.device), cls_index])
-    if direction_gate is not None:
+    if direction_gate is not None and on is None:
         on = (direction_gate > 0.5).to(torch.int32).contiguous()
     u2 = conv_pair_triton(x, conv_w, conv_b, direction_on=on, positions=positions,
                           full_length=full_length)  # (2, b, L, E)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -66,7 +67,8 @@ class MixerContext:
                     so they feed nothing into the scan (training-time pruning).
     cls_index:      (B,) class-token position, for direction selectors that read it.
     direction_gate: (B, 2) [forward, backward] multipliers of each direction's output, or a callable mapping the
-                    class token's in_proj output (B, 2*d_inner) to them (a learned selector).
+                    class token's in_proj output (B, 2*d_inner) to them (a learned selector), e.g. a
+                    :class:`LinearDirectionGate` (which the fused Triton mixer computes in one kernel).
     skip_gated:     if True, a direction is not computed at all for samples whose gate is 0 (inference); if
                     False both are computed and multiplied by the gate (training, straight-through).
     positions:      (B, L) original indices of the tokens: consecutive kept tokens whose positions differ by
@@ -91,6 +93,28 @@ class MixerContext:
     full_length: int | None = None
     gaps: Tensor | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LinearDirectionGate:
+    """A learned direction selector at inference: direction d runs for sample i iff ``weight[d] . xz + bias[d]
+    > 0``, with ``xz`` the sample's class-token ``in_proj`` output (B, 2*d_inner), in fp32 (also under autocast:
+    a bf16 product would flip decisions near 0). Callable like any gate -> (B, 2) 0/1 float; the fused Triton
+    mixer instead reads the class-token row, multiplies and thresholds in one kernel."""
+
+    weight: Tensor  # (2, 2*d_inner)
+    bias: Tensor | None = None  # (2,)
+
+    def logits(self, cls_xz: Tensor) -> Tensor:
+        kind = cls_xz.device.type
+        bias = None if self.bias is None else self.bias.float()
+        if not torch.amp.is_autocast_available(kind):
+            return F.linear(cls_xz.float(), self.weight.float(), bias)
+        with torch.autocast(kind, enabled=False):
+            return F.linear(cls_xz.float(), self.weight.float(), bias)
+
+    def __call__(self, cls_xz: Tensor) -> Tensor:
+        return (self.logits(cls_xz) > 0).float()
 
 
 class Reducer(nn.Module):

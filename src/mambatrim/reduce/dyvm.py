@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
 from . import MethodSpec, register_method
-from .core import MixerContext, Reducer, TokenState, take_rows
+from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, take_rows
 
 # keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
 # positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
@@ -64,15 +64,11 @@ def _matmul_tf32(enabled: bool) -> Iterator[None]:
 
 class BlockSelector(nn.Linear):
     """Per-layer scan-direction selector: the class token's ``in_proj`` output (B, 2E) -> (B, 2) fp32 logits
-    (forward, backward). A plain Linear (the released parameter names); at inference (eval, no autograd) one
-    fp32 GEMV with the bias fused, where autocast would wrap a slow bf16 GEMM in casts at every layer."""
+    (forward, backward). A plain Linear (the released parameter names); at inference DyVM hands its weights to
+    the mixer as a :class:`~mambatrim.reduce.core.LinearDirectionGate` instead of calling it."""
 
     def forward(self, cls_xz: Tensor) -> Tensor:
-        if self.training or torch.is_grad_enabled():
-            return super().forward(cls_xz.to(self.weight.dtype)).float()
-        kind = cls_xz.device.type
-        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
-            return torch.addmm(self.bias.float(), cls_xz.float(), self.weight.float().t())
+        return super().forward(cls_xz.to(self.weight.dtype)).float()
 
 
 class TokenPredictor(nn.Module):
@@ -312,15 +308,14 @@ class DyVMReducer(Reducer):
 
     def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
         gate: Callable[[Tensor], Tensor] | None = None
-        if self.selectors is not None:
+        if self.selectors is not None and not self.training:  # logit > 0; the mixer records what ran
+            selector = self.selectors[layer_idx]
+            gate = LinearDirectionGate(selector.weight, selector.bias)
+        elif self.selectors is not None:
             selector, record = self.selectors[layer_idx], state.extras.setdefault("dyvm_gates", [])
 
             def gate(cls_xz: Tensor) -> Tensor:
-                logits = selector(cls_xz)
-                if self.training:
-                    g = gumbel_sigmoid_hard(logits, self.block_tau, self.block_threshold)
-                else:
-                    g = (logits > 0).float()
+                g = gumbel_sigmoid_hard(selector(cls_xz), self.block_tau, self.block_threshold)
                 record.append(g)
                 return g
 
