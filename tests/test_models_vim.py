@@ -93,6 +93,29 @@ def test_forward_uses_middle_class_token(tiny_kwargs):
     torch.testing.assert_close(model(x), model.head(final[:, 2]))
 
 
+@pytest.mark.parametrize("amp", [False, True])
+def test_embedding_without_autograd_equals_the_differentiable_one(tiny_kwargs, amp):
+    """Inference writes the class token and pos_embed sums in place of the concatenation; the values are those
+    of the differentiable path exactly (fp32, and under bf16 autocast), and the patches those of the conv."""
+    torch.manual_seed(0)
+    model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
+    with torch.no_grad():
+        model.cls_token.normal_()
+        model.pos_embed.normal_()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        grad_path = model.embed(x).hidden
+        with torch.no_grad():
+            fast = model.embed(x).hidden
+        conv = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    assert fast.dtype == grad_path.dtype == torch.float32  # tokens + fp32 pos_embed, as before
+    assert torch.equal(fast, grad_path.detach())
+    expected_cls = model.cls_token[0, 0].to(conv.dtype) + model.pos_embed[0, 2]
+    assert torch.equal(fast[:, 2], expected_cls.expand(3, -1))
+    patches = torch.cat([fast[:, :2], fast[:, 3:]], 1) - torch.cat([model.pos_embed[:, :2], model.pos_embed[:, 3:]], 1)
+    torch.testing.assert_close(patches, conv.float(), rtol=2e-2 if amp else 1e-5, atol=2e-2 if amp else 1e-5)
+
+
 def test_noop_reducer_gives_identical_logits(tiny_kwargs):
     model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -64,10 +64,13 @@ class PatchEmbed(nn.Module):
         bsz, chans = x.shape[:2]
         p = self.patch_size
         dev = x.device.type
-        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):  # cast first: half the bytes copied
-            x = x.to(torch.get_autocast_dtype(dev))
-        patches = x.reshape(bsz, chans, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(bsz, grid[0] * grid[1], chans * p * p)
+        dtype = x.dtype
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+        # the patch layout and autocast's cast in one copy (one pass over the image instead of two)
+        patches = torch.empty((bsz, grid[0], grid[1], chans, p, p), dtype=dtype, device=x.device)
+        patches.copy_(x.reshape(bsz, chans, grid[0], p, grid[1], p).permute(0, 2, 4, 1, 3, 5))
+        patches = patches.view(bsz, grid[0] * grid[1], chans * p * p)
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
@@ -182,13 +185,20 @@ class VisionMamba(nn.Module):
     def embed(self, x: Tensor) -> TokenState:
         """Patch-embed, insert the class token at the middle, add the (resampled if needed) pos_embed."""
         tokens, grid = self.patch_embed(x)
-        bsz, m, _ = tokens.shape
+        bsz, m, dim = tokens.shape
         c = m // 2
-        seq = torch.cat([tokens[:, :c], self.cls_token.expand(bsz, -1, -1).to(tokens.dtype), tokens[:, c:]], 1)
         pos = self.pos_embed
         if pos.shape[1] != m + 1:
             pos = resize_pos_embed(pos, grid, self.patch_embed.grid_size)
-        seq = self.pos_drop(seq + pos)
+        cls = self.cls_token.to(tokens.dtype)
+        if torch.is_grad_enabled():
+            seq = torch.cat([tokens[:, :c], cls.expand(bsz, -1, -1), tokens[:, c:]], 1) + pos
+        else:  # the same sums written in place of the concatenation: one pass over the tokens, not two
+            seq = tokens.new_empty((bsz, m + 1, dim), dtype=torch.result_type(tokens, pos))
+            torch.add(tokens[:, :c], pos[:, :c], out=seq[:, :c])
+            torch.add(tokens[:, c:], pos[:, c + 1:], out=seq[:, c + 1:])
+            seq[:, c] = cls[:, 0] + pos[:, c]
+        seq = self.pos_drop(seq)
         positions = torch.arange(m + 1, device=x.device).expand(bsz, -1)
         cls_index = torch.full((bsz,), c, dtype=torch.long, device=x.device)
         return TokenState(hidden=seq, residual=None, positions=positions, cls_index=cls_index)
