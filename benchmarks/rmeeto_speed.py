@@ -86,13 +86,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--compile", action="store_true", help="also time R-MeeTo with compile=True")
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run only)")
-    parser.add_argument("--tile-fold", action="store_true",
-                        help="fold the merged rows with the opt-in tile kernel (all at once) instead of one by one")
     args = parser.parse_args()
-    if args.tile_fold:
-        from mambatrim.reduce import rmeeto_kernels
-
-        rmeeto_kernels.TILE_FOLD_MAX_R = 64
     dev = torch.device(args.device)
     if args.compile:  # every merge event has its own r / length: allow one compiled variant per event
         import torch._dynamo as dynamo
@@ -173,7 +167,6 @@ def main() -> int:
         model=args.model, img_size=args.img_size, batch_size=args.batch_size, precision="bf16 autocast",
         device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke run)", torch=torch.__version__, python=platform.python_version(),
         scan_backend=get_backend(dev.type), rounds=args.rounds, iters_per_round=args.iters,
-        fold="tile" if args.tile_fold else "sequential",
         inference=rows, gpu_merge_check=gpu_check,
     )
     write_result(args.out, "rmeeto_speed", result, to_markdown(result))

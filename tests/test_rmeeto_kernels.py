@@ -21,15 +21,12 @@ from mambatrim.reduce.rmeeto_kernels import fused_merge  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, params=["tile", "sequential"])
-def small_slices(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    """Channel slices of the fold narrower than the rows, so several programs share an image; each test runs
-    with the sequential fold (the default) and with the opt-in tile fold."""
+@pytest.fixture(autouse=True)
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channel slices of the fold narrower than the rows, so several programs share an image."""
     from mambatrim.reduce import rmeeto_kernels
 
     monkeypatch.setattr(rmeeto_kernels, "FOLD_BLOCK_D", 16)
-    monkeypatch.setattr(rmeeto_kernels, "TILE_FOLD_BLOCK_D", 16)
-    monkeypatch.setattr(rmeeto_kernels, "TILE_FOLD_MAX_R", 64 if request.param == "tile" else 0)
 
 
 @pytest.mark.parametrize("length,r,rule,with_residual,shared", [

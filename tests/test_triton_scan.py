@@ -143,12 +143,18 @@ def test_pair_matches_two_reference_scans() -> None:
         assert rel(a, b) < 1e-5, f"{name}: rel err {rel(a, b):.2e}"
 
 
-def test_pair_direction_switch_skips_per_sample() -> None:
+@pytest.mark.parametrize("policy", ["each kind once", "random"])
+def test_pair_direction_switch_skips_per_sample(policy: str) -> None:
     """``direction_on`` (inference): each sample gets 0.5 * (on_f * fwd + on_b * bwd) -- both, one or neither
-    direction -- from outputs the switched-off pairs never wrote (the conv leaves them undefined: NaN here)."""
-    bsz, dim, length = 4, 6, 19
+    direction -- from outputs the switched-off pairs never wrote (the conv leaves them undefined: NaN here);
+    'random' has several samples of each kind."""
+    if policy == "each kind once":
+        on = torch.tensor([[0, 0], [1, 0], [1, 1], [0, 1]])
+    else:
+        on = torch.tensor([[1, 1], [0, 1], [1, 1], [0, 0], [1, 0], [1, 1], [0, 0], [1, 1], [0, 1]])
+        assert (on.sum(1) == 1).sum() % 2 == 1
+    bsz, dim, length = on.shape[0], 6, 19
     (u, delta, A, B, C, D, z, bias), r = pair_inputs(3, bsz, dim, length, 4)
-    on = torch.tensor([[0, 0], [1, 0], [1, 1], [0, 1]])
     refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1)
             for i in range(2)]
     expected = 0.5 * (refs[0] * on[:, 0, None, None] + refs[1] * on[:, 1, None, None])
@@ -159,7 +165,8 @@ def test_pair_direction_switch_skips_per_sample() -> None:
     with torch.no_grad():
         y = selective_scan_pair_triton(*args, delta_softplus=True, scale=0.5, direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
-    assert torch.equal(y[0], torch.zeros_like(y[0]))
+    idle = on.sum(1) == 0
+    assert torch.equal(y[idle], torch.zeros_like(y[idle]))
     with pytest.raises(ValueError, match="inference-only"):
         selective_scan_pair_triton(*[a.clone().requires_grad_() for a in args], direction_on=on.to(DEVICE))
     with pytest.raises(ValueError, match=r"\(batch, 2\)"):

@@ -9,8 +9,8 @@
 2. ``_merge_rows_kernel``: every output row copied from its source row (hidden and residual stream).
 3. ``_merge_fold_kernel``, one program per (image, slice of channels): the ``r`` merged rows folded into their
    destinations one after the other (``out[b] += w (t[a] - t[b])``, in fp32), so several A tokens may share a
-   destination. Opt-in alternative (``TILE_FOLD_MAX_R``), ``_merge_fold_tile_kernel``: the contributions depend on
-   the read-only inputs only, so all ``r`` load at once and are summed per destination by a 0/1 matrix product.
+   destination. (A variant loading all ``r`` at once and summing them per destination with a 0/1 matrix product
+   was no faster on an H200, 16,894 against 16,905 img/s at r = 20, and was dropped.)
 
 Same result as :func:`mambatrim.reduce.rmeeto.merge_arrays` (tests compare them); similarities are computed
 in fp32 from the token values (the PyTorch path rounds the bf16 matmul's output to bf16 first), so a near-tie
@@ -27,11 +27,6 @@ RULES = {"official": 0, "middle": 1, "boundary": 2}
 CHUNK_D = 32  # channels per similarity step
 PLAN_WARPS = 4
 FOLD_BLOCK_D = 64  # channels per fold program (its loop over the merged rows is sequential)
-# merges per event up to which the tile fold runs (at most 64: its grouping matrix lives in registers); 0, the
-# default: always the sequential fold. The tile fold is checked against the PyTorch merge but not yet timed
-# on a GPU, so it is opt-in (benchmarks/rmeeto_speed.py --tile-fold).
-TILE_FOLD_MAX_R = 0
-TILE_FOLD_BLOCK_D = 32  # channels per tile-fold program
 
 
 @triton.jit
@@ -166,38 +161,6 @@ def _merge_fold_kernel(h_ptr, res_ptr, src_ptr, dst_ptr, slot_ptr, w_ptr, oh_ptr
             tl.store(ores_ptr + o_off, (cur + w * delta).to(ores_ptr.dtype.element_ty), mask=dm)
 
 
-@triton.jit
-def _merge_fold_tile_kernel(h_ptr, res_ptr, src_ptr, dst_ptr, slot_ptr, w_ptr, oh_ptr, ores_ptr, L, Lo, D, r,
-                            HAS_RES: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
-    """The fold without a sequential loop: every merged token's contribution ``w (t[a] - t[b])`` depends on the
-    input tokens only, so all ``r`` of them load at once; the contributions sharing a destination are summed
-    with a 0/1 (RP, RP) matrix product, and each destination is written once per merged token (the same value
-    by every token sharing it)."""
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    dm = d < D
-    m = tl.arange(0, RP)
-    mm = m < r
-    src = tl.load(src_ptr + b * r + m, mask=mm, other=0).to(tl.int64)
-    dst = tl.load(dst_ptr + b * r + m, mask=mm, other=0).to(tl.int64)
-    slot = tl.load(slot_ptr + b * r + m, mask=mm, other=-1)
-    w = tl.load(w_ptr + b * r + m, mask=mm, other=0.0)
-    same = ((slot[:, None] == slot[None, :]) & mm[None, :]).to(tl.float32)  # (RP, RP): shares a destination
-    tile = mm[:, None] & dm[None, :]
-    a_off = (b.to(tl.int64) * L + src)[:, None] * D + d[None, :]
-    b_off = (b.to(tl.int64) * L + dst)[:, None] * D + d[None, :]
-    o_off = (b.to(tl.int64) * Lo + slot.to(tl.int64))[:, None] * D + d[None, :]
-    base = tl.load(h_ptr + b_off, mask=tile, other=0.0).to(tl.float32)
-    part = w[:, None] * (tl.load(h_ptr + a_off, mask=tile, other=0.0).to(tl.float32) - base)
-    total = tl.dot(same, part, input_precision="ieee")
-    tl.store(oh_ptr + o_off, (base + total).to(oh_ptr.dtype.element_ty), mask=tile)
-    if HAS_RES:
-        base = tl.load(res_ptr + b_off, mask=tile, other=0.0).to(tl.float32)
-        part = w[:, None] * (tl.load(res_ptr + a_off, mask=tile, other=0.0).to(tl.float32) - base)
-        total = tl.dot(same, part, input_precision="ieee")
-        tl.store(ores_ptr + o_off, (base + total).to(ores_ptr.dtype.element_ty), mask=tile)
-
-
 def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls: Tensor, sizes: Tensor, r: int,
                 cls_position: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """:func:`~mambatrim.reduce.rmeeto.merge_arrays` in three launches (no autograd)."""
@@ -230,12 +193,7 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
     res, res_out = (residual, out_res) if has_res else (hidden, out_h)  # unread stand-ins without a residual
     _merge_rows_kernel[(bsz, out_len)](hidden, res, out_seq, out_h, res_out, length, out_len, dim,
                                        HAS_RES=has_res, BD=triton.next_power_of_2(dim))
-    if 0 < r <= min(TILE_FOLD_MAX_R, 64):
-        _merge_fold_tile_kernel[(bsz, triton.cdiv(dim, TILE_FOLD_BLOCK_D))](
-            hidden, res, src, dst, slot, weight, out_h, res_out, length, out_len, dim, r, HAS_RES=has_res,
-            BD=TILE_FOLD_BLOCK_D, RP=max(16, triton.next_power_of_2(r)))
-    else:  # the default; also for r > 64, where the (r, r) grouping matrix would not fit in registers
-        _merge_fold_kernel[(bsz, triton.cdiv(dim, FOLD_BLOCK_D))](
-            hidden, res, src, dst, slot, weight, out_h, res_out, length, out_len, dim, r, HAS_RES=has_res,
-            BD=FOLD_BLOCK_D)
+    _merge_fold_kernel[(bsz, triton.cdiv(dim, FOLD_BLOCK_D))](
+        hidden, res, src, dst, slot, weight, out_h, res_out, length, out_len, dim, r, HAS_RES=has_res,
+        BD=FOLD_BLOCK_D)
     return out_h, out_res, out_pos, q.to(cls.dtype), out_size
