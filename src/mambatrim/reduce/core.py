@@ -7,6 +7,7 @@ them.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -108,9 +109,7 @@ class LinearDirectionGate:
     def logits(self, cls_xz: Tensor) -> Tensor:
         kind = cls_xz.device.type
         bias = None if self.bias is None else self.bias.float()
-        if not torch.amp.is_autocast_available(kind):
-            return F.linear(cls_xz.float(), self.weight.float(), bias)
-        with torch.autocast(kind, enabled=False):
+        with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
             return F.linear(cls_xz.float(), self.weight.float(), bias)
 
     def __call__(self, cls_xz: Tensor) -> Tensor:
