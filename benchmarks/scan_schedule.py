@@ -5,8 +5,9 @@ token-major layout): the pair kernel (both directions in one program per channel
 channel-block sizes and warp counts, with both directions on, a static policy (the backward direction off for
 every sample) and a per-image policy (each sample's directions on with probability 0.8, as DyVM's selectors); and, for
 comparison, one direction over twice the batch in one launch (the two directions as separate programs).
-A scan step's latency, not its arithmetic, bounds the kernel when few programs are resident: then the kernel
-takes as long as its longest program, and per-image skipping only pays where a whole layer skips.
+All programs are resident at once (about 12 one-warp programs per SM) and the kernel is bound by each SM's
+throughput (twice the programs take twice as long), so it takes as long as its busiest SM: with random
+per-sample work that is about the full load, and per-image skipping only pays where a whole layer skips.
 
     python benchmarks/scan_schedule.py --out benchmarks/results
 

@@ -180,11 +180,11 @@ class BiMambaMixer(nn.Module):
             from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
             # per-sample direction skipping inside the fused kernels: no host sync, no sub-batches
-            gate = ctx.direction_gate
+            gate, selector = ctx.direction_gate, None
             if isinstance(gate, LinearDirectionGate):  # gather, product and threshold in one kernel
-                return bimamba_forward_triton(self, hidden, None, ctx.cls_index, selector=(gate.weight, gate.bias),
-                                              **_fused_alignment(ctx))
-            return bimamba_forward_triton(self, hidden, gate, ctx.cls_index, **_fused_alignment(ctx))
+                gate, selector = None, (gate.weight, gate.bias)
+            return bimamba_forward_triton(self, hidden, gate, ctx.cls_index, selector=selector,
+                                          **_fused_alignment(ctx))
         bsz, length, _ = hidden.shape
         xz = self.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
