@@ -35,7 +35,7 @@ def build(kernel, constants):
     for name in kernel.arg_names:
         if name in constants:
             sig[name] = "constexpr"
-        elif name in ("on_ptr", "out_seq_ptr", "q_ptr", "src_ptr", "dst_ptr", "slot_ptr", "seq_ptr",
+        elif name in ("on_ptr", "out_seq_ptr", "q_ptr", "src_ptr", "slot_ptr", "seq_ptr",
                       "inv_ptr"):
             sig[name] = "*i32"
         elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr"):
@@ -68,8 +68,8 @@ cases = {
     "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=triton_vim.CONV_BWD_BLOCK_E, HAS_BIAS=True)),
     "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(
         RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D, PREC="tf32")),
-    "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512)),
-    "R-MeeTo merge fold": (rmeeto_kernels._merge_fold_kernel, dict(HAS_RES=True, BD=rmeeto_kernels.FOLD_BLOCK_D)),
+    "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512, RP=32)),
+    "R-MeeTo merge rows, no residual": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=False, BD=512, RP=16)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
     "class-token direction gate": (triton_vim._class_token_gate_kernel, dict(HAS_BIAS=True, BK=1024)),
 }

@@ -212,7 +212,7 @@ class RMeeToReducer(Reducer):
                 f"fused={self.fused}")
 
     def use_fused(self, hidden: Tensor) -> bool:
-        """The Triton merge (:mod:`.rmeeto_kernels`, three launches per event): at inference on a GPU by default
+        """The Triton merge (:mod:`.rmeeto_kernels`, two launches per event): at inference on a GPU by default
         (``fused=None``), never with ``fused=False``, wherever Triton runs with ``fused=True``; training always
         uses the differentiable PyTorch merge."""
         if self.fused is False or (torch.is_grad_enabled() and hidden.requires_grad):
@@ -251,7 +251,7 @@ def apply(model: nn.Module, ratio: float | None = None, r: int | None = None, la
     ``r`` (tokens merged per event); neither means the paper's ratio 0.31. ``layers`` defaults to every
     ``interval``-th block from ``interval`` on. ``compile=True`` runs the merge through ``torch.compile``
     (fused index arithmetic; worth it on a GPU, where the merge is otherwise dozens of tiny kernels).
-    ``fused``: the Triton merge at inference (three launches per event); ``None`` = on a GPU.
+    ``fused``: the Triton merge at inference (two launches per event); ``None`` = on a GPU.
     """
     if not hasattr(model, "set_reducer") or not hasattr(model, "depth"):
         raise TypeError(f"R-MeeTo needs a mambatrim VisionMamba model, got {type(model).__name__}")

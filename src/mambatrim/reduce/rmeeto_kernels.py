@@ -1,16 +1,15 @@
-"""R-MeeTo's merge event as three Triton launches (inference), instead of dozens of small PyTorch kernels.
+"""R-MeeTo's merge event as two Triton launches (inference), instead of dozens of small PyTorch kernels.
 
 1. ``_merge_plan_kernel``, one program per image: cosine similarity of the A (even) and B (odd) tokens with
    ``tl.dot`` over channel chunks (fp32 accumulation, norms from the same loads), each A token's best partner,
    the rank of every A token by its best similarity (the top ``r`` merge), which tokens stay, their slots
-   (a prefix sum), the class token's slot, new positions and sizes, and for the ``r`` merged tokens: source,
-   destination row and the size weight. Index lookups between the A, B and sequence spaces are one-hot
+   (a prefix sum), the class token's slot, new positions and sizes, and for the ``r`` merged tokens: source
+   row, destination slot and the size weight. Index lookups between the A, B and sequence spaces are one-hot
    reductions over at most 256 tokens (registers only, no scratch).
-2. ``_merge_rows_kernel``: every output row copied from its source row (hidden and residual stream).
-3. ``_merge_fold_kernel``, one program per (image, slice of channels): the ``r`` merged rows folded into their
-   destinations one after the other (``out[b] += w (t[a] - t[b])``, in fp32), so several A tokens may share a
-   destination. (A variant loading all ``r`` at once and summing them per destination with a 0/1 matrix product
-   was no faster on an H200, 16,894 against 16,905 img/s at r = 20, and was dropped.)
+2. ``_merge_rows_kernel``, one program per output row (hidden and residual stream): the row's source copied,
+   and where merged A tokens land in this slot, ``w (t[a] - t[row])`` added for each of them in fp32 (several
+   may share a destination). The copy and the merge's weighted sum are one pass over the rows; they were two
+   kernels (a copy, then a fold of the ``r`` merged rows per channel slice) before.
 
 Same result as :func:`mambatrim.reduce.rmeeto.merge_arrays` (tests compare them); similarities are computed
 in fp32 from the token values (the PyTorch path rounds the bf16 matmul's output to bf16 first), so a near-tie
@@ -26,7 +25,6 @@ from torch import Tensor
 RULES = {"official": 0, "middle": 1, "boundary": 2}
 CHUNK_D = 32  # channels per similarity step
 PLAN_WARPS = 4
-FOLD_BLOCK_D = 64  # channels per fold program (its loop over the merged rows is sequential)
 
 
 @triton.jit
@@ -39,7 +37,7 @@ def _pick(values, index, space):
 @triton.jit
 def _merge_plan_kernel(
     h_ptr, size_ptr, pos_ptr, cls_ptr,
-    out_seq_ptr, out_pos_ptr, out_size_ptr, q_ptr, src_ptr, dst_ptr, slot_ptr, w_ptr,
+    out_seq_ptr, out_pos_ptr, out_size_ptr, q_ptr, src_ptr, slot_ptr, w_ptr,
     L, D, r, sh_b, sh_t,
     RULE: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -110,60 +108,57 @@ def _merge_plan_kernel(
     tl.store(out_size_ptr + out_row + slot_k, size_k, mask=kept)
     tl.store(out_size_ptr + out_row + q, tl.load(size_ptr + row + cls))
     tl.store(q_ptr + b, q)
-    # the merged tokens, in rank order: source row, destination row, destination slot, size weight
+    # the merged tokens, in rank order: source row, destination slot, size weight
     dst_rank = _pick(rank_k, 2 * partner + 1, k)
     dst_slot = dst_rank + (dst_rank >= q).to(tl.int32)
     weight = size_a / _pick(size_b_new, partner, i)
-    dst_seq = 2 * partner + 1 + (2 * partner + 1 >= cls).to(tl.int32)
     m_row = b.to(tl.int64) * r
     tl.store(src_ptr + m_row + rank, seq_a, mask=merged)
-    tl.store(dst_ptr + m_row + rank, dst_seq, mask=merged)
     tl.store(slot_ptr + m_row + rank, dst_slot, mask=merged)
     tl.store(w_ptr + m_row + rank, weight, mask=merged)
 
 
 @triton.jit
-def _merge_rows_kernel(h_ptr, res_ptr, seq_ptr, oh_ptr, ores_ptr, L, Lo, D,
-                       HAS_RES: tl.constexpr, BD: tl.constexpr):
+def _merge_rows_kernel(h_ptr, res_ptr, seq_ptr, src_ptr, slot_ptr, w_ptr, oh_ptr, ores_ptr, L, Lo, D, r,
+                       HAS_RES: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
+    """Output row ``j`` of image ``b``: its source row, plus ``w (t[a] - t[row])`` for every merged-away A token
+    ``a`` whose destination slot is ``j`` (summed in fp32, one rounding at the store)."""
     b = tl.program_id(0)
     j = tl.program_id(1)
-    src = tl.load(seq_ptr + b * Lo + j).to(tl.int64)
+    row = tl.load(seq_ptr + b * Lo + j).to(tl.int64)
     d = tl.arange(0, BD)
     dm = d < D
-    src_off = (b.to(tl.int64) * L + src) * D + d
-    dst_off = (b.to(tl.int64) * Lo + j) * D + d
-    tl.store(oh_ptr + dst_off, tl.load(h_ptr + src_off, mask=dm), mask=dm)
+    row_off = (b.to(tl.int64) * L + row) * D + d
+    out_off = (b.to(tl.int64) * Lo + j) * D + d
+    x = tl.load(h_ptr + row_off, mask=dm)
     if HAS_RES:
-        tl.store(ores_ptr + dst_off, tl.load(res_ptr + src_off, mask=dm), mask=dm)
-
-
-@triton.jit
-def _merge_fold_kernel(h_ptr, res_ptr, src_ptr, dst_ptr, slot_ptr, w_ptr, oh_ptr, ores_ptr, L, Lo, D, r,
-                       HAS_RES: tl.constexpr, BD: tl.constexpr):
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)  # a slice of the channels: more programs, same order
-    dm = d < D
-    for m in range(r):  # one after the other: merged tokens may share a destination
-        src = tl.load(src_ptr + b * r + m).to(tl.int64)
-        dst = tl.load(dst_ptr + b * r + m).to(tl.int64)
-        slot = tl.load(slot_ptr + b * r + m).to(tl.int64)
-        w = tl.load(w_ptr + b * r + m)
-        a_off = (b.to(tl.int64) * L + src) * D + d
-        b_off = (b.to(tl.int64) * L + dst) * D + d
-        o_off = (b.to(tl.int64) * Lo + slot) * D + d
-        delta = (tl.load(h_ptr + a_off, mask=dm).to(tl.float32) - tl.load(h_ptr + b_off, mask=dm).to(tl.float32))
-        cur = tl.load(oh_ptr + o_off, mask=dm).to(tl.float32)
-        tl.store(oh_ptr + o_off, (cur + w * delta).to(oh_ptr.dtype.element_ty), mask=dm)
+        xr = tl.load(res_ptr + row_off, mask=dm)
+    mr = tl.arange(0, RP)
+    slots = tl.load(slot_ptr + b * r + mr, mask=mr < r, other=-1)
+    if tl.sum((slots == j).to(tl.int32), axis=0) == 0:  # most rows: an exact copy
+        tl.store(oh_ptr + out_off, x, mask=dm)
         if HAS_RES:
-            delta = (tl.load(res_ptr + a_off, mask=dm).to(tl.float32)
-                     - tl.load(res_ptr + b_off, mask=dm).to(tl.float32))
-            cur = tl.load(ores_ptr + o_off, mask=dm).to(tl.float32)
-            tl.store(ores_ptr + o_off, (cur + w * delta).to(ores_ptr.dtype.element_ty), mask=dm)
+            tl.store(ores_ptr + out_off, xr, mask=dm)
+    else:
+        acc = x.to(tl.float32)
+        if HAS_RES:
+            acc_r = xr.to(tl.float32)
+        for m in range(r):  # several A tokens may share this destination
+            hit = tl.load(slot_ptr + b * r + m) == j
+            w = tl.where(hit, tl.load(w_ptr + b * r + m), 0.0)
+            a_off = (b.to(tl.int64) * L + tl.load(src_ptr + b * r + m)) * D + d
+            acc += w * (tl.load(h_ptr + a_off, mask=dm & hit, other=0.0).to(tl.float32) - x.to(tl.float32))
+            if HAS_RES:
+                acc_r += w * (tl.load(res_ptr + a_off, mask=dm & hit, other=0.0).to(tl.float32)
+                              - xr.to(tl.float32))
+        tl.store(oh_ptr + out_off, acc.to(oh_ptr.dtype.element_ty), mask=dm)
+        if HAS_RES:
+            tl.store(ores_ptr + out_off, acc_r.to(ores_ptr.dtype.element_ty), mask=dm)
 
 
 def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls: Tensor, sizes: Tensor, r: int,
                 cls_position: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
-    """:func:`~mambatrim.reduce.rmeeto.merge_arrays` in three launches (no autograd)."""
+    """:func:`~mambatrim.reduce.rmeeto.merge_arrays` in two launches (no autograd)."""
     bsz, length, dim = hidden.shape
     if length - 1 > 512:
         raise ValueError(f"fused_merge handles up to 513 tokens, got {length}")
@@ -177,11 +172,11 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
     out_size = torch.empty(bsz, out_len, device=dev, dtype=torch.float32)
     q = torch.empty(bsz, device=dev, dtype=torch.int32)
     src = torch.empty(bsz, r, device=dev, dtype=torch.int32)
-    dst, slot = torch.empty_like(src), torch.empty_like(src)
+    slot = torch.empty_like(src)
     weight = torch.empty(bsz, r, device=dev, dtype=torch.float32)
     _merge_plan_kernel[(bsz,)](
         hidden, sizes.float().contiguous(), positions.contiguous(), cls.contiguous(),
-        out_seq, out_pos, out_size, q, src, dst, slot, weight,
+        out_seq, out_pos, out_size, q, src, slot, weight,
         length, dim, r, hidden.stride(0), hidden.stride(1),
         RULE=RULES[cls_position], NP=np_, BK=CHUNK_D, num_warps=PLAN_WARPS,
         # fp32 tokens: full-precision products (tf32 would flip near-tied partners and ranks against the
@@ -191,9 +186,7 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
     out_res = None if residual is None else torch.empty(bsz, out_len, dim, device=dev, dtype=residual.dtype)
     has_res = residual is not None
     res, res_out = (residual, out_res) if has_res else (hidden, out_h)  # unread stand-ins without a residual
-    _merge_rows_kernel[(bsz, out_len)](hidden, res, out_seq, out_h, res_out, length, out_len, dim,
-                                       HAS_RES=has_res, BD=triton.next_power_of_2(dim))
-    _merge_fold_kernel[(bsz, triton.cdiv(dim, FOLD_BLOCK_D))](
-        hidden, res, src, dst, slot, weight, out_h, res_out, length, out_len, dim, r, HAS_RES=has_res,
-        BD=FOLD_BLOCK_D)
+    _merge_rows_kernel[(bsz, out_len)](hidden, res, out_seq, src, slot, weight, out_h, res_out, length, out_len,
+                                       dim, r, HAS_RES=has_res, BD=triton.next_power_of_2(dim),
+                                       RP=triton.next_power_of_2(r))
     return out_h, out_res, out_pos, q.to(cls.dtype), out_size
