@@ -1,13 +1,18 @@
-"""How the paired selective scan's time depends on its block shape and on which directions run, on one GPU.
+"""How the paired selective scan's time depends on its block shape, the batch and which directions run, on one GPU.
 
-One Vim-S layer's scan (batch 128, 197 tokens, 768 channels, state 16, bf16 activations in the fused mixer's
-token-major layout): the pair kernel (both directions in one program per channel block and sample) for several
+One Vim-S layer's scan (197 tokens, 768 channels, state 16, bf16 activations in the fused mixer's token-major
+layout): the pair kernel (both directions in one program per channel block and sample) for several
 channel-block sizes and warp counts, with both directions on, a static policy (the backward direction off for
-every sample) and a per-image policy (each sample's directions on with probability 0.8, as DyVM's selectors); and, for
-comparison, one direction over twice the batch in one launch (the two directions as separate programs).
-All programs are resident at once (about 12 one-warp programs per SM) and the kernel is bound by each SM's
-throughput (twice the programs take twice as long), so it takes as long as its busiest SM: with random
-per-sample work that is about the full load, and per-image skipping only pays where a whole layer skips.
+every sample) and a per-image policy (each sample's directions on with probability 0.8, as DyVM's selectors),
+at batch 128; and both directions on over a sweep of batch sizes at the library's default block. Each row also
+gives the compiled kernel's registers per thread and how many of its programs the SM's registers hold at once.
+
+What it showed on an H200 (``scan_schedule.md``): with both directions on, the default kernel takes about
+310 us for 64-88 samples and steps to about 380 us from 96 samples on, where more than 8 one-warp programs
+share an SM (the registers would hold 12). A program that runs both directions walks twice the steps of one
+that runs one; with random per-image decisions nearly every SM hosts such programs, so the launch takes as long
+as with everything on, while the static policy halves every program and the time. docs/dyvm.md lists the
+schedules tried against this.
 
     python benchmarks/scan_schedule.py --out benchmarks/results
 
@@ -26,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from mambatrim.engine.benchmark import device_name, interleaved_times_ms  # noqa: E402
 from mambatrim.engine.report import write_result  # noqa: E402
 from mambatrim.ops import triton_scan  # noqa: E402
-from mambatrim.ops.triton_scan import selective_scan_pair_triton, selective_scan_triton  # noqa: E402
+from mambatrim.ops.triton_scan import selective_scan_pair_triton  # noqa: E402
 
 
 def layer_inputs(bsz: int, length: int, dim: int, state: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -43,12 +48,30 @@ def layer_inputs(bsz: int, length: int, dim: int, state: int, gen: torch.Generat
     return [u, delta, A, B, C, D, z, bias]
 
 
+def batch_slice(inputs: list[torch.Tensor], bsz: int) -> list[torch.Tensor]:
+    """The first ``bsz`` samples of :func:`layer_inputs` (views; A, D and bias have no batch axis)."""
+    u, delta, A, B, C, D, z, bias = inputs
+    return [u[:, :bsz], delta[:, :bsz], A, B[:, :bsz], C[:, :bsz], D, z[:bsz], bias]
+
+
+def resident_per_sm(n_regs: int, warps: int) -> int:
+    """Programs an SM's registers hold at once (registers are allocated per warp in units of 256)."""
+    if n_regs <= 0:  # not reported by this Triton
+        return 0
+    props = torch.cuda.get_device_properties(0)
+    per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    per_warp = -(-n_regs * 32 // 256) * 256
+    return min(32, per_sm // (per_warp * warps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[40, 64, 88, 96, 112],
+                        help="further batch sizes timed with both directions on at the default block")
     parser.add_argument("--length", type=int, default=197)
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--blocks", nargs="+", default=["32x1", "64x1", "64x2", "128x2", "128x4"],
+    parser.add_argument("--blocks", nargs="+", default=["32x1", "64x1", "128x2"],
                         help="channel block x warps")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
@@ -56,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     bsz = args.batch_size
-    inputs = layer_inputs(bsz, args.length, args.dim, 16, gen)
+    inputs = layer_inputs(max([bsz, *args.batches]), args.length, args.dim, 16, gen)
     policies = {
         "both on": None,
         "static: backward off": torch.tensor([[1, 0]] * bsz, dtype=torch.int32),
@@ -64,54 +87,53 @@ def main() -> None:
     }
     policies = {k: None if v is None else v.cuda() for k, v in policies.items()}
     default = (triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS)
-    runners, settings = {}, {}
+    default_spec = f"{default[0]}x{default[1]}"
+    cases: dict[str, tuple[int, int, int, str]] = {}  # key -> (block, warps, batch, policy)
     for spec in args.blocks:
         bd, warps = (int(v) for v in spec.split("x"))
-        for name, on in policies.items():
-            key = f"{spec}|{name}"
-            settings[key] = (bd, warps)
-            runners[key] = (lambda on=on: selective_scan_pair_triton(*inputs, delta_softplus=True, scale=0.5,
-                                                                     direction_on=on))
-
-    # the directions as separate programs of one launch: one direction over 2 x batch sequences (3072 programs of
-    # L steps instead of 1536 of 2 L), against the same launch over batch sequences
-    u, delta, A, B, C, D, z, bias = inputs
-    twice = [t.flatten(0, 1) for t in (u, delta, B, C)]
-    once = [t[0] for t in (u, delta, B, C)]
-    z2 = torch.cat([z.transpose(1, 2)] * 2).transpose(1, 2)  # token-major, as z
-    for spec in args.blocks:
-        bd, warps = (int(v) for v in spec.split("x"))
-        for name, (uu, dd, bb, cc), zz in (("one direction, batch x 2", twice, z2), ("one direction", once, z)):
-            key = f"{spec}|{name}"
-            settings[key] = (bd, warps)
-            runners[key] = (lambda uu=uu, dd=dd, bb=bb, cc=cc, zz=zz: selective_scan_triton(
-                uu, dd, A[0], bb, cc, D[0], zz, bias[0], delta_softplus=True))
+        for name in policies:
+            cases[f"{spec}|{bsz}|{name}"] = (bd, warps, bsz, name)
+    for b in args.batches:
+        cases[f"{default_spec}|{b}|both on"] = (*default, b, "both on")
+    runners = {key: (lambda b=b, name=name: selective_scan_pair_triton(
+        *batch_slice(inputs, b), delta_softplus=True, scale=0.5, direction_on=policies[name]))
+        for key, (_, _, b, name) in cases.items()}
 
     def switch(key: str) -> None:
-        triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS = settings[key]
+        triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS = cases[key][:2]
 
+    regs = {}
     with torch.no_grad():
+        for key, fn in runners.items():
+            switch(key)
+            fn()
+            regs[key] = getattr(triton_scan.LAST_FWD, "n_regs", 0)
         times = interleaved_times_ms(runners, args.rounds, args.iters, torch.device("cuda"), switch=switch)
     triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS = default
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for key, ts in times.items():
-        spec, name = key.split("|")
-        on = policies.get(name)
-        share = {"one direction": 0.5}.get(name, 1.0) if on is None else on.float().mean().item()
-        rows.append(dict(block=spec, policy=name, us=round(statistics.median(ts) * 1e3, 1), executed=round(share, 3),
-                         programs=-(-args.dim // settings[key][0]) * bsz))
+        bd, warps, b, name = cases[key]
+        on = policies[name]
+        per_sm = resident_per_sm(regs[key], warps)
+        rows.append(dict(block=f"{bd}x{warps}", batch=b, policy=name, us=round(statistics.median(ts) * 1e3, 1),
+                         executed=1.0 if on is None else round(on.float().mean().item(), 3),
+                         programs=-(-args.dim // bd) * b, registers=regs[key], resident_per_sm=per_sm,
+                         resident=per_sm * sms))
     result = dict(device=device_name(torch.device("cuda")), torch=torch.__version__, batch_size=bsz,
-                  length=args.length, dim=args.dim, default_block=f"{default[0]}x{default[1]}", rows=rows)
-    lines = [f"# Paired scan schedule: batch {bsz}, {args.length} tokens, {args.dim} channels, state 16, bf16, "
-             f"{result['device']}", "",
+                  length=args.length, dim=args.dim, sms=sms, default_block=default_spec, rows=rows)
+    lines = [f"# Paired scan schedule: {args.length} tokens, {args.dim} channels, state 16, bf16, "
+             f"{result['device']} ({sms} SMs)", "",
              f"Median of {args.rounds} interleaved rounds of {args.iters} launches; library default block "
-             f"{result['default_block']} (channels x warps). `executed`: share of (sample, direction) scans run.",
-             "", "| block | programs | policy | executed | us | us / executed share of 'both on' |",
-             "|---|---|---|---|---|---|"]
-    both = {r["block"]: r["us"] for r in rows if r["policy"] == "both on"}
+             f"{default_spec} (channels x warps). `executed`: share of (sample, direction) scans run; `resident`: "
+             "programs the SMs' registers hold at once (programs beyond that start as earlier ones finish).",
+             "", "| block | batch | programs | registers | resident | policy | executed | us | "
+             "us / executed share of 'both on' |", "|---|---|---|---|---|---|---|---|---|"]
+    both = {(r["block"], r["batch"]): r["us"] for r in rows if r["policy"] == "both on"}
     for r in rows:
-        lines.append(f"| {r['block']} | {r['programs']} | {r['policy']} | {r['executed']:.3f} | {r['us']:.1f} | "
-                     f"{r['us'] / (both[r['block']] * r['executed']):.2f} |")
+        lines.append(f"| {r['block']} | {r['batch']} | {r['programs']} | {r['registers']} | {r['resident']} | "
+                     f"{r['policy']} | {r['executed']:.3f} | {r['us']:.1f} | "
+                     f"{r['us'] / (both[(r['block'], r['batch'])] * r['executed']):.2f} |")
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     write_result(args.out, "scan_schedule", result, markdown)
