@@ -140,17 +140,18 @@ def _merge_rows_kernel(h_ptr, res_ptr, seq_ptr, src_ptr, slot_ptr, w_ptr, oh_ptr
         if HAS_RES:
             tl.store(ores_ptr + out_off, xr, mask=dm)
     else:
-        acc = x.to(tl.float32)
+        xf = x.to(tl.float32)
+        acc = xf
         if HAS_RES:
-            acc_r = xr.to(tl.float32)
+            xrf = xr.to(tl.float32)
+            acc_r = xrf
         for m in range(r):  # several A tokens may share this destination
             hit = tl.load(slot_ptr + b * r + m) == j
             w = tl.where(hit, tl.load(w_ptr + b * r + m), 0.0)
             a_off = (b.to(tl.int64) * L + tl.load(src_ptr + b * r + m)) * D + d
-            acc += w * (tl.load(h_ptr + a_off, mask=dm & hit, other=0.0).to(tl.float32) - x.to(tl.float32))
+            acc += w * (tl.load(h_ptr + a_off, mask=dm & hit, other=0.0).to(tl.float32) - xf)
             if HAS_RES:
-                acc_r += w * (tl.load(res_ptr + a_off, mask=dm & hit, other=0.0).to(tl.float32)
-                              - xr.to(tl.float32))
+                acc_r += w * (tl.load(res_ptr + a_off, mask=dm & hit, other=0.0).to(tl.float32) - xrf)
         tl.store(oh_ptr + out_off, acc.to(oh_ptr.dtype.element_ty), mask=dm)
         if HAS_RES:
             tl.store(ores_ptr + out_off, acc_r.to(ores_ptr.dtype.element_ty), mask=dm)
