@@ -11,6 +11,8 @@ dropped, directions skipped per image), the executed-direction fraction the sele
     # control: another method at DyVM's schedule through the same recipe (its accuracy before fine-tuning too)
     python benchmarks/dyvm_cifar10.py ... --set method=prune_static \
         --set "method_opts={keep: 0.7, layers: [3, 6, 9]}" --stem dyvm_cifar10_static_control
+    # control: the dense model itself fine-tuned with the same recipe (what the extra training alone gives)
+    python benchmarks/dyvm_cifar10.py ... --set method=none --stem dense_control_dyvm_recipe
 
 Writes ``dyvm_cifar10.json`` and ``dyvm_cifar10.md`` into ``--out``.
 """
@@ -54,21 +56,25 @@ def baseline_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> dict[str, Any]:
-    """Top-1 and the executed-direction fraction (over layers, directions and images) on ``loader``."""
+    """Top-1, the executed-direction fraction (over layers, directions and images) and, per layer, the share of
+    images that ran the forward / backward scan on ``loader``: how per-image the selectors' decisions are."""
     model.eval()
     correct = count = 0
-    on = total = 0.0
+    per_layer: dict[int, torch.Tensor] = {}
     for images, targets in loader:
         with autocast_for(device, amp):
             logits = model(images)
         correct += int((logits.argmax(-1) == targets).sum())
         count += targets.shape[0]
-        for layer in model.layers:
+        for i, layer in enumerate(model.layers):
             gate = layer.mixer.last_stats.get("gate")
             if gate is not None:
-                on += float(gate.float().sum())
-                total += gate.numel()
-    return {"top1": 100.0 * correct / count, "block_ratio": on / total if total else 1.0, "num_images": count}
+                on = gate.reshape(gate.shape[0], -1).float().sum(0).cpu()
+                per_layer[i] = per_layer[i] + on if i in per_layer else on
+    rates = {i: (v / count).tolist() for i, v in sorted(per_layer.items())}
+    flat = [r for pair in rates.values() for r in pair]
+    return {"top1": 100.0 * correct / count, "block_ratio": sum(flat) / len(flat) if flat else 1.0,
+            "num_images": count, "direction_rates": rates}
 
 
 def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int = 5, iters: int = 20) -> dict:
@@ -116,6 +122,10 @@ def main() -> int:
     common = {**base, "data_path": args.data_path, "device": args.device, "progress": False}
     recipe = load_yaml(args.recipe)
     overrides = parse_method_options(args.overrides)
+    if "method" in overrides and overrides["method"] in (None, "none"):  # the dense control: the same recipe
+        del overrides["method"]
+        recipe.pop("method", None)
+        recipe.pop("method_opts", None)
     if overrides.get("method", recipe.get("method")) != recipe.get("method"):
         recipe.pop("method_opts", None)  # another method: only its own options
     extra: dict[str, Any] = {"epochs": args.epochs} if args.epochs else {}
@@ -136,7 +146,8 @@ def main() -> int:
             tuned = read_checkpoint(work / "last.pth")
             if args.work_dir:  # what a later --tuned run reports as the fine-tune
                 torch.save({"model": tuned["model"], "config": tuned.get("config"),
-                            "train_summary": {**{k: summary.get(k) for k in ("lr", "global_batch", "train_img_per_s")},
+                            "train_summary": {**{k: summary.get(k) for k in ("lr", "global_batch", "train_img_per_s",
+                                                                             "stopped_early", "global_step")},
                                               "wall_s": round(wall, 1)}}, work / "tuned.pth")
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
@@ -178,6 +189,7 @@ def main() -> int:
         method=cfg.method, top1_training_free=dyvm_eval.get("top1_training_free"),
         dyvm=dict(top1=round(dyvm_eval["top1"], 2), drop=round(dense_eval["top1"] - dyvm_eval["top1"], 2),
                   realised_block_ratio=round(dyvm_eval["block_ratio"], 4),
+                  direction_rates={i: [round(r, 4) for r in v] for i, v in dyvm_eval["direction_rates"].items()},
                   gflops=round(measured.gflops("paper"), 4), gflops_full=round(measured.gflops("full"), 4),
                   gflops_at_nominal_block_ratio=round(nominal.gflops("paper"), 4),
                   flops_reduction=round(1 - measured.gflops("paper") / dense_flops.gflops("paper"), 4)),
@@ -189,6 +201,9 @@ def main() -> int:
             speedup_graph=round(bench.get("dyvm (CUDA graph)", float("nan")) / bench["dense (CUDA graph)"], 3),
             flops_ratio=round(dense_flops.gflops("paper") / measured.gflops("paper"), 3)),
         num_test_images=dyvm_eval["num_images"])
+    if summary.get("stopped_early"):  # a time limit ended the fine-tune: say how far it got
+        result["stopped_early"] = (f"the fine-tune hit its time limit after {summary.get('global_step')} steps "
+                                   f"(of {cfg.epochs} epochs); the checkpoint of that step was evaluated")
     write_result(args.out, args.stem, result, to_markdown(result))
     print(to_markdown(result))
     return 0
@@ -206,12 +221,21 @@ def to_markdown(r: dict[str, Any]) -> str:
         "| model | top-1 | drop | GFLOPs (paper) | FLOPs reduction | GFLOPs (full) | executed directions |",
         "|---|---|---|---|---|---|---|",
         f"| dense | {d['top1']:.2f} | | {d['gflops']:.4f} | | {d['gflops_full']:.4f} | 1.000 |",
-        f"| {r.get('method', 'dyvm')} | {y['top1']:.2f} | {y['drop']:.2f} | {y['gflops']:.4f} | "
+        f"| {r.get('method') or 'dense, fine-tuned (control)'} | {y['top1']:.2f} | {y['drop']:.2f} | {y['gflops']:.4f} | "
         f"{100 * y['flops_reduction']:.1f}% | {y['gflops_full']:.4f} | {y['realised_block_ratio']:.3f} |",
         "",
         f"Tokens per layer: {r['tokens_per_layer']}. GFLOPs at the nominal block ratio: "
         f"{y['gflops_at_nominal_block_ratio']:.4f}.",
     ]
+    rates = y.get("direction_rates") or {}
+    if rates:
+        flat = [x for v in rates.values() for x in v]
+        settled = sum(1 for x in flat if x <= 0.05 or x >= 0.95)
+        lines += ["", "Share of test images running each layer's forward / backward scan: "
+                      + ", ".join(f"{i}: {v[0]:.2f} / {v[1]:.2f}" for i, v in rates.items())
+                      + f". {settled} of {len(flat)} (layer, direction) pairs are settled (<= 0.05 or >= 0.95)."]
+    if r.get("stopped_early"):
+        lines += ["", f"Stopped early: {r['stopped_early']}."]
     if r.get("top1_training_free") is not None:
         lines += ["", f"Before fine-tuning (training-free): top-1 {r['top1_training_free']:.2f}."]
     if s:

@@ -5,8 +5,10 @@ tokens + blocks. The weights are random, so the block selectors are set to a *st
 ``round((1 - block_ratio) * 2 * depth)`` (layer, direction) pairs spread over the depth (weight 0, bias -5 for
 those pairs, +5 elsewhere), which fixes the realistic amount of skipped work; and a *per-image* policy (random
 selector weights, biases calibrated so each direction is off for ``1 - block_ratio`` of the images), where, as
-with trained selectors, images differ in what they skip. The realised ratio is read back from the mixers and
-reported. Timing: interleaved rounds (clock drift hits every configuration alike), CUDA events, median over
+with trained selectors, images differ in what they skip. ``--direction-shares`` adds a per-image row whose
+selectors run each (layer, direction) for the share of images a trained model's selectors did (a
+``dyvm_cifar10.py`` result): trained selectors settle many pairs for every image, and how many sets how much
+per-image skipping costs. The realised ratio is read back from the mixers and reported. Timing: interleaved rounds (clock drift hits every configuration alike), CUDA events, median over
 rounds; eager, and under CUDA graphs (every path has static shapes and no host sync; each compared with the
 dense model in the same mode). FLOPs from the project's counter (paper convention = one direction's SSM terms
 scaled by the executed-direction fraction; and the full count).
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import platform
 import statistics
 from typing import Any, Callable
@@ -49,11 +52,13 @@ def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[
 
 
 @torch.no_grad()
-def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor, block_ratio: float,
-                               rounds: int = 3) -> None:
-    """Random selector weights; each bias set so that a direction is off for ``1 - block_ratio`` of ``images``
-    (recalibrated ``rounds`` times, since upstream skipping shifts downstream inputs). Layer 0 runs both
-    directions for every image: its class-token row does not depend on the image."""
+def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor,
+                               shares: float | list[tuple[float, float]], rounds: int = 3) -> None:
+    """Random selector weights; each bias set so that a direction runs for its share of ``images``: one
+    ``block_ratio`` for every (layer, direction), or one (forward, backward) pair per layer, e.g. what a
+    trained model's selectors chose (recalibrated ``rounds`` times, since upstream skipping shifts downstream
+    inputs). Layer 0 runs both directions for every image with a single share: its class-token row does not
+    depend on the image."""
     # a selector's input is its layer's class-token in_proj row: the mixer's context gives the class token's
     # index, the in_proj output the rows (at inference the selectors' weights go to the mixer, not a call)
     cls_at: dict[int, torch.Tensor] = {}
@@ -65,21 +70,50 @@ def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor, blo
         hooks.append(layer.mixer.in_proj.register_forward_hook(
             lambda mod, inp, out, i=i: inputs.__setitem__(
                 i, out[torch.arange(out.shape[0], device=out.device), cls_at[i]].float())))
+    selectors = model.reducer.selectors
+    if isinstance(shares, (int, float)):
+        shares = [(float(shares), float(shares))] * len(selectors)
+    if len(shares) != len(selectors):
+        raise ValueError(f"{len(shares)} per-layer direction shares for a model of {len(selectors)} layers")
     gen = torch.Generator(device="cpu").manual_seed(1)
-    for sel in model.reducer.selectors:
+    for sel in selectors:
         sel.weight.copy_(torch.randn(sel.weight.shape, generator=gen) / sel.weight.shape[1] ** 0.5)
         sel.bias.fill_(5.0)
     for _ in range(rounds):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(images)
-        for i, sel in enumerate(model.reducer.selectors):
+        for i, sel in enumerate(selectors):
             proj = inputs[i] @ sel.weight.float().t()
+            share = torch.tensor(shares[i], dtype=proj.dtype, device=proj.device).clamp(0.0, 1.0)
             # ties at the threshold run (e.g. layer 0, whose class-token row is the same for every image: a
             # strict threshold at a quantile of equal values would switch that layer off for all of them)
-            q = torch.quantile(proj, 1.0 - block_ratio, dim=0)
-            sel.bias.copy_(-q + 1e-4 * q.abs().clamp_min(1e-3))
+            q = torch.stack([torch.quantile(proj[:, j], 1.0 - share[j]) for j in range(proj.shape[1])])
+            bias = -q + 1e-4 * q.abs().clamp_min(1e-3)
+            # a share of 0 or 1: every image the same way, with a margin
+            bias = torch.where(share >= 1.0, torch.full_like(bias, 5.0) - proj.min(0).values, bias)
+            bias = torch.where(share <= 0.0, torch.full_like(bias, -5.0) - proj.max(0).values, bias)
+            sel.bias.copy_(bias)
     for h in hooks:
         h.remove()
+
+
+def load_direction_shares(path: str, depth: int) -> dict[str, Any]:
+    """Per-layer (forward, backward) shares of images running each scan, read from a ``dyvm_cifar10.py`` result
+    or a plain ``{layer: [forward, backward]}`` map, stretched to ``depth`` layers."""
+    with open(path) as f:
+        data = json.load(f)
+    rates = data.get("dyvm", {}).get("direction_rates") if isinstance(data.get("dyvm"), dict) else data
+    if not isinstance(rates, dict) or not rates:
+        raise SystemExit(f"{path}: no per-layer direction shares (a dyvm_cifar10.py result's dyvm.direction_rates "
+                         "or a {layer: [forward, backward]} map)")
+    try:
+        src = [tuple(float(x) for x in rates[k]) for k in sorted(rates, key=int)]
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"{path}: direction shares must map layer numbers to [forward, backward]: {err}")
+    if any(len(pair) != 2 or not all(0.0 <= x <= 1.0 for x in pair) for pair in src):
+        raise SystemExit(f"{path}: every layer needs two shares in [0, 1]")
+    shares = [src[i * len(src) // depth] for i in range(depth)]
+    return {"source": path, "source_depth": len(src), "shares": shares}
 
 
 def flops_of(model: torch.nn.Module, img_size: int, block_ratio: float | None = None) -> dict[str, float]:
@@ -101,6 +135,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-batch-size", type=int, default=64)
     parser.add_argument("--train-iters", type=int, default=10, help="0 skips the training-step measurement")
+    parser.add_argument("--direction-shares", default=None, metavar="JSON",
+                        help="add a per-image row whose selectors run each (layer, direction) for the share of "
+                             "images a trained model's did: a dyvm_cifar10.py result (its dyvm.direction_rates) "
+                             "or a {layer: [forward, backward]} map; a shallower profile is stretched over the "
+                             "depth (layer i takes profile layer i * profile depth // depth)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -126,6 +165,13 @@ def main() -> int:
     models[name] = dyvm.deploy(dyvm.apply(copy.deepcopy(dense), keep_ratio=args.keep_ratio,
                                           block_ratio=args.block_ratio))
     set_per_image_block_policy(models[name], images, args.block_ratio)
+    profile = None
+    if args.direction_shares:
+        profile = load_direction_shares(args.direction_shares, len(dense.layers))
+        name = "dyvm tokens + blocks, trained selectors' per-layer shares"
+        models[name] = dyvm.deploy(dyvm.apply(copy.deepcopy(dense), keep_ratio=args.keep_ratio,
+                                              block_ratio=args.block_ratio))
+        set_per_image_block_policy(models[name], images, profile["shares"])
 
     def forward_fn(model: torch.nn.Module) -> Callable[[], object]:
         def forward() -> object:
@@ -175,9 +221,10 @@ def main() -> int:
         dtype="bf16 autocast", keep_ratio=args.keep_ratio, block_ratio_target=args.block_ratio,
         scan_backend=get_backend("cuda"), device=torch.cuda.get_device_name(), torch=torch.__version__,
         python=platform.python_version(), warmup=args.warmup, iters_per_round=args.iters, rounds=args.rounds,
-        train_step=train,
+        train_step=train, direction_shares=profile,
         note="random weights; block selection by a static policy (the same directions off for every image) or "
-             "a per-image one (random selectors calibrated to the block ratio; images differ in what they skip)",
+             "a per-image one (random selectors calibrated to the block ratio; images differ in what they skip)"
+             + ("; and one calibrated to a trained model's per-layer shares (below)" if profile else ""),
         rows=rows)
     write_result(args.out, "dyvm_speed", result, markdown(result))
     print(markdown(result))
@@ -243,6 +290,11 @@ def markdown(result: dict[str, Any]) -> str:
             f"{fr['paper']:.3f} / {fr['full']:.3f} | {r['speedup_over_flops_ratio']:.3f} / "
             f"{r['speedup_over_flops_ratio_full']:.3f} | {r['realised_block_ratio']:.3f} | "
             f"{'/'.join(str(t) for t in stages)} |")
+    if result.get("direction_shares"):
+        d = result["direction_shares"]
+        lines += ["", f"Trained selectors' shares: from `{d['source']}` ({d['source_depth']} layers, stretched over "
+                      f"the depth), per layer forward / backward: "
+                      + ", ".join(f"{f:.2f}/{b:.2f}" for f, b in d["shares"]) + "."]
     if result.get("train_step"):
         t = result["train_step"]
         lines += ["", f"DyVM fine-tuning step (teacher forward + student forward/backward + AdamW, bf16 autocast, "
