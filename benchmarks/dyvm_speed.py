@@ -80,7 +80,7 @@ def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor,
         sel.weight.copy_(torch.randn(sel.weight.shape, generator=gen) / sel.weight.shape[1] ** 0.5)
         sel.bias.fill_(5.0)
     for _ in range(rounds):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.is_cuda):
             model(images)
         for i, sel in enumerate(selectors):
             proj = inputs[i] @ sel.weight.float().t()
