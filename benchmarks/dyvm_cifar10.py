@@ -221,7 +221,8 @@ def to_markdown(r: dict[str, Any]) -> str:
         "| model | top-1 | drop | GFLOPs (paper) | FLOPs reduction | GFLOPs (full) | executed directions |",
         "|---|---|---|---|---|---|---|",
         f"| dense | {d['top1']:.2f} | | {d['gflops']:.4f} | | {d['gflops_full']:.4f} | 1.000 |",
-        f"| {r.get('method') or 'dense, fine-tuned (control)'} | {y['top1']:.2f} | {y['drop']:.2f} | {y['gflops']:.4f} | "
+        f"| {r.get('method') or 'dense, fine-tuned (control)'} | {y['top1']:.2f} | {y['drop']:.2f} | "
+        f"{y['gflops']:.4f} | "
         f"{100 * y['flops_reduction']:.1f}% | {y['gflops_full']:.4f} | {y['realised_block_ratio']:.3f} |",
         "",
         f"Tokens per layer: {r['tokens_per_layer']}. GFLOPs at the nominal block ratio: "

@@ -8,10 +8,11 @@ selector weights, biases calibrated so each direction is off for ``1 - block_rat
 with trained selectors, images differ in what they skip. ``--direction-shares`` adds a per-image row whose
 selectors run each (layer, direction) for the share of images a trained model's selectors did (a
 ``dyvm_cifar10.py`` result): trained selectors settle many pairs for every image, and how many sets how much
-per-image skipping costs. The realised ratio is read back from the mixers and reported. Timing: interleaved rounds (clock drift hits every configuration alike), CUDA events, median over
-rounds; eager, and under CUDA graphs (every path has static shapes and no host sync; each compared with the
-dense model in the same mode). FLOPs from the project's counter (paper convention = one direction's SSM terms
-scaled by the executed-direction fraction; and the full count).
+per-image skipping costs. The realised ratio is read back from the mixers and reported. Timing: interleaved
+rounds (clock drift hits every configuration alike), CUDA events, median over rounds; eager, and under CUDA
+graphs (every path has static shapes and no host sync; each compared with the dense model in the same mode).
+FLOPs from the project's counter (paper convention = one direction's SSM terms scaled by the executed-direction
+fraction; and the full count).
 
     python benchmarks/dyvm_speed.py --out benchmarks/results
 """
