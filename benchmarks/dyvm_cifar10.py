@@ -70,7 +70,7 @@ def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool
             gate = layer.mixer.last_stats.get("gate")
             if gate is not None:
                 on = gate.reshape(gate.shape[0], -1).float().sum(0).cpu()
-                per_layer[i] = per_layer[i] + on if i in per_layer else on
+                per_layer[i] = per_layer.get(i, 0) + on
     rates = {i: (v / count).tolist() for i, v in sorted(per_layer.items())}
     flat = [r for pair in rates.values() for r in pair]
     return {"top1": 100.0 * correct / count, "block_ratio": sum(flat) / len(flat) if flat else 1.0,

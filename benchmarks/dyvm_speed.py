@@ -162,17 +162,17 @@ def main() -> int:
                               ("dyvm blocks only", None, args.block_ratio),
                               ("dyvm tokens + blocks", args.keep_ratio, args.block_ratio)):
         models[name], off_pairs[name] = variant(keep, block)
-    name = "dyvm tokens + blocks, per-image policy"
-    models[name] = dyvm.deploy(dyvm.apply(copy.deepcopy(dense), keep_ratio=args.keep_ratio,
-                                          block_ratio=args.block_ratio))
-    set_per_image_block_policy(models[name], images, args.block_ratio)
+    def per_image_variant(shares: float | list[tuple[float, float]]) -> torch.nn.Module:
+        model = dyvm.deploy(dyvm.apply(copy.deepcopy(dense), keep_ratio=args.keep_ratio,
+                                       block_ratio=args.block_ratio))
+        set_per_image_block_policy(model, images, shares)
+        return model
+
+    models["dyvm tokens + blocks, per-image policy"] = per_image_variant(args.block_ratio)
     profile = None
     if args.direction_shares:
         profile = load_direction_shares(args.direction_shares, len(dense.layers))
-        name = "dyvm tokens + blocks, trained selectors' per-layer shares"
-        models[name] = dyvm.deploy(dyvm.apply(copy.deepcopy(dense), keep_ratio=args.keep_ratio,
-                                              block_ratio=args.block_ratio))
-        set_per_image_block_policy(models[name], images, profile["shares"])
+        models["dyvm tokens + blocks, trained selectors' per-layer shares"] = per_image_variant(profile["shares"])
 
     def forward_fn(model: torch.nn.Module) -> Callable[[], object]:
         def forward() -> object:
