@@ -77,6 +77,35 @@ def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool
             "num_images": count, "direction_rates": rates}
 
 
+@torch.no_grad()
+def grid_agreement(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> dict[str, Any] | None:
+    """How far a DyVM model with the coverage prior strays from the prior's evenly spread grid: per pruning
+    stage, the share of kept patch tokens that lie on the grid (1.0: the learned predictor changed nothing and
+    the kept set is static pruning's). The decisions are the inference top-k, taken through ``keep_override``
+    (same scores, same k), so this pass also reports its own top-1, which must equal the deployed model's."""
+    reducer = getattr(model, "reducer", None)
+    if not isinstance(reducer, dyvm.DyVMReducer) or reducer.coverage_prior == 0:
+        return None
+    ratios, num_patches = reducer.token_ratios, model.patch_embed.num_patches
+    on_grid, kept = [0.0] * len(ratios), [0.0] * len(ratios)
+
+    def top_k(stage: int, log_probs: torch.Tensor, policy: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        k = int(ratios[stage] * num_patches)
+        score = log_probs[..., 0].float().masked_fill(policy == 0, float("-inf"))
+        keep = torch.zeros_like(policy).scatter(1, score.topk(k, dim=1).indices, 1.0)
+        grid = dyvm.coverage_grid(policy, ratios[stage] / (ratios[stage - 1] if stage else 1.0))
+        on_grid[stage] += float((keep * grid).sum())
+        kept[stage] += float(keep.sum())
+        return keep
+
+    reducer.keep_override = top_k
+    try:
+        top1 = measure(model, loader, device, amp)["top1"]
+    finally:
+        reducer.keep_override = None
+    return {"on_grid_share": [round(g / max(n, 1.0), 4) for g, n in zip(on_grid, kept)], "top1": round(top1, 2)}
+
+
 def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int = 5, iters: int = 20) -> dict:
     """Images/s per model on the same real images, bf16 autocast, interleaved rounds, median; eager and
     replayed from a CUDA graph (``NAME (CUDA graph)``: every DyVM path has static shapes, no host sync)."""
@@ -163,6 +192,7 @@ def main() -> int:
     student = dyvm.deploy(student) if cfg.method == "dyvm" else student.eval()
     amp = cfg.amp and device.type == "cuda"
     dense_eval, dyvm_eval = measure(dense, data.val, device, amp), measure(student, data.val, device, amp)
+    grid = grid_agreement(student, data.val, device, amp) if cfg.method == "dyvm" else None
     dense_flops = count_flops(dense, data.input_size)
     if cfg.method == "dyvm":
         measured = dyvm.count_flops(student, data.input_size, block_ratio=dyvm_eval["block_ratio"])
@@ -200,7 +230,7 @@ def main() -> int:
             dense_img_per_s_graph=bench["dense (CUDA graph)"], dyvm_img_per_s_graph=bench.get("dyvm (CUDA graph)"),
             speedup_graph=round(bench.get("dyvm (CUDA graph)", float("nan")) / bench["dense (CUDA graph)"], 3),
             flops_ratio=round(dense_flops.gflops("paper") / measured.gflops("paper"), 3)),
-        num_test_images=dyvm_eval["num_images"])
+        num_test_images=dyvm_eval["num_images"], seed=cfg.seed, grid_agreement=grid)
     if summary.get("stopped_early"):  # a time limit ended the fine-tune: say how far it got
         result["stopped_early"] = (f"the fine-tune hit its time limit after {summary.get('global_step')} steps "
                                    f"(of {cfg.epochs} epochs); the checkpoint of that step was evaluated")
@@ -215,7 +245,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"# DyVM on CIFAR-10: {r['model']} {r['model_kwargs']} at {r['img_size']} px",
         "",
         f"Fine-tuned {r['epochs']} epochs from the dense baseline (also the teacher), options {r['method_opts']}, "
-        f"lr {r['lr']} at global batch {r['global_batch']}; {r['fine_tune_wall_s']:.0f} s wall "
+        f"lr {r['lr']} at global batch {r['global_batch']}, seed {r.get('seed', 0)}; {r['fine_tune_wall_s']:.0f} s wall "
         f"({r['train_img_per_s'] or 0:.0f} img/s). Test set: {r['num_test_images']} images.",
         "",
         "| model | top-1 | drop | GFLOPs (paper) | FLOPs reduction | GFLOPs (full) | executed directions |",
@@ -235,6 +265,11 @@ def to_markdown(r: dict[str, Any]) -> str:
         lines += ["", "Share of test images running each layer's forward / backward scan: "
                       + ", ".join(f"{i}: {v[0]:.2f} / {v[1]:.2f}" for i, v in rates.items())
                       + f". {settled} of {len(flat)} (layer, direction) pairs are settled (<= 0.05 or >= 0.95)."]
+    grid = r.get("grid_agreement")
+    if grid:
+        lines += ["", "Kept patch tokens on the coverage prior's evenly spread grid, per pruning stage: "
+                      + " / ".join(f"{x:.3f}" for x in grid["on_grid_share"])
+                      + f" (1.000: the kept set is static pruning's; top-1 of that pass {grid['top1']:.2f})."]
     if r.get("stopped_early"):
         lines += ["", f"Stopped early: {r['stopped_early']}."]
     if r.get("top1_training_free") is not None:

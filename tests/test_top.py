@@ -378,3 +378,56 @@ def test_score_order_ranks_survivors_by_score_as_vit_pruning_does() -> None:
             NormPruner(layers=[1], order="score", **bad)
     with pytest.raises(ValueError, match="order must be"):
         NormPruner(layers=[1], order="random")
+
+
+def _window_reference(score: torch.Tensor, cls: int, n_keep: int) -> list[int]:
+    """One sample, by hand: patches (class token left out) in runs of consecutive tokens, run r holding patches
+    j with floor(j * R / n) == r; with R = n - n_keep runs each drops its lowest-scored, else R = n_keep runs
+    each keep their best."""
+    patches = [i for i in range(score.numel()) if i != cls]
+    n = len(patches)
+    drop = n - n_keep <= n_keep
+    runs = n - n_keep if drop else n_keep
+    picked = []
+    for r in range(runs):
+        members = [p for j, p in enumerate(patches) if j * runs // n == r]
+        values = [float(score[p]) for p in members]
+        picked.append(members[values.index(min(values) if drop else max(values))])
+    return [p for p in patches if p not in picked] if drop else picked
+
+
+@pytest.mark.parametrize("length,n_keep", [(11, 8), (11, 5), (11, 2), (11, 10), (26, 12), (257, 204), (205, 164),
+                                           (9, 1)])
+def test_window_selection_matches_a_per_sample_reference(length: int, n_keep: int) -> None:
+    torch.manual_seed(length * 100 + n_keep)
+    score = torch.randn(4, length)
+    cls = torch.tensor([length // 2, 0, length - 1, 3])
+    kept = top.window_keep(score, cls, n_keep)
+    assert kept.shape == (4, n_keep)
+    for b in range(4):
+        assert kept[b].tolist() == _window_reference(score[b], int(cls[b]), n_keep)
+    with pytest.raises(ValueError, match="window selection"):
+        top.window_keep(score, cls, length)
+
+
+def test_window_selection_in_the_pruner_and_its_options() -> None:
+    """A pruner with selection='window' keeps window_keep's tokens (original order, class token at the middle);
+    the same score with global selection keeps other ones; misuse is refused."""
+    model = tiny_vim(depth=2)
+    images = torch.randn(3, 3, 20, 20)
+    model.set_reducer(NormPruner(layers=[1], keep=0.7, selection="window"))
+    state = capture_final_state(model, images)
+    with torch.no_grad():
+        first = model.embed(images)
+        hidden, residual = model.layers[0](first.hidden, None)
+        norm = (residual + hidden.float()).norm(dim=-1)
+    n = kept_patches(26, 0.7)
+    expected = top.window_keep(norm, first.cls_index, n)
+    assert bool((state.positions[:, n // 2] == 12).all())
+    assert torch.equal(torch.cat([state.positions[:, : n // 2], state.positions[:, n // 2 + 1:]], 1), expected)
+    model.set_reducer(NormPruner(layers=[1], keep=0.7))
+    assert not torch.equal(capture_final_state(model, images).positions, state.positions)
+    with pytest.raises(ValueError, match="selection must be"):
+        top.apply(tiny_vim(depth=2), selection="local")
+    with pytest.raises(ValueError, match="order='score'"):
+        NormPruner(layers=[1], order="score", selection="window")

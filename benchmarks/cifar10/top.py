@@ -46,6 +46,14 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [  # (row, method, options on 
     ("norm pruning, cls at original place", "prune_norm", dict(cls_placement="original")),
     ("norm pruning, survivors ranked by score (EViT-style)", "prune_norm", dict(order="score")),
     ("random pruning, survivors ranked by score", "prune_random", dict(order="score")),
+    # window selection (our extension): one drop per run of consecutive tokens, the run's lowest-scored
+    ("ToP, no alignment, window selection", "top", dict(align=None, selection="window")),
+    ("ToP, no alignment, window selection, cls at original place", "top",
+     dict(align=None, selection="window", cls_placement="original")),
+    ("ToP, align=hold, window selection", "top", dict(align="hold", selection="window")),
+    ("ToP, align=decay, window selection", "top", dict(align="decay", selection="window")),
+    ("norm pruning, window selection", "prune_norm", dict(selection="window")),
+    ("random pruning, window selection", "prune_random", dict(selection="window")),
 ]
 FINETUNED = ("ToP, align=decay (R2)", "ToP, align=hold (R1)", "norm pruning (plain)", "random pruning",
              "static evenly-spread pruning", "norm pruning, survivors ranked by score (EViT-style)")

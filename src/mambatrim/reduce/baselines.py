@@ -25,8 +25,8 @@ class RandomPruner(ProgressivePruner):
 
     def __init__(self, layers: Sequence[int] = DEFAULT_LAYERS, keep: float | Sequence[float] = 0.8,
                  align: str | None = None, cls_placement: str = "middle", seed: int | None = 0,
-                 order: str = "original") -> None:
-        super().__init__(layers, keep, align, cls_placement, order)
+                 order: str = "original", selection: str = "global") -> None:
+        super().__init__(layers, keep, align, cls_placement, order, selection)
         self.seed = seed
         self._gen: torch.Generator | None = None
 

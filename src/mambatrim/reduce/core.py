@@ -150,6 +150,12 @@ class Reducer(nn.Module):
         return {}
 
 
+def others_index(cls_index: Tensor, length: int) -> Tensor:
+    """(B, L-1) indices of every token except each sample's class token, in sequence order."""
+    ar = torch.arange(length - 1, device=cls_index.device).expand(cls_index.shape[0], -1)
+    return ar + (ar >= cls_index[:, None]).long()
+
+
 def batch_arange(batch: int, length: int, device: torch.device) -> Tensor:
     """(B, L) tensor of 0..L-1 per row."""
     return torch.arange(length, device=device).expand(batch, length)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
 from . import MethodSpec, register_method
-from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, take_rows
+from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, others_index, take_rows
 
 # keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
 # positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
@@ -124,12 +124,6 @@ def gumbel_sigmoid_hard(logits: Tensor, tau: float, threshold: float = 0.5) -> T
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)  # g1 - g2 ~ Logistic(0, 1)
     hard = (soft > threshold).to(soft.dtype)
     return hard - soft.detach() + soft
-
-
-def _others_index(cls_index: Tensor, length: int) -> Tensor:
-    """(B, L-1) indices of every token except each sample's class token, in sequence order."""
-    ar = torch.arange(length - 1, device=cls_index.device).expand(cls_index.shape[0], -1)
-    return ar + (ar >= cls_index[:, None]).long()
 
 
 def _insert_cls_index(others: Tensor, cls_slot: Tensor, cls_at: Tensor) -> Tensor:
@@ -242,7 +236,7 @@ class DyVMReducer(Reducer):
         k = int(self.token_ratios[stage] * num_patches)
         if not self.training and self.keep_override is None:
             return self._prune_top_k(stage, state, k)
-        others = _others_index(state.cls_index, length)
+        others = others_index(state.cls_index, length)
         stream = take_rows(state.residual + state.hidden, others)
         policy = state.mask.gather(1, others) if state.mask is not None else stream.new_ones(bsz, length - 1)
         log_probs = self._with_prior(stage, self.predictors[stage](stream, policy), policy)

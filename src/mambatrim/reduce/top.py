@@ -24,11 +24,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import MixerContext, Reducer, TokenState, scan_gap_pair
+from .core import MixerContext, Reducer, TokenState, others_index, scan_gap_pair
 
 ALIGN_MODES = (None, "hold", "decay")
 CLS_PLACEMENTS = ("middle", "original")
 ORDERS = ("original", "score")
+SELECTIONS = ("global", "window")
 DEFAULT_LAYERS = (5, 10, 15)
 DEFAULT_ALIGN = "hold"  # R1 recovered more accuracy than R2 on CIFAR-10 (tied on digits): docs/top.md
 DENSE_TOKENS = "dense_tokens"  # TokenState.extras key: the token count before any pruning (set by begin)
@@ -67,6 +68,34 @@ def stepwise_alignment_macs(tokens_per_layer: Sequence[int], d_inner: int, d_sta
     return float(sum(full - n for n in tokens_per_layer) * 2 * d_inner * d_state)
 
 
+def window_keep(score: Tensor, cls_index: Tensor, n_keep: int) -> Tensor:
+    """(B, n_keep) sequence indices of the patch tokens kept by window selection, in original order.
+
+    The L-1 patch tokens (sequence order, the class token left out) are cut into near-equal runs of consecutive
+    tokens: one run per dropped token, each dropping its lowest-scored token (or, when fewer than half are
+    kept, one run per kept token, each keeping its best). The drops are spread as evenly as static pruning's
+    and the score decides only inside each run. Two sorts, no host sync."""
+    bsz, length = score.shape
+    n = length - 1
+    if not 1 <= n_keep <= n:
+        raise ValueError(f"window selection keeps 1..{n} of {n} patch tokens, got {n_keep}")
+    others = others_index(cls_index, length)
+    patch_score = score.gather(1, others)
+    drop = n - n_keep <= n_keep
+    runs = n - n_keep if drop else n_keep
+    if runs == 0:
+        return others
+    run = torch.arange(n, device=score.device) * runs // n  # (n,) run of each patch, non-decreasing
+    by_score = patch_score.argsort(dim=1, descending=not drop)  # drop: worst first; keep: best first
+    grouped = by_score.gather(1, torch.sort(run[by_score], dim=1, stable=True).indices)  # by run, then score
+    picked = grouped[:, torch.searchsorted(run, torch.arange(runs, device=score.device))]  # (B, runs) ascending
+    if drop:
+        slot = torch.arange(n, device=score.device).expand(bsz, n)
+        kept = slot.scatter(1, picked, n)  # dropped slots moved past every kept one
+        picked = kept.sort(dim=1).values[:, :n_keep]
+    return others.gather(1, picked)
+
+
 def _per_layer_keep(layers: Sequence[int], keep: float | Sequence[float]) -> dict[int, float]:
     layers = [int(i) for i in layers]
     keeps = [float(keep)] * len(layers) if isinstance(keep, (int, float)) else [float(k) for k in keep]
@@ -89,7 +118,8 @@ class ProgressivePruner(Reducer):
     """
 
     def __init__(self, layers: Sequence[int] = DEFAULT_LAYERS, keep: float | Sequence[float] = 0.8,
-                 align: str | None = None, cls_placement: str = "middle", order: str = "original") -> None:
+                 align: str | None = None, cls_placement: str = "middle", order: str = "original",
+                 selection: str = "global") -> None:
         super().__init__()
         if align not in ALIGN_MODES:
             raise ValueError(f"align must be one of {ALIGN_MODES}, got {align!r}")
@@ -97,9 +127,11 @@ class ProgressivePruner(Reducer):
             raise ValueError(f"cls_placement must be one of {CLS_PLACEMENTS}, got {cls_placement!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if order == "score" and (align is not None or cls_placement != "middle"):
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if order == "score" and (align is not None or cls_placement != "middle" or selection != "global"):
             raise ValueError("order='score' (survivors ranked by score, as ViT pruning does) keeps no positional "
-                             "order: it needs align=None and cls_placement='middle'")
+                             "order: it needs align=None, cls_placement='middle' and selection='global'")
         self.keep_at = _per_layer_keep(layers, keep)
         self.layers = sorted(self.keep_at)
         self.align = align
@@ -107,6 +139,9 @@ class ProgressivePruner(Reducer):
         # 'original': survivors keep their order (ToP); 'score': ranked by score, as top-k token pruning for ViTs
         # (EViT, DynamicViT's inference) leaves them -- harmless for attention, not for a scan (an ablation)
         self.order = order
+        # 'global': the n_keep best-scored tokens (ToP); 'window': one drop per run of consecutive tokens, the
+        # worst-scored of the run (drops spread like static pruning, the score decides within each run)
+        self.selection = selection
 
     def scores(self, layer_idx: int, state: TokenState) -> Tensor:
         """(B, L) importance of each token (higher = kept); the class token's value is ignored."""
@@ -132,9 +167,12 @@ class ProgressivePruner(Reducer):
         # the class token is never a candidate (masked_fill: an indexed write of a Python float would copy a
         # host scalar every call, which also rules out CUDA-graph capture)
         score = score.masked_fill(is_cls, float("-inf"))
-        top = score.topk(n_keep, dim=1).indices  # by descending score
-        if self.order == "original":
-            top = top.sort(dim=1).values  # survivors in original order
+        if self.selection == "window":
+            top = window_keep(score, state.cls_index, n_keep)  # in original order
+        else:
+            top = score.topk(n_keep, dim=1).indices  # by descending score
+            if self.order == "original":
+                top = top.sort(dim=1).values  # survivors in original order
         cls = state.cls_index[:, None]
         if self.cls_placement == "middle":
             mid = n_keep // 2
@@ -174,7 +212,7 @@ class ProgressivePruner(Reducer):
 
     def extra_repr(self) -> str:
         return (f"keep_at={self.keep_at}, align={self.align!r}, cls_placement={self.cls_placement!r}, "
-                f"order={self.order!r}")
+                f"order={self.order!r}, selection={self.selection!r}")
 
 
 def _record_ssm_output(module: nn.Module, args: tuple[Tensor, ...]) -> None:
@@ -195,8 +233,9 @@ class ToP(ProgressivePruner):
     """
 
     def __init__(self, layers: Sequence[int] = DEFAULT_LAYERS, keep: float | Sequence[float] = 0.8,
-                 align: str | None = DEFAULT_ALIGN, cls_placement: str = "middle", clip: bool = True) -> None:
-        super().__init__(layers, keep, align, cls_placement)
+                 align: str | None = DEFAULT_ALIGN, cls_placement: str = "middle", clip: bool = True,
+                 selection: str = "global") -> None:
+        super().__init__(layers, keep, align, cls_placement, selection=selection)
         self.clip = clip
         self._targets: list[nn.Module] = []  # a plain list: the hooked out_proj modules are not submodules
 
@@ -255,12 +294,15 @@ class ToP(ProgressivePruner):
 
 
 def apply(model: nn.Module, keep: float | Sequence[float] = 0.8, layers: Sequence[int] = DEFAULT_LAYERS,
-          align: str | None = DEFAULT_ALIGN, cls_placement: str = "middle", clip: bool = True) -> nn.Module:
-    """Attach ToP to a Vim model (in place) and return it; ``align`` None | 'hold' | 'decay'."""
+          align: str | None = DEFAULT_ALIGN, cls_placement: str = "middle", clip: bool = True,
+          selection: str = "global") -> nn.Module:
+    """Attach ToP to a Vim model (in place) and return it; ``align`` None | 'hold' | 'decay'; ``selection``
+    'global' (the released top-k) | 'window' (one drop per run of consecutive tokens, our extension)."""
     previous = getattr(model, "reducer", None)
     if isinstance(previous, ToP):
         previous.detach()
-    reducer = ToP(layers=layers, keep=keep, align=align, cls_placement=cls_placement, clip=clip).attach(model)
+    reducer = ToP(layers=layers, keep=keep, align=align, cls_placement=cls_placement, clip=clip,
+                  selection=selection).attach(model)
     return model.set_reducer(reducer)
 
 
