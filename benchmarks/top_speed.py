@@ -36,6 +36,7 @@ CONFIGS = [  # (row, method, options)
     ("ToP, align=hold (R1)", "top", dict(align="hold")),
     ("ToP, align=decay (R2)", "top", dict(align="decay")),
     ("norm pruning (plain)", "prune_norm", {}),
+    ("ToP, align=hold, window selection", "top", dict(align="hold", selection="window")),
 ]
 PLAIN, ALIGNED = "ToP, no alignment", ("ToP, align=hold (R1)", "ToP, align=decay (R2)")
 

@@ -13,6 +13,10 @@ Hidden-state alignment (``align``), honoured by the mixer through ``MixerContext
              the scan state passes unchanged across pruned positions.
     'decay'  (R2) 'hold' plus the state decays across the pruned positions at the previous kept token's rate.
 
+Selection (``selection``): 'global' keeps the best-scored tokens (the released code); 'window' (our extension)
+drops the lowest-scored token of each run of consecutive tokens, so the drops spread as evenly as static
+pruning's (:func:`window_keep`; on CIFAR-10 it beat global selection by several points, docs/top.md).
+
 The pruning core (:class:`ProgressivePruner`) is shared with the baselines in :mod:`.baselines`, which only
 change the score.
 """
