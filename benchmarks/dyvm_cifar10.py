@@ -77,6 +77,13 @@ def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool
             "num_images": count, "direction_rates": rates}
 
 
+def inference_keep(log_probs: torch.Tensor, policy: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) 0/1: the ``k`` alive tokens with the best keep log-probability, the deployed top-k's decision in
+    the form a ``keep_override`` returns it."""
+    score = log_probs[..., 0].float().masked_fill(policy == 0, float("-inf"))
+    return torch.zeros_like(policy).scatter(1, score.topk(k, dim=1).indices, 1.0)
+
+
 @torch.no_grad()
 def grid_agreement(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> dict[str, Any] | None:
     """How far a DyVM model with the coverage prior strays from the prior's evenly spread grid: per pruning
@@ -90,9 +97,7 @@ def grid_agreement(model: torch.nn.Module, loader: Any, device: torch.device, am
     on_grid, kept = [0.0] * len(ratios), [0.0] * len(ratios)
 
     def top_k(stage: int, log_probs: torch.Tensor, policy: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        k = int(ratios[stage] * num_patches)
-        score = log_probs[..., 0].float().masked_fill(policy == 0, float("-inf"))
-        keep = torch.zeros_like(policy).scatter(1, score.topk(k, dim=1).indices, 1.0)
+        keep = inference_keep(log_probs, policy, int(ratios[stage] * num_patches))
         grid = dyvm.coverage_grid(policy, ratios[stage] / (ratios[stage - 1] if stage else 1.0))
         on_grid[stage] += float((keep * grid).sum())
         kept[stage] += float(keep.sum())

@@ -42,16 +42,11 @@ def test_grid_agreement_is_one_under_an_overwhelming_prior_and_below_one_without
     images = loader[0][0]
     with torch.no_grad():
         deployed = weak(images)
-        weak.reducer.keep_override = lambda *a: _top_k_like_deploy(weak, *a)
+        k = [int(r * weak.patch_embed.num_patches) for r in weak.reducer.token_ratios]
+        weak.reducer.keep_override = lambda stage, lp, pol, _: dyvm_cifar10.inference_keep(lp, pol, k[stage])
         overridden = weak(images)
         weak.reducer.keep_override = None
     torch.testing.assert_close(overridden, deployed)
     assert dyvm_cifar10.grid_agreement(dyvm.deploy(dyvm.apply(create_model(
         "vim_tiny_patch16_224", depth=4, img_size=32, patch_size=4, stride=4, num_classes=10),
         pruning_layers=[1, 2])), loader, cpu, amp=False) is None  # no prior: nothing to compare with
-
-
-def _top_k_like_deploy(model, stage, log_probs, policy, scored):
-    k = int(model.reducer.token_ratios[stage] * model.patch_embed.num_patches)
-    score = log_probs[..., 0].float().masked_fill(policy == 0, float("-inf"))
-    return torch.zeros_like(policy).scatter(1, score.topk(k, dim=1).indices, 1.0)
