@@ -222,7 +222,7 @@ def main() -> int:
         dtype="bf16 autocast", keep_ratio=args.keep_ratio, block_ratio_target=args.block_ratio,
         scan_backend=get_backend("cuda"), device=torch.cuda.get_device_name(), torch=torch.__version__,
         python=platform.python_version(), warmup=args.warmup, iters_per_round=args.iters, rounds=args.rounds,
-        train_step=train, direction_shares=profile,
+        train_step=train, direction_shares=profile, scan_kernel=scan_kernel_settings(),
         note="random weights; block selection by a static policy (the same directions off for every image) or "
              "a per-image one (random selectors calibrated to the block ratio; images differ in what they skip)"
              + ("; and one calibrated to a trained model's per-layer shares (below)" if profile else ""),
@@ -266,6 +266,24 @@ def train_step_speed(dense: torch.nn.Module, args: argparse.Namespace) -> dict[s
                 peak_memory_gib=round(peak, 2), iters=args.train_iters)
 
 
+def scan_kernel_settings() -> dict[str, int]:
+    """The Triton forward scan's launch settings this run used (channels per program, warps, step-loop unroll)."""
+    from mambatrim.ops import triton_scan
+
+    if triton_scan.FWD_INTERLEAVE:
+        return dict(kernel="interleaved pair", block_d=triton_scan.FWD_INTERLEAVE_BLOCK_D,
+                    warps=triton_scan.FWD_INTERLEAVE_WARPS, unroll=1)
+    return dict(kernel="pair", block_d=triton_scan.FWD_BLOCK_D, warps=triton_scan.FWD_WARPS,
+                unroll=triton_scan.FWD_UNROLL)
+
+
+def _kernel_words(k: dict[str, int] | None) -> str:
+    if not k:
+        return "scan kernel settings not recorded"
+    return (f"{k.get('kernel', 'pair')} scan kernel, programs of {k['block_d']} channels x {k['warps']} warp(s)"
+            + (f", step loop unrolled {k['unroll']}x" if k["unroll"] > 1 else ""))
+
+
 def _mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.mixer for layer in model.layers]
 
@@ -276,7 +294,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['dtype']}, {result['device']}",
         "",
         f"rho = {result['keep_ratio']}, block-ratio target {result['block_ratio_target']}; scan backend "
-        f"`{result['scan_backend']}`; torch {result['torch']}; median of {result['rounds']} interleaved rounds x "
+        f"`{result['scan_backend']}` ({_kernel_words(result.get('scan_kernel'))}); torch {result['torch']}; "
+        f"median of {result['rounds']} interleaved rounds x "
         f"{result['iters_per_round']} forwards. {result['note']}.",
         "",
         "| config | img/s | speedup | GFLOPs (paper) | GFLOPs (full) | FLOPs ratio paper / full "
