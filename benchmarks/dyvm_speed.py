@@ -267,21 +267,17 @@ def train_step_speed(dense: torch.nn.Module, args: argparse.Namespace) -> dict[s
 
 
 def scan_kernel_settings() -> dict[str, int]:
-    """The Triton forward scan's launch settings this run used (channels per program, warps, step-loop unroll)."""
+    """The Triton forward scan's launch settings this run used (channels per program, warps)."""
     from mambatrim.ops import triton_scan
 
-    if triton_scan.FWD_INTERLEAVE:
-        return dict(kernel="interleaved pair", block_d=triton_scan.FWD_INTERLEAVE_BLOCK_D,
-                    warps=triton_scan.FWD_INTERLEAVE_WARPS, unroll=1)
-    return dict(kernel="pair", block_d=triton_scan.FWD_BLOCK_D, warps=triton_scan.FWD_WARPS,
-                unroll=triton_scan.FWD_UNROLL)
+    return dict(block_d=triton_scan.FWD_BLOCK_D, warps=triton_scan.FWD_WARPS)
 
 
-def _kernel_words(k: dict[str, int] | None) -> str:
+def _kernel_words(k: dict[str, Any] | None) -> str:
     if not k:
         return "scan kernel settings not recorded"
-    return (f"{k.get('kernel', 'pair')} scan kernel, programs of {k['block_d']} channels x {k['warps']} warp(s)"
-            + (f", step loop unrolled {k['unroll']}x" if k["unroll"] > 1 else ""))
+    words = f"{k.get('kernel', 'pair')} scan kernel, programs of {k['block_d']} channels x {k['warps']} warp(s)"
+    return words + (f", step loop unrolled {k['unroll']}x" if k.get("unroll", 1) > 1 else "")
 
 
 def _mixers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -12,7 +12,9 @@ What it showed on an H200 (``scan_schedule.md``): with both directions on, the d
 share an SM (the registers would hold 12). A program that runs both directions walks twice the steps of one
 that runs one; with random per-image decisions nearly every SM hosts such programs, so the launch takes as long
 as with everything on, while the static policy halves every program and the time. docs/dyvm.md lists the
-schedules tried against this.
+schedules tried against this. Two of them were timed by this script and then removed, both slower: the step loop
+unrolled 2x / 4x (``scan_schedule_unroll.md``) and a kernel walking both directions in one L-step loop
+(``scan_schedule_interleave.md``); their code is in the project history, in the commit that added those tables.
 
     python benchmarks/scan_schedule.py --out benchmarks/results
 
@@ -64,12 +66,6 @@ def resident_per_sm(n_regs: int, warps: int) -> int:
     return min(32, per_sm // (per_warp * warps))
 
 
-def block_spec(block: int, warps: int, unroll: int, interleave: bool = False) -> str:
-    """'channels x warps', with 'x unroll' when the step loop is unrolled, 'i' first for the interleaved
-    kernel (both directions in one L-step walk)."""
-    return ("i" if interleave else "") + f"{block}x{warps}" + (f"x{unroll}" if unroll > 1 else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
@@ -78,8 +74,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=197)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--blocks", nargs="+", default=["32x1", "64x1", "128x2"],
-                        help="channel block x warps, optionally x loop-unroll factor (64x1x2); a leading 'i' "
-                             "times the interleaved pair kernel (i32x1)")
+                        help="channel block x warps")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results")
@@ -93,36 +88,21 @@ def main() -> None:
         "per image, p(on) = 0.8": (torch.rand(bsz, 2, generator=gen) < 0.8).int(),
     }
     policies = {k: None if v is None else v.cuda() for k, v in policies.items()}
-    if triton_scan.FWD_INTERLEAVE:
-        default = (triton_scan.FWD_INTERLEAVE_BLOCK_D, triton_scan.FWD_INTERLEAVE_WARPS, 1, True)
-    else:
-        default = (triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS, triton_scan.FWD_UNROLL, False)
-    names = ("FWD_BLOCK_D", "FWD_WARPS", "FWD_UNROLL", "FWD_INTERLEAVE", "FWD_INTERLEAVE_BLOCK_D",
-             "FWD_INTERLEAVE_WARPS")
-    saved = {name: getattr(triton_scan, name) for name in names}
-    default_spec = block_spec(*default)
-    # key -> (block, warps, unroll, interleave, batch, policy)
-    cases: dict[str, tuple[int, int, int, bool, int, str]] = {}
+    default = (triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS)
+    default_spec = f"{default[0]}x{default[1]}"
+    cases: dict[str, tuple[int, int, int, str]] = {}  # key -> (block, warps, batch, policy)
     for spec in args.blocks:
-        interleave = spec.startswith("i")
-        bd, warps, *rest = (int(v) for v in spec.lstrip("i").split("x"))
-        unroll = rest[0] if rest else 1
+        bd, warps = (int(v) for v in spec.split("x"))
         for name in policies:
-            cases[f"{block_spec(bd, warps, unroll, interleave)}|{bsz}|{name}"] = (bd, warps, unroll, interleave,
-                                                                                  bsz, name)
+            cases[f"{spec}|{bsz}|{name}"] = (bd, warps, bsz, name)
     for b in args.batches:
         cases[f"{default_spec}|{b}|both on"] = (*default, b, "both on")
     runners = {key: (lambda b=b, name=name: selective_scan_pair_triton(
         *batch_slice(inputs, b), delta_softplus=True, scale=0.5, direction_on=policies[name]))
-        for key, (_, _, _, _, b, name) in cases.items()}
+        for key, (_, _, b, name) in cases.items()}
 
     def switch(key: str) -> None:
-        bd, warps, unroll, interleave = cases[key][:4]
-        triton_scan.FWD_UNROLL, triton_scan.FWD_INTERLEAVE = unroll, interleave
-        if interleave:
-            triton_scan.FWD_INTERLEAVE_BLOCK_D, triton_scan.FWD_INTERLEAVE_WARPS = bd, warps
-        else:
-            triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS = bd, warps
+        triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS = cases[key][:2]
 
     regs = {}
     with torch.no_grad():
@@ -131,16 +111,14 @@ def main() -> None:
             fn()
             regs[key] = getattr(triton_scan.LAST_FWD, "n_regs", 0)
         times = interleaved_times_ms(runners, args.rounds, args.iters, torch.device("cuda"), switch=switch)
-    for name, value in saved.items():
-        setattr(triton_scan, name, value)
+    triton_scan.FWD_BLOCK_D, triton_scan.FWD_WARPS = default
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for key, ts in times.items():
-        bd, warps, unroll, interleave, b, name = cases[key]
+        bd, warps, b, name = cases[key]
         on = policies[name]
         per_sm = resident_per_sm(regs[key], warps)
-        rows.append(dict(block=block_spec(bd, warps, unroll, interleave), batch=b, policy=name,
-                         us=round(statistics.median(ts) * 1e3, 1),
+        rows.append(dict(block=f"{bd}x{warps}", batch=b, policy=name, us=round(statistics.median(ts) * 1e3, 1),
                          executed=1.0 if on is None else round(on.float().mean().item(), 3),
                          programs=-(-args.dim // bd) * b, registers=regs[key], resident_per_sm=per_sm,
                          resident=per_sm * sms))
@@ -149,8 +127,7 @@ def main() -> None:
     lines = [f"# Paired scan schedule: {args.length} tokens, {args.dim} channels, state 16, bf16, "
              f"{result['device']} ({sms} SMs)", "",
              f"Median of {args.rounds} interleaved rounds of {args.iters} launches; library default block "
-             f"{default_spec} (channels x warps [x step-loop unroll factor]). `executed`: share of (sample, "
-             "direction) scans run; `resident`: "
+             f"{default_spec} (channels x warps). `executed`: share of (sample, direction) scans run; `resident`: "
              "programs the SMs' registers hold at once (programs beyond that start as earlier ones finish).",
              "", "| block | batch | programs | registers | resident | policy | executed | us | "
              "us / executed share of 'both on' |", "|---|---|---|---|---|---|---|---|---|"]

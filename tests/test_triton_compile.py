@@ -46,8 +46,7 @@ def build(kernel, constants):
             sig[name] = "fp32" if name in ("scale", "eps") else "i32"
     triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32))
 
-scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=triton_scan.CHUNK,
-            UNROLL=triton_scan.FWD_UNROLL)
+scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=triton_scan.CHUNK)
 bwd = dict(N=16, NP=16, BD=32, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, T=triton_scan.CHUNK,
            REVERSE=False)
 conv = dict(K=4, BL=triton_vim.CONV_BLOCK_L, BE=triton_vim.CONV_BLOCK_E, HAS_BIAS=True)

@@ -87,7 +87,6 @@ def _scan_fwd_kernel(
     G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
-    UNROLL: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -136,7 +135,7 @@ def _scan_fwd_kernel(
         u1, r1, B1, C1, z1, g1, p1 = _fwd_loads(1, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
                                                 sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask,
                                                 HAS_Z, HAS_GAP, acc, acc_on)
-        for s in tl.range(0, steps, loop_unroll_factor=UNROLL):
+        for s in range(steps):
             u2, r2, B2, C2, z2, g2, p2 = _fwd_loads(s + 2, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
                                                     C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
                                                     dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on)
@@ -190,112 +189,6 @@ def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t
     else:
         prev = u
     return u, r, Bt, Ct, zz, gp, prev
-
-
-@triton.jit
-def _pair_step(u, r, Bt, Ct, zz, h, A2, Dv, bias, scale, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """One scan step of one direction: the new state and the step's scaled, gated output."""
-    uf = u.to(tl.float32)
-    dt = _delta(r, bias, HAS_BIAS, SOFTPLUS)
-    h = tl.exp2(dt[None, :] * A2) * h + Bt.to(tl.float32)[:, None] * (dt * uf)[None, :]
-    y = tl.sum(h * Ct.to(tl.float32)[:, None], axis=0)
-    if HAS_D:
-        y = y + Dv * uf
-    if HAS_Z:
-        zf = zz.to(tl.float32)
-        y = y * zf / (1.0 + tl.exp2(-zf * 1.4426950408889634))
-    return h, y * scale
-
-
-@triton.jit
-def _scan_pair_interleaved_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, on_ptr,
-    L, E, scale,
-    su_g, su_b, su_d, su_t,
-    sd_g, sd_b, sd_d, sd_t,
-    sB_g, sB_b, sB_n, sB_t,
-    sC_g, sC_b, sC_n, sC_t,
-    sz_b, sz_d, sz_t,
-    so_b, so_d, so_t,
-    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ON: tl.constexpr,
-):
-    """Both directions of a pair in one walk of L iterations (inference): iteration s takes the forward scan's
-    step at position s and the backward scan's at L - 1 - s, so a program's dependent chain is L steps long
-    whatever its samples run, instead of 2L for a sample with both directions on. Each position's second
-    writer adds the first one's output (read back from memory, written earlier by the same thread)."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
-    dmask = d < E
-    nmask = n < N
-    mask2 = nmask[:, None] & dmask[None, :]
-    on_f = tl.full((), 1, tl.int32)
-    on_b = tl.full((), 1, tl.int32)
-    if HAS_ON:
-        on_f = (tl.load(on_ptr + pid_b * 2) != 0).to(tl.int32)
-        on_b = (tl.load(on_ptr + pid_b * 2 + 1) != 0).to(tl.int32)
-    Af = tl.load(A_ptr + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32) * 1.4426950408889634
-    Ab = tl.load(A_ptr + E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
-    Ab = Ab * 1.4426950408889634
-    Df = tl.zeros((BD,), dtype=tl.float32)
-    Db = Df
-    if HAS_D:
-        Df = tl.load(D_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-        Db = tl.load(D_ptr + E + d, mask=dmask, other=0.0).to(tl.float32)
-    bias_f = tl.zeros((BD,), dtype=tl.float32)
-    bias_b = bias_f
-    if HAS_BIAS:
-        bias_f = tl.load(bias_ptr + d, mask=dmask, other=0.0).to(tl.float32)
-        bias_b = tl.load(bias_ptr + E + d, mask=dmask, other=0.0).to(tl.float32)
-    uf_base = u_ptr + pid_b * su_b + d * su_d
-    df_base = dl_ptr + pid_b * sd_b + d * sd_d
-    Bf_base = B_ptr + pid_b * sB_b + n * sB_n
-    Cf_base = C_ptr + pid_b * sC_b + n * sC_n
-    z_base = z_ptr + pid_b * sz_b + d * sz_d
-    o_base = out_ptr + pid_b * so_b + d * so_d
-    ok_f = on_f != 0
-    ok_b = on_b != 0
-    hf = tl.zeros((NP, BD), dtype=tl.float32)
-    hb = tl.zeros((NP, BD), dtype=tl.float32)
-    # iteration s + 1's inputs load while iteration s computes (registers as a software pipeline)
-    uf0, rf0, Bf0, Cf0, zf0 = _step_loads(0, ok_f, uf_base, su_t, df_base, sd_t, Bf_base, sB_t, Cf_base, sC_t,
-                                          z_base, sz_t, dmask, nmask, HAS_Z)
-    ub0, rb0, Bb0, Cb0, zb0 = _step_loads(L - 1, ok_b, uf_base + su_g, su_t, df_base + sd_g, sd_t,
-                                          Bf_base + sB_g, sB_t, Cf_base + sC_g, sC_t, z_base, sz_t, dmask,
-                                          nmask, HAS_Z)
-    for s in range(L * ((on_f + on_b) > 0).to(tl.int32)):
-        nxt = s + 1 < L
-        uf1, rf1, Bf1, Cf1, zf1 = _step_loads(s + 1, ok_f & nxt, uf_base, su_t, df_base, sd_t, Bf_base, sB_t,
-                                              Cf_base, sC_t, z_base, sz_t, dmask, nmask, HAS_Z)
-        ub1, rb1, Bb1, Cb1, zb1 = _step_loads(L - 2 - s, ok_b & nxt, uf_base + su_g, su_t, df_base + sd_g,
-                                              sd_t, Bf_base + sB_g, sB_t, Cf_base + sC_g, sC_t, z_base, sz_t,
-                                              dmask, nmask, HAS_Z)
-        tf = s
-        tb = L - 1 - s
-        second = 2 * s > L - 1  # the other direction has already written this iteration's positions
-        mid = (2 * s == L - 1).to(tl.float32)  # odd L: both directions at the middle position now
-        both = ok_f & ok_b
-        prev_f = tl.load(o_base + tf * so_t, mask=dmask & (second & both), other=0.0).to(tl.float32)
-        prev_b = tl.load(o_base + tb * so_t, mask=dmask & (second & both), other=0.0).to(tl.float32)
-        yf = tl.zeros((BD,), dtype=tl.float32)
-        yb = tl.zeros((BD,), dtype=tl.float32)
-        if ok_f:
-            hf, yf = _pair_step(uf0, rf0, Bf0, Cf0, zf0, hf, Af, Df, bias_f, scale, HAS_D, HAS_Z, HAS_BIAS,
-                                SOFTPLUS)
-        if ok_b:
-            hb, yb = _pair_step(ub0, rb0, Bb0, Cb0, zb0, hb, Ab, Db, bias_b, scale, HAS_D, HAS_Z, HAS_BIAS,
-                                SOFTPLUS)
-        if ok_f:
-            tl.store(o_base + tf * so_t, (yf + prev_f + mid * yb).to(out_ptr.dtype.element_ty), mask=dmask)
-        if ok_b & ((mid == 0.0) | (on_f == 0)):
-            tl.store(o_base + tb * so_t, (yb + prev_b).to(out_ptr.dtype.element_ty), mask=dmask)
-        uf0, rf0, Bf0, Cf0, zf0 = uf1, rf1, Bf1, Cf1, zf1
-        ub0, rb0, Bb0, Cb0, zb0 = ub1, rb1, Bb1, Cb1, zb1
-    for t in range(L * ((on_f + on_b) == 0).to(tl.int32)):  # every direction switched off: the output is zero
-        tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -475,11 +368,6 @@ LAST_FWD = LAST_BWD = None  # the last compiled kernels (resource reports in ben
 # channels backward with 8-step chunks
 FWD_BLOCK_D = 64
 FWD_WARPS = 1
-# inference pairs without gaps: both directions in one L-step walk (_scan_pair_interleaved_kernel)
-FWD_INTERLEAVE = False
-FWD_INTERLEAVE_BLOCK_D = 32
-FWD_INTERLEAVE_WARPS = 1
-FWD_UNROLL = 1  # copies of the step loop body the compiler interleaves (benchmarks/scan_schedule.py times others)
 BWD_BLOCK_D = 32
 BWD_WARPS = 1
 
@@ -591,19 +479,8 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     G, bsz, E, L = u.shape
     N = A.shape[-1]
     dummy = u
-    global LAST_FWD
-    if FWD_INTERLEAVE and pair and not store_ckpt and gap is None:
-        grid = (triton.cdiv(E, FWD_INTERLEAVE_BLOCK_D), bsz)
-        LAST_FWD = _scan_pair_interleaved_kernel[grid](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            bias if bias is not None else dummy, out, on if on is not None else dummy, L, E, scale,
-            *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
-            *(_strides4(z)[1:] if z is not None else (0, 0, 0)), *_strides4(out)[1:],
-            N=N, NP=triton.next_power_of_2(N), BD=FWD_INTERLEAVE_BLOCK_D, SOFTPLUS=softplus, HAS_D=D is not None,
-            HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_ON=on is not None, num_warps=FWD_INTERLEAVE_WARPS,
-        )
-        return
     grid = (triton.cdiv(E, FWD_BLOCK_D), bsz)
+    global LAST_FWD
     LAST_FWD = _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         bias if bias is not None else dummy, gap if gap is not None else dummy, out, ckpt,
@@ -614,8 +491,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
         *(tuple(gap.stride()) if gap is not None else (0, 0, 0)),
         G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=FWD_BLOCK_D, CHUNK_T=CHUNK,
         SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, HAS_ON=on is not None, UNROLL=FWD_UNROLL,
-        num_warps=FWD_WARPS,
+        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, HAS_ON=on is not None, num_warps=FWD_WARPS,
     )
 
 
