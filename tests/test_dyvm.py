@@ -126,6 +126,36 @@ def test_training_forward_with_per_sample_counts_equals_each_sample_dropped_alon
         assert torch.equal(train_state.positions[b, :n], state_b.positions[0])
 
 
+def test_training_gradients_equal_the_gradients_of_the_token_dropping_forward():
+    """What training optimises is what inference runs: with fixed decisions (per-sample counts, directions
+    switched off in some layers) the backbone's gradients through the rearranged + masked full-length forward
+    equal those through the forward that drops the tokens (each sample alone, summed)."""
+    model = tiny(keep_ratio=0.7, block_ratio=0.8)
+    set_static_gates(model, off=[(1, 1), (4, 0)])
+    counts = [[12, 9, 14], [7, 3, 10]]
+    plan = random_plan(3, counts, seed=5)
+    x, y = images(3, seed=4), torch.tensor([3, 7, 1])
+    backbone = [(n, p) for n, p in model.named_parameters() if not n.startswith("reducer.")]
+
+    def grads(mode: str, xs: torch.Tensor, ys: torch.Tensor, override) -> dict[str, torch.Tensor]:
+        model.train(mode == "train")
+        model.reducer.keep_override = override
+        model.zero_grad(set_to_none=True)
+        state = model.forward_tokens(xs)
+        logits = model.head(state.hidden[torch.arange(xs.shape[0]), state.cls_index])
+        torch.nn.functional.cross_entropy(logits, ys, reduction="sum").backward()
+        return {n: p.grad.clone() for n, p in backbone if p.grad is not None}
+
+    train = grads("train", x, y, fixed_keep(plan))
+    alone = [grads("eval", x[b:b + 1], y[b:b + 1], fixed_keep([[stage[b]] for stage in plan])) for b in range(3)]
+    assert len(train) > 20
+    for name, g in train.items():  # a direction skipped at inference has no gradient there, 0 in training
+        ref = sum(a[name] if name in a else torch.zeros_like(g) for a in alone)
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5, msg=name)
+    skipped = {"layers.1.mixer.x_proj_b.weight", "layers.4.mixer.x_proj.weight"}
+    assert all(train[n].abs().max() == 0 and all(n not in a for a in alone) for n in skipped)
+
+
 def test_control_in_place_masking_without_rearrangement_does_not_match():
     model = tiny(keep_ratio=0.7, block_ratio=None, rearrange=False)
     x = images(2)
