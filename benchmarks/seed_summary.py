@@ -78,7 +78,9 @@ def markdown(s: dict[str, Any]) -> str:
                      f"{100 * s['flops_reduction'][f]:.1f} % | {s['executed_directions'][f]:.3f} | |")
     if "goal" in s:
         g = s["goal"]
-        lines += ["", f"Goal: drop <= {g['max_drop']} at >= {100 * g['min_flops_reduction']:.0f} % fewer FLOPs: met "
+        parts = ([f"drop <= {g['max_drop']}"] if g["max_drop"] is not None else []) + (
+            [f">= {100 * g['min_flops_reduction']:.0f} % fewer FLOPs"] if g["min_flops_reduction"] is not None else [])
+        lines += ["", f"Goal: {' at '.join(parts)}: met "
                       f"by {g['seeds_meeting']} of {len(s['rows'])} seeds; by the mean: "
                       f"{'yes' if g['mean_meets'] else 'no'} (mean drop {s['drop']['mean']:.2f}, range "
                       f"{s['drop']['min']:.2f}-{s['drop']['max']:.2f})."]

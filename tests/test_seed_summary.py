@@ -40,6 +40,8 @@ def test_flops_below_the_goal_fails_it_whatever_the_drop() -> None:
     runs = {"a": _result(0, 77.0, reduction=0.34), "b": _result(1, 77.1, reduction=0.34)}
     s = seed_summary.summarize(runs, max_drop=1.5, min_reduction=0.35)
     assert s["goal"]["seeds_meeting"] == 0 and not s["goal"]["mean_meets"]
+    s = seed_summary.summarize(runs, max_drop=1.5)  # a goal on the drop alone
+    assert s["goal"]["seeds_meeting"] == 2 and "Goal: drop <= 1.5: met by 2 of 2" in seed_summary.markdown(s)
 
 
 def test_different_recipes_or_repeated_seeds_are_refused() -> None:
