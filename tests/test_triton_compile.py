@@ -24,7 +24,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError:
     print(json.dumps({"skip": "this Triton has no compile-only API"})); sys.exit(0)
-from mambatrim.ops import triton_norm, triton_scan, triton_vim
+from mambatrim.ops import triton_norm, triton_rows, triton_scan, triton_vim
 from mambatrim.reduce import rmeeto_kernels
 
 LOW = {"oh_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
@@ -38,7 +38,7 @@ def build(kernel, constants):
         elif name in ("on_ptr", "out_seq_ptr", "q_ptr", "src_ptr", "slot_ptr", "seq_ptr",
                       "inv_ptr"):
             sig[name] = "*i32"
-        elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr"):
+        elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr", "idx_ptr"):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*bf16" if name in LOW else "*fp32"
@@ -71,7 +71,9 @@ cases = {
     "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512, RP=32)),
     "R-MeeTo merge rows, no residual": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=False, BD=512, RP=16)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
+    "add + layer norm (DyVM predictor)": (triton_norm._add_layer_norm_kernel, dict(BLOCK=512)),
     "class-token direction gate": (triton_vim._class_token_gate_kernel, dict(HAS_BIAS=True, BK=1024)),
+    "row gather": (triton_rows._take_rows_kernel, dict(BK=triton_rows.ROWS_PER_PROGRAM, BD=triton_rows.BLOCK_D)),
 }
 results = {}
 for name, (kernel, constants) in cases.items():
@@ -96,4 +98,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 15
+    assert len(results) == 17

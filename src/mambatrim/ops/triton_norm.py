@@ -4,6 +4,10 @@
 ``rstd = 1 / sqrt(mean(residual_out^2) + eps)``. In eager PyTorch this is about eight elementwise kernels per
 layer (cast, add, square, mean, rsqrt, two products, cast); here it is one, reading each row once.
 The backward is plain PyTorch on the saved fp32 residual (cheap next to the mixer).
+
+``add_layer_norm_triton``: the same one pass for a LayerNorm with fp32 output and no autograd, for DyVM's keep
+predictor, whose input is the residual stream ``residual + hidden`` (not yet the default: see
+``mambatrim.reduce.dyvm.FUSED_PREDICTOR_NORM``).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["add_rms_norm_triton"]
+__all__ = ["add_layer_norm_triton", "add_rms_norm_triton"]
 
 
 @triton.jit
@@ -72,3 +76,38 @@ def add_rms_norm_triton(hidden: Tensor, residual: Tensor | None, weight: Tensor,
     if weight.shape != hidden.shape[-1:]:
         raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} does not match width {hidden.shape[-1]}")
     return _AddRMSNormFn.apply(hidden, residual, weight, eps)
+
+
+@triton.jit
+def _add_layer_norm_kernel(h_ptr, r_ptr, w_ptr, b_ptr, norm_ptr, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    x = tl.load(h_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    x += tl.load(r_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(m, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(norm_ptr + row * D + cols, xc * rstd * w + b, mask=m)
+
+
+def add_layer_norm_triton(hidden: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
+                          eps: float = 1e-5) -> Tensor:
+    """``layer_norm(residual + hidden)`` in fp32 for (..., D) inputs of any float dtypes, in one pass; no
+    autograd (inference)."""
+    if residual.shape != hidden.shape:
+        raise ValueError(f"add_layer_norm: residual {tuple(residual.shape)} and hidden {tuple(hidden.shape)} differ")
+    dim = hidden.shape[-1]
+    if weight.shape != (dim,) or bias.shape != (dim,):
+        raise ValueError(f"add_layer_norm: weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not match "
+                         f"width {dim}")
+    h = hidden.contiguous().view(-1, dim)
+    r = residual.contiguous().view(-1, dim)
+    y = torch.empty(h.shape, device=h.device, dtype=torch.float32)
+    if h.shape[0]:
+        block = triton.next_power_of_2(dim)
+        _add_layer_norm_kernel[(h.shape[0],)](h, r, weight.contiguous(), bias.contiguous(), y, dim, eps,
+                                              BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    return y.view(hidden.shape)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import get_backend
+
 
 @dataclass
 class TokenState:
@@ -54,9 +56,19 @@ class TokenState:
                        positions=take(self.positions), sizes=take(self.sizes), mask=take(self.mask))
 
 
+# take_rows through the Triton row-copy kernel (ops.triton_rows) where the 'triton' backend runs, without
+# autograd; off until a GPU benchmark shows it faster than advanced indexing (docs/dyvm.md)
+FUSED_ROW_GATHER = False
+
+
 def take_rows(t: Tensor, index: Tensor) -> Tensor:
     """``t`` (B, L, ...) rows ``index`` (B, K) -> (B, K, ...). Advanced indexing copies whole rows; a ``gather``
     with an index expanded over the channels reads one index per element and was several times slower on a GPU."""
+    if (FUSED_ROW_GATHER and t.dim() == 3 and not (t.requires_grad and torch.is_grad_enabled())
+            and get_backend(t.device.type) == "triton"):
+        from ..ops.triton_rows import take_rows_triton  # noqa: PLC0415 (needs triton)
+
+        return take_rows_triton(t, index)
     return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
 
 

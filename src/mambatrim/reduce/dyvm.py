@@ -37,12 +37,18 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
+from ..ops import get_backend
 from . import MethodSpec, register_method
 from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, others_index, take_rows
 
 # keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
 # positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
 KeepOverride = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+# at inference on the 'triton' backend, the predictor's first LayerNorm of ``residual + hidden`` as one kernel
+# (ops.triton_norm.add_layer_norm_triton) instead of an fp32 add and a LayerNorm; off until a GPU benchmark
+# shows it faster (docs/dyvm.md)
+FUSED_PREDICTOR_NORM = False
 
 
 @contextmanager
@@ -90,19 +96,27 @@ class TokenPredictor(nn.Module):
                 trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: Tensor, policy: Tensor) -> Tensor:
+    def forward(self, x: Tensor, policy: Tensor, residual: Tensor | None = None) -> Tensor:
+        """Scores of ``x`` (or of ``residual + x``, the residual stream, when ``residual`` is given)."""
         # fp32 outputs, also under autocast: the scores only rank tokens, and in bf16 close scores collapse into
         # ties that top-k and Gumbel decisions then break arbitrarily (a DyVM model lost 6 points of top-1 when
         # its predictor ran in bf16, the backbone being unaffected). On a GPU the matmuls take TF32 inputs by
         # default (fp32 accumulation and outputs, so no such ties): plain fp32 GEMMs run on the CUDA cores and
         # cost ~5 % of a DyVM-Vim-S forward for ~1 % of its FLOPs. ``predictor_precision='fp32'`` keeps them.
         if not torch.amp.is_autocast_available(x.device.type):  # e.g. 'meta' (FLOPs counting)
-            return self._scores(x.float(), policy.float())
+            return self._scores(x, policy.float(), residual)
         with torch.autocast(x.device.type, enabled=False), _matmul_tf32(x.is_cuda and self.precision == "tf32"):
-            return self._scores(x.float(), policy.float())
+            return self._scores(x, policy.float(), residual)
 
-    def _scores(self, x: Tensor, policy: Tensor) -> Tensor:
-        x = self.in_conv(x)
+    def _scores(self, x: Tensor, policy: Tensor, residual: Tensor | None) -> Tensor:
+        norm = self.in_conv[0]
+        if (residual is not None and FUSED_PREDICTOR_NORM and not torch.is_grad_enabled()
+                and get_backend(x.device.type) == "triton"):
+            from ..ops.triton_norm import add_layer_norm_triton  # noqa: PLC0415 (needs triton)
+
+            x = self.in_conv[1:](add_layer_norm_triton(x, residual, norm.weight, norm.bias, norm.eps))
+        else:
+            x = self.in_conv(x.float() if residual is None else residual.float() + x.float())
         half = x.shape[-1] // 2
         local, glob = x[..., :half], x[..., half:]
         p = policy[..., None].to(x.dtype)
@@ -283,7 +297,7 @@ class DyVMReducer(Reducer):
                              "use a larger ratio")
         is_cls = torch.arange(length, device=state.hidden.device)[None, :] == state.cls_index[:, None]
         alive = (~is_cls).float()
-        log_probs = self._with_prior(stage, self.predictors[stage](state.residual + state.hidden, alive), alive)
+        log_probs = self._with_prior(stage, self.predictors[stage](state.hidden, alive, state.residual), alive)
         score = log_probs[..., 0].masked_fill(is_cls, float("-inf"))
         top = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # sequence indices, in order
         cls_at = torch.full_like(state.cls_index, k // 2)

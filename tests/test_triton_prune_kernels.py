@@ -1,0 +1,122 @@
+"""The kernels behind token pruning's two optional fused steps (CPU through the Triton interpreter, tiny shapes):
+the row gather equals advanced indexing, the predictor's add + LayerNorm equals ``layer_norm(residual +
+hidden)``; switched on, each leaves a DyVM model's output unchanged."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
+
+pytest.importorskip("triton")
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from mambatrim import create_model  # noqa: E402
+from mambatrim.ops import use_backend  # noqa: E402
+from mambatrim.ops.triton_norm import add_layer_norm_triton  # noqa: E402
+from mambatrim.ops.triton_rows import BLOCK_D, ROWS_PER_PROGRAM, take_rows_triton  # noqa: E402
+from mambatrim.reduce import core, dyvm  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("shape", [(2, 19, 5, 11), (3, 23, BLOCK_D + 3, ROWS_PER_PROGRAM + 1)])  # B, L, D, K
+def test_row_gather_equals_advanced_indexing(dtype, shape) -> None:
+    bsz, length, dim, k = shape
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(bsz, length, dim, generator=g) * 100).to(dtype).to(DEV)
+    index = torch.stack([torch.randperm(length, generator=g)[:k] for _ in range(bsz)]).to(DEV)  # any order
+    index[0, -1] = index[0, 0]  # a row taken twice
+    ref = t[torch.arange(bsz, device=DEV)[:, None], index]
+    out = take_rows_triton(t, index)
+    assert out.shape == (bsz, k, dim) and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, ref)
+    # a strided view along L (every other row) and int32 indices
+    view = t[:, ::2]
+    idx = index.clamp(max=view.shape[1] - 1).to(torch.int32)
+    assert torch.equal(take_rows_triton(view, idx), view[torch.arange(bsz, device=DEV)[:, None], idx.long()])
+
+
+def test_row_gather_refuses_bad_shapes_and_index_types() -> None:
+    t = torch.zeros(2, 5, 3, device=DEV)
+    with pytest.raises(ValueError, match=r"\(B, L, D\) and index \(B, K\)"):
+        take_rows_triton(t, torch.zeros(3, 2, dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match="integer"):
+        take_rows_triton(t, torch.zeros(2, 2, device=DEV))
+    assert take_rows_triton(t, torch.zeros(2, 0, dtype=torch.long, device=DEV)).shape == (2, 0, 3)
+
+
+def test_switched_on_it_leaves_the_pruned_model_unchanged(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = create_model("vim_tiny_patch16_224", depth=3, embed_dim=32, img_size=32, patch_size=8, stride=8,
+                         num_classes=5).to(DEV)
+    model = dyvm.deploy(dyvm.apply(model, keep_ratio=0.6, block_ratio=None, pruning_layers=[1, 2]))
+    x = torch.randn(2, 3, 32, 32, device=DEV)
+    calls = []
+    original = take_rows_triton
+
+    def counted(t, index):
+        calls.append(t.dtype)
+        return original(t, index)
+
+    import mambatrim.ops.triton_rows as rows
+
+    monkeypatch.setattr(rows, "take_rows_triton", counted)
+    with torch.no_grad(), use_backend("torch"):
+        ref = model(x)
+    with torch.no_grad(), use_backend("triton"):
+        monkeypatch.setattr(core, "FUSED_ROW_GATHER", False)
+        plain = model(x)
+        assert not calls
+        monkeypatch.setattr(core, "FUSED_ROW_GATHER", True)
+        fused = model(x)
+    assert len(calls) >= 4  # hidden and fp32 residual at both stages
+    assert torch.equal(fused, plain)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [7, 64, 1100])
+def test_add_layer_norm_equals_layer_norm_of_the_sum(dim) -> None:
+    g = torch.Generator().manual_seed(dim)
+    hidden = (torch.randn(3, 5, dim, generator=g) * 3).bfloat16().to(DEV)
+    residual = (torch.randn(3, 5, dim, generator=g) * 10 + 4).to(DEV)
+    w, b = torch.randn(dim, generator=g).to(DEV), torch.randn(dim, generator=g).to(DEV)
+    out = add_layer_norm_triton(hidden, residual, w, b, eps=1e-5)
+    ref = torch.nn.functional.layer_norm(residual + hidden.float(), (dim,), w, b, 1e-5)
+    assert out.dtype == torch.float32 and out.shape == hidden.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        add_layer_norm_triton(hidden, residual[:, :4], w, b)
+    with pytest.raises(ValueError, match="do not match"):
+        add_layer_norm_triton(hidden, residual, w[:-1], b)
+
+
+def test_fused_predictor_norm_leaves_the_dyvm_model_unchanged(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = create_model("vim_tiny_patch16_224", depth=3, embed_dim=32, img_size=32, patch_size=8, stride=8,
+                         num_classes=5).to(DEV)
+    model = dyvm.apply(model, keep_ratio=0.6, block_ratio=None, pruning_layers=[1, 2])
+    for predictor in model.reducer.predictors:  # a predictor with opinions of its own, and a LayerNorm too
+        for p in predictor.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    model = dyvm.deploy(model)
+    x = torch.randn(2, 3, 32, 32, device=DEV)
+    calls = []
+    import mambatrim.ops.triton_norm as norm
+
+    original = norm.add_layer_norm_triton
+    monkeypatch.setattr(norm, "add_layer_norm_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad(), use_backend("triton"):
+        plain, plain_state = model(x), model.forward_tokens(x)
+        assert not calls
+        monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_NORM", True)
+        fused, fused_state = model(x), model.forward_tokens(x)
+    assert len(calls) == 4  # two stages, two forwards
+    assert torch.equal(fused_state.positions, plain_state.positions)  # the same tokens kept
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
