@@ -116,7 +116,8 @@ class TokenPredictor(nn.Module):
 
             x = self.in_conv[1:](add_layer_norm_triton(x, residual, norm.weight, norm.bias, norm.eps))
         else:
-            x = self.in_conv(x.float() if residual is None else residual.float() + x.float())
+            # one add with type promotion (an fp32 residual, bf16 hidden): no fp32 copy of the hidden states first
+            x = self.in_conv((x if residual is None else residual + x).float())
         half = x.shape[-1] // 2
         local, glob = x[..., :half], x[..., half:]
         p = policy[..., None].to(x.dtype)
