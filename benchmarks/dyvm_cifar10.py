@@ -98,7 +98,7 @@ def grid_agreement(model: torch.nn.Module, loader: Any, device: torch.device, am
 
     def top_k(stage: int, log_probs: torch.Tensor, policy: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         keep = inference_keep(log_probs, policy, int(ratios[stage] * num_patches))
-        grid = dyvm.coverage_grid(policy, ratios[stage] / (ratios[stage - 1] if stage else 1.0))
+        grid = reducer.stage_grid(stage, policy)
         on_grid[stage] += float((keep * grid).sum())
         kept[stage] += float(keep.sum())
         return keep

@@ -299,11 +299,8 @@ def scan_kernel_settings() -> dict[str, int]:
     return dict(block_d=triton_scan.FWD_BLOCK_D, warps=triton_scan.FWD_WARPS)
 
 
-def _kernel_words(k: dict[str, Any] | None) -> str:
-    if not k:
-        return "scan kernel settings not recorded"
-    words = f"{k.get('kernel', 'pair')} scan kernel, programs of {k['block_d']} channels x {k['warps']} warp(s)"
-    return words + (f", step loop unrolled {k['unroll']}x" if k.get("unroll", 1) > 1 else "")
+def _kernel_words(k: dict[str, int]) -> str:
+    return f"pair scan kernel, programs of {k['block_d']} channels x {k['warps']} warp(s)"
 
 
 def _mixers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -316,7 +313,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['dtype']}, {result['device']}",
         "",
         f"rho = {result['keep_ratio']}, block-ratio target {result['block_ratio_target']}; scan backend "
-        f"`{result['scan_backend']}` ({_kernel_words(result.get('scan_kernel'))}); torch {result['torch']}; "
+        f"`{result['scan_backend']}` ({_kernel_words(result['scan_kernel'])}); torch {result['torch']}; "
         f"median of {result['rounds']} interleaved rounds x "
         f"{result['iters_per_round']} forwards. {result['note']}.",
         "",

@@ -164,7 +164,7 @@ class Reducer(nn.Module):
 
 def others_index(cls_index: Tensor, length: int) -> Tensor:
     """(B, L-1) indices of every token except each sample's class token, in sequence order."""
-    ar = torch.arange(length - 1, device=cls_index.device).expand(cls_index.shape[0], -1)
+    ar = batch_arange(cls_index.shape[0], length - 1, cls_index.device)
     return ar + (ar >= cls_index[:, None]).long()
 
 

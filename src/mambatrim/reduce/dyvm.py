@@ -305,13 +305,18 @@ class DyVMReducer(Reducer):
         state.extras["dyvm_tokens"].append(torch.full_like(state.cls_index, k))
         return state.gather(_insert_cls_index(top, state.cls_index, cls_at)).replace(mask=None, cls_index=cls_at)
 
+    def stage_grid(self, stage: int, alive: Tensor) -> Tensor:
+        """(B, N) 0/1: the alive tokens on the coverage prior's grid at ``stage`` (the stage's share of the tokens
+        alive before it)."""
+        previous = self.token_ratios[stage - 1] if stage > 0 else 1.0
+        return coverage_grid(alive, self.token_ratios[stage] / previous)
+
     def _with_prior(self, stage: int, log_probs: Tensor, alive: Tensor) -> Tensor:
         """Add the coverage prior (``coverage_prior`` > 0) to the keep logits: +b on the evenly spread grid of
         the stage's relative share of the alive tokens, -b elsewhere; returns log-probabilities again."""
         if self.coverage_prior == 0:
             return log_probs
-        previous = self.token_ratios[stage - 1] if stage > 0 else 1.0
-        on = coverage_grid(alive, self.token_ratios[stage] / previous)
+        on = self.stage_grid(stage, alive)
         shift = (self.coverage_prior * (2.0 * on - 1.0)) * alive  # pruned (not alive) tokens: no shift
         return torch.log_softmax(log_probs + torch.stack([shift / 2, -shift / 2], -1), dim=-1)
 
