@@ -12,10 +12,10 @@ per-image skipping costs. The realised ratio is read back from the mixers and re
 rounds (clock drift hits every configuration alike), CUDA events, median over rounds; eager, and under CUDA
 graphs (every path has static shapes and no host sync; each compared with the dense model in the same mode).
 FLOPs from the project's counter (paper convention = one direction's SSM terms scaled by the executed-direction
-fraction; and the full count). ``--fused-prune-steps`` adds, for every DyVM configuration that prunes tokens, a
-CUDA-graph row captured with the two optional fused pruning steps on (the Triton row gather,
-``reduce.core.FUSED_ROW_GATHER``, and the predictor's add + LayerNorm, ``reduce.dyvm.FUSED_PREDICTOR_NORM``),
-timed in the same rounds as the rows without them.
+fraction; and the full count). ``--unfused-prune-steps`` adds, for every DyVM configuration that prunes
+tokens, a CUDA-graph row captured with the two fused pruning steps off (the Triton row gather,
+``reduce.core.FUSED_ROW_GATHER``, and the predictor's add + LayerNorm, ``reduce.dyvm.FUSED_PREDICTOR_NORM``,
+both on by default), timed in the same rounds as the default rows.
 
     python benchmarks/dyvm_speed.py --out benchmarks/results
 """
@@ -39,12 +39,12 @@ from mambatrim.models.registry import create_model
 from mambatrim.ops import get_backend
 from mambatrim.reduce import core, dyvm
 
-FUSED = ", fused prune steps"
+UNFUSED = ", unfused prune steps"
 
 
 @contextlib.contextmanager
 def fused_prune_steps(on: bool):
-    """The optional fused pruning steps (row gather, predictor add + LayerNorm) on or off inside the block."""
+    """The fused pruning steps (row gather, predictor add + LayerNorm) on or off inside the block."""
     saved = core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM
     core.FUSED_ROW_GATHER = dyvm.FUSED_PREDICTOR_NORM = on
     try:
@@ -158,9 +158,9 @@ def main() -> int:
                              "images a trained model's did: a dyvm_cifar10.py result (its dyvm.direction_rates) "
                              "or a {layer: [forward, backward]} map; a shallower profile is stretched over the "
                              "depth (layer i takes profile layer i * profile depth // depth)")
-    parser.add_argument("--fused-prune-steps", action="store_true",
-                        help="also time each token-pruning DyVM row with the optional fused pruning steps on "
-                             "(CUDA graph rows)")
+    parser.add_argument("--unfused-prune-steps", action="store_true",
+                        help="also time each token-pruning DyVM row with the fused pruning steps off (PyTorch's "
+                             "row gather and add + LayerNorm; CUDA graph rows)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -204,12 +204,12 @@ def main() -> int:
     # pruning has static shapes and direction skipping happens inside the kernels, so every path is captured.
     for name in list(models):
         models[f"{name} (CUDA graph)"] = models[name]
-        if args.fused_prune_steps and name.startswith("dyvm") and "blocks only" not in name:
-            models[f"{name}{FUSED} (CUDA graph)"] = models[name]
+        if args.unfused_prune_steps and name.startswith("dyvm") and "blocks only" not in name:
+            models[f"{name}{UNFUSED} (CUDA graph)"] = models[name]
     graphs = {}
     for name in models:
         if "graph" in name:
-            with fused_prune_steps(FUSED in name):
+            with fused_prune_steps(UNFUSED not in name):
                 graphs[name] = capture_graph(forward_fn(models[name]))
 
     stats: dict[str, dict[str, Any]] = {}

@@ -51,9 +51,9 @@ def test_direction_shares_load_from_a_cifar_result_and_stretch_over_the_depth(tm
 def test_fused_prune_steps_switch_both_steps_and_restore_them() -> None:
     from mambatrim.reduce import core
 
-    assert not core.FUSED_ROW_GATHER and not dyvm.FUSED_PREDICTOR_NORM  # the defaults
+    assert core.FUSED_ROW_GATHER and dyvm.FUSED_PREDICTOR_NORM  # the defaults
     with pytest.raises(RuntimeError):
-        with dyvm_speed.fused_prune_steps(True):
-            assert core.FUSED_ROW_GATHER and dyvm.FUSED_PREDICTOR_NORM
+        with dyvm_speed.fused_prune_steps(False):
+            assert not core.FUSED_ROW_GATHER and not dyvm.FUSED_PREDICTOR_NORM
             raise RuntimeError("a failed capture")
-    assert not core.FUSED_ROW_GATHER and not dyvm.FUSED_PREDICTOR_NORM
+    assert core.FUSED_ROW_GATHER and dyvm.FUSED_PREDICTOR_NORM

@@ -113,6 +113,7 @@ def test_fused_predictor_norm_leaves_the_dyvm_model_unchanged(monkeypatch) -> No
     original = norm.add_layer_norm_triton
     monkeypatch.setattr(norm, "add_layer_norm_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.no_grad(), use_backend("triton"):
+        monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_NORM", False)
         plain, plain_state = model(x), model.forward_tokens(x)
         assert not calls
         monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_NORM", True)

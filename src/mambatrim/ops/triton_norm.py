@@ -6,8 +6,8 @@ layer (cast, add, square, mean, rsqrt, two products, cast); here it is one, read
 The backward is plain PyTorch on the saved fp32 residual (cheap next to the mixer).
 
 ``add_layer_norm_triton``: the same one pass for a LayerNorm with fp32 output and no autograd, for DyVM's keep
-predictor, whose input is the residual stream ``residual + hidden`` (not yet the default: see
-``mambatrim.reduce.dyvm.FUSED_PREDICTOR_NORM``).
+predictor, whose input is the residual stream ``residual + hidden`` (its default at inference on the 'triton'
+backend: ``mambatrim.reduce.dyvm.FUSED_PREDICTOR_NORM``).
 """
 from __future__ import annotations
 

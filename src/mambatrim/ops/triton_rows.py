@@ -2,9 +2,9 @@
 
 What token pruning does between blocks (hidden states and the fp32 residual, every kept token). PyTorch's
 advanced indexing runs a generic index kernel that computes an offset per element; this kernel reads one index
-per row and copies the row in wide vectors, so it moves the bytes at about the memory's rate. Not yet the
-default: ``mambatrim.reduce.core.FUSED_ROW_GATHER`` switches :func:`~mambatrim.reduce.core.take_rows` to it on
-a GPU, until a benchmark shows it is faster there (docs/dyvm.md, "A lever outside the scan").
+per row and copies the row in wide vectors, so it moves the bytes at about the memory's rate. The default of
+:func:`~mambatrim.reduce.core.take_rows` at inference on the 'triton' backend (``mambatrim.reduce.core.
+FUSED_ROW_GATHER``; measured in ``benchmarks/results/dyvm_speed_fused_steps.md``).
 """
 from __future__ import annotations
 

@@ -57,8 +57,9 @@ class TokenState:
 
 
 # take_rows through the Triton row-copy kernel (ops.triton_rows) where the 'triton' backend runs, without
-# autograd; off until a GPU benchmark shows it faster than advanced indexing (docs/dyvm.md)
-FUSED_ROW_GATHER = False
+# autograd. On by default: faster than advanced indexing in a GPU benchmark (dyvm_speed_fused_steps.md, with
+# DyVM's fused predictor norm); False restores advanced indexing
+FUSED_ROW_GATHER = True
 
 
 def take_rows(t: Tensor, index: Tensor) -> Tensor:

@@ -46,9 +46,10 @@ from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, others
 KeepOverride = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 # at inference on the 'triton' backend, the predictor's first LayerNorm of ``residual + hidden`` as one kernel
-# (ops.triton_norm.add_layer_norm_triton) instead of an fp32 add and a LayerNorm; off until a GPU benchmark
-# shows it faster (docs/dyvm.md)
-FUSED_PREDICTOR_NORM = False
+# (ops.triton_norm.add_layer_norm_triton) instead of an fp32 add and a LayerNorm. On by default: with the fused
+# row gather it raised DyVM-Vim-S from 12119 to 12428 img/s per image (dyvm_speed_fused_steps.md); False restores
+# the two PyTorch kernels
+FUSED_PREDICTOR_NORM = True
 
 
 @contextmanager
