@@ -13,9 +13,10 @@ rounds (clock drift hits every configuration alike), CUDA events, median over ro
 graphs (every path has static shapes and no host sync; each compared with the dense model in the same mode).
 FLOPs from the project's counter (paper convention = one direction's SSM terms scaled by the executed-direction
 fraction; and the full count). ``--unfused-prune-steps`` adds, for every DyVM configuration that prunes
-tokens, a CUDA-graph row captured with the two fused pruning steps off (the Triton row gather,
-``reduce.core.FUSED_ROW_GATHER``, and the predictor's add + LayerNorm, ``reduce.dyvm.FUSED_PREDICTOR_NORM``,
-both on by default), timed in the same rounds as the default rows.
+tokens, a CUDA-graph row captured with DyVM's three fused pruning steps off (the Triton row gather,
+``reduce.core.FUSED_ROW_GATHER``, the predictor's add + LayerNorm, ``reduce.dyvm.FUSED_PREDICTOR_NORM``, and its
+MLP head, ``reduce.dyvm.FUSED_PREDICTOR_HEAD``, all on by default); ``--pytorch-keep-head`` one with only the head
+off. Both are timed in the same rounds as the default rows.
 
     python benchmarks/dyvm_speed.py --out benchmarks/results
 """
@@ -40,17 +41,20 @@ from mambatrim.ops import get_backend
 from mambatrim.reduce import core, dyvm
 
 UNFUSED = ", unfused prune steps"
+PYTORCH_HEAD = ", PyTorch keep head"
 
 
 @contextlib.contextmanager
-def fused_prune_steps(on: bool):
-    """The fused pruning steps (row gather, predictor add + LayerNorm) on or off inside the block."""
-    saved = core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM
-    core.FUSED_ROW_GATHER = dyvm.FUSED_PREDICTOR_NORM = on
+def fused_prune_steps(gather_and_norm: bool, head: bool):
+    """DyVM's fused pruning steps on or off inside the block: the row gather and the predictor's add + LayerNorm
+    (``gather_and_norm``), the predictor's MLP head (``head``)."""
+    saved = core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM, dyvm.FUSED_PREDICTOR_HEAD
+    core.FUSED_ROW_GATHER = dyvm.FUSED_PREDICTOR_NORM = gather_and_norm
+    dyvm.FUSED_PREDICTOR_HEAD = head
     try:
         yield
     finally:
-        core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM = saved
+        core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM, dyvm.FUSED_PREDICTOR_HEAD = saved
 
 
 def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[tuple[int, int]]:
@@ -160,7 +164,10 @@ def main() -> int:
                              "depth (layer i takes profile layer i * profile depth // depth)")
     parser.add_argument("--unfused-prune-steps", action="store_true",
                         help="also time each token-pruning DyVM row with the fused pruning steps off (PyTorch's "
-                             "row gather and add + LayerNorm; CUDA graph rows)")
+                             "row gather, add + LayerNorm and keep-predictor head; CUDA graph rows)")
+    parser.add_argument("--pytorch-keep-head", action="store_true",
+                        help="also time each token-pruning DyVM row with only the fused keep-predictor head off "
+                             "(CUDA graph rows)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -204,12 +211,14 @@ def main() -> int:
     # pruning has static shapes and direction skipping happens inside the kernels, so every path is captured.
     for name in list(models):
         models[f"{name} (CUDA graph)"] = models[name]
-        if args.unfused_prune_steps and name.startswith("dyvm") and "blocks only" not in name:
-            models[f"{name}{UNFUSED} (CUDA graph)"] = models[name]
+        prunes = name.startswith("dyvm") and "blocks only" not in name
+        for wanted, suffix in ((args.unfused_prune_steps, UNFUSED), (args.pytorch_keep_head, PYTORCH_HEAD)):
+            if wanted and prunes:
+                models[f"{name}{suffix} (CUDA graph)"] = models[name]
     graphs = {}
     for name in models:
         if "graph" in name:
-            with fused_prune_steps(UNFUSED not in name):
+            with fused_prune_steps(UNFUSED not in name, UNFUSED not in name and PYTORCH_HEAD not in name):
                 graphs[name] = capture_graph(forward_fn(models[name]))
 
     stats: dict[str, dict[str, Any]] = {}

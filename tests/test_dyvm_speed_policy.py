@@ -48,12 +48,18 @@ def test_direction_shares_load_from_a_cifar_result_and_stretch_over_the_depth(tm
         dyvm_speed.load_direction_shares(str(path), 6)
 
 
-def test_fused_prune_steps_switch_both_steps_and_restore_them() -> None:
+def test_fused_prune_steps_switch_the_steps_and_restore_them() -> None:
     from mambatrim.reduce import core
 
-    assert core.FUSED_ROW_GATHER and dyvm.FUSED_PREDICTOR_NORM  # the defaults
+    def steps() -> tuple[bool, bool, bool]:
+        return core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM, dyvm.FUSED_PREDICTOR_HEAD
+
+    assert steps() == (True, True, True)  # the defaults
     with pytest.raises(RuntimeError):
-        with dyvm_speed.fused_prune_steps(False):
-            assert not core.FUSED_ROW_GATHER and not dyvm.FUSED_PREDICTOR_NORM
+        with dyvm_speed.fused_prune_steps(False, False):
+            assert steps() == (False, False, False)
             raise RuntimeError("a failed capture")
-    assert core.FUSED_ROW_GATHER and dyvm.FUSED_PREDICTOR_NORM
+    assert steps() == (True, True, True)
+    with dyvm_speed.fused_prune_steps(True, False):
+        assert steps() == (True, True, False)
+    assert steps() == (True, True, True)

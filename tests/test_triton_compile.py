@@ -24,7 +24,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError:
     print(json.dumps({"skip": "this Triton has no compile-only API"})); sys.exit(0)
-from mambatrim.ops import triton_norm, triton_rows, triton_scan, triton_vim
+from mambatrim.ops import triton_head, triton_norm, triton_rows, triton_scan, triton_vim
 from mambatrim.reduce import rmeeto_kernels
 
 LOW = {"oh_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
@@ -74,6 +74,10 @@ cases = {
     "add + layer norm (DyVM predictor)": (triton_norm._add_layer_norm_kernel, dict(BLOCK=512)),
     "class-token direction gate": (triton_vim._class_token_gate_kernel, dict(HAS_BIAS=True, BK=1024)),
     "row gather": (triton_rows._take_rows_kernel, dict(BK=triton_rows.ROWS_PER_PROGRAM, BD=triton_rows.BLOCK_D)),
+    "DyVM keep head, Vim-S widths": (triton_head._keep_head_kernel, dict(
+        BM=triton_head.BLOCK_M, BK=triton_head.BLOCK_K, H1P=256, BC=triton_head.BLOCK_C, PRECISION="tf32")),
+    "DyVM keep head, Vim-B widths, fp32": (triton_head._keep_head_kernel, dict(
+        BM=triton_head.BLOCK_M // 2, BK=triton_head.BLOCK_K, H1P=512, BC=triton_head.BLOCK_C, PRECISION="ieee")),
 }
 results = {}
 for name, (kernel, constants) in cases.items():
@@ -98,4 +102,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 17
+    assert len(results) == 19

@@ -1,6 +1,7 @@
-"""The kernels behind token pruning's two optional fused steps (CPU through the Triton interpreter, tiny shapes):
-the row gather equals advanced indexing, the predictor's add + LayerNorm equals ``layer_norm(residual +
-hidden)``; switched on, each leaves a DyVM model's output unchanged."""
+"""The kernels behind token pruning's fused steps (CPU through the Triton interpreter, tiny shapes): the row
+gather equals advanced indexing, the predictor's add + LayerNorm equals ``layer_norm(residual + hidden)``, its
+fused MLP head equals the PyTorch linears, GELUs and log-softmax; each leaves a DyVM model's output unchanged
+against the PyTorch step."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(): 
 
 from mambatrim import create_model  # noqa: E402
 from mambatrim.ops import use_backend  # noqa: E402
+from mambatrim.ops.triton_head import BLOCK_C, BLOCK_K, BLOCK_M, keep_head_triton  # noqa: E402
 from mambatrim.ops.triton_norm import add_layer_norm_triton  # noqa: E402
 from mambatrim.ops.triton_rows import BLOCK_D, ROWS_PER_PROGRAM, take_rows_triton  # noqa: E402
 from mambatrim.reduce import core, dyvm  # noqa: E402
@@ -119,5 +121,65 @@ def test_fused_predictor_norm_leaves_the_dyvm_model_unchanged(monkeypatch) -> No
         monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_NORM", True)
         fused, fused_state = model(x), model.forward_tokens(x)
     assert len(calls) == 4  # two stages, two forwards
+    assert torch.equal(fused_state.positions, plain_state.positions)  # the same tokens kept
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def _head_reference(x, g, w1, w2, b2, w3, b3):
+    h1 = torch.nn.functional.gelu(x @ w1.T + g[:, None, :])
+    h2 = torch.nn.functional.gelu(h1 @ w2.T + b2)
+    return torch.log_softmax(h2 @ w3.T + b3, dim=-1)
+
+
+# (B, T, K, H1, H2): the smallest dot tiles, then widths that are not powers of two, more than one K / H2 step
+# and rows that do not fill the last program
+@pytest.mark.parametrize("dims", [(2, 5, 16, 16, 8), (3, BLOCK_M // 2 + 7, BLOCK_K + 13, 48, BLOCK_C + 9)])
+def test_keep_head_equals_the_pytorch_head(dims) -> None:
+    bsz, tokens, k, h1, h2 = dims
+    g = torch.Generator().manual_seed(k)
+    feats = torch.randn(bsz, tokens, 2 * k, generator=g).to(DEV)
+    x = feats[..., :k]  # the local half: a strided view, as the predictor passes it
+    w1_full = (torch.randn(h1, 2 * k, generator=g) * 0.3).to(DEV)
+    w1 = w1_full[:, :k]  # a column slice of out_conv[0]'s weight
+    gb = torch.randn(bsz, h1, generator=g).to(DEV)
+    w2, b2 = (torch.randn(h2, h1, generator=g) * 0.3).to(DEV), torch.randn(h2, generator=g).to(DEV)
+    w3, b3 = (torch.randn(2, h2, generator=g) * 0.3).to(DEV), torch.randn(2, generator=g).to(DEV)
+    out = keep_head_triton(x, gb, w1, w2, b2, w3, b3, precision="fp32")
+    assert out.shape == (bsz, tokens, 2) and out.dtype == torch.float32
+    torch.testing.assert_close(out, _head_reference(x, gb, w1, w2, b2, w3, b3), rtol=1e-5, atol=1e-5)
+    gb[1] += 1.0  # the per-sample bias reaches only its own sample's rows
+    moved = keep_head_triton(x, gb, w1, w2, b2, w3, b3, precision="fp32")
+    assert torch.equal(moved[0], out[0]) and not torch.allclose(moved[1], out[1])
+    with pytest.raises(ValueError, match="do not chain"):
+        keep_head_triton(x, gb, w1, w2[:, :-1], b2, w3, b3)
+    with pytest.raises(ValueError, match="precision"):
+        keep_head_triton(x, gb, w1, w2, b2, w3, b3, precision="bf16")
+
+
+def test_fused_predictor_head_leaves_the_dyvm_model_unchanged(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = create_model("vim_tiny_patch16_224", depth=3, embed_dim=32, img_size=32, patch_size=8, stride=8,
+                         num_classes=5).to(DEV)
+    model = dyvm.apply(model, keep_ratio=0.6, block_ratio=None, pruning_layers=[1, 2])
+    for predictor in model.reducer.predictors:  # a predictor with opinions of its own
+        for p in predictor.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    model = dyvm.deploy(model)
+    x = torch.randn(2, 3, 32, 32, device=DEV)
+    calls = []
+    import mambatrim.ops.triton_head as head
+
+    original = head.keep_head_triton
+    monkeypatch.setattr(head, "keep_head_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad(), use_backend("triton"):
+        monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_HEAD", False)
+        plain, plain_state = model(x), model.forward_tokens(x)
+        plain_scores = model.reducer.predictors[0](plain_state.hidden, torch.ones(2, plain_state.hidden.shape[1]))
+        assert not calls
+        monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_HEAD", True)
+        fused, fused_state = model(x), model.forward_tokens(x)
+        fused_scores = model.reducer.predictors[0](plain_state.hidden, torch.ones(2, plain_state.hidden.shape[1]))
+    assert len(calls) == 5  # two stages, two forwards, one direct call
+    torch.testing.assert_close(fused_scores, plain_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused_state.positions, plain_state.positions)  # the same tokens kept
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

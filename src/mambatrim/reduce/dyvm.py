@@ -50,6 +50,9 @@ KeepOverride = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 # row gather it raised DyVM-Vim-S from 12119 to 12428 img/s per image (dyvm_speed_fused_steps.md); False restores
 # the two PyTorch kernels
 FUSED_PREDICTOR_NORM = True
+# at inference on the 'triton' backend, the predictor's head after its first linear (the two linears and GELUs
+# of out_conv, the per-sample global term, the log-softmax) as one kernel (ops.triton_head.keep_head_triton)
+FUSED_PREDICTOR_HEAD = True
 
 
 @contextmanager
@@ -121,13 +124,22 @@ class TokenPredictor(nn.Module):
             x = self.in_conv((x if residual is None else residual + x).float())
         half = x.shape[-1] // 2
         local, glob = x[..., :half], x[..., half:]
+        first = self.out_conv[0]
+        if FUSED_PREDICTOR_HEAD and not torch.is_grad_enabled() and get_backend(x.device.type) == "triton":
+            from ..ops.triton_head import keep_head_triton  # noqa: PLC0415 (needs triton)
+
+            # the alive-weighted mean of the global half as one batched product, then the head in one kernel
+            p = policy.to(x.dtype)
+            glob = torch.bmm(p[:, None, :], glob) / (p.sum(1)[:, None, None] + 1)
+            bias = F.linear(glob[:, 0], first.weight[:, half:], first.bias)
+            return keep_head_triton(local, bias, first.weight[:, :half], self.out_conv[2].weight,
+                                    self.out_conv[2].bias, self.out_conv[4].weight, self.out_conv[4].bias,
+                                    precision="tf32" if x.is_cuda and self.precision == "tf32" else "fp32")
         p = policy[..., None].to(x.dtype)
         glob = (glob * p).sum(1, keepdim=True) / (p.sum(1, keepdim=True) + 1)
         # out_conv[0] applied to [local, glob] without materialising the concatenation: the global half is the
         # same for every token, so its product is computed once per sample and broadcast
-        first = self.out_conv[0]
-        half_w = local.shape[-1]
-        x = F.linear(local, first.weight[:, :half_w]) + F.linear(glob, first.weight[:, half_w:], first.bias)
+        x = F.linear(local, first.weight[:, :half]) + F.linear(glob, first.weight[:, half:], first.bias)
         return self.out_conv[1:](x)
 
     def macs_per_token(self) -> int:
