@@ -175,11 +175,12 @@ def test_fused_predictor_head_leaves_the_dyvm_model_unchanged(monkeypatch) -> No
     with torch.no_grad(), use_backend("triton"):
         monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_HEAD", False)
         plain, plain_state = model(x), model.forward_tokens(x)
-        plain_scores = model.reducer.predictors[0](plain_state.hidden, torch.ones(2, plain_state.hidden.shape[1]))
+        alive = torch.ones(2, plain_state.hidden.shape[1], device=DEV)
+        plain_scores = model.reducer.predictors[0](plain_state.hidden, alive)
         assert not calls
         monkeypatch.setattr(dyvm, "FUSED_PREDICTOR_HEAD", True)
         fused, fused_state = model(x), model.forward_tokens(x)
-        fused_scores = model.reducer.predictors[0](plain_state.hidden, torch.ones(2, plain_state.hidden.shape[1]))
+        fused_scores = model.reducer.predictors[0](plain_state.hidden, alive)
     assert len(calls) == 5  # two stages, two forwards, one direct call
     torch.testing.assert_close(fused_scores, plain_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused_state.positions, plain_state.positions)  # the same tokens kept

@@ -25,8 +25,9 @@ __all__ = ["keep_head_triton"]
 BLOCK_M = 64  # rows per program (half that above 256 first-layer features: its (rows, H1) block is in registers)
 BLOCK_K = 32  # reduction step of the first product
 BLOCK_C = 32  # H2 features per step of the second product
-NUM_WARPS = 4
-NUM_STAGES = 2  # two loads in flight: 80 KB of shared memory at Vim-S widths, so two programs fit on an SM
+# the fastest of eleven settings at DyVM-Vim-S's stages on an H200 (benchmarks/results/keep_head.md)
+NUM_WARPS = 8
+NUM_STAGES = 2
 
 
 @triton.jit
