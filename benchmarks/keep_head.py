@@ -3,8 +3,8 @@
 Times a whole predictor call (add + LayerNorm, first linear + GELU, the global pooling, the head) on DyVM-Vim-S's
 three pruning stages (batch 128; 197, 138 and 97 tokens; width 384), each replayed from a CUDA graph, in
 interleaved rounds: the PyTorch head (``reduce.dyvm.FUSED_PREDICTOR_HEAD`` off) and the fused kernel at several
-(rows per program, warps, pipeline stages, K and H2 steps) settings. Reports the median ms per forward (the three stages
-together) and the fused/PyTorch ratio.
+(rows per program, warps, pipeline stages, K and H2 steps) settings. Reports the median ms per forward (the
+three stages together), the fused/PyTorch ratio and how far the log-probabilities are from the PyTorch head's.
 
     python benchmarks/keep_head.py --out benchmarks/results
 """

@@ -51,7 +51,8 @@ KeepOverride = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 # the two PyTorch kernels
 FUSED_PREDICTOR_NORM = True
 # at inference on the 'triton' backend, the predictor's head after its first linear (the two linears and GELUs
-# of out_conv, the per-sample global term, the log-softmax) as one kernel (ops.triton_head.keep_head_triton)
+# of out_conv, the per-sample global term, the log-softmax) as one kernel (ops.triton_head.keep_head_triton).
+# On by default: +0.6-0.8 % on DyVM-Vim-S (dyvm_speed.md, same rounds with it off); False restores the PyTorch head
 FUSED_PREDICTOR_HEAD = True
 
 
