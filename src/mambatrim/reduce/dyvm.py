@@ -115,8 +115,9 @@ class TokenPredictor(nn.Module):
 
     def _scores(self, x: Tensor, policy: Tensor, residual: Tensor | None) -> Tensor:
         norm = self.in_conv[0]
-        if (residual is not None and FUSED_PREDICTOR_NORM and not torch.is_grad_enabled()
-                and get_backend(x.device.type) == "triton"):
+        # the fused kernels run at inference where the 'triton' backend does (the switches pick which)
+        fused = not torch.is_grad_enabled() and get_backend(x.device.type) == "triton"
+        if residual is not None and FUSED_PREDICTOR_NORM and fused:
             from ..ops.triton_norm import add_layer_norm_triton  # noqa: PLC0415 (needs triton)
 
             x = self.in_conv[1:](add_layer_norm_triton(x, residual, norm.weight, norm.bias, norm.eps))
@@ -126,7 +127,7 @@ class TokenPredictor(nn.Module):
         half = x.shape[-1] // 2
         local, glob = x[..., :half], x[..., half:]
         first = self.out_conv[0]
-        if FUSED_PREDICTOR_HEAD and not torch.is_grad_enabled() and get_backend(x.device.type) == "triton":
+        if FUSED_PREDICTOR_HEAD and fused:
             from ..ops.triton_head import keep_head_triton  # noqa: PLC0415 (needs triton)
 
             # the alive-weighted mean of the global half as one batched product, then the head in one kernel
