@@ -14,8 +14,8 @@ graphs (every path has static shapes and no host sync; each compared with the de
 FLOPs from the project's counter (paper convention = one direction's SSM terms scaled by the executed-direction
 fraction; and the full count). ``--unfused-prune-steps`` adds, for every DyVM configuration that prunes
 tokens, a CUDA-graph row captured with DyVM's three fused pruning steps off (the Triton row gather,
-``reduce.core.FUSED_ROW_GATHER``, the predictor's add + LayerNorm, ``reduce.dyvm.FUSED_PREDICTOR_NORM``, and its
-MLP head, ``reduce.dyvm.FUSED_PREDICTOR_HEAD``, all on by default); ``--pytorch-keep-head`` one with only the head
+policy ``fused_row_gather``, the predictor's add + LayerNorm, ``fused_predictor_norm``, and its
+MLP head, ``fused_predictor_head``, all on by default); ``--pytorch-keep-head`` one with only the head
 off. Both are timed in the same rounds as the default rows.
 
     python benchmarks/dyvm_speed.py --out benchmarks/results
@@ -37,8 +37,8 @@ from mambatrim.engine.benchmark import interleaved_times_ms, mean_time_ms
 from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
-from mambatrim.ops import get_backend
-from mambatrim.reduce import core, dyvm
+from mambatrim.ops import get_backend, policy
+from mambatrim.reduce import dyvm
 
 UNFUSED = ", unfused prune steps"
 PYTORCH_HEAD = ", PyTorch keep head"
@@ -48,13 +48,9 @@ PYTORCH_HEAD = ", PyTorch keep head"
 def fused_prune_steps(gather_and_norm: bool, head: bool):
     """DyVM's fused pruning steps on or off inside the block: the row gather and the predictor's add + LayerNorm
     (``gather_and_norm``), the predictor's MLP head (``head``)."""
-    saved = core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM, dyvm.FUSED_PREDICTOR_HEAD
-    core.FUSED_ROW_GATHER = dyvm.FUSED_PREDICTOR_NORM = gather_and_norm
-    dyvm.FUSED_PREDICTOR_HEAD = head
-    try:
+    with policy.override(fused_row_gather=gather_and_norm, fused_predictor_norm=gather_and_norm,
+                         fused_predictor_head=head):
         yield
-    finally:
-        core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM, dyvm.FUSED_PREDICTOR_HEAD = saved
 
 
 def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[tuple[int, int]]:
@@ -303,9 +299,7 @@ def train_step_speed(dense: torch.nn.Module, args: argparse.Namespace) -> dict[s
 
 def scan_kernel_settings() -> dict[str, int]:
     """The Triton forward scan's launch settings this run used (channels per program, warps)."""
-    from mambatrim.ops import triton_scan
-
-    return dict(block_d=triton_scan.FWD_BLOCK_D, warps=triton_scan.FWD_WARPS)
+    return dict(block_d=policy.get("scan_fwd_block_d"), warps=policy.get("scan_fwd_warps"))
 
 
 def _kernel_words(k: dict[str, int]) -> str:

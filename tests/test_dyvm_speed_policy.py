@@ -49,10 +49,10 @@ def test_direction_shares_load_from_a_cifar_result_and_stretch_over_the_depth(tm
 
 
 def test_fused_prune_steps_switch_the_steps_and_restore_them() -> None:
-    from mambatrim.reduce import core
+    from mambatrim.ops import policy
 
     def steps() -> tuple[bool, bool, bool]:
-        return core.FUSED_ROW_GATHER, dyvm.FUSED_PREDICTOR_NORM, dyvm.FUSED_PREDICTOR_HEAD
+        return tuple(policy.get(n) for n in ("fused_row_gather", "fused_predictor_norm", "fused_predictor_head"))
 
     assert steps() == (True, True, True)  # the defaults
     with pytest.raises(RuntimeError):

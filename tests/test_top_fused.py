@@ -11,6 +11,7 @@ must not read are NaN.
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(): 
 
 from mambatrim.models.mamba import BiMambaMixer, _conv_at_positions  # noqa: E402
 from mambatrim.models.vim import VisionMamba  # noqa: E402
-from mambatrim.ops import triton_scan, triton_vim, use_backend  # noqa: E402
+from mambatrim.ops import policy, triton_vim, use_backend  # noqa: E402
 from mambatrim.ops.triton_vim import conv_pair_triton  # noqa: E402
 from mambatrim.reduce import MixerContext, top  # noqa: E402
 
@@ -33,12 +34,13 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def small_blocks() -> Iterator[None]:
     """Small token and channel blocks in the interpreter: several blocks per sample, partial last blocks."""
     if DEVICE == "cpu":
-        monkeypatch.setattr(triton_scan, "FWD_BLOCK_D", 16)
-        monkeypatch.setattr(triton_vim, "CONV_BLOCK_L", 4)
-        monkeypatch.setattr(triton_vim, "CONV_BLOCK_E", 16)
+        with policy.override(scan_fwd_block_d=16, conv_block_l=4, conv_block_e=16):
+            yield
+    else:
+        yield
 
 
 @pytest.fixture

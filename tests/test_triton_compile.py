@@ -24,7 +24,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError:
     print(json.dumps({"skip": "this Triton has no compile-only API"})); sys.exit(0)
-from mambatrim.ops import triton_head, triton_norm, triton_rows, triton_scan, triton_vim
+from mambatrim.ops import policy, triton_head, triton_norm, triton_rows, triton_scan, triton_vim
 from mambatrim.reduce import rmeeto_kernels
 
 LOW = {"oh_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
@@ -46,10 +46,10 @@ def build(kernel, constants):
             sig[name] = "fp32" if name in ("scale", "eps") else "i32"
     triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32))
 
-scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=triton_scan.CHUNK)
-bwd = dict(N=16, NP=16, BD=32, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, T=triton_scan.CHUNK,
+scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=policy.get("scan_ckpt_chunk"))
+bwd = dict(N=16, NP=16, BD=32, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, T=policy.get("scan_ckpt_chunk"),
            REVERSE=False)
-conv = dict(K=4, BL=triton_vim.CONV_BLOCK_L, BE=triton_vim.CONV_BLOCK_E, HAS_BIAS=True)
+conv = dict(K=4, BL=policy.get("conv_block_l"), BE=policy.get("conv_block_e"), HAS_BIAS=True)
 cases = {
     "scan fwd, pair, per-sample direction switch": (triton_scan._scan_fwd_kernel, dict(
         scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True)),
@@ -65,7 +65,7 @@ cases = {
     "conv pair, per-sample direction switch": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=True, HAS_MAP=False)),
     "conv pair, position map (aligned pruning)": (triton_vim._conv_pair_kernel, dict(
         conv, HAS_ON=False, HAS_MAP=True)),
-    "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=triton_vim.CONV_BWD_BLOCK_E, HAS_BIAS=True)),
+    "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=policy.get("conv_bwd_block_e"), HAS_BIAS=True)),
     "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(
         RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D, PREC="tf32")),
     "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512, RP=32)),

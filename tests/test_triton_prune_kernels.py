@@ -19,11 +19,11 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(): 
     pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from mambatrim import create_model  # noqa: E402
-from mambatrim.ops import use_backend  # noqa: E402
+from mambatrim.ops import policy, use_backend  # noqa: E402
 from mambatrim.ops.triton_head import BLOCK_C, BLOCK_K, BLOCK_M, keep_head_triton  # noqa: E402
 from mambatrim.ops.triton_norm import add_layer_norm_triton  # noqa: E402
 from mambatrim.ops.triton_rows import BLOCK_D, ROWS_PER_PROGRAM, take_rows_triton  # noqa: E402
-from mambatrim.reduce import core, dyvm  # noqa: E402
+from mambatrim.reduce import dyvm  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -124,26 +124,25 @@ def _count_calls(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
-# (kernel module, function, the module holding the switch, switch, calls in two forwards of two stages, exact)
-STEPS = [("triton_rows", "take_rows_triton", core, "FUSED_ROW_GATHER", 8, True),  # hidden and residual
-         ("triton_norm", "add_layer_norm_triton", dyvm, "FUSED_PREDICTOR_NORM", 4, False),
-         ("triton_head", "keep_head_triton", dyvm, "FUSED_PREDICTOR_HEAD", 4, False)]
+# (kernel module, function, policy setting, calls in two forwards of two stages, exact)
+STEPS = [("triton_rows", "take_rows_triton", "fused_row_gather", 8, True),  # hidden and residual
+         ("triton_norm", "add_layer_norm_triton", "fused_predictor_norm", 4, False),
+         ("triton_head", "keep_head_triton", "fused_predictor_head", 4, False)]
 
 
-@pytest.mark.parametrize("module, function, owner, switch, num_calls, exact", STEPS,
-                         ids=[step[3] for step in STEPS])
-def test_each_fused_step_leaves_the_dyvm_model_unchanged(monkeypatch, module, function, owner, switch,
-                                                          num_calls, exact) -> None:
+@pytest.mark.parametrize("module, function, switch, num_calls, exact", STEPS, ids=[step[2] for step in STEPS])
+def test_each_fused_step_leaves_the_dyvm_model_unchanged(monkeypatch, module, function, switch, num_calls,
+                                                          exact) -> None:
     model, x = _dyvm_with_opinionated_predictors()
     calls = _count_calls(monkeypatch, importlib.import_module(f"mambatrim.ops.{module}"), function)
     with torch.no_grad(), use_backend("torch"):
         ref = model(x)
     with torch.no_grad(), use_backend("triton"):
-        monkeypatch.setattr(owner, switch, False)
-        plain, plain_state = model(x), model.forward_tokens(x)
+        with policy.override(**{switch: False}):
+            plain, plain_state = model(x), model.forward_tokens(x)
         assert not calls
-        monkeypatch.setattr(owner, switch, True)
-        fused, fused_state = model(x), model.forward_tokens(x)
+        with policy.override(**{switch: True}):
+            fused, fused_state = model(x), model.forward_tokens(x)
     assert len(calls) == num_calls
     assert torch.equal(fused_state.positions, plain_state.positions)  # the same tokens kept
     if exact:  # a row copy

@@ -11,6 +11,7 @@ reference's own low-precision intermediate casts).
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 import pytest
 import torch
@@ -28,18 +29,19 @@ from mambatrim.ops.scan_ref import selective_scan_ref  # noqa: E402
 from mambatrim.ops.triton_scan import selective_scan_pair_triton, selective_scan_triton  # noqa: E402
 from mambatrim.ops.triton_vim import conv_pair_triton  # noqa: E402
 
-from mambatrim.ops import triton_scan, triton_vim  # noqa: E402
+from mambatrim.ops import policy, triton_scan, triton_vim  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def small_blocks() -> Iterator[None]:
     """Small channel blocks and chunks: the interpreter runs element by element, and several chunks and
     channel blocks get exercised (the GPU defaults are wider)."""
     if DEVICE == "cpu":
-        monkeypatch.setattr(triton_scan, "FWD_BLOCK_D", 4)
-        monkeypatch.setattr(triton_scan, "BWD_BLOCK_D", 4)
-        monkeypatch.setattr(triton_scan, "CHUNK", 8)
-        monkeypatch.setattr(triton_vim, "CONV_BWD_SEGMENTS", 3)  # several sequence segments per sample
+        # several sequence segments per sample in the conv backward
+        with policy.override(scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=8, conv_bwd_segments=3):
+            yield
+    else:
+        yield
 
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

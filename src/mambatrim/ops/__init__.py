@@ -5,8 +5,8 @@ Backends:
     ``torch``  chunked, pure PyTorch, differentiable: the CPU default.
     ``triton`` fused GPU kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), when triton imports.
 
-The default backend is chosen per call from the input's device; ``set_backend``/``use_backend`` or the
-``MAMBATRIM_SCAN_BACKEND`` environment variable override it.
+The default backend is chosen per call from the input's device; the ``backend`` setting of
+:mod:`mambatrim.ops.policy` (``use_backend`` / ``set_backend`` here, or ``MAMBATRIM_BACKEND``) overrides it.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from . import policy
 from .conv import causal_conv1d
 from .scan_ref import selective_scan_ref
 from .scan_torch import selective_scan_torch
@@ -30,10 +31,10 @@ __all__ = [
     "get_backend",
     "use_backend",
     "BACKENDS",
+    "policy",
 ]
 
 BACKENDS = ("ref", "torch", "triton")
-_override: str | None = None
 
 
 def _triton_importable() -> bool:
@@ -77,17 +78,14 @@ def _check_name(name: str) -> str:
 
 def set_backend(name: str | None) -> None:
     """Force a backend for every later call (``None`` restores automatic choice)."""
-    global _override
-    _override = None if name is None else _check_name(name)
+    policy.set(backend="auto" if name is None else _check_name(name))
 
 
 def get_backend(device_type: str = "cpu") -> str:
     """The backend a call on ``device_type`` would use now."""
-    if _override is not None:
-        return _override
-    env = os.environ.get("MAMBATRIM_SCAN_BACKEND")
-    if env:
-        return _check_name(env)
+    chosen = policy.get("backend")
+    if chosen != "auto":
+        return chosen
     if device_type == "cuda" and available_backends().get("triton") == "ok":
         return "triton"
     return "torch"
@@ -96,13 +94,8 @@ def get_backend(device_type: str = "cpu") -> str:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Temporarily force a backend: ``with use_backend('ref'): model(x)``."""
-    global _override
-    previous = _override
-    set_backend(name)
-    try:
+    with policy.override(backend="auto" if name is None else _check_name(name)):
         yield
-    finally:
-        _override = previous
 
 
 def _validate(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D, z, delta_bias, gap) -> None:

@@ -9,7 +9,8 @@ Design (see docs/gpu.md):
   ``delta + bias``, ``exp2`` discretisation (log2(e) folded into A), C-contraction, D skip and ``silu(z)`` gating
   are fused. ``reverse`` only changes the addresses (no flipped copies). A pair writes both directions into one
   output, ``scale * (y_fwd + y_bwd)``.
-* Training: the forward also stores the state every ``CHUNK`` steps (``L / CHUNK`` states, not L). The backward
+* Training: the forward also stores the state every ``scan_ckpt_chunk`` steps (a policy setting; ``L / chunk``
+  states, not L). The backward
   walks the chunks in reverse scan order; inside a chunk it recomputes the states from the stored one into a
   small per-program scratch, then walks back with the state gradient in registers (an associative-scan
   variant of this backward was 3x slower on an H100 and was dropped).
@@ -24,10 +25,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import policy
+
 __all__ = ["selective_scan_triton", "selective_scan_pair_triton"]
 
 LOG2E = 1.4426950408889634
-CHUNK = 8  # time steps per stored state (forward, training) / backward chunk
 
 
 @triton.jit
@@ -364,12 +366,8 @@ def _bwd_loads(s, j, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, s
 
 # ----------------------------------------------------------------------------------------------- host side
 LAST_FWD = LAST_BWD = None  # the last compiled kernels (resource reports in benchmarks)
-# measured on an H100 (benchmarks/gpu_throughput.py --sweep): one warp per 64 channels forward, one per 32
-# channels backward with 8-step chunks
-FWD_BLOCK_D = 64
-FWD_WARPS = 1
-BWD_BLOCK_D = 32
-BWD_WARPS = 1
+# launch settings: policy's scan_* settings (H100 sweep: one warp per 64 channels forward, one per 32 channels
+# backward with 8-step chunks)
 
 
 def _strides4(t: Tensor) -> tuple[int, int, int, int]:
@@ -400,19 +398,21 @@ class _ScanFn(torch.autograd.Function):
             out = torch.empty(1, bsz, E, L, device=u.device, dtype=u.dtype)
         N = A.shape[-1]
         need_grad = any(ctx.needs_input_grad[:9])
-        n_chunks = triton.cdiv(L, CHUNK)
+        chunk = policy.get("scan_ckpt_chunk")
+        n_chunks = triton.cdiv(L, chunk)
         ckpt = (torch.empty(G, bsz, E, n_chunks, N, device=u.device, dtype=torch.float32) if need_grad
                 else u.new_empty(1, dtype=torch.float32))
-        _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, need_grad)
+        _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, need_grad,
+                    chunk=chunk)
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, bias, gap, ckpt)
-            ctx.flags = (softplus, reverse, pair, scale)
+            ctx.flags = (softplus, reverse, pair, scale, chunk)
         return out[0]
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, bias, gap, ckpt = ctx.saved_tensors
-        softplus, reverse, pair, scale = ctx.flags
+        softplus, reverse, pair, scale, chunk = ctx.flags
         G, bsz, E, L = u.shape
         N = A.shape[-1]
         n_chunks = ckpt.shape[3]
@@ -421,7 +421,7 @@ class _ScanFn(torch.autograd.Function):
         ddl = _alloc_like(delta, G, torch.float32 if has_gap else delta.dtype)
         gs = _alloc_like(delta, G, torch.float32) if has_gap else ddl
         dz = _alloc_like(z, G, z.dtype) if z is not None else du
-        block_d, warps = BWD_BLOCK_D, BWD_WARPS
+        block_d, warps = policy.get("scan_bwd_block_d"), policy.get("scan_bwd_warps")
         n_blocks = triton.cdiv(E, block_d)
         dB = torch.zeros(G, bsz, L, N, device=u.device, dtype=torch.float32)  # atomic sums over channel blocks
         dC = torch.zeros_like(dB)
@@ -433,7 +433,7 @@ class _ScanFn(torch.autograd.Function):
         gp = gap if has_gap else dummy
         grid = (n_blocks, bsz, G)
         np2 = triton.next_power_of_2(N)
-        scratch = torch.empty(G * bsz * n_blocks * CHUNK * np2 * block_d, device=u.device, dtype=torch.float32)
+        scratch = torch.empty(G * bsz * n_blocks * chunk * np2 * block_d, device=u.device, dtype=torch.float32)
         global LAST_BWD
         LAST_BWD = _scan_bwd_seq_kernel[grid](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -445,7 +445,7 @@ class _ScanFn(torch.autograd.Function):
             *_strides4(dout4)[1:],
             *(tuple(gap.stride()) if has_gap else (0, 0, 0)),
             *_strides4(du),
-            PAIR=pair, REVERSE=reverse, N=N, NP=np2, BD=block_d, T=CHUNK, SOFTPLUS=softplus,
+            PAIR=pair, REVERSE=reverse, N=N, NP=np2, BD=block_d, T=chunk, SOFTPLUS=softplus,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_GAP=has_gap,
             num_warps=warps,
         )
@@ -475,23 +475,25 @@ class _ScanFn(torch.autograd.Function):
 
 
 def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, store_ckpt,
-                on=None):
+                on=None, chunk=None):
     G, bsz, E, L = u.shape
     N = A.shape[-1]
     dummy = u
-    grid = (triton.cdiv(E, FWD_BLOCK_D), bsz)
+    block_d = policy.get("scan_fwd_block_d")
+    chunk = chunk or policy.get("scan_ckpt_chunk")
+    grid = (triton.cdiv(E, block_d), bsz)
     global LAST_FWD
     LAST_FWD = _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         bias if bias is not None else dummy, gap if gap is not None else dummy, out, ckpt,
-        on if on is not None else dummy, L, E, triton.cdiv(L, CHUNK), scale,
+        on if on is not None else dummy, L, E, triton.cdiv(L, chunk), scale,
         *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
         *(_strides4(z) if z is not None else (0, 0, 0, 0)),
         *_strides4(out)[1:],
         *(tuple(gap.stride()) if gap is not None else (0, 0, 0)),
-        G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=FWD_BLOCK_D, CHUNK_T=CHUNK,
+        G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
         SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, HAS_ON=on is not None, num_warps=FWD_WARPS,
+        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, HAS_ON=on is not None, num_warps=policy.get("scan_fwd_warps"),
     )
 
 

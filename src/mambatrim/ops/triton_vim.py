@@ -20,13 +20,13 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
+from . import policy
 from .triton_scan import selective_scan_pair_triton
 
 __all__ = ["conv_pair_triton", "bimamba_forward_triton", "class_token_gate_triton"]
 
-CONV_BLOCK_L, CONV_BLOCK_E, CONV_WARPS = 16, 128, 4  # best of an H100 sweep (92 us at Vim-S b128)
-# backward: one warp per (channel block, sequence segment, sample), the sequence cut in CONV_BWD_SEGMENTS
-CONV_BWD_BLOCK_E, CONV_BWD_WARPS, CONV_BWD_SEGMENTS = 64, 1, 4
+# launch settings: policy's conv_* settings (forward: best of an H100 sweep, 92 us at Vim-S b128; backward: one
+# warp per (channel block, sequence segment, sample))
 
 
 @triton.jit
@@ -211,14 +211,16 @@ def _conv_pair_backward(x: Tensor, weight: Tensor, bias: Tensor | None, grad: Te
         raise ValueError(f"conv_pair_triton's backward handles kernels of up to 4 taps, got {K}")
     w4 = torch.nn.functional.pad(weight.float(), (4 - K, 0)).contiguous()
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    seg = triton.cdiv(L, CONV_BWD_SEGMENTS)
+    seg = triton.cdiv(L, policy.get("conv_bwd_segments"))
+    block_e = policy.get("conv_bwd_block_e")
     segments = triton.cdiv(L, seg)
     dx = torch.empty(bsz, L, E, device=x.device, dtype=x.dtype)
     dw = torch.empty(bsz, segments, 2, 5, E, device=x.device, dtype=torch.float32)
-    _conv_pair_bwd_kernel[(triton.cdiv(E, CONV_BWD_BLOCK_E), segments, bsz)](
+    _conv_pair_bwd_kernel[(triton.cdiv(E, block_e), segments, bsz)](
         x, w4, bias.float().contiguous() if bias is not None else w4, grad, dx, dw, L, E, seg,
         x.stride(0), x.stride(1), x.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
-        dx.stride(0), dx.stride(1), BE=CONV_BWD_BLOCK_E, HAS_BIAS=bias is not None, num_warps=CONV_BWD_WARPS,
+        dx.stride(0), dx.stride(1), BE=block_e, HAS_BIAS=bias is not None,
+        num_warps=policy.get("conv_bwd_warps"),
     )
     sums = dw.sum((0, 1))  # (2, 5, E): 4 taps, then the bias
     dweight = sums[:, 4 - K:4].transpose(1, 2).to(weight.dtype)
@@ -240,7 +242,7 @@ def _conv_pair_launch(x: Tensor, weight: Tensor, bias: Tensor | None, on: Tensor
     bsz, L, E = x.shape
     K = weight.shape[-1]
     out = torch.empty(2, bsz, L, E, device=x.device, dtype=x.dtype)
-    BL, BE = CONV_BLOCK_L, CONV_BLOCK_E
+    BL, BE = policy.get("conv_block_l"), policy.get("conv_block_e")
     grid = (triton.cdiv(E, BE), triton.cdiv(L, BL), bsz)
     w = weight.contiguous()
     has_map = positions is not None
@@ -251,7 +253,7 @@ def _conv_pair_launch(x: Tensor, weight: Tensor, bias: Tensor | None, on: Tensor
         positions.stride(0) if has_map else 0, positions.stride(1) if has_map else 0,
         inverse.stride(0) if has_map else 0,
         K=K, BL=BL, BE=BE, HAS_BIAS=bias is not None, HAS_ON=on is not None, HAS_MAP=has_map,
-        num_warps=CONV_WARPS,
+        num_warps=policy.get("conv_warps"),
     )
     return out
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import get_backend
+from ..ops import get_backend, policy
 
 
 @dataclass
@@ -56,16 +56,11 @@ class TokenState:
                        positions=take(self.positions), sizes=take(self.sizes), mask=take(self.mask))
 
 
-# take_rows through the Triton row-copy kernel (ops.triton_rows) where the 'triton' backend runs, without
-# autograd. On by default: faster than advanced indexing in a GPU benchmark (dyvm_speed_fused_steps.md, with
-# DyVM's fused predictor norm); False restores advanced indexing
-FUSED_ROW_GATHER = True
-
-
 def take_rows(t: Tensor, index: Tensor) -> Tensor:
     """``t`` (B, L, ...) rows ``index`` (B, K) -> (B, K, ...). Advanced indexing copies whole rows; a ``gather``
-    with an index expanded over the channels reads one index per element and was several times slower on a GPU."""
-    if (FUSED_ROW_GATHER and t.dim() == 3 and not (t.requires_grad and torch.is_grad_enabled())
+    with an index expanded over the channels reads one index per element and was several times slower on a GPU.
+    Where the 'triton' backend runs without autograd, the Triton row-copy kernel (policy ``fused_row_gather``)."""
+    if (policy.get("fused_row_gather") and t.dim() == 3 and not (t.requires_grad and torch.is_grad_enabled())
             and get_backend(t.device.type) == "triton"):
         from ..ops.triton_rows import take_rows_triton  # noqa: PLC0415 (needs triton)
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
 from ..ops import get_backend
+from ..ops import policy as fast_paths
 from . import MethodSpec, register_method
 from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, others_index, take_rows
 
@@ -45,15 +46,9 @@ from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, others
 # positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
 KeepOverride = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
-# at inference on the 'triton' backend, the predictor's first LayerNorm of ``residual + hidden`` as one kernel
-# (ops.triton_norm.add_layer_norm_triton) instead of an fp32 add and a LayerNorm. On by default: with the fused
-# row gather it raised DyVM-Vim-S from 12119 to 12428 img/s per image (dyvm_speed_fused_steps.md); False restores
-# the two PyTorch kernels
-FUSED_PREDICTOR_NORM = True
-# at inference on the 'triton' backend, the predictor's head after its first linear (the two linears and GELUs
-# of out_conv, the per-sample global term, the log-softmax) as one kernel (ops.triton_head.keep_head_triton).
-# On by default: +0.6-0.8 % on DyVM-Vim-S (dyvm_speed.md, same rounds with it off); False restores the PyTorch head
-FUSED_PREDICTOR_HEAD = True
+# At inference on the 'triton' backend two predictor steps run as one kernel each, behind the policy settings
+# ``fused_predictor_norm`` (add + LayerNorm: with the fused row gather +2.6-3.0 %, dyvm_speed_fused_steps.md) and
+# ``fused_predictor_head`` (the head after its first linear: +0.6-0.8 %, dyvm_speed.md)
 
 
 @contextmanager
@@ -117,7 +112,7 @@ class TokenPredictor(nn.Module):
         norm = self.in_conv[0]
         # the fused kernels run at inference where the 'triton' backend does (the switches pick which)
         fused = not torch.is_grad_enabled() and get_backend(x.device.type) == "triton"
-        if residual is not None and FUSED_PREDICTOR_NORM and fused:
+        if residual is not None and fused and fast_paths.get("fused_predictor_norm"):
             from ..ops.triton_norm import add_layer_norm_triton  # noqa: PLC0415 (needs triton)
 
             x = self.in_conv[1:](add_layer_norm_triton(x, residual, norm.weight, norm.bias, norm.eps))
@@ -127,7 +122,7 @@ class TokenPredictor(nn.Module):
         half = x.shape[-1] // 2
         local, glob = x[..., :half], x[..., half:]
         first = self.out_conv[0]
-        if FUSED_PREDICTOR_HEAD and fused:
+        if fused and fast_paths.get("fused_predictor_head"):
             from ..ops.triton_head import keep_head_triton  # noqa: PLC0415 (needs triton)
 
             # the alive-weighted mean of the global half as one batched product, then the head in one kernel

@@ -20,12 +20,12 @@ it; ``model.set_reducer(None)`` removes it.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..ops import get_backend, policy
 from . import MethodSpec, register_method
 from .core import Reducer, TokenState, take_rows
 
@@ -171,16 +171,6 @@ def _class_slot(positions: Tensor, cls: Tensor, kept: Tensor, seq_of_k: Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------- reducer
-@functools.cache
-def _triton_available() -> bool:
-    """Whether Triton imports (asked once: the answer is needed at every merge event)."""
-    try:
-        import triton  # noqa: F401, PLC0415  (only whether it imports)
-    except ImportError:
-        return False
-    return True
-
-
 class RMeeToReducer(Reducer):
     """Merge ``r`` tokens before every block in ``layers`` (hidden and residual, size-weighted, order kept)."""
 
@@ -212,13 +202,14 @@ class RMeeToReducer(Reducer):
                 f"fused={self.fused}")
 
     def use_fused(self, hidden: Tensor) -> bool:
-        """The Triton merge (:mod:`.rmeeto_kernels`, two launches per event): at inference on a GPU by default
-        (``fused=None``), never with ``fused=False``, wherever Triton runs with ``fused=True``; training always
-        uses the differentiable PyTorch merge."""
+        """The Triton merge (:mod:`.rmeeto_kernels`, two launches per event): by default (``fused=None``) at
+        inference wherever the 'triton' backend runs and the policy's ``fused_merge`` is on; never with
+        ``fused=False``, wherever Triton runs with ``fused=True``; training always uses the differentiable
+        PyTorch merge."""
         if self.fused is False or (torch.is_grad_enabled() and hidden.requires_grad):
             return False
         if self.fused is None:
-            return hidden.is_cuda and _triton_available()
+            return policy.get("fused_merge") and get_backend(hidden.device.type) == "triton"
         return True
 
     def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
