@@ -12,7 +12,7 @@ from mambatrim.ops import causal_conv1d, selective_scan
 from mambatrim.reduce import MixerContext, apply_method
 from mambatrim.reduce import top
 from mambatrim.reduce.baselines import NormPruner, StaticPruner
-from mambatrim.reduce.core import scan_gaps
+from mambatrim.contract import MixerPlan, scan_gaps
 from mambatrim.reduce.top import ProgressivePruner, kept_patches, tokens_per_layer
 
 
@@ -199,7 +199,7 @@ def test_decay_gaps_computed_once_per_pruning_event_equal_per_layer_ones(placeme
         given = model(images)
         reducer.mixer_context = without_gaps
         derived = model(images)
-        reducer.mixer_context = lambda i, state: (lambda c: c if c is None else dataclasses.replace(
+        reducer.mixer_context = lambda i, state: (lambda c: c if c is None or c.gaps is None else dataclasses.replace(
             c, gaps=torch.zeros_like(c.gaps)))(own(i, state))
         zeroed = model(images)
     assert seen and all(g.shape[0] == 2 for g in seen)
@@ -261,7 +261,8 @@ def test_top_scores_are_clipped_ssm_output_of_previous_block() -> None:
         emb = model.embed(images).hidden
         mixer = model.layers[0].mixer
         x, z = mixer.in_proj(model.layers[0].norm(emb.float())).transpose(1, 2).chunk(2, dim=1)
-        y = (mixer._direction(x, z, False, None, None) + mixer._direction(x, z, True, None, None)) / 2
+        plan = MixerPlan.build(None, mixer.orders, *x.shape[::2], x.device)
+        y = (mixer.run_path(0, x, z, plan, None) + mixer.run_path(1, x, z, plan, None)) / 2
         score = y.clamp(min=0).sum(1)  # (B, L)
     score[:, 12] = -float("inf")
     n = kept_patches(26, 0.5)
@@ -329,10 +330,14 @@ def test_deep_copy_records_independently() -> None:
             p.add_(0.05 * torch.randn_like(p))
     images = torch.randn(2, 3, 20, 20)
     want = capture_final_state(twin, images).positions
-    model.reducer.detach()  # the original's hooks gone: the copy must still work on its own
+    assert twin.reducer is not model.reducer
+    capture_final_state(model, images)  # the original records into its own reducer only
     assert torch.equal(capture_final_state(twin, images).positions, want)
-    with pytest.raises(RuntimeError, match="no score hooks"):
+    original = model.reducer.mixer_context
+    model.reducer.mixer_context = lambda i, state: None  # no tap: nothing recorded, a clear error
+    with pytest.raises(RuntimeError, match="no SSM-output score recorded"):
         model(images)
+    model.reducer.mixer_context = original
 
 
 @pytest.mark.parametrize("name,layers,plain,aligned", [("vim_tiny_patch16_224", [10], 1.28, 1.29),

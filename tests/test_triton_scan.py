@@ -189,7 +189,7 @@ def test_class_token_gate_matches_the_linear_selector(width: int, dtype: torch.d
     products with both selector rows over a width longer than one block (1500: two blocks, the last partial) and
     thresholds at 0, as :class:`LinearDirectionGate` does on the gathered rows."""
     from mambatrim.ops.triton_vim import class_token_gate_triton
-    from mambatrim.reduce.core import LinearDirectionGate
+    from mambatrim.contract import LinearDirectionGate
 
     gen = torch.Generator().manual_seed(4)
     bsz, length = 7, 5

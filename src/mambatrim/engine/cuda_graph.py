@@ -159,7 +159,7 @@ def _all_tensors(value: Any) -> bool:
 
 
 def _state_from_tree(tree: dict[str, Any]) -> Any:
-    from ..reduce.core import TokenState
+    from ..contract import TokenState
 
     fields = {k: v for k, v in tree.items() if k != "extras"}
     return TokenState(residual=fields.pop("residual", None), extras=dict(tree["extras"]), **fields)

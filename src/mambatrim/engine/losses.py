@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reduce.core import TokenState
+from ..contract import TokenState, token_mse
 
 
 class StudentForward(nn.Module):
@@ -50,20 +50,6 @@ def check_teacher(student: nn.Module, teacher: nn.Module, token_distill: bool) -
                          f"student {student.embed_dim}")
     if getattr(teacher, "reducer", None) is not None:
         raise ValueError("the teacher must be dense (no reduction method attached)")
-
-
-def token_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
-    """MSE between each remaining student token (class token excluded; masked-out tokens excluded) and the
-    dense teacher's token at the same original position."""
-    hidden = state.hidden.float()
-    bsz, length, dim = hidden.shape
-    target = teacher_state.hidden.float().gather(1, state.positions[..., None].expand(-1, -1, dim))
-    keep = torch.ones(bsz, length, device=hidden.device)
-    keep[torch.arange(bsz, device=hidden.device), state.cls_index] = 0
-    if state.mask is not None:
-        keep = keep * state.mask.float()
-    per_token = (hidden - target).pow(2).mean(-1)
-    return (per_token * keep).sum() / keep.sum().clamp(min=1)
 
 
 def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -1,20 +1,28 @@
-"""Vim's bidirectional "v2" Mamba mixer and RMSNorm, in pure PyTorch with a pluggable scan backend.
+"""The multi-path Mamba mixer (K scan paths, each with its own parameters and :class:`ScanOrder`) and RMSNorm.
 
-Parameter names and shapes follow hustvl/Vim (``mamba-1p1p1`` ``Mamba`` with ``bimamba_type='v2'``) so official
-checkpoints load unchanged: the backward direction has its own ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``,
-``A_b_log`` and ``D_b``; ``in_proj`` and ``out_proj`` are shared.
+Vim's bidirectional "v2" mixer is its two-path case (:class:`BiMambaMixer`). Parameter names and shapes follow
+hustvl/Vim (``mamba-1p1p1`` ``Mamba`` with ``bimamba_type='v2'``) so official checkpoints load unchanged: path 0
+owns ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``; path 1 (the backward direction) ``conv1d_b``,
+``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b``; further paths the suffixes ``_2``, ``_3``, ...; ``in_proj``
+and ``out_proj`` are shared.
+
+A call builds a :class:`~mambatrim.contract.MixerPlan` from its context once, then runs the first executor
+that declares support for that plan: the fused Triton pair (:class:`FusedTritonPair`) or the per-path PyTorch
+executor (:class:`TorchPaths`, which supports every plan).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import causal_conv1d, get_backend, selective_scan
-from ..reduce.core import LinearDirectionGate, MixerContext, scan_gap_pair, scan_gaps
+from ..contract import REVERSED, SEQUENCE, MixerContext, MixerPlan, ScanOrder
+from ..ops import causal_conv1d, get_backend, policy, selective_scan
+
+COMBINES = ("mean", "sum", "concat")
 
 
 class RMSNorm(nn.Module):
@@ -59,45 +67,34 @@ def _conv_at_positions(x: Tensor, weight: Tensor, bias: Tensor, positions: Tenso
     return out.gather(2, index)
 
 
-def _alignment(ctx: MixerContext | None) -> str | None:
-    """The hidden-state alignment the context asks for ('hold' / 'decay'), None without positions."""
-    return ctx.align if ctx is not None and ctx.positions is not None else None
+def _take(t: Tensor, index: Tensor) -> Tensor:
+    """(B, C, L) columns ``index`` (B, L): the tokens in a path's visiting order."""
+    return t.gather(2, index[:, None, :].expand(-1, t.shape[1], -1))
 
 
-def _fused_triton_applies(hidden: Tensor, ctx: MixerContext | None) -> bool:
-    """The fused Triton mixer covers, on the 'triton' backend, the case without token mask or direction gate;
-    with alignment only at inference (its position-mapped conv has no backward: fine-tuning runs the
-    per-direction path)."""
-    if ctx is not None and (ctx.token_mask is not None or ctx.direction_gate is not None):
-        return False
-    if _alignment(ctx) is not None and torch.is_grad_enabled():
-        return False
-    return get_backend(hidden.device.type) == "triton"
+def _put(t: Tensor, index: Tensor) -> Tensor:
+    """Inverse of :func:`_take`: visiting order back to sequence order."""
+    return torch.empty_like(t).scatter_(2, index[:, None, :].expand(-1, t.shape[1], -1), t)
 
 
-def _fused_alignment(ctx: MixerContext | None) -> dict[str, object]:
-    """Keyword arguments of :func:`bimamba_forward_triton` for the context's alignment: the position map
-    (both modes) and, for 'decay', the gaps of both scan directions (direction 0 forward, 1 backward)."""
-    align = _alignment(ctx)
-    if align is None:
-        return {}
-    return dict(positions=ctx.positions, full_length=ctx.full_length, gap=_decay_gaps(ctx))
+def _path_suffix(k: int) -> str:
+    """Parameter-name suffix of path k: Vim's '' and '_b', then '_2', '_3', ..."""
+    return ("", "_b")[k] if k < 2 else f"_{k}"
 
 
-def _decay_gaps(ctx: MixerContext) -> Tensor | None:
-    """(2, B, L) gaps of both scan directions for 'decay' (None otherwise): the context's precomputed ones (a
-    method computes them once per pruning event) or, without them, derived from the positions here."""
-    if ctx.align != "decay":
-        return None
-    return ctx.gaps if ctx.gaps is not None else scan_gap_pair(ctx.positions, ctx.cls_index)
+class MultiPathMixer(nn.Module):
+    """Mamba mixer running K scan paths over one ``in_proj`` output, each path with its own local conv,
+    ``x_proj``, ``dt_proj``, ``A`` and ``D`` and its own :class:`ScanOrder`.
 
-
-class BiMambaMixer(nn.Module):
-    """Bidirectional Mamba mixer (Vim v2): shared in_proj/out_proj, one conv/x_proj/dt_proj/A/D per direction."""
+    ``combine``: 'mean' or 'sum' of the paths' gated outputs (every path sees all channels), or 'concat' (path k
+    owns the k-th of K equal channel slices; GroupMamba's per-group directions).
+    """
 
     def __init__(
         self,
         d_model: int,
+        orders: Sequence[ScanOrder] = (SEQUENCE, REVERSED),
+        combine: str = "mean",
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
@@ -107,120 +104,196 @@ class BiMambaMixer(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
-        divide_out: bool = True,
     ) -> None:
         super().__init__()
+        if combine not in COMBINES:
+            raise ValueError(f"unknown combine {combine!r}; choose one of {', '.join(COMBINES)}")
+        if not orders:
+            raise ValueError("a mixer needs at least one scan order")
+        self.orders, self.combine = tuple(orders), combine
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = int(expand * d_model)
+        if combine == "concat" and self.d_inner % len(self.orders):
+            raise ValueError(f"combine='concat' splits {self.d_inner} channels into {len(self.orders)} equal "
+                             "slices: they must divide evenly")
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        self.divide_out = divide_out
-        E, N = self.d_inner, d_state
+        E, N = self.path_width, d_state
         # own parameters first, then submodules: the official registration order
         A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.D = nn.Parameter(torch.ones(E))
-        self.A_b_log = nn.Parameter(torch.log(A.clone()))
-        self.D_b = nn.Parameter(torch.ones(E))
-        self.in_proj = nn.Linear(d_model, 2 * E, bias=bias)
-        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
-        self.x_proj = nn.Linear(E, self.dt_rank + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
-        self.conv1d_b = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias)
-        self.x_proj_b = nn.Linear(E, self.dt_rank + 2 * N, bias=False)
-        self.dt_proj_b = nn.Linear(self.dt_rank, E, bias=True)
-        self.out_proj = nn.Linear(E, d_model, bias=bias)
+        for k in range(len(self.orders)):
+            s = _path_suffix(k)
+            setattr(self, f"A{s}_log", nn.Parameter(torch.log(A.clone())))
+            setattr(self, f"D{s}", nn.Parameter(torch.ones(E)))
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        for k in range(len(self.orders)):
+            s = _path_suffix(k)
+            setattr(self, f"conv1d{s}", nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=conv_bias))
+            setattr(self, f"x_proj{s}", nn.Linear(E, self.dt_rank + 2 * N, bias=False))
+            setattr(self, f"dt_proj{s}", nn.Linear(self.dt_rank, E, bias=True))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
         self._init_dt(dt_min, dt_max, dt_init_floor)
         self.last_stats: dict[str, object] = {}
 
+    @property
+    def num_paths(self) -> int:
+        return len(self.orders)
+
+    @property
+    def path_width(self) -> int:
+        """Channels each path scans."""
+        return self.d_inner // self.num_paths if self.combine == "concat" else self.d_inner
+
+    def path_params(self, k: int) -> tuple[nn.Conv1d, nn.Linear, nn.Linear, nn.Parameter, nn.Parameter]:
+        """(conv1d, x_proj, dt_proj, A_log, D) of path k."""
+        s = _path_suffix(k)
+        return (getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}"),
+                getattr(self, f"A{s}_log"), getattr(self, f"D{s}"))
+
     @torch.no_grad()
     def _init_dt(self, dt_min: float, dt_max: float, floor: float) -> None:
-        """Forward dt_proj: uniform weight, inverse-softplus bias of dt ~ logU(dt_min, dt_max) (as upstream)."""
+        """Path 0's dt_proj: uniform weight, inverse-softplus bias of dt ~ logU(dt_min, dt_max) (as upstream,
+        which leaves the other paths' dt_proj at nn.Linear's initialisation)."""
+        dt_proj = self.dt_proj
         std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.path_width) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
+        dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias._no_reinit = True  # type: ignore[attr-defined]
 
-    def _direction(self, x: Tensor, z: Tensor, backward: bool, ctx: MixerContext | None,
-                   mask: Tensor | None) -> Tensor:
-        """One scan direction in original token order: conv -> x_proj -> dt_proj -> scan -> D skip -> gate."""
-        conv, x_proj, dt_proj = (self.conv1d_b, self.x_proj_b, self.dt_proj_b) if backward else (
-            self.conv1d, self.x_proj, self.dt_proj)
-        A = -torch.exp((self.A_b_log if backward else self.A_log).float())
-        D = (self.D_b if backward else self.D).float()
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden: Tensor, ctx: MixerContext | None = None) -> Tensor:
+        """hidden (B, L, d_model) -> (B, L, d_model)."""
+        bsz, length, _ = hidden.shape
+        plan = MixerPlan.build(ctx, self.orders, bsz, length, hidden.device)
+        executor = next(e for e in EXECUTORS if e.supports(self, hidden, plan))
+        return executor.run(self, hidden, plan)
+
+    def run_path(self, k: int, x: Tensor, z: Tensor, plan: MixerPlan, mask: Tensor | None) -> Tensor:
+        """Path k in sequence order: (visit order) conv -> x_proj -> dt_proj -> scan -> D skip -> gate by z.
+        x, z (B, E, L) in sequence order (this path's channels); mask (B, 1, L) or None."""
+        path = plan.paths[k]
+        conv, x_proj, dt_proj, A_log, D = self.path_params(k)
+        if path.index is not None:
+            x, z = _take(x, path.index), _take(z, path.index)
+            mask = None if mask is None else _take(mask, path.index)
         if mask is not None:
             x = x * mask
-        align = _alignment(ctx)
-        if align is not None:
-            u = _conv_at_positions(x, conv.weight, conv.bias, ctx.positions, reverse=backward,
-                                   full_length=ctx.full_length)
+        if path.positions is not None:
+            u = _conv_at_positions(x, conv.weight, conv.bias, path.positions, reverse=path.reverse,
+                                   full_length=plan.full_length)
         else:
-            u = causal_conv1d(x, conv.weight, conv.bias, activation="silu", reverse=backward)
+            u = causal_conv1d(x, conv.weight, conv.bias, activation="silu", reverse=path.reverse)
         if mask is not None:
             u = u * mask
         x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        gap = None
-        if align == "decay":  # this direction's gaps only
-            gap = ctx.gaps[int(backward)] if ctx.gaps is not None else scan_gaps(ctx.positions, backward, ctx.cls_index)
-        return selective_scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z,
-                              delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=backward, gap=gap)
+        y = selective_scan(u, delta, -torch.exp(A_log.float()), Bm.transpose(1, 2), Cm.transpose(1, 2), D.float(),
+                           z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=path.reverse,
+                           gap=path.gap)
+        return y if path.index is None else _put(y, path.index)
 
-    def forward(self, hidden: Tensor, ctx: MixerContext | None = None) -> Tensor:
-        """hidden (B, L, d_model) -> (B, L, d_model)."""
-        if _fused_triton_applies(hidden, ctx):
-            from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
+    def combine_paths(self, outs: list[Tensor]) -> Tensor:
+        if self.combine == "concat":
+            return torch.cat(outs, 1)
+        y = outs[0]
+        for out in outs[1:]:
+            y = y + out
+        return y / len(outs) if self.combine == "mean" else y
 
-            # aligned pruning at inference too: the position map inside the conv kernel, gaps in the scan
-            return bimamba_forward_triton(self, hidden, **_fused_alignment(ctx))
-        if (ctx is not None and ctx.skip_gated and ctx.direction_gate is not None and not torch.is_grad_enabled()
-                and _fused_triton_applies(hidden, replace(ctx, direction_gate=None))):
-            from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
+    def project_out(self, y: Tensor, plan: MixerPlan) -> Tensor:
+        """The combined SSM output (B, L, d_inner) -> out_proj, after the context's tap (if any) saw it."""
+        if plan.tap is not None:
+            plan.tap(y)
+        return self.out_proj(y)
 
-            # per-sample direction skipping inside the fused kernels: no host sync, no sub-batches
-            gate, selector = ctx.direction_gate, None
-            if isinstance(gate, LinearDirectionGate):  # gather, product and threshold in one kernel
-                gate, selector = None, (gate.weight, gate.bias)
-            return bimamba_forward_triton(self, hidden, gate, ctx.cls_index, selector=selector,
-                                          **_fused_alignment(ctx))
+
+class TorchPaths:
+    """Executor: every path in PyTorch ops on the selected scan backend. Supports every plan: token masks,
+    soft or skipped gates, alignment, grid orders, training."""
+
+    @staticmethod
+    def supports(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> bool:
+        return True
+
+    @staticmethod
+    def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:
         bsz, length, _ = hidden.shape
-        xz = self.in_proj(hidden)  # (B, L, 2E)
+        xz = mixer.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
-        mask = None
-        if ctx is not None and ctx.token_mask is not None:
-            mask = ctx.token_mask[:, None, :].to(x.dtype)
-        gate = None if ctx is None else ctx.direction_gate
-        if callable(gate):
-            if ctx.cls_index is None:
-                raise ValueError("a direction selector needs MixerContext.cls_index")
-            gate = gate(xz[torch.arange(bsz, device=xz.device), ctx.cls_index])
+        mask = None if plan.mask is None else plan.mask[:, None, :].to(x.dtype)
+        gate = plan.gate
+        if plan.callable_gate:
+            gate = gate(xz[torch.arange(bsz, device=xz.device), plan.cls_index])
+        width = mixer.path_width
         outs = []
-        for d, backward in enumerate((False, True)):
+        for k in range(mixer.num_paths):
+            xk, zk = (x[:, k * width:(k + 1) * width], z[:, k * width:(k + 1) * width]) \
+                if mixer.combine == "concat" else (x, z)
             if gate is None:
-                outs.append(self._direction(x, z, backward, ctx, mask))
-            elif ctx.skip_gated:
-                outs.append(self._selected(x, z, backward, ctx, mask, gate[:, d]))
+                outs.append(mixer.run_path(k, xk, zk, plan, mask))
+            elif plan.skip_gated:
+                outs.append(TorchPaths._selected(mixer, k, xk, zk, plan, mask, gate[:, k]))
             else:
-                outs.append(self._direction(x, z, backward, ctx, mask) * gate[:, d, None, None].to(x.dtype))
-        self.last_stats = {"tokens": length, "gate": None if gate is None else gate.detach()}
-        y = outs[0] + outs[1]
-        if self.divide_out:
-            y = y / 2
-        return self.out_proj(y.transpose(1, 2))
+                outs.append(mixer.run_path(k, xk, zk, plan, mask) * gate[:, k, None, None].to(x.dtype))
+        mixer.last_stats = {"tokens": length, "gate": None if gate is None else gate.detach()}
+        return mixer.project_out(mixer.combine_paths(outs).transpose(1, 2), plan)
 
-    def _selected(self, x: Tensor, z: Tensor, backward: bool, ctx: MixerContext, mask: Tensor | None,
+    @staticmethod
+    def _selected(mixer: MultiPathMixer, k: int, x: Tensor, z: Tensor, plan: MixerPlan, mask: Tensor | None,
                   on: Tensor) -> Tensor:
-        """Run one direction only for the samples with ``on`` set; the others get zeros (no wasted work)."""
+        """Path k only for the samples with ``on`` set; the others get zeros (no wasted work)."""
         idx = torch.nonzero(on > 0.5, as_tuple=True)[0]
         if idx.numel() == x.shape[0]:
-            return self._direction(x, z, backward, ctx, mask)
+            return mixer.run_path(k, x, z, plan, mask)
         out = x.new_zeros(x.shape)
         if idx.numel() == 0:
             return out
-        sub = MixerContext(positions=None if ctx.positions is None else ctx.positions[idx], align=ctx.align,
-                           cls_index=None if ctx.cls_index is None else ctx.cls_index[idx],
-                           full_length=ctx.full_length)
-        y = self._direction(x[idx], z[idx], backward, sub, None if mask is None else mask[idx])
+        y = mixer.run_path(k, x[idx], z[idx], plan.select(idx), None if mask is None else mask[idx])
         return out.index_copy(0, idx, y.to(out.dtype))
+
+
+class FusedTritonPair:
+    """Executor: Vim's two sequence paths as fused Triton kernels (one conv launch, batched projections, one
+    scan launch for both directions), in token-major layout. Declares support for: the 'triton' backend with the
+    policy's ``fused_mixer`` on; the forward + backward sequence pair, averaged or summed; no token mask; gates
+    only skipped at inference (per-sample, inside the kernels); alignment at inference (its position-mapped conv
+    has no backward)."""
+
+    @staticmethod
+    def supports(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> bool:
+        return (plan.sequence_pair and mixer.combine in ("mean", "sum") and plan.mask is None
+                and (plan.gate is None or (plan.skip_gated and not plan.grad))
+                and (plan.align is None or not plan.grad)
+                and policy.get("fused_mixer") and get_backend(hidden.device.type) == "triton")
+
+    @staticmethod
+    def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:
+        from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
+
+        gate, selector = plan.gate, plan.linear_gate
+        if selector is not None:  # the class-token row, product and threshold in one kernel
+            gate = None
+        gap = None
+        if plan.align == "decay":
+            gap = torch.stack([plan.paths[0].gap, plan.paths[1].gap])
+        return bimamba_forward_triton(
+            mixer, hidden, gate, plan.cls_index, selector=selector,
+            positions=plan.paths[0].positions, full_length=plan.full_length, gap=gap, tap=plan.tap)
+
+
+EXECUTORS = (FusedTritonPair, TorchPaths)  # the first that supports a plan runs it
+
+
+class BiMambaMixer(MultiPathMixer):
+    """Vim's bidirectional v2 mixer: the sequence forwards and backwards, ``(y_f + y_b) / 2`` (``divide_out``)
+    or their sum."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 divide_out: bool = True) -> None:
+        super().__init__(d_model, (SEQUENCE, REVERSED), "mean" if divide_out else "sum", d_state=d_state,
+                         d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min, dt_max=dt_max,
+                         dt_init_floor=dt_init_floor, conv_bias=conv_bias, bias=bias)

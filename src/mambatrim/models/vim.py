@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import Tensor, nn
 
-from ..reduce.core import Reducer, TokenState
+from ..contract import Reducer, TokenState
 from .mamba import BiMambaMixer, RMSNorm
 from .pos_embed import resize_pos_embed
 

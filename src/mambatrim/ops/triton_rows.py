@@ -3,8 +3,8 @@
 What token pruning does between blocks (hidden states and the fp32 residual, every kept token). PyTorch's
 advanced indexing runs a generic index kernel that computes an offset per element; this kernel reads one index
 per row and copies the row in wide vectors, so it moves the bytes at about the memory's rate. The default of
-:func:`~mambatrim.reduce.core.take_rows` at inference on the 'triton' backend (``mambatrim.reduce.core.
-FUSED_ROW_GATHER``; measured in ``benchmarks/results/dyvm_speed_fused_steps.md``).
+:func:`~mambatrim.contract.take_rows` at inference on the 'triton' backend (policy
+``fused_row_gather``; measured in ``benchmarks/results/dyvm_speed_fused_steps.md``).
 """
 from __future__ import annotations
 

@@ -312,9 +312,9 @@ def _stack(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 def _direction_params(mixer: nn.Module) -> tuple[Tensor, ...]:
     """Both directions' weights stacked on a leading axis of 2. Without autograd (inference) the stacks are
     cached on the mixer and rebuilt only when a parameter changes (in place or replaced)."""
-    params = (mixer.conv1d.weight, mixer.conv1d_b.weight, mixer.conv1d.bias, mixer.conv1d_b.bias,
-              mixer.x_proj.weight, mixer.x_proj_b.weight, mixer.dt_proj.weight, mixer.dt_proj_b.weight,
-              mixer.A_log, mixer.A_b_log, mixer.D, mixer.D_b, mixer.dt_proj.bias, mixer.dt_proj_b.bias)
+    (conv_f, x_f, dt_f, a_f, d_f), (conv_b, x_b, dt_b, a_b, d_b) = mixer.path_params(0), mixer.path_params(1)
+    params = (conv_f.weight, conv_b.weight, conv_f.bias, conv_b.bias, x_f.weight, x_b.weight, dt_f.weight,
+              dt_b.weight, a_f, a_b, d_f, d_b, dt_f.bias, dt_b.bias)
     grad = torch.is_grad_enabled()
     key = tuple((id(p), p.data_ptr(), _version(p)) if p is not None else None for p in params)
     cached = getattr(mixer, "_triton_stack_cache", None)
@@ -339,14 +339,9 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks (e.g. ToP reads its score through a pre-hook on ``out_proj``)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _linear(module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``module(x)``, with the cached compute-dtype ``weight`` where given and the module has no hooks."""
-    if weight is None or _hooked(module):
+    """``module(x)``, or with the cached compute-dtype ``weight`` where given (inference)."""
+    if weight is None:
         return module(x)
     return F.linear(x.to(weight.dtype), weight, bias)
 
@@ -430,7 +425,7 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
                            direction_gate: Tensor | Callable[[Tensor], Tensor] | None = None,
                            cls_index: Tensor | None = None, *, selector: tuple[Tensor, Tensor | None] | None = None,
                            positions: Tensor | None = None, full_length: int | None = None,
-                           gap: Tensor | None = None) -> Tensor:
+                           gap: Tensor | None = None, tap: Callable[[Tensor], None] | None = None) -> Tensor:
     """Vim v2 mixer forward (no token mask) with fused Triton kernels. hidden (b, L, d_model).
 
     ``direction_gate`` (inference only): (b, 2) 0/1 per sample and direction, or a callable mapping the class
@@ -442,6 +437,8 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     dense sequence of ``full_length`` tokens make the conv see each token's original neighbourhood (see
     :func:`conv_pair_triton`); ``gap`` (2, b, L) float, pruned positions before each token in the forward
     (0) and backward (1) scan order, makes the state decay across them (``align='decay'``; ``None`` holds it).
+
+    ``tap``: called with the combined, gated SSM output (b, L, E) before ``out_proj`` (see ``MixerContext.tap``).
     """
     E, N, R = mixer.d_inner, mixer.d_state, mixer.dt_rank
     bsz, L, _ = hidden.shape
@@ -476,7 +473,9 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     y = selective_scan_pair_triton(
         u2.permute(0, 1, 3, 2), delta.view(2, bsz, L, E).permute(0, 1, 3, 2), A, Bm, Cm, D, z.transpose(1, 2),
         dt_bias, delta_softplus=True,
-        scale=0.5 if mixer.divide_out else 1.0, gap=gap, direction_on=on,
+        scale=0.5 if mixer.combine == "mean" else 1.0, gap=gap, direction_on=on,
     )  # (b, E, L) logical, (b, L, E) memory
     mixer.last_stats = {"tokens": L, "gate": None if direction_gate is None else direction_gate.detach()}
+    if tap is not None:
+        tap(y.transpose(1, 2))
     return _linear(mixer.out_proj, y.transpose(1, 2), w_out, b_out)

@@ -1,4 +1,4 @@
-"""Simple token-pruning baselines sharing ToP's schedule and mechanics (:class:`~.top.ProgressivePruner`).
+"""Simple token-pruning baselines sharing ToP's schedule and mechanics (:class:`~.pruning.ProgressivePruner`).
 
     prune_random  keep a uniformly random subset of patch tokens (a fixed seed per call at eval, for repeatability)
     prune_static  keep an evenly spread, input-independent subset (every k-th token, the same for all images)
@@ -11,13 +11,15 @@ top-k pruning for ViTs does (EViT-style pruning applied to Vim, what ToP's paper
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .core import TokenState
-from .top import DEFAULT_LAYERS, ProgressivePruner
+from ..contract import TokenState
+from .options import method_options
+from .pruning import DEFAULT_LAYERS, ProgressivePruner
 
 
 class RandomPruner(ProgressivePruner):
@@ -69,7 +71,8 @@ class NormPruner(ProgressivePruner):
         return extra + sum(tokens_per_layer[i] * dim for i in self.layers if i < len(tokens_per_layer))
 
 
-def _applier(cls: type[ProgressivePruner]):
+def _applier(cls: type[ProgressivePruner], name: str):
+    @method_options(name, extra=lambda: _extra_options(cls))
     def apply(model: nn.Module, keep: float | Sequence[float] = 0.8, layers: Sequence[int] = DEFAULT_LAYERS,
               align: str | None = None, cls_placement: str = "middle", **options) -> nn.Module:
         return model.set_reducer(cls(layers=layers, keep=keep, align=align, cls_placement=cls_placement,
@@ -78,13 +81,19 @@ def _applier(cls: type[ProgressivePruner]):
     return apply
 
 
-apply_random = _applier(RandomPruner)
-apply_static = _applier(StaticPruner)
-apply_norm = _applier(NormPruner)
+def _extra_options(cls: type[ProgressivePruner]) -> list[str]:
+    """The pruner's constructor options beyond those ``apply`` names."""
+    return [name for name in inspect.signature(cls.__init__).parameters
+            if name not in ("self", "layers", "keep", "align", "cls_placement")]
+
+
+apply_random = _applier(RandomPruner, "prune_random")
+apply_static = _applier(StaticPruner, "prune_static")
+apply_norm = _applier(NormPruner, "prune_norm")
 
 
 def _register() -> None:
-    from . import MethodSpec, register_method
+    from .registry import MethodSpec, register_method
 
     demo = dict(keep=0.7, layers=[1, 2])
     register_method(MethodSpec("prune_random", apply_random, "random token pruning (baseline)", dict(demo),

@@ -1,5 +1,5 @@
 """Dynamic Vision Mamba (DyVM, Wu et al. 2025): learned token pruning with rearrangement + dynamic selection of
-SSM directions ("blocks"), as a :class:`~mambatrim.reduce.core.Reducer`.
+SSM directions ("blocks"), as a :class:`~mambatrim.contract.Reducer`.
 
 Token pruning: before each pruning layer (default 6, 12, 18) a local+global predictor scores the patch tokens
 from the residual stream (hidden + residual, class token excluded). Stage ``s`` keeps ``rho**(s+1)`` of the
@@ -21,14 +21,16 @@ Inference: logit > 0 and a direction runs only for the samples that selected it.
 Usage::
 
     from mambatrim.reduce import dyvm
-    model = dyvm.apply(model, keep_ratio=0.7, block_ratio=0.8)   # fine-tune (model.train())
+    model = dyvm.apply(model, keep=0.7, block_ratio=0.8)         # fine-tune (model.train())
     dyvm.deploy(model)                                            # inference: tokens dropped, directions skipped
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,11 +38,13 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from ..contract import LinearDirectionGate, MixerContext, Reducer, TokenState, take_rows, token_mse
 from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
 from ..ops import get_backend
 from ..ops import policy as fast_paths
-from . import MethodSpec, register_method
-from .core import LinearDirectionGate, MixerContext, Reducer, TokenState, others_index, take_rows
+from .core import others_index
+from .options import check_fraction, method_options
+from .registry import MethodSpec, register_method
 
 # keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
 # positions are the scored tokens' original sequence indices (fixed decisions in tests, random/static ablations)
@@ -71,7 +75,7 @@ def _matmul_tf32(enabled: bool) -> Iterator[None]:
 class BlockSelector(nn.Linear):
     """Per-layer scan-direction selector: the class token's ``in_proj`` output (B, 2E) -> (B, 2) fp32 logits
     (forward, backward). A plain Linear (the released parameter names); at inference DyVM hands its weights to
-    the mixer as a :class:`~mambatrim.reduce.core.LinearDirectionGate` instead of calling it."""
+    the mixer as a :class:`~mambatrim.contract.LinearDirectionGate` instead of calling it."""
 
     def forward(self, cls_xz: Tensor) -> Tensor:
         return super().forward(cls_xz.to(self.weight.dtype)).float()
@@ -160,63 +164,85 @@ def _insert_cls_index(others: Tensor, cls_slot: Tensor, cls_at: Tensor) -> Tenso
     return torch.where(j == cls_at[:, None], cls_slot[:, None].expand(-1, k + 1), out)
 
 
+@dataclass(frozen=True)
+class DyVMConfig:
+    """DyVM's options, validated on construction (defaults: the paper's Vim-S recipe).
+
+    keep:           rho: stage s keeps rho**(s+1) of the patch tokens (alias keep_ratio; ``None``: no token
+                    pruning); ``token_ratios`` gives every stage's share instead.
+    block_ratio:    target fraction of executed scan directions (``None``: no block selection).
+    layers:         blocks to prune before (alias pruning_layers; default a quarter, half and three quarters of
+                    the depth: 6, 12, 18 of 24).
+    coverage_prior: > 0 (our extension): the keep logit of each alive token gets +b if it lies on an evenly
+                    spread grid of the stage's share of the alive tokens (in sequence order), -b otherwise, so the
+                    predictor starts from static evenly-spread pruning and learns deviations; 0 = the paper's.
+    rearrange:      False masks pruned tokens in place during training (DynamicViT style): an ablation, inexact
+                    for SSMs.
+    predictor_init_keep: start each stage keeping its target share of the alive tokens (rho of them), not half:
+                    with zero-bias predictors (the released code) the first Gumbel decisions keep ~50 % per stage
+                    (50/25/12 % cumulatively instead of 70/49/34 %), far from what top-k keeps at inference.
+    The loss weights, temperatures, selector bias and predictor precision are the paper's knobs.
+    """
+
+    keep: float | None = 0.7
+    block_ratio: float | None = 0.8
+    layers: Sequence[int] | None = None
+    token_ratios: Sequence[float] | None = None
+    token_loss_weight: float = 10.0
+    block_loss_weight: float = 10.0
+    distill_weight: float = 0.5
+    token_tau: float = 1.0
+    block_tau: float = 2.0
+    block_threshold: float = 0.5
+    selector_init_bias: float = 5.0
+    rearrange: bool = True
+    predictor_init_keep: bool = True
+    coverage_prior: float = 0.0
+    predictor_precision: str = "tf32"
+
+    def __post_init__(self) -> None:
+        if self.keep is not None:
+            check_fraction("dyvm", "keep (keep_ratio, rho)", self.keep)
+        if self.block_ratio is not None:
+            check_fraction("dyvm", "block_ratio", self.block_ratio, allow_zero=True)
+        if self.token_tau <= 0 or self.block_tau <= 0:
+            raise ValueError(f"dyvm: temperatures must be > 0, got token_tau={self.token_tau}, "
+                             f"block_tau={self.block_tau}")
+        if self.predictor_precision not in ("tf32", "fp32"):
+            raise ValueError(f"dyvm: predictor_precision must be 'tf32' or 'fp32', got {self.predictor_precision!r}")
+        if self.coverage_prior < 0:
+            raise ValueError(f"dyvm: coverage_prior must be >= 0, got {self.coverage_prior}")
+
+    def stages(self, depth: int) -> tuple[list[int], list[float]]:
+        """(pruning layers, cumulative token ratio per stage) for a model of ``depth`` blocks."""
+        if self.keep is None and self.token_ratios is None:
+            return [], []
+        layers = list(self.layers) if self.layers is not None else default_pruning_layers(depth)
+        if self.token_ratios is not None:
+            ratios = [float(r) for r in self.token_ratios]
+        else:
+            ratios = [float(self.keep) ** (s + 1) for s in range(len(layers))]  # type: ignore[arg-type]
+        _check_stages(layers, ratios, depth)
+        return layers, ratios
+
+
 class DyVMReducer(Reducer):
     """DyVM token pruning + block selection. Parameters: ``predictors`` (one per stage) and ``selectors`` (one
     ``Linear(2*d_inner, 2)`` per layer, or ``None`` when block selection is off)."""
 
-    def __init__(
-        self,
-        embed_dim: int,
-        d_inner: int,
-        depth: int,
-        keep_ratio: float | None = 0.7,
-        block_ratio: float | None = 0.8,
-        pruning_layers: Sequence[int] | None = None,
-        token_ratios: Sequence[float] | None = None,
-        token_loss_weight: float = 10.0,
-        block_loss_weight: float = 10.0,
-        distill_weight: float = 0.5,
-        token_tau: float = 1.0,
-        block_tau: float = 2.0,
-        block_threshold: float = 0.5,
-        selector_init_bias: float = 5.0,
-        rearrange: bool = True,
-        predictor_init_keep: bool = True,
-        coverage_prior: float = 0.0,
-        predictor_precision: str = "tf32",
-    ) -> None:
+    def __init__(self, embed_dim: int, d_inner: int, depth: int, config: DyVMConfig | None = None) -> None:
         super().__init__()
-        self.depth = depth
-        if keep_ratio is None and token_ratios is None:
-            layers: list[int] = []
-            ratios: list[float] = []
-        else:
-            layers = list(pruning_layers) if pruning_layers is not None else default_pruning_layers(depth)
-            if token_ratios is not None:
-                ratios = [float(r) for r in token_ratios]
-            else:
-                if not 0.0 < float(keep_ratio) <= 1.0:  # type: ignore[arg-type]
-                    raise ValueError(f"dyvm: keep_ratio must be in (0, 1], got {keep_ratio}")
-                ratios = [float(keep_ratio) ** (s + 1) for s in range(len(layers))]  # type: ignore[operator]
-        _check_stages(layers, ratios, depth)
-        if block_ratio is not None and not 0.0 <= float(block_ratio) <= 1.0:
-            raise ValueError(f"dyvm: block_ratio must be in [0, 1], got {block_ratio}")
-        if token_tau <= 0 or block_tau <= 0:
-            raise ValueError(f"dyvm: temperatures must be > 0, got token_tau={token_tau}, block_tau={block_tau}")
+        config = config or DyVMConfig()
+        self.config, self.depth = config, depth
+        layers, ratios = config.stages(depth)
         self.pruning_layers, self.token_ratios = layers, ratios
-        self.keep_ratio = keep_ratio
-        self.block_ratio = None if block_ratio is None else float(block_ratio)
-        self.token_loss_weight, self.block_loss_weight = float(token_loss_weight), float(block_loss_weight)
-        self.distill_weight = float(distill_weight)
-        self.token_tau, self.block_tau, self.block_threshold = float(token_tau), float(block_tau), block_threshold
-        if predictor_precision not in ("tf32", "fp32"):
-            raise ValueError(f"dyvm: predictor_precision must be 'tf32' or 'fp32', got {predictor_precision!r}")
-        self.predictors = nn.ModuleList(TokenPredictor(embed_dim, predictor_precision) for _ in layers)
-        if predictor_init_keep:
-            # Start each stage keeping its target share of the tokens still alive (rho of them), not half:
-            # with zero-bias predictors (the released code) the Gumbel decisions keep ~50% per stage at first,
-            # i.e. 50/25/12% cumulatively instead of 70/49/34%, far from what top-k keeps at inference, and a
-            # short fine-tune never recovers from that shift. ``predictor_init_keep=False`` restores it.
+        self.block_ratio = None if config.block_ratio is None else float(config.block_ratio)
+        self.token_loss_weight, self.block_loss_weight = float(config.token_loss_weight), float(config.block_loss_weight)
+        self.distill_weight = float(config.distill_weight)
+        self.token_tau, self.block_tau = float(config.token_tau), float(config.block_tau)
+        self.block_threshold = config.block_threshold
+        self.predictors = nn.ModuleList(TokenPredictor(embed_dim, config.predictor_precision) for _ in layers)
+        if config.predictor_init_keep:
             with torch.no_grad():
                 previous = 1.0
                 for predictor, ratio in zip(self.predictors, ratios):
@@ -229,15 +255,9 @@ class DyVMReducer(Reducer):
             with torch.no_grad():
                 for sel in self.selectors:
                     sel.weight.zero_()
-                    sel.bias.fill_(selector_init_bias)
-        if coverage_prior < 0:
-            raise ValueError(f"dyvm: coverage_prior must be >= 0, got {coverage_prior}")
-        # > 0 (our extension): the keep logit of each alive token gets +b if it lies on an evenly spread grid of
-        # the stage's share of the alive tokens (in sequence order), -b otherwise, so the predictor starts from
-        # static evenly-spread pruning and learns deviations from it; 0 = the paper's predictor alone
-        self.coverage_prior = float(coverage_prior)
-        # False: training masks pruned tokens in place (DynamicViT style) -- an ablation; inexact for SSMs
-        self.rearrange = bool(rearrange)
+                    sel.bias.fill_(config.selector_init_bias)
+        self.coverage_prior = float(config.coverage_prior)
+        self.rearrange = bool(config.rearrange)
         self.keep_override: KeepOverride | None = None
 
     # ------------------------------------------------------------------ forward hooks
@@ -395,9 +415,7 @@ def coverage_grid(alive: Tensor, share: float) -> Tensor:
 def token_distill_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
     """MSE of the student's surviving patch tokens against the dense teacher's tokens at the same original
     positions (both after the final norm); the class token and pruned (masked) tokens are excluded. The
-    engine's token MSE, after checking that the teacher is dense."""
-    from ..engine.losses import token_mse  # noqa: PLC0415 (the one implementation; engine imports models)
-
+    contract's token MSE (the engine's too), after checking that the teacher is dense."""
     dense = state.extras.get("dyvm_num_patches", teacher_state.hidden.shape[1] - 1) + 1
     if teacher_state.hidden.shape[1] != dense or teacher_state.mask is not None:
         raise ValueError(f"dyvm: the distillation teacher must be the dense model ({dense} tokens, no mask); "
@@ -414,28 +432,33 @@ def _check_stages(layers: list[int], ratios: list[float], depth: int) -> None:
     if len(layers) != len(ratios):
         raise ValueError(f"dyvm: {len(layers)} pruning layers but {len(ratios)} token ratios")
     if any(not 1 <= l < depth for l in layers) or layers != sorted(set(layers)):
-        raise ValueError(f"dyvm: pruning_layers must be increasing and in 1..{depth - 1}, got {layers}")
+        raise ValueError(f"dyvm: layers (pruning_layers) must be increasing and in 1..{depth - 1}, got {layers}")
     if any(not 0.0 < r <= 1.0 for r in ratios) or ratios != sorted(ratios, reverse=True):
         raise ValueError(f"dyvm: token ratios must be in (0, 1] and non-increasing, got {ratios}")
 
 
 # ---------------------------------------------------------------------- public API
-def apply(model: nn.Module, keep_ratio: float | None = 0.7, block_ratio: float | None = 0.8,
-          pruning_layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
+def _config_options() -> list[str]:
+    return [f.name for f in dataclasses.fields(DyVMConfig) if f.name not in ("keep", "block_ratio", "layers")]
+
+
+@method_options("dyvm", aliases={"keep_ratio": "keep", "rho": "keep", "pruning_layers": "layers"},
+                extra=_config_options)
+def apply(model: nn.Module, keep: float | None = 0.7, block_ratio: float | None = 0.8,
+          layers: Sequence[int] | None = None, **options: Any) -> nn.Module:
     """Attach DyVM to a Vim model; returns it ready to fine-tune (train mode decides by Gumbel sampling).
 
-    ``keep_ratio`` rho: stage s keeps rho**(s+1) of the patch tokens (``None``: no token pruning);
-    ``block_ratio``: target fraction of executed scan directions (``None``: no block selection);
-    ``pruning_layers``: layers to prune before (default 6, 12, 18 for depth 24). Other options: see
-    :class:`DyVMReducer` (token_ratios, token_loss_weight, block_loss_weight, distill_weight, token_tau,
-    block_tau, selector_init_bias, coverage_prior, predictor_precision).
+    ``keep`` rho (alias ``keep_ratio``): stage s keeps rho**(s+1) of the patch tokens (``None``: no token
+    pruning); ``block_ratio``: target fraction of executed scan directions (``None``: no block selection);
+    ``layers`` (alias ``pruning_layers``): layers to prune before (default 6, 12, 18 for depth 24). Other
+    options: :class:`DyVMConfig`.
     """
     for attr in ("embed_dim", "d_inner", "depth", "set_reducer"):
         if not hasattr(model, attr):
             raise TypeError(f"dyvm.apply needs a VisionMamba model, got {type(model).__name__}")
     ref = next(model.parameters())
-    reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, keep_ratio=keep_ratio,  # type: ignore[arg-type]
-                          block_ratio=block_ratio, pruning_layers=pruning_layers, **options)
+    config = DyVMConfig(keep=keep, block_ratio=block_ratio, layers=layers, **options)
+    reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, config)  # type: ignore[arg-type]
     model.set_reducer(reducer.to(device=ref.device))  # type: ignore[operator]
     return model
 

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import get_backend, policy
-from . import MethodSpec, register_method
-from .core import Reducer, TokenState, take_rows
+from .options import check_fraction, method_options
+from .registry import MethodSpec, register_method
+from ..contract import Reducer, TokenState, take_rows
 
 CLS_POSITIONS = ("official", "middle", "boundary")
 DEFAULT_RATIO = 0.31  # the paper's Vim-S / Vim-B setting (r = 11)
@@ -233,38 +234,52 @@ class RMeeToReducer(Reducer):
         return total
 
 
-def apply(model: nn.Module, ratio: float | None = None, r: int | None = None, layers: Sequence[int] | None = None,
-          interval: int = 2, cls_position: str = "official", compile: bool = False,
-          fused: bool | None = None) -> nn.Module:
+@method_options("rmeeto")
+def apply(model: nn.Module, keep: float | None = None, ratio: float | None = None, r: int | None = None,
+          layers: Sequence[int] | None = None, interval: int = 2, cls_position: str = "official",
+          compile: bool = False, fused: bool | None = None) -> nn.Module:
     """Attach R-MeeTo to a Vim ``model`` (in place) and return it; ``model.set_reducer(None)`` undoes it.
 
-    Give either ``ratio`` (reduction ratio, mapped to the nearest r for the model's token count and depth) or
-    ``r`` (tokens merged per event); neither means the paper's ratio 0.31. ``layers`` defaults to every
-    ``interval``-th block from ``interval`` on. ``compile=True`` runs the merge through ``torch.compile``
-    (fused index arithmetic; worth it on a GPU, where the merge is otherwise dozens of tiny kernels).
-    ``fused``: the Triton merge at inference (two launches per event); ``None`` = on a GPU.
+    Give one of ``keep`` (fraction of the dense token-layers kept), ``ratio`` (the paper's reduction ratio,
+    ``1 - keep``; both mapped to the nearest r for the model's token count and depth) or ``r`` (tokens merged
+    per event); none means the paper's ratio 0.31. ``layers`` defaults to every ``interval``-th block from
+    ``interval`` on. ``compile=True`` runs the merge through ``torch.compile`` (fused index arithmetic; worth it
+    on a GPU, where the merge is otherwise dozens of tiny kernels). ``fused``: the Triton merge at inference
+    (two launches per event); ``None`` = where the 'triton' backend runs (policy ``fused_merge``).
     """
     if not hasattr(model, "set_reducer") or not hasattr(model, "depth"):
         raise TypeError(f"R-MeeTo needs a mambatrim VisionMamba model, got {type(model).__name__}")
-    if ratio is not None and r is not None:
-        raise ValueError("give only one of ratio= (reduction ratio, e.g. 0.31) or r= (tokens merged per event)")
-    if ratio is None and r is None:
+    given = [name for name, value in (("keep", keep), ("ratio", ratio), ("r", r)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"rmeeto: give only one of keep= (fraction kept), ratio= (reduction ratio, e.g. 0.31) "
+                         f"or r= (tokens merged per event), got {' and '.join(given)}")
+    if keep is not None:
+        ratio = 1.0 - check_fraction("rmeeto", "keep", keep)
+    elif ratio is not None:
+        ratio = check_fraction("rmeeto", "ratio (the reduction ratio, 1 - keep)", ratio, allow_zero=True,
+                               allow_one=False)
+    elif r is None:
         ratio = DEFAULT_RATIO
+    if cls_position not in CLS_POSITIONS:
+        raise ValueError(f"rmeeto: unknown cls_position {cls_position!r}; choose one of {', '.join(CLS_POSITIONS)}")
     depth = int(model.depth)
     layers = merge_layers(depth, interval) if layers is None else tuple(layers)
     out_of_range = [layer for layer in layers if not 0 <= layer < depth]
     if out_of_range:
-        raise ValueError(f"merge layers {out_of_range} are outside the model's blocks 0..{depth - 1}")
+        raise ValueError(f"rmeeto: merge layers {out_of_range} are outside the model's blocks 0..{depth - 1}")
+    num_tokens = model.patch_embed.num_patches + 1
     if r is None:
-        num_tokens = model.patch_embed.num_patches + 1
         r = r_for_ratio(float(ratio), num_tokens, depth, layers)
-    return model.set_reducer(RMeeToReducer(r, layers, cls_position, compile, fused))
+    elif isinstance(r, bool) or int(r) != r or not 0 <= r <= (num_tokens - 1) // 2:
+        raise ValueError(f"rmeeto: r (tokens merged per event) must be an integer in 0..{(num_tokens - 1) // 2} "
+                         f"for {num_tokens} tokens (one event merges at most half of the patch tokens), got {r!r}")
+    return model.set_reducer(RMeeToReducer(int(r), layers, cls_position, compile, fused))
 
 
 register_method(MethodSpec(
     name="rmeeto",
     apply=apply,
-    description="R-MeeTo: order-preserving bipartite token merging every 2nd block (ratio= or r=)",
+    description="R-MeeTo: order-preserving bipartite token merging every 2nd block (keep=, ratio= or r=)",
     demo_options={"r": 3, "layers": [1, 2, 3]},
     trainable=True,
 ))

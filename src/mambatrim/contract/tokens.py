@@ -1,0 +1,83 @@
+"""Tokens flowing between blocks: the state every backbone hands to its reducer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..ops import get_backend, policy
+
+
+@dataclass
+class TokenState:
+    """Tokens flowing between blocks.
+
+    hidden:    (B, L, D) the previous mixer's output (the embeddings before block 0).
+    residual:  (B, L, D) fp32 residual stream, ``None`` before block 0.
+    positions: (B, L) long, each token's index in the dense sequence (the class token included).
+    cls_index: (B,) long, where the class token sits now (per sample: may differ in training-time pruning).
+    sizes:     (B, L) float, how many original tokens each token stands for (merging); ``None`` = all ones.
+    mask:      (B, L) float 0/1 keep mask for training-time (full-length, masked) pruning; ``None`` = all kept.
+    grid:      the dense token layout the positions index into, e.g. (H, W) of a patch grid, for mixers whose
+               scan orders walk the grid (the class token, if any, is not part of it); ``None`` = a plain
+               sequence.
+    extras:    method-owned scratch (decisions for losses, statistics).
+    """
+
+    hidden: Tensor
+    residual: Tensor | None
+    positions: Tensor
+    cls_index: Tensor
+    sizes: Tensor | None = None
+    mask: Tensor | None = None
+    grid: tuple[int, ...] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    def replace(self, **changes: Any) -> "TokenState":
+        return replace(self, **changes)
+
+    def gather(self, index: Tensor) -> "TokenState":
+        """Keep tokens ``index`` (B, K) of every per-token field; the caller sets ``cls_index``."""
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else take_rows(t, index)
+
+        return replace(self, hidden=take(self.hidden), residual=take(self.residual),
+                       positions=take(self.positions), sizes=take(self.sizes), mask=take(self.mask))
+
+
+def take_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t`` (B, L, ...) rows ``index`` (B, K) -> (B, K, ...). Advanced indexing copies whole rows; a ``gather``
+    with an index expanded over the channels reads one index per element and was several times slower on a GPU.
+    Where the 'triton' backend runs without autograd, the Triton row-copy kernel (policy ``fused_row_gather``)."""
+    if (policy.get("fused_row_gather") and t.dim() == 3 and not (t.requires_grad and torch.is_grad_enabled())
+            and get_backend(t.device.type) == "triton"):
+        from ..ops.triton_rows import take_rows_triton  # noqa: PLC0415 (needs triton)
+
+        return take_rows_triton(t, index)
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], index]
+
+
+def batch_arange(batch: int, length: int, device: torch.device) -> Tensor:
+    """(B, L) tensor of 0..L-1 per row."""
+    return torch.arange(length, device=device).expand(batch, length)
+
+
+def token_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
+    """MSE between each remaining student token (class token excluded; masked-out tokens excluded) and the
+    dense teacher's token at the same original position."""
+    hidden = state.hidden.float()
+    bsz, length, dim = hidden.shape
+    target = teacher_state.hidden.float().gather(1, state.positions[..., None].expand(-1, -1, dim))
+    keep = torch.ones(bsz, length, device=hidden.device)
+    keep[torch.arange(bsz, device=hidden.device), state.cls_index] = 0
+    if state.mask is not None:
+        keep = keep * state.mask.float()
+    per_token = (hidden - target).pow(2).mean(-1)
+    return (per_token * keep).sum() / keep.sum().clamp(min=1)
