@@ -268,7 +268,8 @@ def test_pruner_context_carries_the_dense_length() -> None:
     model = top.apply(tiny_vim(), keep=0.6, layers=[1, 3], align="hold")
     reducer = model.reducer
     state = reducer.begin(model.embed(torch.randn(2, 3, 20, 20, device=DEVICE)))
-    assert reducer.mixer_context(0, state) is None  # before the first pruning: dense, no context
+    dense = reducer.mixer_context(0, state)  # before the first pruning: only the score's tap
+    assert dense.positions is None and dense.align is None and dense.tap is not None
     ctx = reducer.mixer_context(1, state)
     assert ctx.full_length == 26 and ctx.align == "hold"
     reducer.finish(state)
