@@ -30,7 +30,10 @@ import torch
 RESOLUTIONS = (224, 384, 512, 768, 1024, 1248)
 MODELS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24),
           "deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224"}
-TRAIN_MAX_TOKENS = 2 ** 20 // 2  # training steps only up to batch x tokens of this (time budget)
+TRAIN_MAX_TOKENS = 64 * 1025  # training steps only up to batch x tokens of this (time budget)
+# the target table's configurations first, so that a time budget drops the others
+ORDER = [(224, 128), (1024, 8), (768, 8), (512, 8), (384, 8), (224, 8), (1248, 8), (224, 64), (384, 64),
+         (512, 64), (768, 64), (1024, 64), (1248, 64)]
 
 
 def log(*a: Any) -> None:
@@ -107,12 +110,12 @@ def section_check(out: dict) -> None:
 
 SCAN_SHAPES = [(128, 768, 197), (8, 768, 197), (8, 768, 4097), (64, 768, 4097), (64, 768, 1025), (8, 768, 1025),
                (8, 768, 2305), (64, 768, 577)]
-SCAN_VARIANTS = {"single": dict(scan_seq_split="off"),
-                 **{f"auto p{p} c{c}": dict(scan_seq_split="auto", scan_seq_programs=p, scan_seq_chunk=c)
+SCAN_VARIANTS = {"single": dict(scan_seq_split="off"), "auto (defaults)": {},
+                 **{f"auto p{p} c{c}": dict(scan_seq_programs=p, scan_bwd_seq_programs=p, scan_seq_chunk=c)
                     for p in (8, 16, 32) for c in (32, 64, 128)}}
 
 
-def section_scan(out: dict, train: bool) -> None:
+def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
     from mambatrim.ops import policy
     from mambatrim.ops.triton_scan import selective_scan_pair_triton, seq_chunk
 
@@ -129,11 +132,13 @@ def section_scan(out: dict, train: bool) -> None:
 
         seen = {}
         for name, settings in SCAN_VARIANTS.items():
+            if variants and name not in variants:
+                continue
             with policy.override(**settings):
                 sms = torch.cuda.get_device_properties(0).multi_processor_count
                 chunk = seq_chunk(length, bsz * -(-dim // policy.get("scan_fwd_block_d")), sms)
                 bwd_chunk = seq_chunk(length, 2 * bsz * -(-dim // policy.get("scan_bwd_block_d")), sms,
-                                      multiple=policy.get("scan_ckpt_chunk"))
+                                      multiple=policy.get("scan_ckpt_chunk"), backward=True)
                 if (chunk, bwd_chunk) in seen:  # same launches as an earlier variant
                     rows.append(dict(seen[chunk, bwd_chunk], variant=name))
                     continue
@@ -167,8 +172,7 @@ def section_models(out: dict, budget_s: float, train: bool) -> None:
 
     rows = out.setdefault("models", [])
     start = time.time()
-    configs = [(img, bsz) for img in RESOLUTIONS for bsz in ((8, 64, 128) if img == 224 else (8, 64))]
-    for img, bsz in configs:
+    for img, bsz in ORDER:
         tokens = (img // 16) ** 2 + 1
         for name in MODELS:
             for mode in ("infer", "train") if train else ("infer",):
@@ -176,7 +180,7 @@ def section_models(out: dict, budget_s: float, train: bool) -> None:
                 if time.time() - start > budget_s:
                     row["skipped"] = "time budget"
                 elif mode == "train" and bsz * tokens > TRAIN_MAX_TOKENS:
-                    row["skipped"] = "time budget (training only up to batch x tokens = 524k)"
+                    row["skipped"] = "time budget (training only up to batch x tokens = 65,600)"
                 else:
                     try:
                         model = build(name, img).cuda()
@@ -217,7 +221,7 @@ def write_markdown(out: dict, path: Path) -> None:
                   "| res (tokens) | batch | mode | model | img/s | tokens/s | peak MiB | Vim / DeiT (same size) |",
                   "|---|---|---|---|---|---|---|---|"]
         index = {(r["model"], r["img"], r["batch"], r["mode"]): r for r in out["models"]}
-        for r in out["models"]:
+        for r in sorted(out["models"], key=lambda r: (r["img"], r["batch"], r["mode"], r["model"])):
             if "skipped" in r:
                 lines.append(f"| {r['img']} ({r['tokens']}) | {r['batch']} | {r['mode']} | {r['model']} | "
                              f"skipped: {r['skipped']} | | | |")
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="resolution_sweep")
     ap.add_argument("--budget-s", type=float, default=360.0, help="time budget of the models section")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--scan-variants", help="comma-separated names of SCAN_VARIANTS (default: all)")
     ap.add_argument("--plot", help="only draw the PNG from this JSON")
     args = ap.parse_args(argv)
     if args.plot:
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if "check" in sections:
         section_check(out)
     if "scan" in sections:
-        section_scan(out, train=not args.no_train)
+        section_scan(out, not args.no_train, args.scan_variants.split(",") if args.scan_variants else None)
     if "models" in sections:
         section_models(out, args.budget_s, train=not args.no_train)
     (out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))

@@ -112,15 +112,20 @@ def test_split_with_per_sample_direction_switch() -> None:
 
 
 def test_chunk_choice_splits_long_sequences_at_small_batch_only() -> None:
-    """'auto': a single pass of Vim-S at 1024 px, batch 8 (8 samples x 12 channel blocks = 96 programs on 132
-    multiprocessors) is split into chunks enough to reach the program target; batch 128 at 224 px (1,536
-    programs, over the target of 8 per multiprocessor) keeps one pass; 'off' and 'on' do as told; a multiple rounds the chunk up."""
-    with policy.override(scan_seq_split="auto", scan_seq_programs=8, scan_seq_chunk=64):
+    """'auto', with a split below 4 programs per multiprocessor and 16 (backward 32) per multiprocessor when
+    split: a single pass of Vim-S at 1024 px, batch 8 (8 samples x 12 channel blocks = 96 programs on 132
+    multiprocessors) is split into chunks enough to reach the target; batch 64 (768 programs) and batch 128 at
+    224 px (1,536) keep one pass; the backward splits finer; 'off' and 'on' do as told; a multiple rounds the
+    chunk up."""
+    with policy.override(scan_seq_split="auto", scan_seq_split_below=4, scan_seq_programs=16,
+                         scan_bwd_seq_programs=32, scan_seq_chunk=64):
         chunk = seq_chunk(4097, 96, 132)
         assert 64 <= chunk < 4097
-        assert 96 * triton.cdiv(4097, chunk) >= 8 * 132
+        assert 96 * triton.cdiv(4097, chunk) >= 16 * 132
+        assert triton.cdiv(4097, seq_chunk(4097, 96, 132, backward=True)) > triton.cdiv(4097, chunk)
+        assert seq_chunk(4097, 768, 132) == 4097
         assert seq_chunk(197, 128 * 12, 132) == 197
-        assert seq_chunk(100, 96, 132) == 100  # too short to split into chunks of at least 64
+        assert seq_chunk(64, 96, 132) == 64  # too short for two chunks of at least 64
         assert seq_chunk(4097, 96, 132, multiple=8) % 8 == 0
     with policy.override(scan_seq_split="off"):
         assert seq_chunk(4097, 96, 132) == 4097

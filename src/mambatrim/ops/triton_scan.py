@@ -582,7 +582,8 @@ class _ScanFn(torch.autograd.Function):
         dz = _alloc_like(u, G, z.dtype) if z is not None else du  # written with du's strides
         block_d, warps = policy.get("scan_bwd_block_d"), policy.get("scan_bwd_warps")
         n_blocks = triton.cdiv(E, block_d)
-        per_seg = triton.cdiv(seq_chunk(L, n_blocks * bsz * G, _sm_count(u.device), multiple=chunk), chunk)
+        per_seg = triton.cdiv(seq_chunk(L, n_blocks * bsz * G, _sm_count(u.device), multiple=chunk,
+                                            backward=True), chunk)
         seg, n_seg = per_seg * chunk, triton.cdiv(n_chunks, per_seg)  # scan steps per segment, segments
         dB = torch.zeros(G, bsz, L, N, device=u.device, dtype=torch.float32)  # atomic sums over channel blocks
         dC = torch.zeros_like(dB)
@@ -686,22 +687,23 @@ def _sm_count(device: torch.device) -> int:
     return 132
 
 
-def seq_chunk(length: int, programs: int, sms: int, multiple: int = 1) -> int:
+def seq_chunk(length: int, programs: int, sms: int, multiple: int = 1, backward: bool = False) -> int:
     """Sequence positions per program of a scan whose single pass runs ``programs`` programs on ``sms``
     multiprocessors; ``length`` means one pass.
 
     Policy ``scan_seq_split``: 'off' never splits; 'on' always splits into ``scan_seq_chunk`` positions;
-    'auto' splits only when a single pass would run fewer than ``scan_seq_programs`` programs per
-    multiprocessor (a split scans every step twice, so it pays only where it fills the GPU), into as many
-    chunks as that target needs, each at least ``scan_seq_chunk`` long. Rounded up to a ``multiple``."""
+    'auto' splits only when a single pass would run fewer than ``scan_seq_split_below`` programs per
+    multiprocessor (a split scans every step twice, so it pays only where it fills an idle GPU), into chunks
+    enough for ``scan_seq_programs`` (``scan_bwd_seq_programs`` for the ``backward``) programs per
+    multiprocessor, each at least ``scan_seq_chunk`` long. Rounded up to a ``multiple``."""
     mode = policy.get("scan_seq_split")
     if mode == "off":
         return length
     chunk = policy.get("scan_seq_chunk")
     if mode == "auto":
-        target = policy.get("scan_seq_programs") * sms
-        if programs >= target:
+        if programs >= policy.get("scan_seq_split_below") * sms:
             return length
+        target = policy.get("scan_bwd_seq_programs" if backward else "scan_seq_programs") * sms
         chunk = max(chunk, triton.cdiv(length, triton.cdiv(target, programs)))
     chunk = triton.cdiv(chunk, multiple) * multiple
     return length if chunk >= length else chunk
