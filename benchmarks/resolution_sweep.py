@@ -233,11 +233,23 @@ def write_markdown(out: dict, path: Path) -> None:
                     ratio = f"{r['img_per_s'] / other['img_per_s']:.2f}"
             lines.append(f"| {r['img']} ({r['tokens']}) | {r['batch']} | {r['mode']} | {r['model']} | "
                          f"{r['img_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_mib']:,.0f} | {ratio} |")
+    if out.get("targets"):
+        lines += ["", "## Targets of the sequence-parallel scan work (H100)", "",
+                  "| measure | before | floor | now | met |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in out["targets"]]
+    if out.get("scan_old_vs_new_us"):
+        o = out["scan_old_vs_new_us"]
+        lines += ["", f"Scan kernel before / after ({o['note']}), µs:", ""]
+        lines += [f"- {k}: before {v['old']}, after {v['new']}" for k, v in o.items() if k != "note"]
+    lines += ["", "Peak memory of inference is ``max_memory_allocated`` after warm-up with the CUDA graph already "
+              "captured (weights, static buffers, the graph pool's live blocks): it is not a measure of "
+              "activation memory, and decreasing values at batch 8 reflect the allocator, not the models."]
     path.write_text("\n".join(lines) + "\n")
 
 
 def plot(out: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -258,6 +270,7 @@ def plot(out: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xticks(RESOLUTIONS)
         ax.set_xticklabels([str(r) for r in RESOLUTIONS])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("resolution (px)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
