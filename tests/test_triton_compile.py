@@ -52,15 +52,29 @@ bwd = dict(N=16, NP=16, BD=32, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=T
 conv = dict(K=4, BL=policy.get("conv_block_l"), BE=policy.get("conv_block_e"), HAS_BIAS=True)
 cases = {
     "scan fwd, pair, per-sample direction switch": (triton_scan._scan_fwd_kernel, dict(
-        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True)),
+        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True, STATE_ONLY=False, CARRY_IN=False)),
+    "scan fwd split, chunk states, pair with gaps": (triton_scan._scan_fwd_kernel, dict(
+        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=True, STATE_ONLY=True,
+        CARRY_IN=False)),
+    "scan fwd split, outputs from carried states, training": (triton_scan._scan_fwd_kernel, dict(
+        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False,
+        CARRY_IN=True)),
+    "scan bwd split, segment carries, pair": (triton_scan._scan_bwd_carry_kernel, dict(
+        {k: bwd[k] for k in ("N", "NP", "BD", "SOFTPLUS", "HAS_Z", "HAS_BIAS", "REVERSE")}, PAIR=True,
+        HAS_GAP=False)),
+    "scan bwd split, segment carries, one direction with gaps": (triton_scan._scan_bwd_carry_kernel, dict(
+        {k: bwd[k] for k in ("N", "NP", "BD", "SOFTPLUS", "HAS_Z", "HAS_BIAS")}, REVERSE=True, PAIR=False,
+        HAS_GAP=True)),
+    "scan bwd split, pair": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=True, HAS_GAP=False, CARRY_IN=True)),
     "scan fwd, pair, training": (triton_scan._scan_fwd_kernel, dict(
-        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False)),
+        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False, CARRY_IN=False)),
     "scan fwd, one direction with gaps": (triton_scan._scan_fwd_kernel, dict(
-        scan, G=1, PAIR=False, REVERSE=True, HAS_GAP=True, STORE_CKPT=True, HAS_ON=False)),
+        scan, G=1, PAIR=False, REVERSE=True, HAS_GAP=True, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False, CARRY_IN=False)),
     "scan fwd, pair with gaps (aligned pruning, inference)": (triton_scan._scan_fwd_kernel, dict(
-        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False)),
-    "scan bwd, pair": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=True, HAS_GAP=False)),
-    "scan bwd, one direction with gaps": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=False, HAS_GAP=True)),
+        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False, STATE_ONLY=False,
+        CARRY_IN=False)),
+    "scan bwd, pair": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=True, HAS_GAP=False, CARRY_IN=False)),
+    "scan bwd, one direction with gaps": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=False, HAS_GAP=True, CARRY_IN=False)),
     "conv pair": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=False, HAS_MAP=False)),
     "conv pair, per-sample direction switch": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=True, HAS_MAP=False)),
     "conv pair, position map (aligned pruning)": (triton_vim._conv_pair_kernel, dict(
@@ -102,4 +116,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 19
+    assert len(results) == 24

@@ -41,6 +41,17 @@ SETTINGS: dict[str, Setting] = {
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_ckpt_chunk": Setting(8, "scan steps per stored state (training forward) and per backward chunk"),
+    "scan_seq_split": Setting("auto", "split the scan along the sequence (chunk states, then outputs from the "
+                              "carried states): 'auto' where a single pass would leave the GPU idle, 'on' "
+                              "always (tests), 'off' never", ("auto", "on", "off")),
+    "scan_seq_chunk": Setting(64, "positions per sequence chunk under scan_seq_split='on'; the shortest chunk "
+                              "under 'auto'"),
+    "scan_seq_split_below": Setting(4, "scan_seq_split='auto' splits a scan whose single pass runs fewer "
+                                    "programs than this per multiprocessor (H100: batch 64 at 768 channels, 5.8 "
+                                    "per SM, is faster unsplit; batch 8, 0.7 per SM, 3.9x faster split)"),
+    "scan_seq_programs": Setting(16, "a split forward scan runs chunks enough for this many programs per "
+                                 "multiprocessor (H100 sweep, resolution_sweep scan section)"),
+    "scan_bwd_seq_programs": Setting(32, "the same for the split backward"),
     "conv_block_l": Setting(16, "tokens per program of the pair conv"),
     "conv_block_e": Setting(128, "channels per program of the pair conv"),
     "conv_warps": Setting(4, "warps per program of the pair conv"),

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import policy
 
-__all__ = ["selective_scan_triton", "selective_scan_pair_triton"]
+__all__ = ["selective_scan_triton", "selective_scan_pair_triton", "seq_chunk"]
 
 LOG2E = 1.4426950408889634
 
@@ -60,14 +60,16 @@ def _delta(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 @triton.jit
 def _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, dmask, nmask,
-                HAS_Z: tl.constexpr):
+                HAS_Z: tl.constexpr, HAS_C: tl.constexpr):
     """u, delta, B, C and z at sequence position ``t`` in their raw dtypes (zeros where not ``ok``; z is u
-    without a gate)."""
+    without a gate, C is B when not read)."""
     m = dmask & ok
     u = tl.load(u_base + t * su_t, mask=m, other=0.0)
     r = tl.load(d_base + t * sd_t, mask=m, other=0.0)
     Bt = tl.load(B_base + t * sB_t, mask=nmask & ok, other=0.0)
-    Ct = tl.load(C_base + t * sC_t, mask=nmask & ok, other=0.0)
+    Ct = Bt
+    if HAS_C:
+        Ct = tl.load(C_base + t * sC_t, mask=nmask & ok, other=0.0)
     if HAS_Z:
         zz = tl.load(z_base + t * sz_t, mask=m, other=0.0)
     else:
@@ -78,7 +80,8 @@ def _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
-    L, E, n_chunks, scale,
+    st_ptr, sum_ptr,
+    L, E, n_chunks, scale, TC, NS,
     su_g, su_b, su_d, su_t,
     sd_g, sd_b, sd_d, sd_t,
     sB_g, sB_b, sB_n, sB_t,
@@ -89,14 +92,22 @@ def _scan_fwd_kernel(
     G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
+    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr,
 ):
+    """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
+    Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
+    exponent (per channel: the chunk's total decay is exp2(A2 * sum)); ``CARRY_IN`` then folds the states of
+    the chunks before this one (in scan order) into its true initial state and writes the outputs."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
+    pid_c = tl.program_id(2)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     dmask = d < E
     nmask = n < N
     mask2 = nmask[:, None] & dmask[None, :]  # state is (N, channels): one thread owns a channel's states
+    p0 = pid_c * TC  # this program's positions: [p0, p1)
+    p1 = tl.minimum(p0 + TC, L)
     n_on = 0
     for g in tl.static_range(G):
         if PAIR:
@@ -105,13 +116,19 @@ def _scan_fwd_kernel(
         else:
             rev = REVERSE
             acc = False
-        steps = L
+        if STATE_ONLY:
+            acc = False
+        s0 = p0  # first scan step of the chunk
+        if rev:
+            s0 = L - p1
+        steps = p1 - p0
         acc_on = 1
         if HAS_ON:  # per-sample direction switch (inference): a switched-off direction costs no scan step
             on_g = (tl.load(on_ptr + pid_b * G + g) != 0).to(tl.int32)
-            steps = L * on_g
+            steps = steps * on_g
             acc_on = n_on  # add to the first direction's output only if it was written
             n_on = n_on + on_g
+        s_end = s0 + steps
         A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
         A2 = A2 * 1.4426950408889634
         if HAS_D:
@@ -127,20 +144,26 @@ def _scan_fwd_kernel(
         C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
         ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
         gp_base = gap_ptr + g * sg_g + pid_b * sg_b
+        st_base, sm_base = _chunk_bases(st_ptr, sum_ptr, g, pid_b, tl.num_programs(1), NS, N, E, n, d)
         h = tl.zeros((NP, BD), dtype=tl.float32)
-        dt_prev = tl.zeros((BD,), dtype=tl.float32)
+        if CARRY_IN:
+            h = _carry_in(st_base, sm_base, A2, pid_c, NS, rev, (steps > 0).to(tl.int32), N, E, mask2,
+                          dmask, NP, BD)
+        dt_prev = _delta_before(s0, L, rev, d_base, sd_t, bias, dmask, HAS_GAP, HAS_BIAS, SOFTPLUS, BD)
+        ex_sum = tl.zeros((BD,), dtype=tl.float32)
         # loads run two steps ahead of the arithmetic (registers as a software pipeline): each step's inputs
         # sit in other cache lines, so without this every step waits a full memory latency
-        u0, r0, B0, C0, z0, g0, p0 = _fwd_loads(0, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
-                                                sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask,
-                                                HAS_Z, HAS_GAP, acc, acc_on)
-        u1, r1, B1, C1, z1, g1, p1 = _fwd_loads(1, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
-                                                sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask,
-                                                HAS_Z, HAS_GAP, acc, acc_on)
-        for s in range(steps):
-            u2, r2, B2, C2, z2, g2, p2 = _fwd_loads(s + 2, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
-                                                    C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
-                                                    dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on)
+        u0, r0, B0, C0, z0, g0, p0v = _fwd_loads(s0, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
+                                                 C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask,
+                                                 nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+        u1, r1, B1, C1, z1, g1, p1v = _fwd_loads(s0 + 1, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
+                                                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
+                                                 dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+        for j in range(steps):
+            s = s0 + j
+            u2, r2, B2, C2, z2, g2, p2v = _fwd_loads(s + 2, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
+                                                     sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
+                                                     sg_t, dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
             t = _time_index(s, L, rev)
             u = u0.to(tl.float32)
             dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
@@ -148,40 +171,86 @@ def _scan_fwd_kernel(
             if HAS_GAP:
                 ex = dt + g0 * dt_prev  # dt_prev is 0 at the first step
                 dt_prev = dt
+            if STATE_ONLY:
+                ex_sum += ex
             dA = tl.exp2(ex[None, :] * A2)
             h = dA * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
-            y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
-            if HAS_D:
-                y = y + Dv * u
-            if HAS_Z:
-                zz = z0.to(tl.float32)
-                y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-            y = y * scale
-            if acc:
-                y = y + p0.to(tl.float32)
-            tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=dmask)
+            if not STATE_ONLY:
+                y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
+                if HAS_D:
+                    y = y + Dv * u
+                if HAS_Z:
+                    zz = z0.to(tl.float32)
+                    y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+                y = y * scale
+                if acc:
+                    y = y + p0v.to(tl.float32)
+                tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=dmask)
             if STORE_CKPT:
                 if (s + 1) % CHUNK_T == 0:
                     if s + 1 < L:
                         tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
-            u0, r0, B0, C0, z0, g0, p0 = u1, r1, B1, C1, z1, g1, p1
-            u1, r1, B1, C1, z1, g1, p1 = u2, r2, B2, C2, z2, g2, p2
+            u0, r0, B0, C0, z0, g0, p0v = u1, r1, B1, C1, z1, g1, p1v
+            u1, r1, B1, C1, z1, g1, p1v = u2, r2, B2, C2, z2, g2, p2v
+        if STATE_ONLY:
+            tl.store(st_base + pid_c * (N * E), h, mask=mask2)
+            tl.store(sm_base + pid_c * E, ex_sum, mask=dmask)
     if HAS_ON:  # every direction switched off: the output is zero
-        o_base = out_ptr + pid_b * so_b + d * so_d
-        for t in range(L * (n_on == 0).to(tl.int32)):
-            tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+        if not STATE_ONLY:
+            o_base = out_ptr + pid_b * so_b + d * so_d
+            for t in range(p0, p0 + (p1 - p0) * (n_on == 0).to(tl.int32)):
+                tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
-def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t,
-               o_base, so_t, gp_base, sg_t, dmask, nmask, HAS_Z: tl.constexpr, HAS_GAP: tl.constexpr,
-               ACC: tl.constexpr, acc_on):
-    """Inputs of scan step ``s`` (raw dtypes; zeros past the end)."""
-    ok = s < L
+def _chunk_bases(st_ptr, sum_ptr, g, pid_b, bsz, NS, N: tl.constexpr, E, n, d):
+    """Where chunk 0's (N, channels) state and (channels,) exponent sum of (direction g, sample) live in the
+    (G, b, NS, N, E) and (G, b, NS, E) fp32 buffers."""
+    row = (g * bsz + pid_b).to(tl.int64) * NS
+    return st_ptr + row * (N * E) + n[:, None] * E + d[None, :], sum_ptr + row * E + d
+
+
+@triton.jit
+def _carry_in(st_base, sm_base, A2, c, NS, rev: tl.constexpr, active, N: tl.constexpr, E, mask2, dmask,
+              NP: tl.constexpr, BD: tl.constexpr):
+    """The true state entering chunk ``c``: the chunks before it in scan order (0..c-1, or NS-1..c+1 when
+    ``rev``) folded as h = exp2(A2 * sum_k) * h + h_k. ``active`` 0 skips the walk."""
+    h = tl.zeros((NP, BD), dtype=tl.float32)
+    count = c
+    if rev:
+        count = NS - 1 - c
+    for i in range(count * active):
+        k = i
+        if rev:
+            k = NS - 1 - i
+        ssum = tl.load(sm_base + k * E, mask=dmask, other=0.0)
+        h = tl.exp2(ssum[None, :] * A2) * h + tl.load(st_base + k * (N * E), mask=mask2, other=0.0)
+    return h
+
+
+@triton.jit
+def _delta_before(s, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_GAP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BD: tl.constexpr):
+    """The step size of scan step ``s - 1`` (zero at the first step, or without gaps, which alone read it)."""
+    dt_prev = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_GAP:
+        tp = _time_index(s - 1, L, rev)
+        mp = dmask & (s > 0)
+        rp = _delta(tl.load(d_base + tp * sd_t, mask=mp, other=0.0), bias, HAS_BIAS, SOFTPLUS)
+        dt_prev = tl.where(mp, rp, 0.0)
+    return dt_prev
+
+
+@triton.jit
+def _fwd_loads(s, s_end, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base,
+               sz_t, o_base, so_t, gp_base, sg_t, dmask, nmask, HAS_Z: tl.constexpr, HAS_GAP: tl.constexpr,
+               ACC: tl.constexpr, acc_on, STATE_ONLY: tl.constexpr):
+    """Inputs of scan step ``s`` (raw dtypes; zeros from ``s_end`` on). The state-only pass reads no C or z."""
+    ok = s < s_end
     t = _time_index(s, L, rev)
     m = dmask & ok
     u, r, Bt, Ct, zz = _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t,
-                                   dmask, nmask, HAS_Z)
+                                   dmask, nmask, HAS_Z and not STATE_ONLY, not STATE_ONLY)
     if HAS_GAP:
         gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
     else:
@@ -194,10 +263,106 @@ def _fwd_loads(s, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t
 
 
 @triton.jit
+def _direction_reverse(g, PAIR: tl.constexpr, REVERSE: tl.constexpr):
+    """Whether direction ``g`` scans right to left (a pair's second direction does)."""
+    rev = REVERSE
+    if PAIR:
+        rev = g == 1
+    return rev
+
+
+@triton.jit
+def _exponent_back(s, t, ok, m, dt, L, rev, gp_base, sg_t, d_base, sd_t, bias, HAS_GAP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Decay exponent of scan step ``s`` (at position ``t``) and its gap: dt, plus gap * dt of step s - 1."""
+    ex = dt
+    gp = 0.0
+    if HAS_GAP:
+        gp = tl.load(gp_base + t * sg_t, mask=ok & (s > 0), other=0.0).to(tl.float32)
+        tpp = t - 1
+        if rev:
+            tpp = t + 1
+        mp = m & (s > 0)
+        rp = _delta(tl.load(d_base + tpp * sd_t, mask=mp, other=0.0), bias, HAS_BIAS, SOFTPLUS)
+        ex = dt + gp * tl.where(mp, rp, 0.0)
+    return ex, gp
+
+
+@triton.jit
+def _gate_back(dout, zz):
+    """Gradient reaching the ungated output through ``y * silu(z)``, and sigmoid(z)."""
+    sig = 1.0 / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+    return dout * zz * sig, sig
+
+
+@triton.jit
+def _scan_bwd_carry_kernel(
+    dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, gap_ptr, dout_ptr, cr_ptr, csum_ptr,
+    L, E, scale, SEG, NSEG,
+    sd_g, sd_b, sd_d, sd_t,
+    sC_g, sC_b, sC_n, sC_t,
+    sz_g, sz_b, sz_d, sz_t,
+    so_b, so_d, so_t,
+    sg_g, sg_b, sg_t,
+    PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr,
+):
+    """Level one of the split backward, per (channel block, sample, direction, segment of ``SEG`` scan steps):
+    the state gradient the segment passes to the one before it (dA_s0 * dh_s0) when nothing enters it from
+    later steps, and the segment's summed decay exponent. dh_s = C_s * gy_s + dA_{s+1} * dh_{s+1} is a reverse
+    linear recurrence, so the carries fold like the forward's chunk states."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    if PAIR:
+        g = pid_q % 2
+        seg_i = pid_q // 2
+    else:
+        g = 0
+        seg_i = pid_q
+    rev = _direction_reverse(g, PAIR, REVERSE)
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    dmask = d < E
+    nmask = n < N
+    mask2 = nmask[:, None] & dmask[None, :]
+    A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    bias = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
+    z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
+    o_base = dout_ptr + pid_b * so_b + d * so_d
+    C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
+    gp_base = gap_ptr + g * sg_g + pid_b * sg_b
+    s_first = seg_i * SEG
+    s_last = tl.minimum(s_first + SEG, L)
+    carry = tl.zeros((NP, BD), dtype=tl.float32)
+    ex_sum = tl.zeros((BD,), dtype=tl.float32)
+    for jj in range(s_last - s_first):
+        s = s_last - 1 - jj
+        t = _time_index(s, L, rev)
+        dt = tl.where(dmask, _delta(tl.load(d_base + t * sd_t, mask=dmask, other=0.0), bias, HAS_BIAS, SOFTPLUS),
+                      0.0)
+        ex, gp = _exponent_back(s, t, s >= 0, dmask, dt, L, rev, gp_base, sg_t, d_base, sd_t, bias, HAS_GAP,
+                                HAS_BIAS, SOFTPLUS)
+        gy = tl.load(o_base + t * so_t, mask=dmask, other=0.0).to(tl.float32) * scale
+        if HAS_Z:
+            gy, sig = _gate_back(gy, tl.load(z_base + t * sz_t, mask=dmask, other=0.0).to(tl.float32))
+        Ct = tl.load(C_base + t * sC_t, mask=nmask, other=0.0).to(tl.float32)
+        carry = tl.exp2(ex[None, :] * A2) * (Ct[:, None] * gy[None, :] + carry)
+        ex_sum += ex
+    cr_base, cs_base = _chunk_bases(cr_ptr, csum_ptr, g, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
+    tl.store(cr_base + seg_i * (N * E), carry, mask=mask2)
+    tl.store(cs_base + seg_i * E, ex_sum, mask=dmask)
+
+
+@triton.jit
 def _scan_bwd_seq_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, dout_ptr, ckpt_ptr,
-    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, gs_ptr, scratch_ptr,
-    L, E, n_chunks, scale,
+    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, gs_ptr, scratch_ptr, cr_ptr, csum_ptr,
+    L, E, n_chunks, scale, KS, NSEG,
     su_g, su_b, su_d, su_t,
     sd_g, sd_b, sd_d, sd_t,
     sB_g, sB_b, sB_n, sB_t,
@@ -208,18 +373,23 @@ def _scan_bwd_seq_kernel(
     gx_g, gx_b, gx_d, gx_t,
     PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, CARRY_IN: tl.constexpr,
 ):
-    """Sequential backward: per chunk (reverse scan order), recompute its states from the stored one into a
-    small per-program scratch (cache-resident), then walk the chunk backwards with the state gradient in
-    registers. Layout (N, channels) as in the forward: one thread owns a channel."""
+    """Sequential backward of one (channel block, sample, direction, segment of ``KS`` checkpoint chunks): per
+    chunk (reverse scan order), recompute its states from the stored one into a small per-program scratch
+    (cache-resident), then walk the chunk backwards with the state gradient in registers. Layout (N, channels)
+    as in the forward: one thread owns a channel. ``CARRY_IN``: the state gradient entering the segment from
+    the later ones is folded from their local carries (:func:`_scan_bwd_carry_kernel`)."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
-    g = tl.program_id(2)
+    pid_q = tl.program_id(2)
     if PAIR:
-        rev = g == 1
+        g = pid_q % 2
+        seg_i = pid_q // 2
     else:
-        rev = REVERSE
+        g = 0
+        seg_i = pid_q
+    rev = _direction_reverse(g, PAIR, REVERSE)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     dmask = d < E
@@ -233,7 +403,7 @@ def _scan_bwd_seq_kernel(
     bias = tl.zeros((BD,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-    prog = (g * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
+    prog = (pid_q * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
     ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
     sc_base = scratch_ptr + prog.to(tl.int64) * (T * NP * BD) + n[:, None] * BD + tl.arange(0, BD)[None, :]
     part = (g * tl.num_programs(1) + pid_b).to(tl.int64) * L * N
@@ -246,19 +416,17 @@ def _scan_bwd_seq_kernel(
     gp_base = gap_ptr + g * sg_g + pid_b * sg_b
     gx_base = g * gx_g + pid_b * gx_b + d * gx_d
     carry = tl.zeros((NP, BD), dtype=tl.float32)  # dA_{s+1} * dh_{s+1}
+    if CARRY_IN:
+        cr_base, cs_base = _chunk_bases(cr_ptr, csum_ptr, g, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
+        carry = _carry_in(cr_base, cs_base, A2, seg_i, NSEG, True, 1, N, E, mask2, dmask, NP, BD)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((BD,), dtype=tl.float32)
     db_acc = tl.zeros((BD,), dtype=tl.float32)
-    for kk in range(n_chunks):
-        k = n_chunks - 1 - kk
+    k_end = tl.minimum((seg_i + 1) * KS, n_chunks)
+    for kk in range(k_end - seg_i * KS):
+        k = k_end - 1 - kk
         h = tl.load(ck_base + k * N, mask=mask2 & (k > 0), other=0.0)
-        dt_prev = tl.zeros((BD,), dtype=tl.float32)
-        if HAS_GAP:
-            sp = k * T - 1
-            tp = _time_index(sp, L, rev)
-            mp = dmask & (sp >= 0)
-            rp = _delta(tl.load(d_base + tp * sd_t, mask=mp, other=0.0), bias, HAS_BIAS, SOFTPLUS)
-            dt_prev = tl.where(mp, rp, 0.0)
+        dt_prev = _delta_before(k * T, L, rev, d_base, sd_t, bias, dmask, HAS_GAP, HAS_BIAS, SOFTPLUS, BD)
         # pass 1: the chunk's states, forwards
         for j in range(T):
             s = k * T + j
@@ -291,16 +459,8 @@ def _scan_bwd_seq_kernel(
             u = pu.to(tl.float32)
             raw = _delta(pr, bias, HAS_BIAS, False)
             dt = tl.where(m, _delta(raw, bias, False, SOFTPLUS), 0.0)
-            ex = dt
-            if HAS_GAP:
-                gp = tl.load(gp_base + t * sg_t, mask=ok & (s > 0), other=0.0).to(tl.float32)
-                if rev:
-                    tpp = t + 1
-                else:
-                    tpp = t - 1
-                mp = m & (s > 0)
-                rp = _delta(tl.load(d_base + tpp * sd_t, mask=mp, other=0.0), bias, HAS_BIAS, SOFTPLUS)
-                ex = dt + gp * tl.where(mp, rp, 0.0)
+            ex, gp = _exponent_back(s, t, ok, m, dt, L, rev, gp_base, sg_t, d_base, sd_t, bias, HAS_GAP, HAS_BIAS,
+                                    SOFTPLUS)
             Bt = pB.to(tl.float32)
             Ct = pC.to(tl.float32)
             dout = po.to(tl.float32) * scale
@@ -308,8 +468,7 @@ def _scan_bwd_seq_kernel(
             if HAS_Z:
                 y = tl.sum(h * Ct[:, None], axis=0) + Dv * u
                 zz = pz.to(tl.float32)
-                sig = 1.0 / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-                gy = dout * zz * sig
+                gy, sig = _gate_back(dout, zz)
                 dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
                 tl.store(dz_ptr + gx_base + t * gx_t, dz.to(dz_ptr.dtype.element_ty), mask=m)
             else:
@@ -357,7 +516,7 @@ def _bwd_loads(s, j, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, s
     ok = (s < L) & (j >= 0)
     t = _time_index(s, L, rev)
     u, r, Bt, Ct, zz = _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t,
-                                   dmask, nmask, HAS_Z)
+                                   dmask, nmask, HAS_Z, True)
     dout = tl.load(o_base + t * so_t, mask=dmask & ok, other=0.0)
     h = tl.load(sc_base + j * (NP * BD), mask=(j >= 0) & (nmask[:, None] | True), other=0.0)
     return u, r, Bt, Ct, dout, zz, h
@@ -420,9 +579,12 @@ class _ScanFn(torch.autograd.Function):
         du = _alloc_like(u, G, u.dtype)
         ddl = _alloc_like(delta, G, torch.float32 if has_gap else delta.dtype)
         gs = _alloc_like(delta, G, torch.float32) if has_gap else ddl
-        dz = _alloc_like(z, G, z.dtype) if z is not None else du
+        dz = _alloc_like(u, G, z.dtype) if z is not None else du  # written with du's strides
         block_d, warps = policy.get("scan_bwd_block_d"), policy.get("scan_bwd_warps")
         n_blocks = triton.cdiv(E, block_d)
+        per_seg = triton.cdiv(seq_chunk(L, n_blocks * bsz * G, _sm_count(u.device), multiple=chunk,
+                                            backward=True), chunk)
+        seg, n_seg = per_seg * chunk, triton.cdiv(n_chunks, per_seg)  # scan steps per segment, segments
         dB = torch.zeros(G, bsz, L, N, device=u.device, dtype=torch.float32)  # atomic sums over channel blocks
         dC = torch.zeros_like(dB)
         dA = torch.zeros(G, E, N, device=u.device, dtype=torch.float32)
@@ -431,23 +593,29 @@ class _ScanFn(torch.autograd.Function):
         dummy = u
         dout4 = dout.unsqueeze(0) if dout.dim() == 3 else dout
         gp = gap if has_gap else dummy
-        grid = (n_blocks, bsz, G)
+        grid = (n_blocks, bsz, G * n_seg)
         np2 = triton.next_power_of_2(N)
-        scratch = torch.empty(G * bsz * n_blocks * chunk * np2 * block_d, device=u.device, dtype=torch.float32)
+        scratch = torch.empty(G * bsz * n_seg * n_blocks * chunk * np2 * block_d, device=u.device,
+                              dtype=torch.float32)
+        z_arg, z_strides = (z, _strides4(z)) if z is not None else (dummy, (0, 0, 0, 0))
+        gap_strides = tuple(gap.stride()) if has_gap else (0, 0, 0)
+        carries, sums = _chunk_buffers(u, G, bsz, n_seg, N, E)
+        shared = dict(PAIR=pair, REVERSE=reverse, N=N, NP=np2, BD=block_d, SOFTPLUS=softplus,
+                      HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_GAP=has_gap, num_warps=warps)
+        if n_seg > 1:  # level one: each segment's own carry; the main kernel folds those of later segments
+            _scan_bwd_carry_kernel[grid](
+                delta, A, C, z_arg, bias if bias is not None else dummy, gp, dout4, carries, sums,
+                L, E, scale, seg, n_seg, *_strides4(delta), *_strides4(C), *z_strides, *_strides4(dout4)[1:],
+                *gap_strides, **shared)
         global LAST_BWD
         LAST_BWD = _scan_bwd_seq_kernel[grid](
-            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            u, delta, A, B, C, D if D is not None else dummy, z_arg,
             bias if bias is not None else dummy, gp, dout4, ckpt,
-            du, ddl, dA, dB, dC, dD, dz, dbias, gs, scratch,
-            L, E, n_chunks, scale,
-            *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
-            *(_strides4(z) if z is not None else (0, 0, 0, 0)),
-            *_strides4(dout4)[1:],
-            *(tuple(gap.stride()) if has_gap else (0, 0, 0)),
-            *_strides4(du),
-            PAIR=pair, REVERSE=reverse, N=N, NP=np2, BD=block_d, T=chunk, SOFTPLUS=softplus,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_GAP=has_gap,
-            num_warps=warps,
+            du, ddl, dA, dB, dC, dD, dz, dbias, gs, scratch, carries, sums,
+            L, E, n_chunks, scale, per_seg, n_seg,
+            *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C), *z_strides,
+            *_strides4(dout4)[1:], *gap_strides, *_strides4(du),
+            T=chunk, HAS_D=D is not None, CARRY_IN=n_seg > 1, **shared,
         )
         if has_gap:
             # d(exponent at s)/d(dt at s-1) = gap_s: add each step's term to the previous step in scan order
@@ -476,25 +644,69 @@ class _ScanFn(torch.autograd.Function):
 
 def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, store_ckpt,
                 on=None, chunk=None):
+    """The forward in one pass, or split along the sequence (:func:`seq_chunk`): chunk states, then outputs."""
     G, bsz, E, L = u.shape
     N = A.shape[-1]
     dummy = u
     block_d = policy.get("scan_fwd_block_d")
     chunk = chunk or policy.get("scan_ckpt_chunk")
-    grid = (triton.cdiv(E, block_d), bsz)
+    n_blocks = triton.cdiv(E, block_d)
+    tc = seq_chunk(L, n_blocks * bsz, _sm_count(u.device))
+    n_seq = triton.cdiv(L, tc)
+    states, sums = _chunk_buffers(u, G, bsz, n_seq, N, E)
+    args = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            bias if bias is not None else dummy, gap if gap is not None else dummy, out, ckpt,
+            on if on is not None else dummy, states, sums, L, E, triton.cdiv(L, chunk), scale, tc, n_seq,
+            *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
+            *(_strides4(z) if z is not None else (0, 0, 0, 0)),
+            *_strides4(out)[1:],
+            *(tuple(gap.stride()) if gap is not None else (0, 0, 0)))
+    flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
+                 SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+                 HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=policy.get("scan_fwd_warps"))
+    grid = (n_blocks, bsz, n_seq)
+    if n_seq > 1:
+        _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
     global LAST_FWD
-    LAST_FWD = _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-        bias if bias is not None else dummy, gap if gap is not None else dummy, out, ckpt,
-        on if on is not None else dummy, L, E, triton.cdiv(L, chunk), scale,
-        *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
-        *(_strides4(z) if z is not None else (0, 0, 0, 0)),
-        *_strides4(out)[1:],
-        *(tuple(gap.stride()) if gap is not None else (0, 0, 0)),
-        G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
-        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        HAS_GAP=gap is not None, STORE_CKPT=store_ckpt, HAS_ON=on is not None, num_warps=policy.get("scan_fwd_warps"),
-    )
+    LAST_FWD = _scan_fwd_kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1,
+                                      **flags)
+
+
+def _chunk_buffers(ref: Tensor, G: int, bsz: int, n: int, N: int, E: int) -> tuple[Tensor, Tensor]:
+    """Per-chunk (N, E) states and (E,) exponent sums of a split scan (fp32); placeholders when not split."""
+    if n == 1:
+        return ref, ref
+    return (torch.empty(G, bsz, n, N, E, device=ref.device, dtype=torch.float32),
+            torch.empty(G, bsz, n, E, device=ref.device, dtype=torch.float32))
+
+
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; an H100's 132 elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def seq_chunk(length: int, programs: int, sms: int, multiple: int = 1, backward: bool = False) -> int:
+    """Sequence positions per program of a scan whose single pass runs ``programs`` programs on ``sms``
+    multiprocessors; ``length`` means one pass.
+
+    Policy ``scan_seq_split``: 'off' never splits; 'on' always splits into ``scan_seq_chunk`` positions;
+    'auto' splits only when a single pass would run fewer than ``scan_seq_split_below`` programs per
+    multiprocessor (a split scans every step twice, so it pays only where it fills an idle GPU), into chunks
+    enough for ``scan_seq_programs`` (``scan_bwd_seq_programs`` for the ``backward``) programs per
+    multiprocessor, each at least ``scan_seq_chunk`` long. Rounded up to a ``multiple``."""
+    mode = policy.get("scan_seq_split")
+    if mode == "off":
+        return length
+    chunk = policy.get("scan_seq_chunk")
+    if mode == "auto":
+        if programs >= policy.get("scan_seq_split_below") * sms:
+            return length
+        target = policy.get("scan_bwd_seq_programs" if backward else "scan_seq_programs") * sms
+        chunk = max(chunk, triton.cdiv(length, triton.cdiv(target, programs)))
+    chunk = triton.cdiv(chunk, multiple) * multiple
+    return length if chunk >= length else chunk
 
 
 def _check_device(*tensors: Tensor | None) -> None:

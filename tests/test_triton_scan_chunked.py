@@ -1,0 +1,144 @@
+"""The sequence-split scan (chunk states, carried initial states, outputs per chunk; the backward's segment
+carries) against the single pass and the sequential reference, through the Triton interpreter on CPU.
+
+A forced small chunk (policy ``scan_seq_split='on'``) makes tiny shapes run several chunks: L not a multiple
+of the chunk, L = 1, both directions of the fused pair, position gaps and per-sample direction switches.
+Tolerance: relative L2 error 1e-5 in fp32 (the split only reorders fp32 sums).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from mambatrim.ops import policy  # noqa: E402
+from mambatrim.ops.scan_ref import selective_scan_ref  # noqa: E402
+from mambatrim.ops.triton_scan import selective_scan_pair_triton, selective_scan_triton, seq_chunk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+NAMES = ["y", "u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+SMALL = dict(scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error; against an exactly zero ``b`` (dA at L = 1: one step from a zero state) the absolute
+    error in units of 1e-5 (the GPU's fused multiply-adds leave ~1e-10 there)."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    if b.norm() == 0:
+        return (a.norm() * 1e-5 / 1e-6).item()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def inputs(seed: int, bsz: int, dim: int, length: int, n: int, pair: bool):
+    """Scan inputs; a pair's are (2, b, d, L) in token-major storage, z shared (b, d, L)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    lead = (2,) if pair else ()
+    u = r(*lead, bsz, length, dim).transpose(-1, -2)
+    delta = (r(*lead, bsz, length, dim) * 0.5).transpose(-1, -2)
+    A = -torch.rand(*lead, dim, n, generator=g) - 0.2
+    B, C = r(*lead, bsz, length, n).transpose(-1, -2), r(*lead, bsz, length, n).transpose(-1, -2)
+    D, bias = r(*lead, dim), r(*lead, dim) * 0.3
+    z = r(bsz, dim, length)
+    gap = (torch.rand(*lead, bsz, length, generator=g) * 3).floor()
+    return [u, delta, A, B, C, D, z, bias], gap, r
+
+
+def single(u, delta, A, B, C, D, z, bias, gap):
+    return selective_scan_triton(u, delta, A, B, C, D, z, bias, True, reverse=True, gap=gap)
+
+
+def single_ref(u, delta, A, B, C, D, z, bias, gap):
+    return selective_scan_ref(u, delta, A, B, C, D, z, bias, True, reverse=True, gap=gap)
+
+
+def pair(u, delta, A, B, C, D, z, bias, gap):
+    return selective_scan_pair_triton(u, delta, A, B, C, D, z, bias, True, 0.5, gap=gap)
+
+
+def pair_ref(u, delta, A, B, C, D, z, bias, gap):
+    ys = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1,
+                             gap=None if gap is None else gap[i]) for i in range(2)]
+    return (ys[0] + ys[1]) / 2
+
+
+def values_and_grads(fn, tensors, gap, grad_out):
+    xs = [t.clone().to(DEVICE).requires_grad_() for t in tensors]
+    y = fn(*xs, None if gap is None else gap.to(DEVICE))
+    (y * grad_out.to(DEVICE)).sum().backward()
+    return [y.detach().cpu()] + [x.grad.cpu() for x in xs]
+
+
+@pytest.mark.parametrize("length,chunk,with_gap,is_pair", [
+    (13, 4, False, True),   # 4 chunks, the last one partial; 4 backward segments of one checkpoint chunk
+    (13, 8, True, True),    # 2 chunks with gaps across the chunk boundary (both directions)
+    (10, 4, True, False),   # one reversed direction, gaps, the last chunk partial
+    (1, 4, False, True),    # L = 1: one chunk of one step
+])
+def test_split_equals_single_pass_and_reference(length: int, chunk: int, with_gap: bool, is_pair: bool) -> None:
+    tensors, gap, r = inputs(length + chunk, 2, 5, length, 3, is_pair)
+    gap = gap if with_gap else None
+    grad_out = r(2, 5, length)
+    fn, ref_fn = (pair, pair_ref) if is_pair else (single, single_ref)
+    with policy.override(scan_seq_split="on", scan_seq_chunk=chunk, **SMALL):
+        split = values_and_grads(fn, tensors, gap, grad_out)
+    with policy.override(scan_seq_split="off", **SMALL):
+        one = values_and_grads(fn, tensors, gap, grad_out)
+    ref = values_and_grads(ref_fn, tensors, gap, grad_out)
+    for name, a, b, c in zip(NAMES, split, one, ref):
+        assert rel(a, c) < 1e-5, f"{name}: split vs reference, rel err {rel(a, c):.2e}"
+        assert rel(a, b) < 1e-5, f"{name}: split vs single pass, rel err {rel(a, b):.2e}"
+
+
+def test_split_with_per_sample_direction_switch() -> None:
+    """Each sample runs both, one or neither direction (inference); skipped inputs hold NaN, which no chunk
+    may read, and a sample with neither direction gets zeros in every chunk."""
+    on = torch.tensor([[0, 0], [1, 0], [1, 1], [0, 1]])
+    (u, delta, A, B, C, D, z, bias), gap, _ = inputs(5, 4, 5, 11, 3, True)
+    refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1,
+                               gap=gap[i]) for i in range(2)]
+    expected = 0.5 * (refs[0] * on[:, 0, None, None] + refs[1] * on[:, 1, None, None])
+    u = u.clone()
+    u[0, on[:, 0] == 0] = float("nan")
+    u[1, on[:, 1] == 0] = float("nan")
+    args = [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
+    with torch.no_grad(), policy.override(scan_seq_split="on", scan_seq_chunk=4, **SMALL):
+        y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
+    assert rel(y, expected) < 1e-5
+    assert torch.equal(y[0], torch.zeros_like(y[0]))
+
+
+def test_chunk_choice_splits_long_sequences_at_small_batch_only() -> None:
+    """'auto', with a split below 4 programs per multiprocessor and 16 (backward 32) per multiprocessor when
+    split: a single pass of Vim-S at 1024 px, batch 8 (8 samples x 12 channel blocks = 96 programs on 132
+    multiprocessors) is split into chunks enough to reach the target; batch 64 (768 programs) and batch 128 at
+    224 px (1,536) keep one pass; the backward splits finer; 'off' and 'on' do as told; a multiple rounds the
+    chunk up."""
+    with policy.override(scan_seq_split="auto", scan_seq_split_below=4, scan_seq_programs=16,
+                         scan_bwd_seq_programs=32, scan_seq_chunk=64):
+        chunk = seq_chunk(4097, 96, 132)
+        assert 64 <= chunk < 4097
+        assert 96 * triton.cdiv(4097, chunk) >= 16 * 132
+        assert triton.cdiv(4097, seq_chunk(4097, 96, 132, backward=True)) > triton.cdiv(4097, chunk)
+        assert seq_chunk(4097, 768, 132) == 4097
+        assert seq_chunk(197, 128 * 12, 132) == 197
+        assert seq_chunk(64, 96, 132) == 64  # too short for two chunks of at least 64
+        assert seq_chunk(4097, 96, 132, multiple=8) % 8 == 0
+    with policy.override(scan_seq_split="off"):
+        assert seq_chunk(4097, 96, 132) == 4097
+    with policy.override(scan_seq_split="on", scan_seq_chunk=50):
+        assert seq_chunk(4097, 10_000, 132) == 50
+        assert seq_chunk(4097, 10_000, 132, multiple=8) == 56
+        assert seq_chunk(30, 10_000, 132) == 30
+
+
+def test_bad_split_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="auto, on, off"):
+        policy.set(scan_seq_split="always")
