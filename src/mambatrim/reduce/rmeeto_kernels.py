@@ -179,7 +179,8 @@ def _merge_slots_kernel(
     """Tiled plan, step 2, one program per image, in passes of ``BLOCK`` tokens over the raster space ``k`` of
     the non-class tokens (A at even ``k``, B at odd) and over the merged tokens (``order``: A indices by
     descending best similarity, the first ``r`` merge). Scratch rows of ``n`` tokens: sizes (``ksize``, partners
-    grow by atomic adds), kept flags, output slots."""
+    grow by atomic adds), kept flags, output slots; passes that read what another thread wrote follow a barrier
+    and read through L2 (``.cg``), past any stale L1 line."""
     b = tl.program_id(0)
     cls = tl.load(cls_ptr + b).to(tl.int32)
     n = L - 1
@@ -203,7 +204,8 @@ def _merge_slots_kernel(
         a = tl.load(order_ptr + a_row + m0 + lane, mask=mm, other=0).to(tl.int32)
         dst = 2 * tl.load(partner_ptr + a_row + a, mask=mm, other=0) + 1
         tl.store(kept_ptr + k_row + 2 * a, tl.zeros((BLOCK,), tl.int32), mask=mm)
-        tl.atomic_add(ksize_ptr + k_row + dst, tl.load(ksize_ptr + k_row + 2 * a, mask=mm, other=0.0), mask=mm)
+        size_a = tl.load(ksize_ptr + k_row + 2 * a, mask=mm, other=0.0, cache_modifier=".cg")
+        tl.atomic_add(ksize_ptr + k_row + dst, size_a, mask=mm)
     tl.debug_barrier()
     cls_pos = tl.load(pos_ptr + row + cls)
     if RULE == 0:  # official: int(p * (L - r) // L)
@@ -214,7 +216,7 @@ def _merge_slots_kernel(
         q = cls * 0
         for k0 in range(0, n, BLOCK):
             k = k0 + lane
-            kept = tl.load(kept_ptr + k_row + k, mask=k < n, other=0) > 0
+            kept = tl.load(kept_ptr + k_row + k, mask=k < n, other=0, cache_modifier=".cg") > 0
             pos = tl.load(pos_ptr + row + k + (k >= cls).to(tl.int32), mask=kept, other=0)
             q += tl.sum((kept & (pos < cls_pos)).to(tl.int32), axis=0)
     # 3. kept tokens' slots: a running prefix sum in raster order, the class token's slot skipped
@@ -222,14 +224,15 @@ def _merge_slots_kernel(
     for k0 in range(0, n, BLOCK):
         k = k0 + lane
         km = k < n
-        kept = tl.load(kept_ptr + k_row + k, mask=km, other=0) > 0
+        kept = tl.load(kept_ptr + k_row + k, mask=km, other=0, cache_modifier=".cg") > 0
         rank = before + tl.cumsum(kept.to(tl.int32), axis=0) - 1
         slot = rank + (rank >= q).to(tl.int32)
         seq = k + (k >= cls).to(tl.int32)
         tl.store(kslot_ptr + k_row + k, slot, mask=km)
         tl.store(out_seq_ptr + out_row + slot, seq, mask=kept)
         tl.store(out_pos_ptr + out_row + slot, tl.load(pos_ptr + row + seq, mask=kept), mask=kept)
-        tl.store(out_size_ptr + out_row + slot, tl.load(ksize_ptr + k_row + k, mask=kept), mask=kept)
+        size = tl.load(ksize_ptr + k_row + k, mask=kept, cache_modifier=".cg")
+        tl.store(out_size_ptr + out_row + slot, size, mask=kept)
         before += tl.sum(kept.to(tl.int32), axis=0)
     tl.store(out_seq_ptr + out_row + q, cls)
     tl.store(out_pos_ptr + out_row + q, cls_pos)
@@ -241,10 +244,11 @@ def _merge_slots_kernel(
         mm = m0 + lane < r
         a2 = 2 * tl.load(order_ptr + a_row + m0 + lane, mask=mm, other=0).to(tl.int32)
         dst = 2 * tl.load(partner_ptr + a_row + a2 // 2, mask=mm, other=0) + 1
-        weight = tl.load(ksize_ptr + k_row + a2, mask=mm, other=0.0) / tl.load(ksize_ptr + k_row + dst, mask=mm,
-                                                                                 other=1.0)
+        size_a = tl.load(ksize_ptr + k_row + a2, mask=mm, other=0.0, cache_modifier=".cg")
+        weight = size_a / tl.load(ksize_ptr + k_row + dst, mask=mm, other=1.0, cache_modifier=".cg")
         tl.store(src_ptr + m_row + m0 + lane, a2 + (a2 >= cls).to(tl.int32), mask=mm)
-        tl.store(slot_ptr + m_row + m0 + lane, tl.load(kslot_ptr + k_row + dst, mask=mm, other=0), mask=mm)
+        dst_slot = tl.load(kslot_ptr + k_row + dst, mask=mm, other=0, cache_modifier=".cg")
+        tl.store(slot_ptr + m_row + m0 + lane, dst_slot, mask=mm)
         tl.store(w_ptr + m_row + m0 + lane, weight, mask=mm)
 
 
