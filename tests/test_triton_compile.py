@@ -36,9 +36,9 @@ def build(kernel, constants):
         if name in constants:
             sig[name] = "constexpr"
         elif name in ("on_ptr", "out_seq_ptr", "q_ptr", "src_ptr", "slot_ptr", "seq_ptr",
-                      "inv_ptr"):
+                      "inv_ptr", "partner_ptr", "kept_ptr", "kslot_ptr"):
             sig[name] = "*i32"
-        elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr", "idx_ptr"):
+        elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr", "idx_ptr", "order_ptr"):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*bf16" if name in LOW else "*fp32"
@@ -82,6 +82,14 @@ cases = {
     "conv pair backward": (triton_vim._conv_pair_bwd_kernel, dict(BE=policy.get("conv_bwd_block_e"), HAS_BIAS=True)),
     "R-MeeTo merge plan": (rmeeto_kernels._merge_plan_kernel, dict(
         RULE=0, NP=128, BK=rmeeto_kernels.CHUNK_D, PREC="tf32")),
+    "R-MeeTo tiled plan: best partners": (rmeeto_kernels._best_partner_kernel, dict(
+        TA=policy.get("merge_tile"), TB=policy.get("merge_tile"), BK=rmeeto_kernels.CHUNK_D, PREC="tf32")),
+    "R-MeeTo tiled plan: slots, official rule": (rmeeto_kernels._merge_slots_kernel, dict(
+        RULE=0, BLOCK=policy.get("merge_slot_block"))),
+    "R-MeeTo tiled plan: slots, boundary rule": (rmeeto_kernels._merge_slots_kernel, dict(
+        RULE=2, BLOCK=policy.get("merge_slot_block"))),
+    "R-MeeTo merge rows, long sequence": (rmeeto_kernels._merge_rows_kernel, dict(
+        HAS_RES=True, BD=512, RP=rmeeto_kernels.ROWS_SLOT_BLOCK)),
     "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512, RP=32)),
     "R-MeeTo merge rows, no residual": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=False, BD=512, RP=16)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
@@ -116,4 +124,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 24
+    assert len(results) == 28

@@ -36,6 +36,15 @@ SETTINGS: dict[str, Setting] = {
     "fused_predictor_norm": Setting(True, "DyVM predictor's add + LayerNorm as one Triton pass at inference"),
     "fused_predictor_head": Setting(True, "DyVM predictor's head as one Triton kernel at inference"),
     "fused_merge": Setting(True, "R-MeeTo's merge as fused Triton kernels at inference on CUDA"),
+    "merge_single_max_tokens": Setting(513, "R-MeeTo's fused merge plans sequences up to this many tokens in one "
+                                       "program per image (all A x B similarities in registers; at most 513), "
+                                       "longer ones with the tiled plan"),
+    "merge_tile": Setting(64, "A tokens per program and B tokens per step of R-MeeTo's tiled similarity (a power "
+                          "of two >= 16)"),
+    "merge_tile_warps": Setting(4, "warps per program of R-MeeTo's tiled similarity (255 registers a thread at "
+                                "the 64 tile with 4 warps, 127 with 8, sm_90 ptxas)"),
+    "merge_slot_block": Setting(1024, "tokens per step of R-MeeTo's tiled slot pass, one program per image (a "
+                                "power of two)"),
     "scan_fwd_block_d": Setting(64, "channels per program of the forward scan (H100 sweep)"),
     "scan_fwd_warps": Setting(1, "warps per program of the forward scan"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
