@@ -4,7 +4,7 @@ Options follow DeiT's names; every config key (see ``mambatrim.engine.config.Tra
 with ``--set key=value``. Precedence: defaults < ``--config FILE.yaml`` < command-line options.
 
 Without ``--config``, ``--model`` or ``--data-path`` it trains the small digits recipe of ``mambatrim demo``
-(configs/digits_vim_micro.yaml: 0.14 M parameters, 12 epochs, about 2 minutes on a 2-core CPU); the defaults
+(configs/digits_vim_micro.yaml: 0.17 M parameters, 12 epochs, about 2 minutes on a 2-core CPU); the defaults
 of the full recipe (Vim-Ti, 300 epochs, DeiT augmentation) apply as soon as any of them is given.
 ``--resume CKPT`` alone continues a run with the configuration stored in the checkpoint; an option that would
 change the run is refused. An output folder that already holds a run is never silently replaced.
@@ -96,7 +96,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, keys: tuple[str, ...] 
     amp = parser.add_mutually_exclusive_group()
     amp.add_argument("--amp", dest="amp", action="store_const", const=True, default=None,
                      help="bf16 autocast on GPU (default)")
-    amp.add_argument("--no-amp", "--no_amp", dest="amp", action="store_const", const=False)
+    amp.add_argument("--no-amp", "--no_amp", dest="amp", action="store_const", const=False, help="fp32 on GPU too")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
                         help="no progress bars")
     if keys is None:
