@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     label = f"{args.model}" + (f" + {args.method}" if args.method else "")
     parts = ", ".join(f"{c} {report.gflops(c):.2f}" for c in conventions)
     print(f"{label} @ {size}: GFLOPs {parts}; params {report.params / 1e6:.2f} M")
-    note = CONVENTION_NOTES["paper" if "paper" in conventions else "full"]
+    note = "; ".join(CONVENTION_NOTES[c] for c in conventions)
     if method and _learned(method):
         note += "; " + LEARNED_NOTE.format(batch=args.batch)
     print(f"convention: multiply-accumulates per image; {note}")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 CONVENTION_NOTES = {
-    "paper": "'paper' counts one scan direction (the published convention), 'full' every direction that ran",
+    "paper": "'paper' counts one scan direction (the published convention)",
     "full": "'full' counts every scan direction that ran",
 }
 LEARNED_NOTE = ("the method's decisions are those its untrained predictors made on {batch} random image(s), not "

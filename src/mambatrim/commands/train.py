@@ -4,7 +4,7 @@ Options follow DeiT's names; every config key (see ``mambatrim.engine.config.Tra
 with ``--set key=value``. Precedence: defaults < ``--config FILE.yaml`` < command-line options.
 
 Without ``--config``, ``--model`` or ``--data-path`` it trains the small digits recipe of ``mambatrim demo``
-(configs/digits_vim_micro.yaml: 0.17 M parameters, 12 epochs, about 2 minutes on a 2-core CPU); the defaults
+(configs/digits_vim_micro.yaml: 0.17 M parameters, 12 epochs, a few minutes on a 2-core CPU); the defaults
 of the full recipe (Vim-Ti, 300 epochs, DeiT augmentation) apply as soon as any of them is given.
 ``--resume CKPT`` alone continues a run with the configuration stored in the checkpoint; an option that would
 change the run is refused. An output folder that already holds a run is never silently replaced.
@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 EXAMPLES = """examples:
-  mambatrim train --output-dir runs/digits          # the small digits recipe: about 2 minutes on a 2-core CPU
+  mambatrim train --output-dir runs/digits          # the small digits recipe: a few minutes on a 2-core CPU
   mambatrim train --config configs/cifar10_vim_tiny_p2.yaml --data-path cifar10.zip --output-dir runs/c10
   torchrun --nproc_per_node=8 -m mambatrim train --config configs/vim_tiny_pretrain.yaml --data-path imagenet/
   mambatrim train --output-dir runs/c10 --resume auto          # continue an interrupted run
@@ -165,7 +165,8 @@ def training_config(args: argparse.Namespace):
                if getattr(cfg, key) != getattr(original, key)]
     refused = [f"{key}={new!r} (checkpoint: {old!r})" for key, new, old in changed if key not in RESUME_FREE]
     if refused:
-        raise ValueError(f"cannot resume {path} exactly: {', '.join(refused)} differ from the run's stored config; "
+        raise ValueError(f"cannot resume {path} exactly: {', '.join(refused)} "
+                         f"{'differs' if len(refused) == 1 else 'differ'} from the run's stored config; "
                          f"leave them out (the checkpoint's values are used) or start a new run")
     notes = [f"{key}={new!r} (was {old!r})" for key, new, old in changed if key not in ("resume", "existing_output")]
     print(f"resuming {path} with its stored config" + (f"; changed: {', '.join(notes)}" if notes else ""),
