@@ -32,10 +32,11 @@ from mambatrim.analysis.flops import count_flops
 from mambatrim.data import build_data
 from mambatrim.engine.benchmark import interleaved_times_ms
 from mambatrim.engine.cuda_graph import capture_graph
-from mambatrim.engine.config import FIELDS, load_yaml, make_config
-from mambatrim.engine.evaluate import autocast_for, build_evaluated_model
+from mambatrim.engine.config import FIELDS, load_yaml, make_config, resolve_input
+from mambatrim.engine.evaluate import build_evaluated_model
+from mambatrim.engine.precision import autocast
 from mambatrim.engine.report import write_result
-from mambatrim.engine.train import _resolve_input, train
+from mambatrim.engine.train import train
 from mambatrim.models.checkpoint import read_checkpoint
 from mambatrim.reduce import dyvm, parse_method_options
 
@@ -62,7 +63,7 @@ def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool
     correct = count = 0
     per_layer: dict[int, torch.Tensor] = {}
     for images, targets in loader:
-        with autocast_for(device, amp):
+        with autocast(device, "bf16" if amp and device.type == "cuda" else "fp32"):
             logits = model(images)
         correct += int((logits.argmax(-1) == targets).sum())
         count += targets.shape[0]
@@ -185,7 +186,7 @@ def main() -> int:
                                               "wall_s": round(wall, 1)}}, work / "tuned.pth")
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    in_chans, size = _resolve_input(cfg)
+    in_chans, size = resolve_input(cfg)
     opts = cfg.data_options(in_chans)
     opts.input_size = size
     data = build_data(opts, device, with_train=False)

@@ -28,7 +28,7 @@ def test_flops_both_conventions_and_json(capsys):
 
 
 def test_unknown_model_suggests_close_matches(capsys):
-    assert main(["flops", "vim_small_patch16"]) == 1
+    assert main(["flops", "vim_small_patch16"]) == 2
     assert "Did you mean: vim_small_patch16_224" in capsys.readouterr().err
 
 

@@ -38,7 +38,7 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
                  "--json", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["top1"] == pytest.approx(summary["top1"]) and result["num_images"] == 360
-    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pth")]) == 1
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+import torch
 
 from ..engine.benchmark import DTYPES, measure_throughput, resolve_device
 from ..engine.report import write_json
+from ..engine.build import build_model
 from ..ops import BACKENDS, use_backend
-from .models import add_method_arguments, build_model
+from ..validation import check_all
+from .models import add_method_arguments, method_from_args
 
 EXAMPLES = """examples:
   mambatrim bench vim_tiny_patch16_224                          # CPU or GPU, whichever is here
@@ -20,10 +25,20 @@ timing: median of --iters timed iterations after --warmup untimed ones (CUDA eve
 """
 
 
+def check_arguments(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse zero, negative and impossible values before any work (never silently replaced by a default)."""
+    check_all(vars(args), {"batch_size": "positive_int", "img_size": "positive_int", "iters": "positive_int",
+                           "warmup": "non_negative_int"}, option_name=lambda key: "--" + key.replace("_", "-"))
+    if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for slow CPU testing)")
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
+    check_arguments(args, device)
     batch = args.batch_size or (64 if device.type == "cuda" else 8)
-    model = build_model(args.model, args.method, args.method_opt, img_size=args.img_size)
+    method, options = method_from_args(args)
+    model = build_model(args.model, method, options, img_size=args.img_size)
     with use_backend(args.backend):
         result = measure_throughput(model, batch_size=batch, img_size=args.img_size, device=device,
                                     cuda_graph=args.cuda_graph,

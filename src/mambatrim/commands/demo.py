@@ -11,18 +11,22 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("demo", help="train a small Vim on bundled digits and compare every method",
                                    description=__doc__)
     parser.add_argument("--output-dir", "--output_dir", default=".",
-                        help="where the plot, results JSON and the demo run go (default: current folder)")
+                        help="where the plot, results JSON and the demo runs go (default: current folder); a "
+                             "previous demo's runs there are replaced")
     parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 12)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: fastest for this tiny model on a shared machine)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.demo import run_demo
+    from ..validation import check
 
+    check(args.epochs, "--epochs", "positive_int")
+    check(args.threads, "--threads", "positive_int")
     result = run_demo(args.output_dir, args.device, args.epochs, args.threads, progress=args.progress)
     print()
     print(result["table"])

@@ -10,7 +10,9 @@ import argparse
 import json
 from typing import Any
 
-from .train import add_config_arguments, config_from_args
+from ..validation import check
+
+from .train import EVAL_KEYS, add_config_arguments, config_from_args
 
 EXAMPLES = """examples:
   mambatrim eval --checkpoint runs/digits/best.pth
@@ -25,10 +27,12 @@ def register(subparsers: Any) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", "--ckpt", help="weights to evaluate (default: a fresh model)")
     parser.add_argument("--use-ema", action="store_true", help="evaluate the checkpoint's model_ema weights")
-    parser.add_argument("--no-throughput", dest="throughput", action="store_false")
-    parser.add_argument("--bench-batch", type=int, default=64)
+    parser.add_argument("--no-throughput", dest="throughput", action="store_false",
+                        help="skip the throughput measurement (accuracy and FLOPs only)")
+    parser.add_argument("--bench-batch", type=int, default=64,
+                        help="images per iteration of the throughput measurement (default 64)")
     parser.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
-    add_config_arguments(parser)
+    add_config_arguments(parser, EVAL_KEYS)
     parser.set_defaults(func=run)
 
 
@@ -37,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.report import write_json
     from ..models.checkpoint import read_checkpoint
 
+    check(args.bench_batch, "--bench-batch", "positive_int")
     base = config_from_checkpoint(read_checkpoint(args.checkpoint)) if args.checkpoint else {}
     cfg = config_from_args(args, base)
     result = evaluate_checkpoint(cfg, args.checkpoint, use_ema=args.use_ema, throughput=args.throughput,

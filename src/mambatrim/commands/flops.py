@@ -5,7 +5,9 @@ import argparse
 import json
 
 from ..analysis import CONVENTIONS, count_flops
-from .models import add_method_arguments, build_model
+from ..engine.build import build_model
+from ..validation import check
+from .models import add_method_arguments, method_from_args
 
 EXAMPLES = """examples:
   mambatrim flops vim_tiny_patch16_224
@@ -19,8 +21,11 @@ conventions (multiply-accumulates per image):
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"img_size": args.img_size} if args.img_size else {}
-    model = build_model(args.model, args.method, args.method_opt, meta=args.method is None, **overrides)
+    check(args.img_size, "--img-size", "positive_int")
+    check(args.batch, "--batch", "positive_int")
+    method, options = method_from_args(args)
+    overrides = {"img_size": args.img_size} if args.img_size is not None else {}
+    model = build_model(args.model, method, options, meta=method is None, **overrides)
     report = count_flops(model, batch=args.batch)
     conventions = CONVENTIONS if args.convention == "both" else (args.convention,)
     if args.json:
@@ -36,7 +41,25 @@ def run(args: argparse.Namespace) -> int:
     label = f"{args.model}" + (f" + {args.method}" if args.method else "")
     parts = ", ".join(f"{c} {report.gflops(c):.2f}" for c in conventions)
     print(f"{label} @ {size}: GFLOPs {parts}; params {report.params / 1e6:.2f} M")
+    note = "; ".join(CONVENTION_NOTES[c] for c in conventions)
+    if method and _learned(method):
+        note += "; " + LEARNED_NOTE.format(batch=args.batch)
+    print(f"convention: multiply-accumulates per image; {note}")
     return 0
+
+
+CONVENTION_NOTES = {
+    "paper": "'paper' counts one scan direction (the published convention)",
+    "full": "'full' counts every scan direction that ran",
+}
+LEARNED_NOTE = ("the method's decisions are those its untrained predictors made on {batch} random image(s), not "
+                "its target ratios (the published figures count the targets; see the README)")
+
+
+def _learned(method: str) -> bool:
+    from ..reduce import METHODS  # noqa: PLC0415 (imports every method)
+
+    return method in METHODS and METHODS[method].learned
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """``mambatrim models``: the registered Vision Mamba configs with parameters and FLOPs at 224.
 
-Also home of the model-building helpers the other commands share (model name + reduction method options).
+Also home of the ``--method`` / ``--method-opt`` arguments the other commands share.
 """
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import argparse
 import json
 from typing import Any
 
-import torch
-from torch import nn
-
-from ..models import OFFICIAL_ALIASES, create_model, list_models, resolve_name
+from ..engine.build import build_model
+from ..models import OFFICIAL_ALIASES, list_models
 
 EXAMPLES = """examples:
   mambatrim models
@@ -28,24 +26,13 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         help="method option, repeatable (e.g. --method-opt ratio=0.31 --method-opt layers=[6,12])")
 
 
-def build_model(name: str, method: str | None = None, method_opts: list[str] | None = None,
-                meta: bool = False, **overrides: Any) -> nn.Module:
-    """Create model ``name`` (close matches suggested for unknown names), optionally with a reduction method.
-
-    ``meta=True`` builds without allocating weights (for FLOPs and parameter counts of the dense model).
-    """
-    resolve_name(name)
-    if method_opts and not method:
+def method_from_args(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """(method name, parsed ``--method-opt`` values); options without a method are refused."""
+    if args.method_opt and not args.method:
         raise ValueError("--method-opt given without --method")
-    if meta and method is None:
-        with torch.device("meta"):
-            return create_model(name, **overrides)
-    model = create_model(name, **overrides)
-    if method:
-        from ..reduce import apply_method, parse_method_options  # noqa: PLC0415 (imports every method)
+    from ..reduce import parse_method_options  # noqa: PLC0415 (imports every method)
 
-        model = apply_method(model, method, **parse_method_options(method_opts))
-    return model
+    return args.method, parse_method_options(args.method_opt)
 
 
 def model_rows(include_aliases: bool = False) -> list[dict[str, Any]]:

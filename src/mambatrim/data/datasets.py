@@ -39,8 +39,9 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def resolve_split_name(available: list[str], split: str, where: str) -> str:
-    """'train' must exist; 'val' falls back to 'test' (and vice versa)."""
+def resolve_split_name(available: list[str], split: str, where: str, files: list[str] = ()) -> str:
+    """'train' must exist; 'val' falls back to 'test' (and vice versa). ``files``: the loose files next to the
+    folders, described in the error so a wrong layout is recognisable."""
     if split in available:
         return split
     if split in EVAL_SPLITS:
@@ -48,9 +49,23 @@ def resolve_split_name(available: list[str], split: str, where: str) -> str:
             if alt in available:
                 return alt
     wanted = "train/" if split == "train" else "val/ or test/"
-    found = ", ".join(sorted(available)) or "nothing"
-    raise DataError(f"{where} has no {wanted} folder at its top level (found: {found}); "
+    raise DataError(f"{where} has no {wanted} folder at its top level (found: {describe_entries(available, files)}); "
                     f"expected train/ and val/ (or test/), each holding one folder per class")
+
+
+def describe_entries(folders: list[str], files: list[str], shown: int = 3) -> str:
+    """'2 folders (a/, b/) and 120 loose images (1.png, 2.png, 3.png, ...)' -- what a data path holds."""
+    def listing(names: list[str], noun: str, suffix: str = "") -> str:
+        names = sorted(names)
+        head = ", ".join(n + suffix for n in names[:shown]) + (", ..." if len(names) > shown else "")
+        return f"{len(names)} {noun}{'s' if len(names) != 1 else ''} ({head})"
+
+    images = [f for f in files if _is_image(f)]
+    others = [f for f in files if not _is_image(f)]
+    parts = [listing(folders, "folder", "/")] if folders else []
+    parts += [listing(images, "loose image")] if images else []
+    parts += [listing(others, "other file")] if others else []
+    return " and ".join(parts) or "nothing"
 
 
 class ClassFolderDataset(Dataset):
@@ -107,7 +122,8 @@ class ZipClassFolderDataset(Dataset):
             raise DataError(f"{self.zip_path} is not a readable zip file: {err}") from err
         prefix = _common_prefix(names)
         tops = sorted({n[len(prefix):].split("/", 1)[0] for n in names if "/" in n[len(prefix):]})
-        self.split = resolve_split_name(tops, split, f"zip file {self.zip_path}")
+        loose = [n[len(prefix):] for n in names if n[len(prefix):] and "/" not in n[len(prefix):]]
+        self.split = resolve_split_name(tops, split, f"zip file {self.zip_path}", loose)
         base = f"{prefix}{self.split}/"
         folders: dict[str, list[str]] = {}
         for name in names:

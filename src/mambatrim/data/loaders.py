@@ -234,8 +234,9 @@ def _folder_datasets(path: Path, mode: str) -> tuple[Dataset, Dataset]:
         return (ZipClassFolderDataset(path, "train", mode=image_mode),
                 ZipClassFolderDataset(path, "val", mode=image_mode))
     subdirs = [p.name for p in path.iterdir() if p.is_dir()]
-    train = resolve_split_name(subdirs, "train", f"data folder {path}")
-    val = resolve_split_name(subdirs, "val", f"data folder {path}")
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    train = resolve_split_name(subdirs, "train", f"data folder {path}", files)
+    val = resolve_split_name(subdirs, "val", f"data folder {path}", files)
     return ClassFolderDataset(path / train, mode=image_mode), ClassFolderDataset(path / val, mode=image_mode)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from collections.abc import Hashable, Mapping
 from typing import Any, Callable, TypeVar
 
@@ -20,17 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import get_backend
+from .precision import DTYPES, autocast as _autocast
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 K = TypeVar("K", bound=Hashable)
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if DTYPES[dtype] is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .._yaml import load_yaml_text
-from ..data import DataOptions
+from ..data import DIGITS, DataOptions
+from ..validation import check_all
+from .precision import canonical_dtype
 
 
 @dataclass
@@ -50,7 +52,7 @@ class TrainConfig(DataOptions):
     opt_betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = None
     amp: bool = True                        # autocast on CUDA (ignored on CPU)
-    amp_dtype: str = "bfloat16"             # bfloat16 | float16 (float16 uses a GradScaler)
+    amp_dtype: str = "bf16"                 # bf16 | fp16 (fp16 uses a GradScaler); bfloat16 / float16 accepted
     model_ema: bool = False
     model_ema_decay: float = 0.99996
     # distillation
@@ -64,6 +66,7 @@ class TrainConfig(DataOptions):
     cuda_graph: bool = True                 # on one GPU, replay the student's forward+backward from CUDA graphs
     # run
     output_dir: str | None = None
+    existing_output: str = "refuse"         # an output_dir already holding a run: refuse | overwrite | new
     resume: str | None = None               # a checkpoint, or 'auto' (OUTPUT_DIR/last.pth if it exists)
     seed: int = 0
     device: str = "auto"
@@ -123,18 +126,44 @@ def make_config(*layers: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+# every numeric option and its valid range (mambatrim.validation kinds)
+RANGES: dict[str, str] = {
+    "num_classes": "positive_int", "in_chans": "positive_int", "input_size": "positive_int",
+    "batch_size": "positive_int", "eval_batch_size": "positive_int", "num_workers": "non_negative_int",
+    "epochs": "positive_int", "accum_steps": "positive_int", "eval_every": "positive_int",
+    "save_every_steps": "non_negative_int", "stop_after_steps": "positive_int", "repeated_aug": "positive_int",
+    "recount": "non_negative_int", "gpu_aug_pad": "non_negative_int", "seed": "non_negative_int",
+    "lr": "positive", "min_lr": "non_negative", "warmup_lr": "non_negative", "warmup_epochs": "non_negative",
+    "weight_decay": "non_negative", "opt_eps": "positive", "clip_grad": "positive", "drop_path": "probability",
+    "mixup": "non_negative", "cutmix": "non_negative", "mixup_prob": "probability",
+    "mixup_switch_prob": "probability", "smoothing": "probability", "reprob": "probability",
+    "color_jitter": "non_negative", "crop_pct": "fraction", "model_ema_decay": "probability",
+    "cls_weight": "non_negative", "distill_weight": "non_negative", "distill_temperature": "positive",
+    "token_distill_weight": "non_negative", "time_limit_s": "positive",
+}
+EXISTING_OUTPUT = ("refuse", "overwrite", "new")
+
+
 def check_config(cfg: TrainConfig) -> None:
-    if cfg.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
-    if cfg.batch_size < 1 or cfg.accum_steps < 1:
-        raise ValueError("batch_size and accum_steps must be >= 1")
+    """Refuse every out-of-range value with a one-line error naming the option (never replaced by a default)."""
+    check_all(dataclasses.asdict(cfg), RANGES)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even per-process batch size, got {cfg.batch_size}")
-    if cfg.amp_dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"amp_dtype must be bfloat16 or float16, got {cfg.amp_dtype!r}")
-    if cfg.distill_temperature <= 0:
-        raise ValueError("distill_temperature must be > 0")
+    cfg.amp_dtype = canonical_dtype(cfg.amp_dtype, "amp_dtype")
+    if cfg.amp_dtype == "fp32":
+        raise ValueError("amp_dtype must be bf16 or fp16 (use --no-amp for fp32)")
+    if cfg.existing_output not in EXISTING_OUTPUT:
+        raise ValueError(f"existing_output must be one of {', '.join(EXISTING_OUTPUT)}, got {cfg.existing_output!r}")
     known = {"1d", "bias", "norm", "pos_embed", "cls_token", "A_log", "D", "model"}
     bad = [k for k in cfg.no_weight_decay if k not in known]
     if bad:
         raise ValueError(f"unknown no_weight_decay entries {bad}; known: {sorted(known)}")
+
+
+def resolve_input(cfg: TrainConfig) -> tuple[int, int | None]:
+    """(channels, input size or None = the data's own) from the config and the model config."""
+    in_chans = cfg.in_chans or cfg.model_kwargs.get("channels") or cfg.model_kwargs.get("in_chans") or 3
+    size = cfg.input_size or cfg.model_kwargs.get("img_size")
+    if size is None and cfg.data_path != DIGITS:
+        size = 224
+    return int(in_chans), size

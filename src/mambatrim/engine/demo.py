@@ -30,7 +30,9 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
         torch.set_num_threads(threads)  # tiny ops: one thread avoids oversubscription on a busy machine
     out = Path(output_dir)
     run_dir = out / "demo_run"
-    overrides: dict[str, Any] = {"output_dir": str(run_dir), "device": device, "progress": progress}
+    # the demo's own run folders are replaced by a new demo (the old run's files are listed as they go)
+    overrides: dict[str, Any] = {"output_dir": str(run_dir), "device": device, "progress": progress,
+                                 "existing_output": "overwrite"}
     if epochs is not None:
         overrides["epochs"] = epochs
     cfg = make_config(DEMO_RECIPE, overrides)

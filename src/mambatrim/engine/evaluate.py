@@ -1,27 +1,22 @@
 """Accuracy of a model on an evaluation loader; exact over ranks (sharded without padding, counts summed)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .build import build_from_config
+from .config import resolve_input
 from .distributed import all_reduce_sum
-
-
-def autocast_for(device: torch.device, enabled: bool, dtype: str = "bfloat16") -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA when enabled; a no-op on CPU (fp32)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
-    return contextlib.nullcontext()
+from .precision import autocast
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device, amp: bool = True,
-             amp_dtype: str = "bfloat16", progress: bool = False, desc: str = "eval") -> dict[str, Any]:
-    """top-1 / top-5 (%) and mean cross-entropy over every sample of every rank."""
+def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device, dtype: str = "fp32",
+             progress: bool = False, desc: str = "eval") -> dict[str, Any]:
+    """top-1 / top-5 (%) and mean cross-entropy over every sample of every rank, under ``dtype`` autocast."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
@@ -32,7 +27,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: 
         batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
     try:
         for images, targets in batches:
-            with autocast_for(device, amp, amp_dtype):
+            with autocast(device, dtype):
                 logits = model(images)
             logits = logits.float()
             loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
@@ -66,10 +61,8 @@ def config_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 def build_evaluated_model(cfg: Any, checkpoint: dict[str, Any] | None, num_classes: int, in_chans: int,
                           img_size: int, use_ema: bool = False) -> nn.Module:
-    """Model + method + weights, loaded in the order the checkpoint needs (see ``train.build_model``)."""
-    from .train import build_model
-
-    return build_model(cfg, num_classes, in_chans, img_size, checkpoint, use_ema=use_ema)
+    """Model + method + weights, loaded in the order the checkpoint needs (see ``build.build_model``)."""
+    return build_from_config(cfg, num_classes, in_chans, img_size, checkpoint, use_ema=use_ema)
 
 
 def evaluate_checkpoint(cfg: Any, checkpoint_path: str | None, use_ema: bool = False, throughput: bool = True,
@@ -80,26 +73,25 @@ def evaluate_checkpoint(cfg: Any, checkpoint_path: str | None, use_ema: bool = F
     from ..models.checkpoint import read_checkpoint
     from .benchmark import measure_throughput
     from .distributed import init_distributed
-    from .train import _resolve_input
 
     dist_info = init_distributed(cfg.device)
     device = dist_info.device
     checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
-    in_chans, size = _resolve_input(cfg)
+    in_chans, size = resolve_input(cfg)
     opts = cfg.data_options(in_chans)
     opts.input_size = size
     data = build_data(opts, device, dist_info.rank, dist_info.world_size, with_train=False)
     num_classes = cfg.num_classes or data.num_classes
     model = build_evaluated_model(cfg, checkpoint, num_classes, in_chans, data.input_size, use_ema).to(device)
-    amp = cfg.amp and device.type == "cuda"
+    dtype = cfg.amp_dtype if cfg.amp and device.type == "cuda" else "fp32"
     result: dict[str, Any] = {"model": cfg.model, "method": cfg.method, "method_opts": cfg.method_opts,
                               "checkpoint": checkpoint_path, "use_ema": use_ema, "img_size": data.input_size}
-    result.update(evaluate(model, data.val, device, amp, cfg.amp_dtype, progress=dist_info.is_main and cfg.progress))
+    result.update(evaluate(model, data.val, device, dtype, progress=dist_info.is_main and cfg.progress))
     flops = count_flops(model, data.input_size)
     result.update(gflops=flops.gflops("paper"), gflops_full=flops.gflops("full"),
                   params=sum(p.numel() for p in model.parameters()))
     if throughput and dist_info.is_main:
-        bench = measure_throughput(model, bench_batch, data.input_size, device, "bf16" if amp else "fp32",
+        bench = measure_throughput(model, bench_batch, data.input_size, device, dtype,
                                    warmup=3, iters=bench_iters)
         result.update(img_per_s=bench["img_per_s"], bench=bench)
     return result

@@ -12,9 +12,11 @@ one (bit-exact on CPU with the in-memory data path or deterministic transforms).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,10 +30,12 @@ from torch import nn
 from ..data import DIGITS, build_data
 from ..models import create_model, load_checkpoint
 from ..models.checkpoint import read_checkpoint
+from .build import build_from_config, model_kwargs
 from .checkpointing import atomic_save, capture_rng_state, restore_rng_state
-from .config import TrainConfig
+from .config import TrainConfig, resolve_input
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
-from .evaluate import autocast_for, evaluate
+from .evaluate import evaluate
+from .precision import autocast, torch_dtype
 from .losses import LossWeights, StudentForward, TrainingLoss, check_teacher
 from .optim import build_optimizer, build_scheduler, scaled_lr
 from .report import MetricsLog, write_json
@@ -72,42 +76,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int) -> dict[str, Any]:
-    kwargs = {"drop_path_rate": cfg.drop_path, **cfg.model_kwargs}
-    kwargs.update(num_classes=num_classes, channels=in_chans, img_size=img_size)
-    kwargs.pop("in_chans", None)
-    return kwargs
-
-
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, img_size: int,
-                weights: str | dict[str, Any] | None = None, use_ema: bool = False,
-                skip_mismatched_head: bool = False) -> nn.Module:
-    """Registered config + overrides, the reduction method, and optional weights.
-
-    A checkpoint holding method parameters (keys the dense model lacks: ``reducer.*``, or a method's released
-    names that its key mapper renames) is loaded after the method is attached; a dense one before, so a method
-    can start from dense weights.
-    """
-    from ..models.checkpoint import extract_state_dict, read_checkpoint
-
-    model = create_model(cfg.model, **model_kwargs(cfg, num_classes, in_chans, img_size))
-    checkpoint = read_checkpoint(weights) if isinstance(weights, str) else weights
-    method_weights = False
-    if checkpoint is not None:
-        sd, _ = extract_state_dict(checkpoint, use_ema=use_ema)
-        dense_keys = set(model.state_dict())
-        method_weights = any(k not in dense_keys for k in sd)
-        if not method_weights:
-            load_checkpoint(model, checkpoint, use_ema=use_ema, skip_mismatched_head=skip_mismatched_head)
-    if cfg.method:
-        from ..reduce import apply_method
-
-        model = apply_method(model, cfg.method, **cfg.method_opts)
-    if checkpoint is not None and method_weights:
-        load_checkpoint(model, checkpoint, use_ema=use_ema, skip_mismatched_head=skip_mismatched_head)
-    return model
-
-
 def build_teacher(cfg: TrainConfig, student: nn.Module, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
     """Frozen dense teacher in eval mode; a checkpoint or architecture that does not fit is refused."""
     kwargs = model_kwargs(cfg, num_classes, in_chans, img_size)
@@ -117,15 +85,6 @@ def build_teacher(cfg: TrainConfig, student: nn.Module, num_classes: int, in_cha
     check_teacher(student, teacher, token_distill=cfg.token_distill_weight > 0)
     teacher.eval().requires_grad_(False)
     return teacher
-
-
-def _resolve_input(cfg: TrainConfig) -> tuple[int, int | None]:
-    """(channels, input size or None = the data's own) from the config and the model config."""
-    in_chans = cfg.in_chans or cfg.model_kwargs.get("channels") or cfg.model_kwargs.get("in_chans") or 3
-    size = cfg.input_size or cfg.model_kwargs.get("img_size")
-    if size is None and cfg.data_path != DIGITS:
-        size = 224
-    return int(in_chans), size
 
 
 def _make_ema(model: nn.Module, decay: float) -> Any:
@@ -148,7 +107,8 @@ def _mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
     return None, nn.CrossEntropyLoss()
 
 
-def _resume_path(cfg: TrainConfig) -> Path | None:
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint ``cfg.resume`` names (``auto``: OUTPUT_DIR/last.pth if it exists), else None."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
@@ -157,6 +117,53 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
         path = Path(cfg.output_dir) / "last.pth"
         return path if path.exists() else None
     return Path(cfg.resume)
+
+
+RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "summary.json", "config.yaml", "tensorboard")
+
+
+def _run_files(folder: Path) -> list[str]:
+    return [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def output_folder(cfg: TrainConfig, resume: Path | None) -> Path | None:
+    """The folder this run writes to, checked before anything is written.
+
+    A folder already holding a run is refused (its ``best.pth`` and ``metrics.jsonl`` would be replaced or
+    mixed with this run's) unless this run resumes a checkpoint of that folder, or ``existing_output`` is
+    ``overwrite`` (the old run's files are deleted once everything else is validated) or ``new`` (the first
+    free numbered folder ``OUTPUT_DIR-2``, ``-3``, ... is used instead).
+    """
+    if not cfg.output_dir:
+        return None
+    out = Path(cfg.output_dir)
+    found = _run_files(out)
+    if not found or cfg.existing_output == "overwrite":
+        return out
+    if resume is not None and resume.resolve().parent == out.resolve():
+        return out
+    if cfg.existing_output == "new":
+        n = 2
+        while _run_files(Path(f"{out}-{n}")):
+            n += 1
+        return Path(f"{out}-{n}")
+    raise ValueError(f"output folder {out} already holds a run ({', '.join(found)}): pass --resume auto to "
+                     f"continue it, --overwrite to replace it, --new-run to write to the next free {out}-N "
+                     f"folder, or another --output-dir")
+
+
+def _claim_output(out: Path, cfg: TrainConfig) -> None:
+    """Create the output folder (deleting an old run's files if ``existing_output`` is overwrite) and record the
+    config. Called only once the data, model and teacher have been built, so a bad option changes nothing."""
+    if cfg.existing_output == "overwrite" and not cfg.resume:
+        old = _run_files(out)
+        if old:
+            print(f"--overwrite: deleting the previous run's {', '.join(old)} in {out}", flush=True)
+        for name in old:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -173,15 +180,14 @@ class _Run:
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo) -> None:
         self.cfg, self.dist, self.device = cfg, dist_info, dist_info.device
         main = dist_info.is_main
-        self.out = Path(cfg.output_dir) if cfg.output_dir else None
-        resume = _resume_path(cfg)
+        resume = resume_path(cfg)
+        self.out = output_folder(cfg, resume)  # nothing is written before every check has passed
+        if self.out is not None and str(self.out) != cfg.output_dir:
+            cfg = self.cfg = dataclasses.replace(cfg, output_dir=str(self.out))
         self.resume_ckpt = read_checkpoint(resume) if resume else None  # unreadable: clear error, before any work
-        if self.out is not None and main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
         seed_everything(cfg.seed + dist_info.rank)
 
-        in_chans, size = _resolve_input(cfg)
+        in_chans, size = resolve_input(cfg)
         data_opts = cfg.data_options(in_chans)
         data_opts.input_size = size
         self.data = build_data(data_opts, self.device, dist_info.rank, dist_info.world_size)
@@ -190,8 +196,8 @@ class _Run:
             raise ValueError(f"num_classes={num_classes} but the data has {self.data.num_classes} classes")
         self.num_classes, self.img_size, self.in_chans = num_classes, self.data.input_size, in_chans
         finetune = cfg.finetune if self.resume_ckpt is None else None
-        self.model = build_model(cfg, num_classes, in_chans, self.data.input_size, finetune,
-                                 skip_mismatched_head=True).to(self.device)
+        self.model = build_from_config(cfg, num_classes, in_chans, self.data.input_size, finetune,
+                                       skip_mismatched_head=True).to(self.device)
         self.teacher = (build_teacher(cfg, self.model, num_classes, in_chans, self.data.input_size).to(self.device)
                         if cfg.teacher else None)
 
@@ -209,10 +215,11 @@ class _Run:
                                          int(round(cfg.warmup_epochs * self.steps_per_epoch)), cfg.min_lr,
                                          cfg.warmup_lr)
         self.use_amp = cfg.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and cfg.amp_dtype == "float16")
+        self.dtype = cfg.amp_dtype if self.use_amp else "fp32"  # autocast precision of every forward
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == "fp16")
         self.ema = _make_ema(self.model, cfg.model_ema_decay) if cfg.model_ema else None
         self.mixup_fn, criterion = _mixup(cfg, num_classes)
-        amp_dtype = getattr(torch, cfg.amp_dtype) if self.use_amp else None
+        amp_dtype = torch_dtype(self.dtype)
         self.loss_fn = TrainingLoss(criterion, LossWeights(cfg.cls_weight, cfg.distill_weight,
                                                            cfg.distill_temperature, cfg.token_distill_weight),
                                     self.teacher, cuda_graph=cfg.teacher_cuda_graph, autocast_dtype=amp_dtype)
@@ -232,6 +239,9 @@ class _Run:
         if self.resume_ckpt is not None:
             self._load_state(self.resume_ckpt)
             self.resume_ckpt = None
+        barrier()  # every rank has passed every check
+        if self.out is not None and main:
+            _claim_output(self.out, cfg)
         self.log = MetricsLog(self.out, main, cfg.tensorboard)
         self.train_images, self.train_seconds = 0, 0.0
 
@@ -299,7 +309,7 @@ class _Run:
                 images, targets = self.mixup_fn(images, targets)
             sync = self.forward.no_sync() if ddp and micro < self.accum - 1 else contextlib.nullcontext()
             with sync:
-                with autocast_for(self.device, self.use_amp, self.cfg.amp_dtype):
+                with autocast(self.device, self.dtype):
                     logits, state = self.forward(images)
                     loss, terms = self.loss_fn(self.model, images, logits, state, targets)
                 self.scaler.scale(loss / self.accum).backward()
@@ -352,6 +362,7 @@ class _Run:
                       + (f"checkpoint {path}; continue with --resume {path}" if path else "no --output-dir"),
                       flush=True)
         summary = self._summary(time.time() - start, stopped)
+        summary["stop_signal"] = stopper.signal  # the CLI exits 128 + signal, as shells expect
         if main and self.out is not None:
             write_json(self.out / "summary.json", summary)
         self.log.close()
@@ -410,9 +421,9 @@ class _Run:
         cfg, main = self.cfg, self.dist.is_main
         if self.epoch % cfg.eval_every and self.epoch != cfg.epochs:
             return False
-        result = evaluate(self.model, self.data.val, self.device, self.use_amp, cfg.amp_dtype)
+        result = evaluate(self.model, self.data.val, self.device, self.dtype)
         if self.ema is not None:
-            ema = evaluate(self.ema.module, self.data.val, self.device, self.use_amp, cfg.amp_dtype)
+            ema = evaluate(self.ema.module, self.data.val, self.device, self.dtype)
             result.update({f"ema_{k}": v for k, v in ema.items() if k != "num_images"})
         self.last_eval = result
         if main:
@@ -435,9 +446,9 @@ class _Run:
             "img_size": self.img_size, "num_classes": self.num_classes, "params": params,
             "gflops": flops.gflops("paper"), "gflops_full": flops.gflops("full"),
             "global_batch": self.global_batch, "lr": self.lr, "world_size": self.dist.world_size,
-            "device": str(self.device), "amp": self.use_amp and self.cfg.amp_dtype,
+            "device": str(self.device), "amp": self.use_amp and self.dtype,
             "wall_s": wall_s, "train_img_per_s": self.train_images / max(self.train_seconds, 1e-9),
-            "best_top1": self.best_top1 if self.best_top1 >= 0 else None,
+            "best_top1": self.best_top1 if self.best_top1 >= 0 else None, "output_dir": str(self.out or ""),
         }
         summary.update({k: v for k, v in self.last_eval.items()})
         if self.device.type == "cuda":

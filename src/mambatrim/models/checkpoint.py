@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import zipfile
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,15 +64,21 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"checkpoint {path} holds objects that are not allowed to be unpickled (only tensors, containers "
-            f"and argparse.Namespace are): {err}") from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt and cannot be read: {err}") from err
+    except Exception as err:  # noqa: BLE001 (garbage bytes raise anything: IndexError, KeyError, ...)
+        raise CheckpointError(_unreadable(path, err)) from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict of weights")
     return dict(obj)
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """One line for a file ``torch.load`` refused: a real checkpoint holding a type that is not allowed is named
+    as such (with the type); anything else is garbage or a truncated file."""
+    global_name = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if global_name:
+        return (f"checkpoint {path} holds a {global_name.group(1)} object, which is not allowed to be unpickled "
+                f"(only tensors, containers and argparse.Namespace are): re-save the weights as a state_dict")
+    return f"not a PyTorch checkpoint (or corrupt): {path}"
 
 
 def extract_state_dict(obj: Mapping[str, Any], use_ema: bool = False) -> tuple[dict[str, Tensor], str | None]:
