@@ -7,7 +7,7 @@ from typing import Any
 
 from ..engine.benchmark import DTYPES, resolve_device
 from ..engine.compare import MODES, compare, configuration, load_plan, to_markdown
-from ..engine.report import write_json, write_result
+from ..engine.report import write_result
 
 EXAMPLES = """examples:
   mambatrim compare vim_small_patch16_224 --dtype bf16 --batch-size 128 \\
@@ -84,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
     print(markdown)
     if args.out:
         write_result(args.out, plan["stem"], result, markdown)
-    if args.json_out:
-        write_json(args.json_out, result)
     return 0
 
 
@@ -117,5 +115,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed forwards per configuration (default 10)")
     parser.add_argument("--out", default=None, metavar="DIR", help="write STEM.json and STEM.md into DIR")
     parser.add_argument("--stem", default=None, help="result file stem (default: the plan's, else 'compare')")
-    parser.add_argument("--json-out", default=None, metavar="FILE", help="also write the JSON result to FILE")
     parser.set_defaults(func=run, groups=[])
