@@ -32,84 +32,16 @@ from mambatrim.analysis.flops import count_flops
 from mambatrim.data import build_data
 from mambatrim.engine.benchmark import interleaved_times_ms
 from mambatrim.engine.cuda_graph import capture_graph
-from mambatrim.engine.config import FIELDS, load_yaml, make_config, resolve_input
+from mambatrim.engine.baseline import baseline_settings
+from mambatrim.engine.config import load_yaml, make_config, resolve_input
+from mambatrim.engine.dyvm_eval import grid_agreement, measure
 from mambatrim.engine.evaluate import build_evaluated_model
-from mambatrim.engine.precision import autocast
 from mambatrim.engine.report import write_result
 from mambatrim.engine.train import train
 from mambatrim.models.checkpoint import read_checkpoint
 from mambatrim.reduce import dyvm, parse_method_options
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "dyvm_cifar10.yaml"
-# settings of the baseline's run that must not carry over into evaluation or fine-tuning
-RUN_KEYS = ("output_dir", "resume", "finetune", "teacher", "teacher_model", "method", "method_opts", "epochs",
-            "lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "no_weight_decay", "unscale_lr",
-            "stop_after_steps", "time_limit_s", "save_every_steps", "model_ema", "clip_grad", "accum_steps",
-            "drop_path")
-
-
-def baseline_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(checkpoint.get("config") or {})
-    if not cfg.get("model"):
-        raise SystemExit("the checkpoint records no training config: pass a checkpoint written by mambatrim train")
-    return {k: v for k, v in cfg.items() if k in FIELDS and k not in RUN_KEYS}
-
-
-@torch.no_grad()
-def measure(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> dict[str, Any]:
-    """Top-1, the executed-direction fraction (over layers, directions and images) and, per layer, the share of
-    images that ran the forward / backward scan on ``loader``: how per-image the selectors' decisions are."""
-    model.eval()
-    correct = count = 0
-    per_layer: dict[int, torch.Tensor] = {}
-    for images, targets in loader:
-        with autocast(device, "bf16" if amp and device.type == "cuda" else "fp32"):
-            logits = model(images)
-        correct += int((logits.argmax(-1) == targets).sum())
-        count += targets.shape[0]
-        for i, layer in enumerate(model.layers):
-            gate = layer.mixer.last_stats.get("gate")
-            if gate is not None:
-                on = gate.reshape(gate.shape[0], -1).float().sum(0).cpu()
-                per_layer[i] = per_layer.get(i, 0) + on
-    rates = {i: (v / count).tolist() for i, v in sorted(per_layer.items())}
-    flat = [r for pair in rates.values() for r in pair]
-    return {"top1": 100.0 * correct / count, "block_ratio": sum(flat) / len(flat) if flat else 1.0,
-            "num_images": count, "direction_rates": rates}
-
-
-def inference_keep(log_probs: torch.Tensor, policy: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N) 0/1: the ``k`` alive tokens with the best keep log-probability, the deployed top-k's decision in
-    the form a ``keep_override`` returns it."""
-    score = log_probs[..., 0].float().masked_fill(policy == 0, float("-inf"))
-    return torch.zeros_like(policy).scatter(1, score.topk(k, dim=1).indices, 1.0)
-
-
-@torch.no_grad()
-def grid_agreement(model: torch.nn.Module, loader: Any, device: torch.device, amp: bool) -> dict[str, Any] | None:
-    """How far a DyVM model with the coverage prior strays from the prior's evenly spread grid: per pruning
-    stage, the share of kept patch tokens that lie on the grid (1.0: the learned predictor changed nothing and
-    the kept set is static pruning's). The decisions are the inference top-k, taken through ``keep_override``
-    (same scores, same k), so this pass also reports its own top-1, which must equal the deployed model's."""
-    reducer = getattr(model, "reducer", None)
-    if not isinstance(reducer, dyvm.DyVMReducer) or reducer.coverage_prior == 0:
-        return None
-    ratios, num_patches = reducer.token_ratios, model.patch_embed.num_patches
-    on_grid, kept = [0.0] * len(ratios), [0.0] * len(ratios)
-
-    def top_k(stage: int, log_probs: torch.Tensor, policy: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        keep = inference_keep(log_probs, policy, int(ratios[stage] * num_patches))
-        grid = reducer.stage_grid(stage, policy)
-        on_grid[stage] += float((keep * grid).sum())
-        kept[stage] += float(keep.sum())
-        return keep
-
-    reducer.keep_override = top_k
-    try:
-        top1 = measure(model, loader, device, amp)["top1"]
-    finally:
-        reducer.keep_override = None
-    return {"on_grid_share": [round(g / max(n, 1.0), 4) for g, n in zip(on_grid, kept)], "top1": round(top1, 2)}
 
 
 def speed(models: dict[str, torch.nn.Module], images: torch.Tensor, rounds: int = 5, iters: int = 20) -> dict:

@@ -8,7 +8,7 @@ show up as kernels whose time does not fall with the token count.
     python benchmarks/graph_profile.py --out benchmarks/results
 
 Writes ``graph_profile.{json,md}``: configurations dense, R-MeeTo at ratio 0.54 (r = 20), DyVM rho 0.7 with a
-static and a per-image block policy at block ratio 0.8 (as in ``dyvm_speed.py``).
+static and a per-image block policy at block ratio 0.8 (as in ``benchmarks/compare/dyvm.yaml``).
 """
 from __future__ import annotations
 
@@ -16,19 +16,17 @@ import argparse
 import statistics
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mambatrim  # noqa: E402,F401  (registers the models)
-from dyvm_speed import set_per_image_block_policy, set_static_block_policy  # noqa: E402
-from mambatrim.engine.benchmark import mean_time_ms  # noqa: E402
-from mambatrim.engine.cuda_graph import capture_graph  # noqa: E402
-from mambatrim.engine.report import write_result  # noqa: E402
-from mambatrim.models.registry import create_model  # noqa: E402
-from mambatrim.reduce import dyvm, rmeeto  # noqa: E402
+import mambatrim  # noqa: F401  (registers the models)
+from mambatrim.engine.benchmark import mean_time_ms
+from mambatrim.engine.cuda_graph import capture_graph
+from mambatrim.engine.dyvm_selectors import set_per_image_block_policy, set_static_block_policy
+from mambatrim.engine.report import write_result
+from mambatrim.models.registry import create_model
+from mambatrim.reduce import dyvm, rmeeto
 
 
 def build(name: str, state: dict, images: torch.Tensor) -> torch.nn.Module:
@@ -42,7 +40,7 @@ def build(name: str, state: dict, images: torch.Tensor) -> torch.nn.Module:
         if name == "dyvm static policy":
             set_static_block_policy(model, 0.8)
         else:
-            set_per_image_block_policy(model, images, 0.8)
+            set_per_image_block_policy(model, images, 0.8, amp_dtype=torch.bfloat16)
     return model
 
 

@@ -13,8 +13,8 @@ share an SM (the registers would hold 12). A program that runs both directions w
 that runs one; with random per-image decisions nearly every SM hosts such programs, so the launch takes as long
 as with everything on, while the static policy halves every program and the time. docs/dyvm.md lists the
 schedules tried against this. Two of them were timed by this script and then removed, both slower: the step loop
-unrolled 2x / 4x (``scan_schedule_unroll.md``) and a kernel walking both directions in one L-step loop
-(``scan_schedule_interleave.md``); their code is in the project history, in the commit that added those tables.
+unrolled 2x / 4x and a kernel walking both directions in one L-step loop; their code and tables are in the
+project history.
 
     python benchmarks/scan_schedule.py --out benchmarks/results
 

@@ -1,15 +1,12 @@
-"""benchmarks/seed_summary.py: statistics over seeds of one recipe, and refusal to mix recipes."""
+"""mambatrim.analysis.seeds (benchmarks/seed_summary.py): statistics over seeds of one recipe, and refusal to mix recipes."""
 from __future__ import annotations
 
 import copy
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import seed_summary  # noqa: E402
+from mambatrim.analysis import seeds as seed_summary
 
 
 def _result(seed: int | None, top1: float, reduction: float = 0.36) -> dict:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mambatrim.engine.config import FIELDS, load_yaml, make_config
+from mambatrim.engine.baseline import baseline_settings
+from mambatrim.engine.config import load_yaml, make_config
 from mambatrim.engine.evaluate import evaluate_checkpoint
 from mambatrim.engine.report import write_result
 from mambatrim.engine.train import train
@@ -26,18 +27,6 @@ from mambatrim.models.checkpoint import read_checkpoint
 from mambatrim.reduce import rmeeto
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "rmeeto_cifar10.yaml"
-# settings of the baseline's run that must not carry over into evaluation or re-training
-RUN_KEYS = ("output_dir", "resume", "finetune", "teacher", "teacher_model", "method", "method_opts", "epochs",
-            "lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "no_weight_decay", "unscale_lr",
-            "stop_after_steps", "time_limit_s", "save_every_steps", "model_ema", "clip_grad", "accum_steps")
-
-
-def baseline_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The dense run's recorded config (model, data, augmentation), minus its run/optimiser settings."""
-    cfg = dict(checkpoint.get("config") or {})
-    if not cfg.get("model"):
-        raise SystemExit("the checkpoint records no training config: pass a checkpoint written by mambatrim train")
-    return {k: v for k, v in cfg.items() if k in FIELDS and k not in RUN_KEYS}
 
 
 def main() -> int:

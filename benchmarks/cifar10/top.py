@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mambatrim.engine.config import FIELDS, load_yaml, make_config
+from mambatrim.engine.baseline import baseline_settings
+from mambatrim.engine.config import load_yaml, make_config
 from mambatrim.engine.evaluate import evaluate_checkpoint
 from mambatrim.engine.report import write_result
 from mambatrim.engine.train import train
@@ -27,9 +28,6 @@ from mambatrim.reduce import parse_method_options
 from mambatrim.reduce.top import tokens_per_layer
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "top_cifar10.yaml"
-RUN_KEYS = ("output_dir", "resume", "finetune", "teacher", "teacher_model", "method", "method_opts", "epochs",
-            "lr", "min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "no_weight_decay", "unscale_lr",
-            "stop_after_steps", "time_limit_s", "save_every_steps", "model_ema", "clip_grad", "accum_steps")
 
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [  # (row, method, options on top of the schedule)
     ("ToP, align=decay (R2)", "top", dict(align="decay")),
@@ -62,13 +60,6 @@ FINETUNED = ("ToP, align=decay (R2)", "ToP, align=hold (R1)", "norm pruning (pla
 def scaled_schedule(depth: int) -> list[int]:
     """ToP's pruning points (after blocks 5, 10, 15 of 24) at the same relative depths."""
     return sorted({max(1, min(depth - 1, round(depth * b / 24))) for b in (5, 10, 15)})
-
-
-def baseline_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    cfg = dict(checkpoint.get("config") or {})
-    if not cfg.get("model"):
-        raise SystemExit("the checkpoint records no training config: pass a checkpoint written by mambatrim train")
-    return {k: v for k, v in cfg.items() if k in FIELDS and k not in RUN_KEYS}
 
 
 def model_shape(base: dict[str, Any]) -> tuple[int, int]:

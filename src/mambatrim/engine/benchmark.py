@@ -8,17 +8,21 @@ forward + cross-entropy + backward + AdamW step.
 """
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import get_backend
+from ..ops import get_backend, policy
 from .precision import DTYPES, autocast as _autocast
 
 K = TypeVar("K", bound=Hashable)
@@ -38,6 +42,33 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str | None:
+    """The package source's git commit (``+dirty`` with uncommitted changes); None outside a checkout."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        if done.returncode != 0:
+            raise OSError(done.stderr)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what a measurement ran: device, library versions, commit, date, fast-path settings."""
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    return dict(device=str(device), device_name=device_name(device), torch=torch.__version__, triton=triton,
+                python=platform.python_version(), scan_backend=get_backend(device.type), git_commit=git_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                policy=policy.current())
 
 
 def mean_time_ms(fn: Callable[[], object], iters: int, device: torch.device) -> float:
