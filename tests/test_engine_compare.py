@@ -109,7 +109,7 @@ def _cli_error(capsys: pytest.CaptureFixture, *args: str) -> str:
     code = main(["compare", "vim_tiny_patch16_224", "--device", "cpu", "--img-size", "32", "--batch-size", "1",
                  "--rounds", "1", "--iters", "1", "--warmup", "0", *args])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1, err
+    assert code == 2 and len(err) == 1, err
     return err[0]
 
 
