@@ -1,12 +1,13 @@
-/* Fused selective scan (Mamba-1, one direction) for the CPU, compiled on first use by scan_cpu.py.
+/* CPU kernels of the torch backend at inference, compiled on first use by cpu_kernels.py: a fused selective
+ * scan (Mamba-1, one direction) and a depthwise causal conv.
  *
- * One work item = one sample x BLOCK_D channels. The state h[n][BLOCK_D] stays in L1 for the whole
- * sequence; every step reads delta, u, z for the block's channels and B, C for the sample once, and
- * computes softplus(delta + bias), the gap decay, exp(delta * A), the state update, <h, C>, the D skip and
- * the silu(z) gate in one pass. The inner loops run over the block's channels, so the compiler vectorises
- * them: each block is one 16-lane vector (GCC/Clang vector extensions, mapped to AVX-512, AVX2, SSE or NEON),
- * and exp and log are polynomials (Cephes coefficients) on those vectors.
- * Inputs may have any strides (Vim's mixer hands in transposed views); all tensors are fp32.
+ * Scan: one work item = one sample x a group of channel blocks (all of them unless the threads need more
+ * items). Its state, (blocks x d_state) vectors, stays in L1 for the whole sequence; each step reads whole rows
+ * of delta, u, z (what the prefetcher follows) and B, C once, and computes softplus(delta + bias), the gap
+ * decay, exp(delta * A), the state update, <h, C>, the D skip and the silu(z) gate in one pass. A channel block
+ * is one native vector (GCC/Clang vector extensions: AVX-512, AVX2, SSE or NEON); exp and log are polynomials
+ * (Cephes coefficients) on those vectors. Inputs may have any strides (Vim's mixer hands in transposed views);
+ * all tensors are fp32.
  */
 #include <stdint.h>
 #include <stdlib.h>
