@@ -67,6 +67,9 @@ SETTINGS: dict[str, Setting] = {
     "conv_bwd_block_e": Setting(64, "channels per program of the pair conv's backward"),
     "conv_bwd_warps": Setting(1, "warps per program of the pair conv's backward"),
     "conv_bwd_segments": Setting(4, "sequence segments per sample of the pair conv's backward"),
+    "cpu_kernels": Setting("auto", "scan and conv of the torch backend at CPU inference: 'compiled' (cpu_kernels.c "
+                           "built with the system C compiler, cached), 'torch' (PyTorch ops); 'auto' = compiled "
+                           "where a C compiler builds it, else torch", ("auto", "compiled", "torch")),
 }
 
 _values: dict[str, Any] = {}

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cpu_kernels import compiled_applies, selective_scan_cpu
+
 BLOCK = 8
 
 
@@ -85,7 +87,15 @@ def selective_scan_torch(
     gap: Tensor | None = None,
     block: int = BLOCK,
 ) -> Tensor:
-    """Same contract as :func:`mambatrim.ops.scan_ref.selective_scan_ref` (see there for shapes)."""
+    """Same contract as :func:`mambatrim.ops.scan_ref.selective_scan_ref` (see there for shapes).
+
+    CPU inference goes to the compiled scan (:mod:`mambatrim.ops.cpu_kernels`) where the ``cpu_kernels`` setting allows.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, gap))
+    if compiled_applies(u.device, needs_grad):
+        return selective_scan_cpu(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus, reverse=reverse, gap=gap)
     dtype_in = u.dtype
     uf = u.float()
     dt = delta.float().permute(2, 0, 1)  # (L, b, d) view
@@ -103,8 +113,6 @@ def selective_scan_torch(
     Bt = B.float().permute(2, 0, 1).contiguous()
     Ct = C.float().permute(2, 0, 1).contiguous()
     A = A.float().contiguous()
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, gap))
     scan = _scan_autograd if needs_grad else _scan_inference
     y = scan(dec, du, A, Bt, Ct, reverse, block).permute(1, 2, 0)  # (b, d, L) view
     if D is not None:

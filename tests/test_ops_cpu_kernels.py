@@ -1,0 +1,147 @@
+"""The compiled CPU kernels (ops.cpu_kernels) against the sequential reference scan and nn.functional.conv1d,
+and the fall-back to PyTorch ops where no C compiler is found."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambatrim.ops import causal_conv1d, cpu_kernels, policy, selective_scan
+from mambatrim.ops.scan_ref import selective_scan_ref
+
+needs_compiler = pytest.mark.skipif(cpu_kernels.unavailable_reason() != "",
+                                    reason=f"compiled CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))
+
+
+def token_major(gen: torch.Generator, batch: int, channels: int, length: int) -> torch.Tensor:
+    """(batch, channels, length) viewed on (batch, length, channels) memory: how Vim's mixer passes tensors."""
+    return torch.randn(batch, length, channels, generator=gen).transpose(1, 2)
+
+
+def scan_inputs(length: int, dim: int, seed: int, layout: str, extras: bool, gap: bool) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    state, batch = 5, 2
+    make = (lambda c: token_major(g, batch, c, length)) if layout == "token_major" else (
+        lambda c: torch.randn(batch, c, length, generator=g))
+    inputs = dict(u=make(dim), delta=make(dim) * 0.5, A=-torch.exp(torch.randn(dim, state, generator=g)),
+                  B=make(state), C=make(state))
+    if extras:
+        inputs.update(D=torch.randn(dim, generator=g), z=make(dim), delta_bias=torch.randn(dim, generator=g) * 0.5,
+                      delta_softplus=True)
+    else:
+        inputs["delta"] = inputs["delta"].abs()  # no softplus: keep delta >= 0 as a discretisation step
+    if gap:
+        inputs["gap"] = torch.randint(0, 3, (batch, length), generator=g).float()
+    return inputs
+
+
+@needs_compiler
+@pytest.mark.parametrize("length", [1, 7, 197])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dim,layout,extras,gap", [
+    (37, "token_major", True, False),   # channels not a multiple of the vector width; Vim's layout
+    (16, "contiguous", True, True),     # gaps; (b, d, L) contiguous inputs (strided channel loads)
+    (3, "token_major", False, False),   # no D, z, delta_bias, softplus
+    (40, "contiguous", False, True),
+])
+def test_compiled_scan_matches_ref(length, reverse, dim, layout, extras, gap):
+    inputs = scan_inputs(length, dim, seed=length + dim, layout=layout, extras=extras, gap=gap)
+    y_ref = selective_scan_ref(**inputs, reverse=reverse)
+    y = cpu_kernels.selective_scan_cpu(**inputs, reverse=reverse)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert rel_err(y, y_ref) < 1e-5
+    assert y.transpose(1, 2).is_contiguous()  # token-major output: out_proj reads it without a copy
+
+
+@needs_compiler
+def test_compiled_scan_extreme_values_match_ref():
+    """softplus past its threshold (20) and far below 0, silu of large |z|, decays that underflow to 0."""
+    inputs = scan_inputs(64, 24, seed=1, layout="token_major", extras=True, gap=True)
+    inputs["delta"] = inputs["delta"] * 40.0  # delta + bias in about [-80, 80]
+    inputs["z"] = inputs["z"] * 60.0
+    inputs["A"] = inputs["A"] * 20.0
+    y_ref = selective_scan_ref(**inputs)
+    y = cpu_kernels.selective_scan_cpu(**inputs)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, y_ref) < 1e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("choice", ["auto", "compiled", "torch"])
+def test_torch_backend_inference_paths_match_ref(choice):
+    """Every cpu_kernels choice of the torch backend at inference gives the reference result."""
+    inputs = scan_inputs(50, 37, seed=2, layout="token_major", extras=True, gap=True)
+    with torch.no_grad(), policy.override(cpu_kernels=choice):
+        for reverse in (False, True):
+            y = selective_scan(**inputs, reverse=reverse, backend="torch")
+            assert rel_err(y, selective_scan_ref(**inputs, reverse=reverse)) < 1e-5
+
+
+@needs_compiler
+def test_compiled_runs_only_for_cpu_inference():
+    cpu = torch.device("cpu")
+    assert cpu_kernels.compiled_applies(cpu, needs_grad=False)
+    assert not cpu_kernels.compiled_applies(cpu, needs_grad=True)
+    assert not cpu_kernels.compiled_applies(torch.device("meta"), needs_grad=False)
+    with policy.override(cpu_kernels="torch"):
+        assert not cpu_kernels.compiled_applies(cpu, needs_grad=False)
+    # with gradients the torch backend keeps the differentiable path
+    inputs = scan_inputs(9, 4, seed=3, layout="token_major", extras=True, gap=False)
+    u = inputs.pop("u").clone().requires_grad_(True)
+    selective_scan(u, **inputs, backend="torch").sum().backward()
+    assert u.grad is not None and torch.isfinite(u.grad).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("length", [1, 3, 40])
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_compiled_conv_matches_conv1d(length, k, reverse, activation):
+    g = torch.Generator().manual_seed(length * k)
+    dim = 37
+    x = token_major(g, 2, dim, length)
+    weight, bias = torch.randn(dim, 1, k, generator=g), torch.randn(dim, generator=g)
+    xs = x.flip(-1) if reverse else x
+    expect = F.conv1d(F.pad(xs, (k - 1, 0)), weight, bias, groups=dim)
+    expect = F.silu(expect) if activation else expect
+    expect = expect.flip(-1) if reverse else expect
+    with torch.no_grad(), policy.override(cpu_kernels="compiled"):
+        out = causal_conv1d(x, weight, bias, activation=activation, reverse=reverse)
+        no_bias = causal_conv1d(x.contiguous(), weight[:, 0], None, reverse=reverse)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()  # token-major: x_proj reads it without a copy
+    plain = F.conv1d(F.pad(xs, (k - 1, 0)), weight, None, groups=dim)
+    torch.testing.assert_close(no_bias, plain.flip(-1) if reverse else plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """The kernels as on a machine without a C compiler (the library cache is rebuilt around the test)."""
+    monkeypatch.setenv("CC", "no-such-c-compiler")
+    cpu_kernels._library.cache_clear()
+    yield
+    monkeypatch.undo()
+    cpu_kernels._library.cache_clear()
+
+
+def test_without_a_compiler_auto_falls_back_and_compiled_explains(no_compiler):
+    assert "no C compiler found" in cpu_kernels.unavailable_reason()
+    inputs = scan_inputs(20, 37, seed=4, layout="token_major", extras=True, gap=True)
+    x = inputs["u"]
+    weight, bias = torch.randn(37, 1, 4), torch.randn(37)
+    with torch.no_grad():
+        assert rel_err(selective_scan(**inputs, backend="torch"), selective_scan_ref(**inputs)) < 1e-5
+        conv = causal_conv1d(x, weight, bias, activation="silu")
+        torch.testing.assert_close(conv, F.silu(F.conv1d(F.pad(x, (3, 0)), weight, bias, groups=37)))
+        with policy.override(cpu_kernels="compiled"), pytest.raises(RuntimeError, match="no C compiler found"):
+            selective_scan(**inputs, backend="torch")
+
+
+def test_cpu_kernels_setting_is_validated():
+    with pytest.raises(ValueError, match="one of auto, compiled, torch"):
+        policy.set(cpu_kernels="numba")
