@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..ops import policy
+
 
 def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[tuple[int, int]]:
     """Selectors that switch off the same (layer, direction) pairs for every image; returns the pairs."""
@@ -61,7 +63,10 @@ def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor,
         sel.weight.copy_(torch.randn(sel.weight.shape, generator=gen) / sel.weight.shape[1] ** 0.5)
         sel.bias.fill_(5.0)
     for _ in range(rounds):
-        with torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        # the per-path PyTorch executor calls in_proj as a module (the fused one uses cached weight casts), so
+        # the hooks above see its output
+        with policy.override(fused_mixer=False), torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16,
+                                                                enabled=amp_dtype is not None):
             model(images)
         for i, sel in enumerate(selectors):
             proj = inputs[i] @ sel.weight.float().t()
