@@ -272,6 +272,32 @@ def _direction_reverse(g, PAIR: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _bwd_program(A_ptr, bias_ptr, E, pid_d, pid_q, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr,
+                 NP: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """What both backward kernels derive from their program ids: the direction ``g`` and segment of grid axis 2
+    (a pair interleaves its two directions), whether it scans right to left, the channel / state index vectors
+    and masks, A in log2 units and the delta bias."""
+    if PAIR:
+        g = pid_q % 2
+        seg_i = pid_q // 2
+    else:
+        g = 0
+        seg_i = pid_q
+    rev = _direction_reverse(g, PAIR, REVERSE)
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    dmask = d < E
+    nmask = n < N
+    mask2 = nmask[:, None] & dmask[None, :]
+    A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
+    bias = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    return g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias
+
+
+@triton.jit
 def _exponent_back(s, t, ok, m, dt, L, rev, gp_base, sg_t, d_base, sd_t, bias, HAS_GAP: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Decay exponent of scan step ``s`` (at position ``t``) and its gap: dt, plus gap * dt of step s - 1."""
@@ -314,23 +340,8 @@ def _scan_bwd_carry_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_q = tl.program_id(2)
-    if PAIR:
-        g = pid_q % 2
-        seg_i = pid_q // 2
-    else:
-        g = 0
-        seg_i = pid_q
-    rev = _direction_reverse(g, PAIR, REVERSE)
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
-    dmask = d < E
-    nmask = n < N
-    mask2 = nmask[:, None] & dmask[None, :]
-    A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
-    A2 = A2 * 1.4426950408889634
-    bias = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
+        A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
     d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
     z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
     o_base = dout_ptr + pid_b * so_b + d * so_d
@@ -383,26 +394,11 @@ def _scan_bwd_seq_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_q = tl.program_id(2)
-    if PAIR:
-        g = pid_q % 2
-        seg_i = pid_q // 2
-    else:
-        g = 0
-        seg_i = pid_q
-    rev = _direction_reverse(g, PAIR, REVERSE)
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
-    dmask = d < E
-    nmask = n < N
-    mask2 = nmask[:, None] & dmask[None, :]
-    A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
-    A2 = A2 * 1.4426950408889634
+    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
+        A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
     Dv = tl.zeros((BD,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-    bias = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
     prog = (pid_q * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
     ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
     sc_base = scratch_ptr + prog.to(tl.int64) * (T * NP * BD) + n[:, None] * BD + tl.arange(0, BD)[None, :]
