@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any, Callable
 
 import torch
 
+from mambatrim.engine.benchmark import cuda_time
 from mambatrim.models.vim import VisionMamba
-from mambatrim.ops import causal_conv1d, selective_scan, use_backend
+from mambatrim.ops import causal_conv1d, policy, selective_scan, use_backend
 from mambatrim.ops import triton_scan as ts
 
 CONFIGS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24),
@@ -29,22 +29,6 @@ H100_BW = 3.35e12
 
 def log(*a: Any) -> None:
     print(*a, flush=True)
-
-
-def cuda_time(fn: Callable[[], Any], iters: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median / min / max milliseconds of ``fn`` over ``iters`` timed calls (CUDA events), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,15 +138,15 @@ def section_kernel(out: dict, sweep: bool) -> None:
         return ts.selective_scan_triton(u2[0], d2[0], A, B2[0], C2[0], D, zt, bias, True)
 
     variants = []
-    configs = [(ts.FWD_BLOCK_D, ts.FWD_WARPS)]
+    configs = [(policy.get("scan_fwd_block_d"), policy.get("scan_fwd_warps"))]
     if sweep:
         configs = [(16, 1), (32, 1), (64, 1), (64, 2), (128, 4)]
     best = None
     for bd, w in configs:
-        ts.FWD_BLOCK_D, ts.FWD_WARPS = bd, w
         try:
-            t_cm = cuda_time(single, iters=20)["median_ms"]
-            t_tm = cuda_time(single_tm, iters=20)["median_ms"]
+            with policy.override(scan_fwd_block_d=bd, scan_fwd_warps=w):
+                t_cm = cuda_time(single, iters=20)["median_ms"]
+                t_tm = cuda_time(single_tm, iters=20)["median_ms"]
         except Exception as err:  # a config that does not compile is reported, not fatal
             variants.append({"block_d": bd, "warps": w, "error": str(err)[:200]})
             continue
@@ -172,9 +156,9 @@ def section_kernel(out: dict, sweep: bool) -> None:
         if best is None or t_tm < best[0]:
             best = (t_tm, bd, w)
     res["fwd_variants"] = variants
-    if best is not None:
-        ts.FWD_BLOCK_D, ts.FWD_WARPS = best[1:]
-    res["fwd_config"] = dict(block_d=ts.FWD_BLOCK_D, warps=ts.FWD_WARPS)
+    if best is not None:  # the fastest setting for the rest of the run
+        policy.set(scan_fwd_block_d=best[1], scan_fwd_warps=best[2])
+    res["fwd_config"] = dict(block_d=policy.get("scan_fwd_block_d"), warps=policy.get("scan_fwd_warps"))
     for name, fn, nbytes in (("single_fwd_channel_major", single, bytes_single),
                              ("single_fwd_token_major", single_tm, bytes_single),
                              ("pair_fwd_token_major", pair, 2 * bytes_single - bsz * dim * length * elt * 2)):
@@ -191,14 +175,15 @@ def section_kernel(out: dict, sweep: bool) -> None:
         y = ts.selective_scan_pair_triton(*ins)
         y.backward(gout)
 
-    bcfgs = [(ts.BWD_BLOCK_D, ts.BWD_WARPS, ts.CHUNK)]
+    bwd_names = ("scan_bwd_block_d", "scan_bwd_warps", "scan_ckpt_chunk")
+    bcfgs = [tuple(policy.get(n) for n in bwd_names)]
     if sweep:
         bcfgs = [(32, 1, 8), (16, 1, 8), (16, 1, 16), (32, 1, 4), (8, 1, 8), (32, 2, 8)]
     bbest = None
     for bd, w, c in bcfgs:
-        ts.BWD_BLOCK_D, ts.BWD_WARPS, ts.CHUNK = bd, w, c
         try:
-            t = cuda_time(fwd_bwd, iters=10, warmup=2)["median_ms"]
+            with policy.override(**dict(zip(bwd_names, (bd, w, c)))):
+                t = cuda_time(fwd_bwd, iters=10, warmup=2)["median_ms"]
         except Exception as err:
             bwd_variants.append({"block_d": bd, "warps": w, "chunk": c, "error": str(err)[:200]})
             continue
@@ -208,9 +193,9 @@ def section_kernel(out: dict, sweep: bool) -> None:
         if bbest is None or t < bbest[0]:
             bbest = (t, bd, w, c)
     if bbest is not None:
-        ts.BWD_BLOCK_D, ts.BWD_WARPS, ts.CHUNK = bbest[1:]
+        policy.set(**dict(zip(bwd_names, bbest[1:])))
     res["bwd_variants"] = bwd_variants
-    res["bwd_config"] = dict(block_d=ts.BWD_BLOCK_D, warps=ts.BWD_WARPS, chunk=ts.CHUNK)
+    res["bwd_config"] = dict(zip(("block_d", "warps", "chunk"), (policy.get(n) for n in bwd_names)))
     res["pair_fwd_bwd_us"] = cuda_time(fwd_bwd, iters=30)["median_ms"] * 1e3
     # the torch backend on the same single scan, for scale (few iterations: it is slow)
     # the paired conv kernel on the Vim-S layer input (x half of in_proj's output)
@@ -219,19 +204,20 @@ def section_kernel(out: dict, sweep: bool) -> None:
     xz = torch.randn(bsz, length, 2 * dim, device="cuda", dtype=dtype)
     cw, cb = torch.randn(2, dim, 4, device="cuda"), torch.randn(2, dim, device="cuda")
     conv_bytes = (bsz * length * dim + 2 * bsz * length * dim) * elt
-    ccfgs = [(tv.CONV_BLOCK_L, tv.CONV_BLOCK_E, tv.CONV_WARPS)]
+    conv_names = ("conv_block_l", "conv_block_e", "conv_warps")
+    ccfgs = [tuple(policy.get(n) for n in conv_names)]
     if sweep:
         ccfgs = [(32, 64, 4), (16, 128, 4), (64, 64, 4), (8, 256, 4), (32, 128, 4), (16, 256, 8), (64, 128, 8)]
     conv_rows, cbest = [], None
     for bl, be, w in ccfgs:
-        tv.CONV_BLOCK_L, tv.CONV_BLOCK_E, tv.CONV_WARPS = bl, be, w
-        t = cuda_time(lambda: tv.conv_pair_triton(xz[..., :dim], cw, cb), iters=30)["median_ms"]
+        with policy.override(**dict(zip(conv_names, (bl, be, w)))):
+            t = cuda_time(lambda: tv.conv_pair_triton(xz[..., :dim], cw, cb), iters=30)["median_ms"]
         conv_rows.append({"block_l": bl, "block_e": be, "warps": w, "us": t * 1e3,
                           "frac_of_3.35TBps": conv_bytes / (t * 1e-3) / H100_BW})
         log("conv", conv_rows[-1])
         if cbest is None or t < cbest[0]:
             cbest = (t, bl, be, w)
-    tv.CONV_BLOCK_L, tv.CONV_BLOCK_E, tv.CONV_WARPS = cbest[1:]
+    policy.set(**dict(zip(conv_names, cbest[1:])))
     res["conv_pair"] = conv_rows
     # its backward (training): the Triton kernel alone, and forward+backward against the PyTorch depthwise
     # conv path it replaced (causal + anti-causal conv1d + SiLU, autograd)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from mambatrim.engine.benchmark import cuda_time
 
 RESOLUTIONS = (224, 384, 512, 768, 1024, 1248)
 MODELS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24),
@@ -38,22 +39,6 @@ ORDER = [(224, 128), (1024, 8), (768, 8), (512, 8), (384, 8), (224, 8), (1248, 8
 
 def log(*a: Any) -> None:
     print(*a, flush=True)
-
-
-def cuda_ms(fn: Callable[[], Any], iters: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` (CUDA events around each call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,8 +128,8 @@ def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
                     rows.append(dict(seen[chunk, bwd_chunk], variant=name))
                     continue
                 with torch.no_grad():
-                    t_f = cuda_ms(fwd, iters=20)
-                t_fb = cuda_ms(fwd_bwd, iters=5, warmup=2) if train and bsz * length <= 128 * 1025 else None
+                    t_f = cuda_time(fwd, iters=20, warmup=3)["median_ms"]
+                t_fb = cuda_time(fwd_bwd, iters=5, warmup=2)["median_ms"] if train and bsz * length <= 128 * 1025 else None
             row = {"batch": bsz, "dim": dim, "length": length, "variant": name, "chunk": chunk, "bwd_chunk": bwd_chunk,
                    "fwd_us": t_f * 1e3, "fwd_bwd_us": None if t_fb is None else t_fb * 1e3}
             seen[chunk, bwd_chunk] = row

@@ -88,6 +88,22 @@ def mean_time_ms(fn: Callable[[], object], iters: int, device: torch.device) -> 
     return start.elapsed_time(end) / iters
 
 
+def cuda_time(fn: Callable[[], object], iters: int = 30, warmup: int = 5) -> dict[str, float]:
+    """Median / min / max milliseconds of ``fn`` over ``iters`` timed calls (CUDA events), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
+
+
 def interleaved_times_ms(runners: Mapping[K, Callable[[], object]], rounds: int, iters: int, device: torch.device,
                          switch: Callable[[K], None] | None = None,
                          log: Callable[[int, K, float], None] | None = None) -> dict[K, list[float]]:
