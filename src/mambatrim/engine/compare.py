@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,10 +29,11 @@ from torch import nn
 from ..analysis import count_flops
 from ..models import create_model
 from ..ops import policy
-from ..reduce import METHODS, apply_method, dyvm
+from ..reduce import apply_method, dyvm, method_spec
 from .benchmark import DTYPES, interleaved_times_ms, resolve_device, run_environment
 from .cuda_graph import capture_graph
 from .dyvm_selectors import set_selector_policy
+from .precision import autocast_to
 
 MODES = ("cuda_graph", "eager")
 CONFIG_KEYS = ("name", "method", "options", "policy", "selectors")
@@ -62,16 +62,15 @@ def configuration(entry: Mapping[str, Any]) -> Configuration:
         raise ValueError(f"configuration {entry.get('name', '?')!r}: unknown key(s) {', '.join(unknown)}; "
                          f"valid keys: {', '.join(CONFIG_KEYS)}")
     method = entry.get("method")
-    if method is not None and method not in METHODS:
-        raise ValueError(f"unknown reduction method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    if method is not None:
+        method_spec(method)  # an unknown name: one line naming the known ones
     name = str(entry.get("name") or _default_name(method, entry.get("options") or {}, entry.get("policy") or {}))
     for key in ("options", "policy"):
         if not isinstance(entry.get(key) or {}, Mapping):
             raise ValueError(f"configuration {name!r}: {key} must be a mapping of name: value")
     cfg = Configuration(name, method, dict(entry.get("options") or {}), dict(entry.get("policy") or {}),
                         entry.get("selectors"))
-    with policy.override(**cfg.policy):  # validates the setting names and values
-        pass
+    policy.validate(**cfg.policy)
     if cfg.selectors is not None and cfg.method != "dyvm":
         raise ValueError(f"configuration {name!r}: selectors apply to method dyvm only")
     if cfg.options and cfg.method is None:
@@ -105,10 +104,7 @@ def build_variant(dense: nn.Module, cfg: Configuration, images: torch.Tensor,
     model = copy.deepcopy(dense)
     if cfg.method is None:
         return model.eval(), {}
-    try:
-        model = apply_method(model, cfg.method, **cfg.options)
-    except TypeError as err:  # a misspelt option: one line, not a traceback
-        raise ValueError(f"configuration {cfg.name!r}: {err}") from None
+    model = apply_method(model, cfg.method, **cfg.options)  # a misspelt option: one line naming the valid ones
     if cfg.method != "dyvm":
         return model.eval(), {}
     model = dyvm.deploy(model)
@@ -120,7 +116,7 @@ def build_variant(dense: nn.Module, cfg: Configuration, images: torch.Tensor,
 
 
 def _amp(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False) if amp_dtype else nullcontext()
+    return autocast_to(device, amp_dtype, cache_enabled=False)
 
 
 def _forward(model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype | None,

@@ -9,11 +9,12 @@ skipping on the PyTorch path, alignment without a known dense length) cannot, an
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from .precision import autocast_to
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
@@ -51,7 +52,7 @@ class GraphedForward:
             raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
         self.model = model
         self.static_in = example.detach().clone()
-        amp = (lambda: torch.autocast("cuda", dtype=autocast_dtype)) if autocast_dtype else nullcontext
+        amp = (lambda: autocast_to("cuda", autocast_dtype))
         outputs: list[Any] = []
 
         def forward() -> None:
@@ -105,8 +106,7 @@ class GraphedStudent(nn.Module):
         import warnings
 
         flat_module = _FlatForward(self)
-        amp = (torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False) if self.autocast_dtype
-               else nullcontext())
+        amp = autocast_to("cuda", self.autocast_dtype, cache_enabled=False)
         try:
             with amp:
                 self._graphed = torch.cuda.make_graphed_callables(flat_module, (x.detach().clone(),),

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..ops import policy
+from .precision import autocast_to
 
 
 def set_static_block_policy(model: torch.nn.Module, block_ratio: float) -> list[tuple[int, int]]:
@@ -65,8 +66,7 @@ def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor,
     for _ in range(rounds):
         # the per-path PyTorch executor calls in_proj as a module (the fused one uses cached weight casts), so
         # the hooks above see its output
-        with policy.override(fused_mixer=False), torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16,
-                                                                enabled=amp_dtype is not None):
+        with policy.override(fused_mixer=False), autocast_to(images.device, amp_dtype):
             model(images)
         for i, sel in enumerate(selectors):
             proj = inputs[i] @ sel.weight.float().t()

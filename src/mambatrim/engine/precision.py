@@ -28,7 +28,14 @@ def torch_dtype(name: str) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
     """Autocast to ``dtype`` on ``device`` (weights stay fp32); ``fp32`` is a no-op."""
-    target = torch_dtype(dtype)
+    return autocast_to(device, torch_dtype(dtype))
+
+
+def autocast_to(device: torch.device | str, target: torch.dtype | None,
+                cache_enabled: bool = True) -> AbstractContextManager:
+    """Autocast to the torch dtype ``target`` (a value of :data:`DTYPES`; ``None``: no-op). ``cache_enabled``
+    False for CUDA-graph capture and replay, whose weight casts must run inside the graph."""
     if target is None:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=target)
+    kind = device if isinstance(device, str) else device.type
+    return torch.autocast(device_type=kind, dtype=target, cache_enabled=cache_enabled)

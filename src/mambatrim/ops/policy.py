@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-__all__ = ["SETTINGS", "get", "set", "override", "current", "reset", "describe"]
+__all__ = ["SETTINGS", "get", "set", "override", "validate", "current", "reset", "describe"]
 
 
 @dataclass(frozen=True)
@@ -133,16 +133,20 @@ def get(name: str) -> Any:
         raise
 
 
+def validate(**values: Any) -> dict[str, Any]:
+    """``values`` checked (names and values) without applying them; a bad one is a one-line ValueError."""
+    return {name: _check(name, value) for name, value in values.items()}
+
+
 def set(**values: Any) -> None:  # noqa: A001 (the timm-style name)
     """Change settings for the rest of the process: ``policy.set(fused_row_gather=False)``."""
-    checked = {name: _check(name, value) for name, value in values.items()}
-    _values.update(checked)
+    _values.update(validate(**values))
 
 
 @contextlib.contextmanager
 def override(**values: Any) -> Iterator[None]:
     """Change settings inside a block: ``with policy.override(backend='torch'): model(x)``."""
-    checked = {name: _check(name, value) for name, value in values.items()}
+    checked = validate(**values)
     saved = {name: _values[name] for name in checked}
     _values.update(checked)
     try:

@@ -9,10 +9,10 @@ benchmarks can apply any of them by name, with one vocabulary of options (:mod:`
 from __future__ import annotations
 
 from ..contract import MixerContext, Reducer, TokenState
-from .registry import METHODS, MethodSpec, apply_method, parse_method_options, register_method
+from .registry import METHODS, MethodSpec, apply_method, method_spec, parse_method_options, register_method
 
 __all__ = ["METHODS", "MethodSpec", "MixerContext", "Reducer", "TokenState", "apply_method",
-           "parse_method_options", "register_method"]
+           "method_spec", "parse_method_options", "register_method"]
 
 # Methods register themselves on import (one line per method module below).
 from . import rmeeto  # noqa: E402,F401

@@ -1,6 +1,7 @@
 """The registry of reduction methods: every method registers an apply function under its name."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,17 +29,20 @@ def register_method(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
-    """Attach method ``name`` to ``model`` with ``options``; an unknown name or option gets one line naming the
-    valid ones (:mod:`.options`)."""
+def method_spec(name: str) -> MethodSpec:
+    """The registered method ``name``; an unknown name is one line suggesting the closest and listing all."""
     if name not in METHODS:
-        import difflib  # noqa: PLC0415
-
         known = ", ".join(sorted(METHODS)) or "none registered"
         close = difflib.get_close_matches(name, list(METHODS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown reduction method {name!r}{hint}; known methods: {known}")
-    return METHODS[name].apply(model, **options)
+    return METHODS[name]
+
+
+def apply_method(model: nn.Module, name: str, **options: Any) -> nn.Module:
+    """Attach method ``name`` to ``model`` with ``options``; an unknown name or option gets one line naming the
+    valid ones (:mod:`.options`)."""
+    return method_spec(name).apply(model, **options)
 
 
 def parse_method_options(items: list[str] | None) -> dict[str, Any]:
