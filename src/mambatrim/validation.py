@@ -15,6 +15,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "non_negative": (lambda v: _is_real(v) and v >= 0, "a number >= 0"),
     "fraction": (lambda v: _is_real(v) and 0 < v <= 1, "a fraction in (0, 1]"),
     "probability": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "fraction_below_one": (lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
 }
 
 

@@ -43,7 +43,8 @@ from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
 from ..ops import get_backend
 from ..ops import policy as fast_paths
 from .core import others_index
-from .options import check_fraction, method_options
+from ..validation import check
+from .options import method_options
 from .registry import MethodSpec, register_method
 
 # keep decision override: (stage, log_probs (B, N, 2), policy (B, N), positions (B, N)) -> keep (B, N) 0/1;
@@ -202,9 +203,9 @@ class DyVMConfig:
 
     def __post_init__(self) -> None:
         if self.keep is not None:
-            check_fraction("dyvm", "keep (keep_ratio, rho)", self.keep)
+            check(self.keep, "dyvm: keep (keep_ratio, rho)", "fraction")
         if self.block_ratio is not None:
-            check_fraction("dyvm", "block_ratio", self.block_ratio, allow_zero=True)
+            check(self.block_ratio, "dyvm: block_ratio", "probability")
         if self.token_tau <= 0 or self.block_tau <= 0:
             raise ValueError(f"dyvm: temperatures must be > 0, got token_tau={self.token_tau}, "
                              f"block_tau={self.block_tau}")

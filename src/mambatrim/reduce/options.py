@@ -19,7 +19,7 @@ import functools
 import inspect
 from typing import Any, Callable, Iterable
 
-__all__ = ["method_options", "check_fraction"]
+__all__ = ["method_options"]
 
 
 def method_options(method: str, aliases: dict[str, str] | None = None,
@@ -48,8 +48,6 @@ def method_options(method: str, aliases: dict[str, str] | None = None,
                 raise ValueError(unknown_option_message(method, unknown[0], names, aliases))
             return fn(model, **options)
 
-        apply.option_names = valid  # type: ignore[attr-defined]
-        apply.option_aliases = aliases  # type: ignore[attr-defined]
         return apply
 
     return wrap
@@ -61,16 +59,3 @@ def unknown_option_message(method: str, key: str, names: list[str], aliases: dic
     close = difflib.get_close_matches(key, names + list(aliases), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{method}: unknown option {key!r}{hint}; valid options: {', '.join(shown)}"
-
-
-def check_fraction(method: str, name: str, value: Any, allow_zero: bool = False, allow_one: bool = True) -> float:
-    """``value`` as a float in (0, 1] (or the bounds asked for), else one line naming the option and range."""
-    low, high = ("[0" if allow_zero else "(0"), ("1]" if allow_one else "1)")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{method}: {name} must be a number in {low}, {high}, got {value!r}") from None
-    ok = (number >= 0 if allow_zero else number > 0) and (number <= 1 if allow_one else number < 1)
-    if not ok:
-        raise ValueError(f"{method}: {name} must lie in {low}, {high}, got {value!r}")
-    return number

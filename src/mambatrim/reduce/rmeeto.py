@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import get_backend, policy
-from .options import check_fraction, method_options
+from ..validation import check
+from .options import method_options
 from .registry import MethodSpec, register_method
 from ..contract import Reducer, TokenState, take_rows
 
@@ -254,10 +255,9 @@ def apply(model: nn.Module, keep: float | None = None, ratio: float | None = Non
         raise ValueError(f"rmeeto: give only one of keep= (fraction kept), ratio= (reduction ratio, e.g. 0.31) "
                          f"or r= (tokens merged per event), got {' and '.join(given)}")
     if keep is not None:
-        ratio = 1.0 - check_fraction("rmeeto", "keep", keep)
+        ratio = 1.0 - check(keep, "rmeeto: keep", "fraction")
     elif ratio is not None:
-        ratio = check_fraction("rmeeto", "ratio (the reduction ratio, 1 - keep)", ratio, allow_zero=True,
-                               allow_one=False)
+        ratio = check(ratio, "rmeeto: ratio (the reduction ratio, 1 - keep)", "fraction_below_one")
     elif r is None:
         ratio = DEFAULT_RATIO
     if cls_position not in CLS_POSITIONS:
