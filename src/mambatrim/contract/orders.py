@@ -40,21 +40,39 @@ class ScanOrder:
 
     def token_ranks(self, positions: Tensor, grid: tuple[int, ...] | None) -> Tensor:
         """(B, L) visiting step of each current token (its dense position along this order)."""
+        return _rank_table(self._rank_fn(), self._grid(grid), positions.device)[positions]
+
+    def dense_index(self, grid: tuple[int, ...] | None, device: torch.device) -> Tensor:
+        """(M,) raster indices in visiting order of the whole grid (no token pruned), computed once per grid."""
+        return _dense_index(self._rank_fn(), self._grid(grid), device)
+
+    def _rank_fn(self) -> RankFn:
         if self.rank is None:
             raise ValueError(f"scan order {self.name!r} is a sequence order: it has no ranks")
+        return self.rank
+
+    def _grid(self, grid: tuple[int, ...] | None) -> tuple[int, ...]:
         if grid is None:
             raise ValueError(f"scan order {self.name!r} walks a token grid, but the mixer context has none "
                              "(the backbone must set MixerContext.grid)")
-        table = self.rank(tuple(grid)).to(positions.device)
-        if positions.numel() and int(positions.max()) >= table.numel():  # pragma: no cover - backbone bug
-            raise ValueError(f"scan order {self.name!r}: positions exceed the grid {tuple(grid)}")
-        return table[positions]
+        return tuple(grid)
 
     def visit(self, positions: Tensor, grid: tuple[int, ...] | None) -> tuple[Tensor, Tensor]:
         """(index, ranks): ``index`` (B, L) the sequence indices in visiting order; ``ranks`` (B, L) their dense
         steps along this order, ascending (what gaps and the aligned conv read)."""
         ranks, index = torch.sort(self.token_ranks(positions, grid), dim=1)
         return index, ranks
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_table(rank: RankFn, grid: tuple[int, ...], device: torch.device) -> Tensor:
+    """A grid order's rank table on ``device``, built and copied once (no host-device copy per layer call)."""
+    return rank(grid).to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_index(rank: RankFn, grid: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.argsort(_rank_table(rank, grid, device))
 
 
 SEQUENCE = ScanOrder("forward")
@@ -114,6 +132,7 @@ def _columns(grid: tuple[int, ...]) -> Iterable[int]:
     return (h * width + w for w in range(width) for h in range(height))
 
 
+@functools.cache  # one set of order objects: their rank tables are cached per grid and device
 def zigzag_orders() -> tuple[ScanOrder, ...]:
     """PlainMamba's four orders of an (H, W) grid: a snake along rows from (0, 0), its reverse, a snake along
     columns from (0, 0), its reverse."""
@@ -121,6 +140,7 @@ def zigzag_orders() -> tuple[ScanOrder, ...]:
     return rows, _reverse(rows), columns, _reverse(columns)
 
 
+@functools.cache  # one set of order objects: their rank tables are cached per grid and device
 def raster_orders() -> tuple[ScanOrder, ...]:
     """Row-major, column-major and their reverses (GroupMamba's four group directions)."""
     rows, columns = grid_order("rows", _rows), grid_order("columns", _columns)

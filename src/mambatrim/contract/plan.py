@@ -80,7 +80,7 @@ class MixerPlan:
         return self.gate is not None and not torch.is_tensor(self.gate)
 
     @staticmethod
-    def build(ctx: MixerContext | None, orders: Sequence[ScanOrder], batch: int, length: int,
+    def build(ctx: MixerContext | None, orders: Sequence[ScanOrder], batch: int,
               device: torch.device) -> "MixerPlan":
         grad = torch.is_grad_enabled()
         if ctx is None:
@@ -95,10 +95,7 @@ class MixerPlan:
         if gate is not None and not torch.is_tensor(gate) and ctx.cls_index is None:
             raise ValueError("a direction selector needs MixerContext.cls_index")
         linear_form = getattr(gate, "linear_form", None)
-        positions = ctx.positions
-        if positions is None and not all(o.is_sequence for o in orders):  # dense: raster order
-            positions = torch.arange(length, device=device).expand(batch, length)
-        paths = tuple(_path_plan(order, k, ctx, positions, align) for k, order in enumerate(orders))
+        paths = tuple(_path_plan(order, k, ctx, align, batch, device) for k, order in enumerate(orders))
         full_length = ctx.full_length
         if align is not None and not all(o.is_sequence for o in orders) and ctx.grid is not None:
             full_length = 1
@@ -121,14 +118,15 @@ class MixerPlan:
                        cls_index=take(self.cls_index), tap=None)
 
 
-def _path_plan(order: ScanOrder, k: int, ctx: MixerContext, positions: Tensor | None,
-               align: str | None) -> PathPlan:
+def _path_plan(order: ScanOrder, k: int, ctx: MixerContext, align: str | None, batch: int,
+               device: torch.device) -> PathPlan:
     if order.is_sequence:
         gap = None
         if align == "decay":
             gap = ctx.gaps[k] if ctx.gaps is not None else scan_gaps(ctx.positions, order.reverse, ctx.cls_index)
         return PathPlan(order, positions=ctx.positions if align is not None else None, gap=gap)
-    index, ranks = order.visit(positions, ctx.grid)
+    if ctx.positions is None:  # the whole grid (alignment needs positions): one visiting sequence for all
+        return PathPlan(order, index=order.dense_index(ctx.grid, device).expand(batch, -1))
+    index, ranks = order.visit(ctx.positions, ctx.grid)
     gap = order_gaps(ranks) if align == "decay" else None  # a method's precomputed gaps are sequence orders'
-
     return PathPlan(order, index=index, positions=ranks if align is not None else None, gap=gap)

@@ -164,8 +164,7 @@ class MultiPathMixer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden: Tensor, ctx: MixerContext | None = None) -> Tensor:
         """hidden (B, L, d_model) -> (B, L, d_model)."""
-        bsz, length, _ = hidden.shape
-        plan = MixerPlan.build(ctx, self.orders, bsz, length, hidden.device)
+        plan = MixerPlan.build(ctx, self.orders, hidden.shape[0], hidden.device)
         executor = next(e for e in EXECUTORS if e.supports(self, hidden, plan))
         return executor.run(self, hidden, plan)
 
