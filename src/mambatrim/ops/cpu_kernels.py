@@ -4,8 +4,8 @@ Why: the blocked PyTorch scan spends most of its time in per-step dispatch and i
 tensors in memory; one fused C loop keeps a sample's state in L1 and does softplus, exp, the update, the
 C contraction, the D skip and the silu(z) gate in one pass. The conv kernel reads Vim's transposed views in
 place and writes token-major output, which the next projection reads without a copy (Vim-Ti forward on 2
-cores: see ``benchmarks/results/cpu_forward.md``). The library needs no PyTorch headers, so it builds in about a second;
-it is cached under ``$XDG_CACHE_HOME/mambatrim`` (or ``~/.cache/mambatrim``), keyed by the source, the flags
+cores: see ``benchmarks/results/cpu_forward.md``). The library needs no PyTorch headers, so it builds in about a
+second; it is cached under ``$XDG_CACHE_HOME/mambatrim`` (or ``~/.cache/mambatrim``), keyed by the source, the flags
 and the CPU, and loaded with ctypes. Where no compiler is found or the build fails, :func:`unavailable_reason`
 says why and callers keep the PyTorch ops. Inference only (no autograd), fp32 math on any strides. Whether they
 run is the ``cpu_kernels`` setting of :mod:`mambatrim.ops.policy` (:func:`compiled_applies`).
@@ -158,8 +158,8 @@ def selective_scan_cpu(
     y = u.new_empty(bsz, length, dim, dtype=torch.float32).transpose(1, 2)
     s = _strides(uf, dt, zf, Bf, Cf, y, gf)  # the order cpu_kernels.c reads them in
     status = lib.mambatrim_scan_fwd(bsz, dim, length, nst, _ptr(uf), _ptr(dt), _ptr(At), _ptr(Bf), _ptr(Cf),
-                                    _ptr(Df),                           _ptr(zf), _ptr(bias), _ptr(gf), _ptr(y), s, int(delta_softplus),
-                           int(reverse), torch.get_num_threads())
+                                    _ptr(Df), _ptr(zf), _ptr(bias), _ptr(gf), _ptr(y), s, int(delta_softplus),
+                                    int(reverse), torch.get_num_threads())
     if status != 0:
         raise MemoryError("selective_scan_cpu: could not allocate the scan state")
     return y.to(u.dtype)
