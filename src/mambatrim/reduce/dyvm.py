@@ -513,7 +513,7 @@ def map_official_dyvm_keys(sd: dict[str, Tensor], model: nn.Module) -> dict[str,
     if not isinstance(getattr(model, "reducer", None), DyVMReducer):
         raise CheckpointMismatchError(
             "this is a DyVM checkpoint (it has score_predictors / block_head weights): attach DyVM to the model "
-            "first, e.g. mambatrim.reduce.dyvm.apply(model, keep_ratio=0.7, block_ratio=0.8)")
+            "first, e.g. mambatrim.reduce.dyvm.apply(model, keep=0.7, block_ratio=0.8)")
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
         if key.startswith(_OFFICIAL_PREDICTOR):
@@ -529,7 +529,7 @@ register_method(MethodSpec(
     name="dyvm",
     apply=apply,
     description="DyVM: learned token pruning with rearrangement + dynamic scan-direction selection",
-    demo_options={"keep_ratio": 0.7, "block_ratio": 0.8, "pruning_layers": [2]},
+    demo_options={"keep": 0.7, "block_ratio": 0.8, "layers": [2]},
     trainable=True,
     learned=True,
 ))
