@@ -2,11 +2,19 @@
 from .checkpoint import CheckpointError, CheckpointMismatchError, load_checkpoint, register_key_mapper
 from .mamba import BiMambaMixer, RMSNorm
 from .pos_embed import resize_pos_embed
-from .registry import MODEL_CONFIGS, OFFICIAL_ALIASES, create_model, list_models, resolve_name
+from .registry import (
+    MODEL_CONFIGS,
+    MODELS,
+    OFFICIAL_ALIASES,
+    create_model,
+    list_models,
+    register_family,
+    resolve_name,
+)
 from .vim import VisionMamba
 
 __all__ = [
-    "BiMambaMixer", "CheckpointError", "CheckpointMismatchError", "MODEL_CONFIGS", "OFFICIAL_ALIASES",
+    "BiMambaMixer", "CheckpointError", "CheckpointMismatchError", "MODELS", "MODEL_CONFIGS", "OFFICIAL_ALIASES",
     "RMSNorm", "VisionMamba", "create_model", "list_models", "load_checkpoint", "register_key_mapper",
-    "resize_pos_embed", "resolve_name",
+    "register_family", "resize_pos_embed", "resolve_name",
 ]

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .pos_embed import resize_pos_embed
 
 
 class CheckpointError(RuntimeError):
@@ -97,11 +96,6 @@ def extract_state_dict(obj: Mapping[str, Any], use_ema: bool = False) -> tuple[d
     return sd, entry
 
 
-def _grid_of(model: nn.Module) -> tuple[int, int] | None:
-    patch_embed = getattr(model, "patch_embed", None)
-    return getattr(patch_embed, "grid_size", None)
-
-
 def _describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 12) -> str:
     parts = []
     for title, items in (("shape mismatches", shapes), ("missing from the checkpoint", missing),
@@ -140,12 +134,9 @@ def load_checkpoint(
         sd = mapper(sd, model)
     target = model.state_dict()
 
-    pe = sd.get("pos_embed")
-    grid = _grid_of(model)
-    if pe is not None and "pos_embed" in target and pe.shape != target["pos_embed"].shape and grid is not None:
-        if pe.dim() == 3 and pe.shape[-1] == target["pos_embed"].shape[-1]:
-            sd["pos_embed"] = resize_pos_embed(pe, grid)
-            report.resized.append(f"pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
+    adapt = getattr(model, "adapt_checkpoint", None)
+    if adapt is not None:  # the model's own checkpoint-side details (position embeddings for another grid, ...)
+        sd = adapt(sd, report)
     if skip_mismatched_head:
         for key in [k for k in sd if k.startswith("head.")]:
             if key in target and sd[key].shape != target[key].shape:

@@ -1,12 +1,19 @@
-"""Model configs, registered with timm so ``timm.create_model('vim_tiny_patch16_224')`` works after
-``import mambatrim``; the official long registration names are aliases."""
+"""Model configs of every backbone family, registered with timm so ``timm.create_model(name)`` works after
+``import mambatrim``; official registration names that differ from ours are aliases.
+
+Adding a backbone is its model file plus one :func:`register_family` call below: the config table, the official
+aliases and the published weights. Overrides passed to ``create_model`` replace config entries by their official
+constructor names (``depth``, ``embed_dim``, ``num_classes``, ``img_size``, ...).
+"""
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import timm
 from timm.models import register_model
+from torch import nn
 
 from .checkpoint import load_checkpoint
 from .vim import VisionMamba
@@ -14,45 +21,62 @@ from .vim import VisionMamba
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "vim_tiny_patch16_224": dict(embed_dim=192, patch_size=16, stride=16, depth=24),
-    "vim_tiny_patch16_stride8_224": dict(embed_dim=192, patch_size=16, stride=8, depth=24),
-    "vim_small_patch16_224": dict(embed_dim=384, patch_size=16, stride=16, depth=24),
-    "vim_small_patch16_stride8_224": dict(embed_dim=384, patch_size=16, stride=8, depth=24),
-    "vim_base_patch16_224": dict(embed_dim=768, patch_size=16, stride=16, depth=24),
-}
 
-OFFICIAL_ALIASES: dict[str, str] = {
-    "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_224",
-    "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2":
-        "vim_tiny_patch16_stride8_224",
-    "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_small_patch16_224",
-    "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2":
-        "vim_small_patch16_stride8_224",
-    "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2":
-        "vim_base_patch16_224",
-}
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered config: its family, the class that builds it, the constructor arguments it fixes, and
+    the pretrained-config fields timm reads (``first_conv``, ``classifier``, weights on the hub)."""
 
-# Official weights on the Hugging Face hub (file names as published for the Vim-Ti / Vim-S releases).
-HF_WEIGHTS: dict[str, tuple[str, str]] = {
-    "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
-    "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
-}
+    name: str
+    family: str
+    cls: Callable[..., nn.Module]
+    config: dict[str, Any]
+    first_conv: str = "patch_embed.proj"
+    classifier: str = "head"
+    hf_weights: tuple[str, str] | None = None
+    input_size: tuple[int, ...] = (3, 224, 224)
+    extra_cfg: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelEntry] = {}
+OFFICIAL_ALIASES: dict[str, str] = {}
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {}  # name -> the constructor arguments its config fixes
+
+
+def register_family(family: str, cls: Callable[..., nn.Module], configs: dict[str, dict[str, Any]],
+                    aliases: dict[str, str] | None = None,
+                    hf_weights: dict[str, tuple[str, str]] | None = None, **entry_fields: Any) -> None:
+    """Register ``configs`` (name -> constructor arguments) of one backbone family with timm, plus ``aliases``
+    (official name -> our name) and published ``hf_weights`` (name -> (hub repo, file name))."""
+    for name, config in configs.items():
+        if name in MODELS or name in OFFICIAL_ALIASES:
+            raise ValueError(f"model name {name!r} is registered twice")
+        MODELS[name] = ModelEntry(name, family, cls, dict(config),
+                                  hf_weights=(hf_weights or {}).get(name), **entry_fields)
+        MODEL_CONFIGS[name] = MODELS[name].config
+        register_model(_entrypoint(name, name))
+    for alias, target in (aliases or {}).items():
+        if target not in MODELS:
+            raise ValueError(f"alias {alias!r} points at unregistered model {target!r}")
+        OFFICIAL_ALIASES[alias] = target
+        register_model(_entrypoint(alias, target))
 
 
 def pretrained_cfg_for(name: str) -> dict[str, Any]:
-    hub = HF_WEIGHTS.get(name)
+    entry = MODELS[name]
+    hub = entry.hf_weights
     return dict(
-        architecture=name, num_classes=1000, input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="patch_embed.proj", classifier="head",
-        hf_hub_id=hub[0] if hub else None, hf_hub_filename=hub[1] if hub else None,
+        architecture=name, num_classes=1000, input_size=entry.input_size, crop_pct=0.875,
+        interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv=entry.first_conv,
+        classifier=entry.classifier, hf_hub_id=hub[0] if hub else None, hf_hub_filename=hub[1] if hub else None,
+        **entry.extra_cfg,
     )
 
 
 def _resolve_pretrained_file(name: str, overlay: dict[str, Any] | None) -> str:
     if overlay and overlay.get("file"):
         return str(overlay["file"])
-    hub = HF_WEIGHTS.get(name)
+    hub = MODELS[name].hf_weights
     if hub is None:
         raise ValueError(f"no published weights are known for {name}: pass "
                          f"pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth')")
@@ -68,55 +92,81 @@ def _resolve_pretrained_file(name: str, overlay: dict[str, Any] | None) -> str:
                            f"pretrained_cfg_overlay=dict(file=...)") from err
 
 
-def build_vim(name: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-    """Build a registered Vim config; ``kwargs`` override the config as in timm."""
+def build(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered config; ``kwargs`` override the config as in timm."""
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("cache_dir", None)
-    cfg = {**MODEL_CONFIGS[name], **kwargs}
-    model = VisionMamba(**cfg)
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg_for(name)  # type: ignore[assignment]
-    model.pretrained_cfg["input_size"] = (model.patch_embed.in_chans, model.patch_embed.img_size,
-                                          model.patch_embed.img_size)
-    model.pretrained_cfg["num_classes"] = model.num_classes
+    entry = MODELS[name]
+    model = entry.cls(**{**entry.config, **kwargs})
+    cfg = pretrained_cfg_for(name)
+    input_size = getattr(model, "input_size", None)
+    if input_size is not None:
+        cfg["input_size"] = tuple(input_size)
+    cfg["num_classes"] = getattr(model, "num_classes", cfg["num_classes"])
+    model.pretrained_cfg = model.default_cfg = cfg  # type: ignore[assignment]
     if pretrained:
         load_checkpoint(model, _resolve_pretrained_file(name, overlay),
-                        skip_mismatched_head=model.num_classes != 1000)
+                        skip_mismatched_head=cfg["num_classes"] != 1000)
     return model
 
 
-def _entrypoint(registered: str, config: str) -> Callable[..., VisionMamba]:
-    def fn(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
-        return build_vim(config, pretrained=pretrained, **kwargs)
+def _entrypoint(registered: str, config: str) -> Callable[..., nn.Module]:
+    def fn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return build(config, pretrained=pretrained, **kwargs)
 
     fn.__name__ = fn.__qualname__ = registered
-    fn.__doc__ = f"Vision Mamba config {config!r}."
+    fn.__doc__ = f"{MODELS[config].family} config {config!r}."
     fn.__module__ = __name__
     return fn
 
 
-for _name in MODEL_CONFIGS:
-    globals()[_name] = register_model(_entrypoint(_name, _name))
-for _alias, _target in OFFICIAL_ALIASES.items():
-    globals()[_alias] = register_model(_entrypoint(_alias, _target))
-
-
-def list_models() -> list[str]:
-    return list(MODEL_CONFIGS)
+def list_models(family: str | None = None) -> list[str]:
+    """Registered config names (of one family if given), in registration order."""
+    return [name for name, entry in MODELS.items() if family is None or entry.family == family]
 
 
 def resolve_name(name: str) -> str:
     """Canonical config name for a registered name or alias; unknown names suggest close matches."""
-    if name in MODEL_CONFIGS:
+    if name in MODELS:
         return name
     if name in OFFICIAL_ALIASES:
         return OFFICIAL_ALIASES[name]
-    close = difflib.get_close_matches(name, list(MODEL_CONFIGS) + list(OFFICIAL_ALIASES), n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else f" Known models: {', '.join(MODEL_CONFIGS)}."
+    close = difflib.get_close_matches(name, list(MODELS) + list(OFFICIAL_ALIASES), n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Known models: {', '.join(MODELS)}."
     raise ValueError(f"unknown model {name!r}.{hint}")
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a helpful error for unknown names."""
     resolve_name(name)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- the families
+register_family(
+    "Vim", VisionMamba,
+    {
+        "vim_tiny_patch16_224": dict(embed_dim=192, patch_size=16, stride=16, depth=24),
+        "vim_tiny_patch16_stride8_224": dict(embed_dim=192, patch_size=16, stride=8, depth=24),
+        "vim_small_patch16_224": dict(embed_dim=384, patch_size=16, stride=16, depth=24),
+        "vim_small_patch16_stride8_224": dict(embed_dim=384, patch_size=16, stride=8, depth=24),
+        "vim_base_patch16_224": dict(embed_dim=768, patch_size=16, stride=16, depth=24),
+    },
+    aliases={
+        "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_224",
+        "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2":
+            "vim_tiny_patch16_stride8_224",
+        "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2":
+            "vim_small_patch16_224",
+        "vim_small_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2":
+            "vim_small_patch16_stride8_224",
+        "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2":
+            "vim_base_patch16_224",
+    },
+    # official weights on the Hugging Face hub (file names as published for the Vim-Ti / Vim-S releases)
+    hf_weights={
+        "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
+        "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
+    },
+)

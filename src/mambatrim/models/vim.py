@@ -166,6 +166,19 @@ class VisionMamba(nn.Module):
     def dt_rank(self) -> int:
         return math.ceil(self.embed_dim / 16)
 
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.patch_embed.in_chans, self.patch_embed.img_size, self.patch_embed.img_size)
+
+    def adapt_checkpoint(self, sd: dict[str, Tensor], report: Any) -> dict[str, Tensor]:
+        """Resample a checkpoint's ``pos_embed`` made for another grid (the middle class token kept apart);
+        called by :func:`~mambatrim.models.load_checkpoint`, which records the change in ``report.resized``."""
+        pe, target = sd.get("pos_embed"), self.pos_embed
+        if pe is not None and pe.shape != target.shape and pe.dim() == 3 and pe.shape[-1] == target.shape[-1]:
+            sd["pos_embed"] = resize_pos_embed(pe, self.patch_embed.grid_size)
+            report.resized.append(f"pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
+        return sd
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
