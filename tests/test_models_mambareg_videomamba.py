@@ -271,3 +271,42 @@ def test_forward_features_follow_the_official_heads():
         assert feats.shape == (2, 3 * 24 // 3)
         assert torch.equal(model.forward_head(feats), model(x))
     assert math.isclose(float(model.norm_neck.weight.numel()), 24.0)
+
+
+# ----------------------------------------------------------------------------------------------------- FLOPs
+def vim_mixer_macs(tokens: int, d: int) -> tuple[float, float]:
+    """(in_proj + out_proj, one direction's conv + x_proj + dt_proj + scan) MACs of a Vim-family mixer."""
+    e, n, r, k = 2 * d, 16, math.ceil(d / 16), 4
+    return (3 * tokens * d * e,
+            (tokens + k - 1) * e * k + tokens * e * (r + 2 * n) + tokens * r * e + 9 * tokens * e * n + 2 * tokens * e)
+
+
+@pytest.mark.parametrize("name,d,depth,tokens,head", [
+    ("mambar_tiny_patch16_224", 192, 24, 208, 12 * 192 * 1000),
+    ("mambar_small_patch16_224", 384, 24, 208, 12 * 384 * 192 + 2304 * 1000),
+    ("mambar_large_patch16_224", 1024, 48, 212, 16 * 1024 * 128 + 2048 * 1000),
+    ("videomamba_small", 384, 24, 197, 384 * 1000)])
+def test_flops_count_the_real_sequence_and_head(name, d, depth, tokens, head):
+    """Every layer sees the real sequence (registers included), the neck and the wide head are counted;
+    'full' = both directions, 'paper' = one direction (MambaReg, Vim's convention) or none (VideoMamba, whose
+    published fvcore counts skip the fused scan op)."""
+    from mambatrim.analysis import count_flops
+
+    with torch.device("meta"):
+        report = count_flops(timm.create_model(name))
+    assert report.tokens_per_layer == [tokens] * depth
+    shared, per_dir = vim_mixer_macs(tokens, d)
+    outside = 196 * d * 3 * 16 * 16 + head
+    assert report.full == pytest.approx(outside + depth * (shared + 2 * per_dir))
+    paper_dirs = 0 if name.startswith("videomamba") else 1
+    assert report.paper == pytest.approx(outside + depth * (shared + paper_dirs * per_dir))
+
+
+@pytest.mark.parametrize("name,published", [("videomamba_tiny", 1.1), ("videomamba_small", 4.3),
+                                            ("videomamba_middle", 12.7), ("videomamba_base", 16.9)])
+def test_videomamba_paper_flops_match_the_published_figures(name, published):
+    """Published rounded to 0.1 G, by fvcore, which also counts the norms (LayerNorm) we leave out (< 0.02 G)."""
+    from mambatrim.analysis import count_flops
+
+    with torch.device("meta"):
+        assert count_flops(timm.create_model(name)).gflops("paper") == pytest.approx(published, abs=0.065)

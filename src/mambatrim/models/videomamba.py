@@ -5,6 +5,9 @@ the flipped sequence) with three differences, all kept here:
 
 * the class token comes FIRST: ``cat(cls, patches) + pos_embed``, so its index is 0 in every layer;
 * the two directions are summed, ``out_proj(y_f + flip(y_b))``, not averaged;
+* FLOPs: the paper's figures (1.1 / 4.3 / 12.7 / 16.9 G for Ti / S / M / B) are fvcore counts in which the
+  fused scan (a custom op) and everything inside it count zero: our 'paper' convention counts the mixers'
+  in_proj and out_proj only (``paper_paths = 0``); 'full' counts both scan paths;
 * the official initialisation: every Linear weight truncated-normal (std 0.02) and EVERY Linear bias zero,
   ``dt_proj.bias`` included (the Mamba dt initialisation is overwritten), the class token zero, the patch
   conv at PyTorch's default; ``out_proj`` Kaiming-uniform / sqrt(depth) as in Mamba.
@@ -59,6 +62,8 @@ class VideoMamba(VisionMamba):
         if distill:  # the official distillation class uses timm's PatchEmbed: stride = patch size
             kwargs["stride"] = kwargs.get("patch_size", 16)
         super().__init__(**kwargs)
+        for layer in self.layers:  # the paper's fvcore count sees in_proj / out_proj only (its scan is a custom op)
+            layer.mixer.paper_paths = 0
         self.distill = distill and model_type == "student"
         if self.distill:  # the official student's projection to the teacher's width
             self.distill_head = nn.Sequential(RMSNorm(self.embed_dim, eps=self.norm_f.eps),
