@@ -110,8 +110,11 @@ class MambaReg(VisionMamba):
         return state.extras["registers"]
 
     def forward_features(self, x: Tensor) -> Tensor:
-        state = self.forward_tokens(x)
-        regs = take_rows(state.hidden, self.register_rows(state))  # (B, n, D), register-major
+        return self.pool_tokens(self.forward_tokens(x))
+
+    def pool_tokens(self, state: TokenState) -> Tensor:
+        """The head's input from the final token state: the registers (register-major), through the neck."""
+        regs = take_rows(state.hidden, self.register_rows(state))  # (B, n, D)
         if self.cls_reduce > 1:
             return self.norm_neck(self.neck(regs).flatten(1))
         return regs.flatten(1)
