@@ -28,11 +28,7 @@ class StudentForward(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, TokenState]:
         state = self.model.forward_tokens(x)
-        pool = getattr(self.model, "pool_tokens", None)  # a head reading more than the class token (registers)
-        if pool is not None:
-            return self.model.forward_head(pool(state)), state
-        rows = torch.arange(state.hidden.shape[0], device=x.device)
-        return self.model.forward_head(state.hidden[rows, state.cls_index]), state
+        return self.model.forward_head(self.model.pool(state)), state
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module, token_distill: bool) -> None:

@@ -73,6 +73,11 @@ class MambaReg(VisionMamba):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
+    @property
+    def num_protected(self) -> int:
+        """The registers: no method prunes or merges them."""
+        return self.num_cls_tokens
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "pos_embed_cls"}
 
@@ -101,20 +106,17 @@ class MambaReg(VisionMamba):
         order, registers = self.layout(m, x.device)
         seq = self.pos_drop(torch.cat([tokens + pos, regs], 1)[:, order])
         positions = torch.arange(seq.shape[1], device=x.device).expand(bsz, -1)
-        cls_index = registers[:1].expand(bsz)
-        return TokenState(hidden=seq, residual=None, positions=positions, cls_index=cls_index,
-                          extras={"registers": registers.expand(bsz, -1)})
-
-    def register_rows(self, state: TokenState) -> Tensor:
-        """(B, n) current rows of the registers in ``state``."""
-        return state.extras["registers"]
+        # the registers are the protected tokens; a method that rearranges tokens re-spreads them evenly
+        return TokenState(hidden=seq, residual=None, positions=positions, protected=registers.expand(bsz, -1),
+                          protected_layout="spread")
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.pool_tokens(self.forward_tokens(x))
+        return self.pool(self.forward_tokens(x))
 
-    def pool_tokens(self, state: TokenState) -> Tensor:
-        """The head's input from the final token state: the registers (register-major), through the neck."""
-        regs = take_rows(state.hidden, self.register_rows(state))  # (B, n, D)
+    def pool(self, state: TokenState) -> Tensor:
+        """The head's input from the final token state: the registers where they sit now (register-major),
+        flattened, through the neck and its norm where ``cls_reduce`` > 1."""
+        regs = take_rows(state.hidden, state.protected)  # (B, n, D)
         if self.cls_reduce > 1:
             return self.norm_neck(self.neck(regs).flatten(1))
         return regs.flatten(1)

@@ -56,6 +56,8 @@ class VideoMamba(VisionMamba):
         if not bimamba:
             raise ValueError("VideoMamba: bimamba=False is not supported; only the released bidirectional "
                              "configuration (bimamba=True) is implemented")
+        if not kwargs.get("if_cls_token", True):
+            raise ValueError("VideoMamba: if_cls_token=False is not supported; its head reads the class token")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
         kwargs.setdefault("if_divide_out", False)
@@ -108,8 +110,9 @@ class VideoMamba(VisionMamba):
         cls = self.cls_token.to(tokens.dtype).expand(bsz, -1, -1)
         seq = self.pos_drop(torch.cat([cls, tokens], 1) + pos)
         positions = torch.arange(seq.shape[1], device=tokens.device).expand(bsz, -1)
-        cls_index = torch.zeros(bsz, dtype=torch.long, device=tokens.device)
-        return TokenState(hidden=seq, residual=None, positions=positions, cls_index=cls_index)
+        protected = torch.zeros((bsz, 1), dtype=torch.long, device=tokens.device)  # the class token stays first
+        return TokenState(hidden=seq, residual=None, positions=positions, protected=protected,
+                          protected_layout="first")
 
     def forward_distill(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, unit-norm per-token features): the official distillation forward (student: through
@@ -118,5 +121,4 @@ class VideoMamba(VisionMamba):
         hidden = state.hidden
         feats = self.distill_head(hidden) if self.distill else hidden
         feats = feats / feats.norm(dim=-1, keepdim=True)
-        cls = hidden[torch.arange(hidden.shape[0], device=x.device), state.cls_index]
-        return self.forward_head(cls), feats
+        return self.forward_head(self.pool(state)), feats
