@@ -1,0 +1,143 @@
+"""Every reduction method on MambaReg (12 registers, protected, layout 'spread') and VideoMamba (class token first,
+layout 'first'), through the same ``apply_method`` calls as on Vim."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from mambatrim.analysis import count_flops
+from mambatrim.reduce import dyvm
+from mambatrim.reduce.registry import METHODS, apply_method
+from test_protected_tokens import spread_rule, watch_layers
+
+# 64x64 images, 8x8 patches: 64 patches. MambaReg with its 12 registers: L = 64 // 13 = 4, registers at 4, 9, ...,
+# 59 and 4 leftover patches (76 tokens); VideoMamba: the class token at 0 (65 tokens).
+SMALL = dict(img_size=64, patch_size=8, stride=8, depth=4, embed_dim=16, num_classes=5, drop_path_rate=0.0)
+BACKBONES = {"mambareg": ("mambar_small_patch16_224", dict(SMALL, cls_reduce=2)),
+             "videomamba": ("videomamba_small", SMALL)}
+PROTECTED = {"mambareg": [4 + 5 * g for g in range(12)], "videomamba": [0]}
+KEEPS = [0.6, 0.8, 0.95]  # R-MeeTo reaches at most ~0.42 reduction at depth 4
+
+
+def build(backbone: str) -> torch.nn.Module:
+    name, cfg = BACKBONES[backbone]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **cfg).eval()
+    with torch.no_grad():  # distinct, non-trivial tokens and directions
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def images(bsz: int = 2) -> torch.Tensor:
+    return torch.randn(bsz, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_dense_layout_declares_the_protected_tokens():
+    for backbone, expected in PROTECTED.items():
+        state = build(backbone).embed(images())
+        assert state.protected.tolist() == [expected] * 2
+        assert state.protected_layout == {"mambareg": "spread", "videomamba": "first"}[backbone]
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("keep", KEEPS)
+def test_protected_tokens_survive_every_method_at_every_ratio(backbone, method, keep):
+    model = apply_method(build(backbone), method, keep=keep, layers=[1, 2]).eval()
+    seen = watch_layers(model, PROTECTED[backbone])  # checks order and original positions before every block
+    x = images()
+    with torch.no_grad():
+        final = model.forward_tokens(x)
+        logits = model(x)
+    assert final.positions.gather(1, final.protected).tolist() == [PROTECTED[backbone]] * 2
+    assert final.num_tokens < seen[0].num_tokens
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_training_forward_keeps_protected_tokens(backbone, method):
+    model = apply_method(build(backbone), method, keep=0.6, layers=[1, 2]).train()
+    watch_layers(model, PROTECTED[backbone])
+    state = model.forward_tokens(images())
+    if state.mask is not None:
+        assert (state.mask.gather(1, state.protected) == 1).all()
+    model.forward_head(model.pool(state)).sum().backward()
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_identity_setting_equals_dense_model(backbone, method):
+    model = build(backbone)
+    x = images()
+    with torch.no_grad():
+        dense = model(x)
+        reduced = apply_method(model, method, keep=1.0, layers=[1, 2]).eval()(x)
+    torch.testing.assert_close(reduced, dense, rtol=1e-5, atol=1e-6)
+
+
+def mixer_macs(tokens: int, d: int = 16) -> tuple[int, int]:
+    """(in_proj + out_proj, one direction) MACs of a Vim-family mixer, written out."""
+    e, n, r, k = 2 * d, 16, math.ceil(d / 16), 4
+    return 3 * tokens * d * e, (tokens + k - 1) * e * k + tokens * e * (r + 2 * n + r) + 9 * tokens * e * n + 2 * tokens * e
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("method", ["rmeeto", "top", "prune_static"])
+def test_flops_follow_the_real_token_counts(backbone, method):
+    model = apply_method(build(backbone), method, keep=0.6, layers=[1, 2]).eval()
+    seen = watch_layers(model, PROTECTED[backbone])
+    report = count_flops(model)
+    counts = [s.num_tokens for s in seen]
+    assert report.tokens_per_layer == counts and counts[-1] < counts[0]
+    paper_paths = 1 if backbone == "mambareg" else 0
+    for layer, tokens in zip(report.layers, counts):
+        shared, per_dir = mixer_macs(tokens)
+        assert layer.full == pytest.approx(shared + 2 * per_dir)
+        assert layer.paper == pytest.approx(shared + paper_paths * per_dir)
+    dense = count_flops(build(backbone))
+    assert report.full < dense.full
+
+
+def test_dyvm_on_videomamba_keeps_cls_first_then_kept_then_pruned():
+    model = dyvm.apply(build("videomamba"), keep=0.5, block_ratio=0.8, layers=[1, 2]).train()
+    seen = watch_layers(model, [0])
+    model.forward_tokens(images())
+    for state in seen[1:]:
+        for b in range(2):
+            kept = int(state.mask[b].sum()) - 1
+            assert state.protected[b].tolist() == [0]
+            assert state.mask[b, :kept + 1].eq(1).all() and state.mask[b, kept + 1:].eq(0).all()
+            assert (state.positions[b, 1:kept + 1].diff() > 0).all()
+    seen.clear()
+    with torch.no_grad():
+        model.eval().forward_tokens(images())
+    assert all(s.protected.tolist() == [[0]] * 2 for s in seen)
+
+
+def test_dyvm_on_mambareg_respreads_the_registers_and_selectors_read_their_mean_xz():
+    model = dyvm.apply(build("mambareg"), keep=0.7, block_ratio=0.8, layers=[1, 2]).train()
+    seen = watch_layers(model, PROTECTED["mambareg"])
+    features, xzs = [], []
+    for i, layer in enumerate(model.layers):
+        layer.mixer.in_proj.register_forward_hook(lambda m, a, out: xzs.append(out))
+        model.reducer.selectors[i].register_forward_pre_hook(lambda m, a: features.append(a[0]))
+    model.forward_tokens(images())
+    for state in seen[1:]:  # training: registers at (interval + 1) * (i + 1) - 1, interval = kept // 13
+        kept = state.mask.sum(1).long() - 12
+        for b in range(2):
+            assert state.protected[b].tolist() == spread_rule(int(kept[b]), 12)
+    assert len(features) == len(seen) == 4
+    for state, xz, feature in zip(seen, xzs, features):
+        want = torch.stack([xz[b, state.protected[b]].float().mean(0) for b in range(2)])
+        torch.testing.assert_close(feature.float(), want)
+    seen.clear()
+    with torch.no_grad():
+        model.eval().forward_tokens(images())
+    for state in seen[1:]:  # inference: arange(interval, ..., interval + 1) over the kept tokens
+        interval = (state.num_tokens - 12) // 13
+        assert state.protected[0].tolist() == list(range(interval, 13 * (interval + 1), interval + 1))[:12]
