@@ -56,6 +56,8 @@ def test_protected_tokens_survive_every_method_at_every_ratio(backbone, method, 
     assert final.positions.gather(1, final.protected).tolist() == [PROTECTED[backbone]] * 2
     assert final.num_tokens < seen[0].num_tokens
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    if backbone == "videomamba":  # the class token stays first through every method
+        assert all((s.protected == 0).all() for s in seen) and (final.protected == 0).all()
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
@@ -141,3 +143,24 @@ def test_dyvm_on_mambareg_respreads_the_registers_and_selectors_read_their_mean_
     for state in seen[1:]:  # inference: arange(interval, ..., interval + 1) over the kept tokens
         interval = (state.num_tokens - 12) // 13
         assert state.protected[0].tolist() == list(range(interval, 13 * (interval + 1), interval + 1))[:12]
+
+
+def test_speed_plan_compares_the_three_backbones_in_one_process():
+    """The speed plan's rows run other backbones than the plan's (per-row ``model``), each row on its own
+    dense weights; speed-ups are against the plan's dense Vim."""
+    from pathlib import Path
+
+    from mambatrim.engine.compare import compare, load_plan
+
+    plan = load_plan(Path(__file__).parents[1] / "benchmarks" / "compare" / "mambareg_videomamba.yaml")
+    assert plan["model"] == "vim_small_patch16_224"
+    models = {c.name: c.model for c in plan["configs"]}
+    assert models["MambaReg-S, R-MeeTo 0.31"] == "mambar_small_patch16_224"
+    assert models["VideoMamba-S"] == "videomamba_small"
+    configs = [c for c in plan["configs"] if c.method is None]
+    result = compare("vim_tiny_patch16_224", configs, img_size=64, batch_size=1, device="cpu", rounds=1, iters=1,
+                     warmup=0, model_kwargs={"depth": 1})
+    tokens = {r["config"]: r["tokens_per_layer"] for r in result["rows"]}
+    assert tokens == {"dense": [17], "MambaReg-S": [28], "VideoMamba-S": [17]}  # 16 patches + 12 registers
+    assert [c["model"] for c in result["configs"]] == ["vim_tiny_patch16_224", "mambar_small_patch16_224",
+                                                       "videomamba_small"]
