@@ -2,8 +2,6 @@
 layout 'first'), through the same ``apply_method`` calls as on Vim."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import timm
 import torch
@@ -11,6 +9,7 @@ import torch
 from mambatrim.analysis import count_flops
 from mambatrim.reduce import dyvm
 from mambatrim.reduce.registry import METHODS, apply_method
+from test_models_mambareg_videomamba import vim_mixer_macs
 from test_protected_tokens import spread_rule, watch_layers
 
 # 64x64 images, 8x8 patches: 64 patches. MambaReg with its 12 registers: L = 64 // 13 = 4, registers at 4, 9, ...,
@@ -82,12 +81,6 @@ def test_identity_setting_equals_dense_model(backbone, method):
     torch.testing.assert_close(reduced, dense, rtol=1e-5, atol=1e-6)
 
 
-def mixer_macs(tokens: int, d: int = 16) -> tuple[int, int]:
-    """(in_proj + out_proj, one direction) MACs of a Vim-family mixer, written out."""
-    e, n, r, k = 2 * d, 16, math.ceil(d / 16), 4
-    return 3 * tokens * d * e, (tokens + k - 1) * e * k + tokens * e * (r + 2 * n + r) + 9 * tokens * e * n + 2 * tokens * e
-
-
 @pytest.mark.parametrize("backbone", list(BACKBONES))
 @pytest.mark.parametrize("method", ["rmeeto", "top", "prune_static"])
 def test_flops_follow_the_real_token_counts(backbone, method):
@@ -98,7 +91,7 @@ def test_flops_follow_the_real_token_counts(backbone, method):
     assert report.tokens_per_layer == counts and counts[-1] < counts[0]
     paper_paths = 1 if backbone == "mambareg" else 0
     for layer, tokens in zip(report.layers, counts):
-        shared, per_dir = mixer_macs(tokens)
+        shared, per_dir = vim_mixer_macs(tokens, 16)
         assert layer.full == pytest.approx(shared + 2 * per_dir)
         assert layer.paper == pytest.approx(shared + paper_paths * per_dir)
     dense = count_flops(build(backbone))

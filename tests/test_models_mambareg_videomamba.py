@@ -14,7 +14,6 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import mambatrim
 from mambatrim.models import CheckpointMismatchError, list_models, load_checkpoint
 from mambatrim.reduce import Reducer
 from conftest import FIXTURES

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..contract import TokenState, take_rows
 from .mamba import RMSNorm
-from .videomamba import resize_prefix_pos_embed
+from .videomamba import adapt_pos_embed, resize_prefix_pos_embed
 from .vim import VisionMamba
 
 
@@ -84,11 +84,7 @@ class MambaReg(VisionMamba):
     def adapt_checkpoint(self, sd: dict[str, Tensor], report: Any) -> dict[str, Tensor]:
         """Resample a checkpoint's patch-only ``pos_embed`` made for another grid; ``pos_embed_cls`` belongs to
         the registers, not the grid, and is kept as it is."""
-        pe, target = sd.get("pos_embed"), self.pos_embed
-        if pe is not None and pe.dim() == 3 and pe.shape != target.shape and pe.shape[-1] == target.shape[-1]:
-            sd["pos_embed"] = resize_prefix_pos_embed(pe, self.patch_embed.grid_size, None, prefix=0)
-            report.resized.append(f"pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
-        return sd
+        return adapt_pos_embed(self, sd, report, prefix=0)
 
     def layout(self, num_patches: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(order, register positions) as tensors on ``device`` (see :func:`register_layout`)."""

@@ -48,6 +48,17 @@ def resize_prefix_pos_embed(pos: Tensor, new_grid: tuple[int, int], old_grid: tu
                                   antialias=False)
 
 
+def adapt_pos_embed(model: nn.Module, sd: dict[str, Tensor], report: Any, prefix: int) -> dict[str, Tensor]:
+    """A checkpoint's ``pos_embed`` made for another grid resampled to ``model``'s (its ``prefix`` leading
+    slots kept), recorded in ``report.resized``: the ``adapt_checkpoint`` step of models with leading (or no)
+    extra slots."""
+    pe, target = sd.get("pos_embed"), model.pos_embed
+    if pe is not None and pe.dim() == 3 and pe.shape != target.shape and pe.shape[-1] == target.shape[-1]:
+        sd["pos_embed"] = resize_prefix_pos_embed(pe, model.patch_embed.grid_size, None, prefix=prefix)
+        report.resized.append(f"pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
+    return sd
+
+
 class VideoMamba(VisionMamba):
     """VideoMamba image classifier: class token first, summed directions, official init (see module doc)."""
 
@@ -91,11 +102,7 @@ class VideoMamba(VisionMamba):
 
     def adapt_checkpoint(self, sd: dict[str, Tensor], report: Any) -> dict[str, Tensor]:
         """Resample a checkpoint's ``pos_embed`` made for another grid (the leading class slot kept)."""
-        pe, target = sd.get("pos_embed"), self.pos_embed
-        if pe is not None and pe.dim() == 3 and pe.shape != target.shape and pe.shape[-1] == target.shape[-1]:
-            sd["pos_embed"] = resize_prefix_pos_embed(pe, self.patch_embed.grid_size, None, prefix=1)
-            report.resized.append(f"pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
-        return sd
+        return adapt_pos_embed(self, sd, report, prefix=1)
 
     def embed(self, x: Tensor) -> TokenState:
         tokens, grid = self.patch_embed(x)
