@@ -157,3 +157,36 @@ def test_speed_plan_compares_the_three_backbones_in_one_process():
     assert tokens == {"dense": [17], "MambaReg-S": [28], "VideoMamba-S": [17]}  # 16 patches + 12 registers
     assert [c["model"] for c in result["configs"]] == ["vim_tiny_patch16_224", "mambar_small_patch16_224",
                                                        "videomamba_small"]
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_fast_triton_path_equals_the_pytorch_path(backbone):
+    """The fused Triton mixer (sum of the directions for VideoMamba, mean for MambaReg) and, with DyVM deployed,
+    the per-image direction gates read from the protected tokens (12 registers: their mean xz), against the
+    PyTorch path. On a CPU the kernels run in the Triton interpreter (tiny shapes)."""
+    from mambatrim.ops import use_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name, cfg = BACKBONES[backbone]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **dict(cfg, img_size=32, depth=2)).eval().to(device)  # 16 patches
+    x = images(3)[:, :, :32, :32].to(device)
+    with torch.no_grad():
+        with use_backend("torch"):
+            dense = model(x)
+        with use_backend("triton"):
+            fused = model(x)
+        torch.testing.assert_close(fused, dense, rtol=1e-4, atol=1e-4)
+        dyvm.deploy(dyvm.apply(model, keep=0.7, block_ratio=0.8, layers=[1]).eval())
+        for selector in model.reducer.selectors:
+            selector.weight.normal_(0, 1.0)
+            selector.bias.zero_()
+        with use_backend("torch"):
+            reference = model(x)
+            want = [layer.mixer.last_stats["gate"] for layer in model.layers]
+        with use_backend("triton"):
+            fused = model(x)
+        for layer, gate in zip(model.layers, want):
+            assert torch.equal(layer.mixer.last_stats["gate"], gate)
+    assert any((g != g[:1]).any() or (g == 0).any() for g in want), "the selectors must switch directions off"
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
