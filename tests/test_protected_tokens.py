@@ -154,7 +154,7 @@ def test_first_and_middle_layouts() -> None:
     assert layout_slots("none", num_keep, 0).shape == (3, 0)
     with pytest.raises(ValueError, match="choose one of middle, first, spread, none"):
         layout_slots("centre", num_keep, 1)
-    with pytest.raises(ValueError, match="'none'"):
+    with pytest.raises(ValueError, match="'none' declares no protected tokens"):
         layout_slots("none", num_keep, 2)
 
 

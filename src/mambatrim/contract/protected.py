@@ -15,12 +15,13 @@ PROTECTED_LAYOUTS = ("middle", "first", "spread", "none")
 
 
 def check_layout(layout: str, count: int) -> None:
-    """ValueError unless ``layout`` is a known layout that fits ``count`` protected tokens."""
+    """ValueError unless ``layout`` is a known layout that fits ``count`` protected tokens (any layout fits none:
+    there is nothing to place)."""
     if layout not in PROTECTED_LAYOUTS:
         raise ValueError(f"unknown protected_layout {layout!r}; choose one of {', '.join(PROTECTED_LAYOUTS)}")
-    if (layout == "none") != (count == 0):
-        raise ValueError(f"protected_layout {layout!r} does not fit {count} protected tokens: 'none' is the "
-                         "layout of P = 0, 'middle', 'first' or 'spread' that of P >= 1")
+    if layout == "none" and count:
+        raise ValueError(f"protected_layout 'none' declares no protected tokens, but there are {count}: choose "
+                         "'middle', 'first' or 'spread'")
 
 
 def protected_mask(protected: Tensor, length: int) -> Tensor:
