@@ -85,7 +85,12 @@ def gate_feature(xz: Tensor, protected: Tensor, mask: Tensor | None = None) -> T
         return xz[torch.arange(bsz, device=xz.device), protected[:, 0]]
     if count > 1:
         return xz[torch.arange(bsz, device=xz.device)[:, None], protected].float().mean(1)
+    return masked_mean(xz.float(), mask)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, D) mean of ``x`` (B, L, D) over the tokens, the kept ones only where a 0/1 ``mask`` (B, L) is given."""
     if mask is None:
-        return xz.float().mean(1)
-    weight = mask.float()[..., None]
-    return (xz.float() * weight).sum(1) / weight.sum(1).clamp(min=1)
+        return x.mean(1)
+    weight = mask.to(x.dtype)[..., None]
+    return (x * weight).sum(1) / weight.sum(1).clamp(min=1)
