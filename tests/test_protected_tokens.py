@@ -325,3 +325,18 @@ def test_schedules_count_the_protected_tokens() -> None:
     apply_method(model, "prune_norm", keep=0.5, layers=[1])
     with torch.no_grad():
         assert model.forward_tokens(images()).num_tokens == counts[-1]
+
+
+@pytest.mark.parametrize("backbone", ["no_cls", "spread3"])
+def test_per_image_selector_calibration_reads_the_gate_feature(backbone: str) -> None:
+    from mambatrim.engine.dyvm_selectors import set_per_image_block_policy
+
+    model = dyvm.deploy(dyvm.apply(build(backbone), keep=None, block_ratio=0.5))
+    x = images(8)
+    set_per_image_block_policy(model, x, 0.5, rounds=2)
+    with torch.no_grad():
+        model(x)
+    # calibrated on the mixer's own gate feature: about half of the images run each direction of later layers
+    for layer in model.layers[1:]:
+        share = layer.mixer.last_stats["gate"].float().mean(0)
+        assert ((share >= 0.25) & (share <= 0.75)).all(), share
