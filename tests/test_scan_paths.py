@@ -40,7 +40,7 @@ H, W = 3, 4  # the token grid
 def small_blocks() -> Iterator[None]:
     """Narrow channel blocks and short checkpoint chunks on CPU: several of each get exercised."""
     if DEVICE == "cpu":
-        with policy.override(scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4):
+        with policy.override(scan_paths_fwd_block_d=2, scan_paths_bwd_block_d=2, scan_ckpt_chunk=4):
             yield
     else:
         yield
@@ -238,9 +238,32 @@ def test_scan_orders_run_through_the_triton_paths_executor(orders_module, monkey
     calls = []
     run = mamba.TritonPaths.run
     monkeypatch.setattr(mamba.TritonPaths, "run", staticmethod(lambda *a: (calls.append(1), run(*a))[1]))
-    with policy.override(backend="triton", scan_fwd_block_d=16, scan_bwd_block_d=16, scan_ckpt_chunk=8):
+    with policy.override(backend="triton", scan_paths_fwd_block_d=16, scan_paths_bwd_block_d=16,
+                         scan_ckpt_chunk=8):
         orders_module.test_each_zigzag_path_equals_ref_on_explicitly_permuted_pruned_tokens("decay")
         assert len(calls) == 7  # the dense layer, then four single-path calls and the full call
         orders_module.test_per_group_channel_slices_with_raster_orders()
         orders_module.test_training_gradients_flow_through_every_grid_path()
     assert len(calls) == 10
+
+
+@needs_triton
+def test_single_path_scan_gradients_with_u_and_delta_in_different_layouts() -> None:
+    """The gather baseline hands the single-path kernel a gathered (channel-major) u and a token-major delta:
+    d(delta) must come back in the right places."""
+    from mambatrim.ops.triton_scan import selective_scan_triton
+
+    g = torch.Generator().manual_seed(3)
+    bsz, E, L, N = 2, 3, 9, 2
+    u = torch.randn(bsz, E, L, generator=g)
+    delta = torch.randn(bsz, L, E, generator=g).transpose(1, 2)  # token-major memory
+    A, B, C = -torch.rand(E, N, generator=g) - 0.2, torch.randn(bsz, N, L, generator=g), torch.randn(bsz, N, L)
+    grad_out = torch.randn(bsz, E, L, generator=g)
+    grads = []
+    for fn in (selective_scan_triton, selective_scan_ref):
+        xs = [t.clone().to(DEVICE).requires_grad_() for t in (u, delta)]
+        (fn(xs[0], xs[1], A.to(DEVICE), B.to(DEVICE), C.to(DEVICE), delta_softplus=True) * grad_out.to(DEVICE)
+         ).sum().backward()
+        grads.append([x.grad.cpu() for x in xs])
+    for a, b in zip(*grads):
+        assert rel(a, b) < 1e-5

@@ -573,8 +573,9 @@ class _ScanFn(torch.autograd.Function):
         n_chunks = ckpt.shape[3]
         has_gap = gap is not None
         du = _alloc_like(u, G, u.dtype)
-        ddl = _alloc_like(delta, G, torch.float32 if has_gap else delta.dtype)
-        gs = _alloc_like(delta, G, torch.float32) if has_gap else ddl
+        # written with du's strides (gx_*): laid out like u, whatever delta's own layout
+        ddl = _alloc_like(u, G, torch.float32 if has_gap else delta.dtype)
+        gs = _alloc_like(u, G, torch.float32) if has_gap else ddl
         dz = _alloc_like(u, G, z.dtype) if z is not None else du  # written with du's strides
         block_d, warps = policy.get("scan_bwd_block_d"), policy.get("scan_bwd_warps")
         n_blocks = triton.cdiv(E, block_d)

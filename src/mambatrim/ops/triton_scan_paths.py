@@ -326,17 +326,16 @@ class _PathsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, badd, gap, index, weight, softplus: bool, u_token: bool,
-                bc_token: bool, accum: bool, scale: float):
+                bc_token: bool, accum: bool, scale: float, need_grad: bool):
         K, bsz, E, L = u.shape
         N = A.shape[-1]
         out = _token_major(bsz, E if accum else K * E, L, u, u.dtype)
         out4 = _per_path_out(out, K, accum)
-        need_grad = any(ctx.needs_input_grad[:9])
         chunk = policy.get("scan_ckpt_chunk")
         n_chunks = triton.cdiv(L, chunk)
         ckpt = (torch.empty(K, bsz, E, n_chunks, N, device=u.device, dtype=torch.float32) if need_grad
                 else u.new_empty(1, dtype=torch.float32))
-        block_d = min(policy.get("scan_fwd_block_d"), triton.next_power_of_2(E))
+        block_d = min(policy.get("scan_paths_fwd_block_d"), triton.next_power_of_2(E))
         n_loop = K if accum else 1
         grid = (triton.cdiv(E, block_d), bsz, K // n_loop)
         strides = (*_strides(u, 4), *_strides(delta, 4), *_strides(B, 4), *_strides(C, 4), *_strides(z, 4),
@@ -366,7 +365,7 @@ class _PathsFn(torch.autograd.Function):
         dA = torch.zeros(K, E, N, device=u.device, dtype=torch.float32)
         dD = torch.zeros(K, E, device=u.device, dtype=torch.float32)
         dbias = torch.zeros(K, E, device=u.device, dtype=torch.float32)
-        block_d = min(policy.get("scan_bwd_block_d"), triton.next_power_of_2(E))
+        block_d = min(policy.get("scan_paths_bwd_block_d"), triton.next_power_of_2(E))
         grid = (triton.cdiv(E, block_d), bsz, K)
         np2 = max(2, triton.next_power_of_2(N))
         scratch = torch.empty(grid[0] * bsz * K * chunk * np2 * block_d, device=u.device, dtype=torch.float32)
@@ -386,7 +385,7 @@ class _PathsFn(torch.autograd.Function):
         grads = [du, ddl, dA, dB.to(B.dtype).transpose(2, 3), dC.to(C.dtype).transpose(2, 3),
                  dD if D is not None else None, dz, dbias if bias is not None else None, dbadd]
         grads = [g if ctx.needs_input_grad[i] else None for i, g in enumerate(grads)]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def _flags(D, z, bias, badd, gap, weight, softplus, u_token, bc_token, N) -> dict:
@@ -403,6 +402,8 @@ def scan_paths_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, index
         raise ValueError("scan_paths: the triton backend has no gradient for weight; detach it or use "
                          "backend='torch'")
     fp32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, B_add))
     return _PathsFn.apply(u, delta, fp32(A), B, C, fp32(D), z, fp32(delta_bias), B_add, fp32(gap), index,
                           fp32(None if weight is None else weight.detach()), delta_softplus, u_at == "token",
-                          bc_at == "token", combine == "sum", float(scale))
+                          bc_at == "token", combine == "sum", float(scale), need_grad)
