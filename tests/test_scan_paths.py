@@ -181,6 +181,14 @@ def test_triton_matches_the_explicit_reference(case: str, pruned: bool) -> None:
     check(case, pruned, "triton")
 
 
+@needs_triton
+@pytest.mark.parametrize("pruned", [False, True])
+def test_triton_split_along_the_sequence_matches_the_reference(pruned: bool) -> None:
+    """Concatenated paths split into 4-step chunks (chunk states, then outputs from the carried states)."""
+    with policy.override(scan_seq_split="on", scan_seq_chunk=4):
+        check("group", pruned, "triton")
+
+
 @pytest.mark.parametrize("case", ["plain", "group", "mixer"])
 def test_torch_backend_matches_the_explicit_reference(case: str) -> None:
     check(case, True, "torch")

@@ -24,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import policy
-from .triton_scan import _check_device, _delta, _gate_back
+from .triton_scan import _carry_in, _check_device, _chunk_bases, _chunk_buffers, _delta, _gate_back, _sm_count, \
+    seq_chunk
 
 __all__ = ["scan_paths_triton"]
 
@@ -73,27 +74,33 @@ def _path_loads(s, L, i_base, si_t, u_base, su_t, d_base, sd_t, B_base, sB_t, C_
 @triton.jit
 def _paths_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ba_ptr, gap_ptr, idx_ptr, w_ptr, out_ptr,
-    ckpt_ptr,
-    L, E, K, n_loop, n_chunks, scale,
+    ckpt_ptr, st_ptr, sum_ptr,
+    L, E, K, n_loop, n_chunks, scale, TC, NS,
     su_k, su_b, su_d, su_t, sd_k, sd_b, sd_d, sd_t, sB_k, sB_b, sB_n, sB_t, sC_k, sC_b, sC_n, sC_t,
     sz_k, sz_b, sz_d, sz_t, sa_k, sa_b, sa_t, sa_n, sg_k, sg_b, sg_t, si_k, si_b, si_t,
     so_k, so_b, so_d, so_t,
     N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BADD: tl.constexpr,
     HAS_GAP: tl.constexpr, HAS_W: tl.constexpr, STORE_CKPT: tl.constexpr, U_TOKEN: tl.constexpr,
-    BC_TOKEN: tl.constexpr, ACCUM: tl.constexpr,
+    BC_TOKEN: tl.constexpr, ACCUM: tl.constexpr, STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr,
 ):
-    """One (channel block, sample[, path]): every path (``ACCUM``, ``n_loop`` = K, the output summed in path
-    order) or path ``program_id(2)`` alone."""
+    """One (channel block, sample[, path, sequence chunk]): every path over the whole sequence (``ACCUM``,
+    ``n_loop`` = K, the output summed in path order), or steps [c*TC, (c+1)*TC) of path k alone, with
+    ``program_id(2) = k * NS + c``. A split scan (NS > 1, as :mod:`.triton_scan`'s): ``STATE_ONLY`` stores each
+    chunk's final state from a zero start and its summed decay exponent; ``CARRY_IN`` folds the earlier chunks'
+    into the true initial state, then writes the outputs."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
+    c = tl.program_id(2) % NS
+    p0 = c * TC  # this program's scan steps: [p0, p1)
+    p1 = tl.minimum(p0 + TC, L)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     dmask = d < E
     nmask = n < N
     mask2 = nmask[:, None] & dmask[None, :]  # state (N, channels): one thread owns a channel's states
     for kk in range(n_loop):
-        k = tl.program_id(2) + kk
+        k = tl.program_id(2) // NS + kk
         if ACCUM:
             tl.debug_barrier()  # the previous path's stores are visible to every thread of the program
         A2 = tl.load(A_ptr + (k * E + d[None, :]) * N + n[:, None], mask=mask2, other=0.0) * 1.4426950408889634
@@ -117,39 +124,51 @@ def _paths_fwd_kernel(
         a_base = ba_ptr + k * sa_k + pid_b * sa_b + n * sa_n
         g_base = gap_ptr + k * sg_k + pid_b * sg_b
         ck_base = ckpt_ptr + ((k * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
+        st_base, sm_base = _chunk_bases(st_ptr, sum_ptr, k, pid_b, tl.num_programs(1), NS, N, E, n, d)
         h = tl.zeros((NP, BD), dtype=tl.float32)
+        if CARRY_IN:
+            h = _carry_in(st_base, sm_base, A2, c, NS, False, 1, N, E, mask2, dmask, NP, BD)
         dt_prev = tl.zeros((BD,), dtype=tl.float32)
-        t0, u0, r0, B0, C0, z0, g0, p0 = _path_loads(0, L, i_base, si_t, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, a_base, sa_t,
-                         z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask, acc_on, U_TOKEN, BC_TOKEN,
-                         HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
-        t1, u1, r1, B1, C1, z1, g1, p1 = _path_loads(1, L, i_base, si_t, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, a_base, sa_t,
-                         z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask, acc_on, U_TOKEN, BC_TOKEN,
-                         HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
-        for s in range(L):
-            t2, u2, r2, B2, C2, z2, g2, p2 = _path_loads(s + 2, L, i_base, si_t, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t,
-                             a_base, sa_t, z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask, acc_on,
-                             U_TOKEN, BC_TOKEN, HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
+        if HAS_GAP:
+            dt_prev = _delta_at(p0 - 1, L, i_base, si_t, d_base, sd_t, bias, dmask, BC_TOKEN, HAS_BIAS, SOFTPLUS)
+        ex_sum = tl.zeros((BD,), dtype=tl.float32)
+        t0, u0, r0, B0, C0, z0, g0, q0 = _path_loads(p0, p1, i_base, si_t, u_base, su_t, d_base, sd_t, B_base, sB_t,
+                C_base, sC_t, a_base, sa_t, z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask, acc_on, U_TOKEN,
+                BC_TOKEN, HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
+        t1, u1, r1, B1, C1, z1, g1, q1 = _path_loads(p0 + 1, p1, i_base, si_t, u_base, su_t, d_base, sd_t, B_base,
+                sB_t, C_base, sC_t, a_base, sa_t, z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask, acc_on,
+                U_TOKEN, BC_TOKEN, HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
+        for s in range(p0, p1):
+            t2, u2, r2, B2, C2, z2, g2, q2 = _path_loads(s + 2, p1, i_base, si_t, u_base, su_t, d_base, sd_t,
+                    B_base, sB_t, C_base, sC_t, a_base, sa_t, z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask,
+                    acc_on, U_TOKEN, BC_TOKEN, HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
             u = u0.to(tl.float32)
             dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
             ex = dt
             if HAS_GAP:
                 ex = dt + g0 * dt_prev
                 dt_prev = dt
+            if STATE_ONLY:
+                ex_sum += ex
             h = tl.exp2(ex[None, :] * A2) * h + B0[:, None] * (dt * u)[None, :]
-            y = tl.sum(h * C0[:, None], axis=0) + Dv * u
-            if HAS_Z:
-                zz = z0.to(tl.float32)
-                y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-            y = y * w
-            if ACCUM:
-                y += p0.to(tl.float32)
-            tl.store(o_base + t0 * so_t, y.to(out_ptr.dtype.element_ty), mask=dmask)
+            if not STATE_ONLY:
+                y = tl.sum(h * C0[:, None], axis=0) + Dv * u
+                if HAS_Z:
+                    zz = z0.to(tl.float32)
+                    y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+                y = y * w
+                if ACCUM:
+                    y += q0.to(tl.float32)
+                tl.store(o_base + t0 * so_t, y.to(out_ptr.dtype.element_ty), mask=dmask)
             if STORE_CKPT:
                 if (s + 1) % CHUNK_T == 0:
                     if s + 1 < L:
                         tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
-            t0, u0, r0, B0, C0, z0, g0, p0 = t1, u1, r1, B1, C1, z1, g1, p1
-            t1, u1, r1, B1, C1, z1, g1, p1 = t2, u2, r2, B2, C2, z2, g2, p2
+            t0, u0, r0, B0, C0, z0, g0, q0 = t1, u1, r1, B1, C1, z1, g1, q1
+            t1, u1, r1, B1, C1, z1, g1, q1 = t2, u2, r2, B2, C2, z2, g2, q2
+        if STATE_ONLY:
+            tl.store(st_base + c * (N * E), h, mask=mask2)
+            tl.store(sm_base + c * E, ex_sum, mask=dmask)
 
 
 @triton.jit
@@ -337,15 +356,23 @@ class _PathsFn(torch.autograd.Function):
                 else u.new_empty(1, dtype=torch.float32))
         block_d = min(policy.get("scan_paths_fwd_block_d"), triton.next_power_of_2(E))
         n_loop = K if accum else 1
-        grid = (triton.cdiv(E, block_d), bsz, K // n_loop)
+        n_blocks = triton.cdiv(E, block_d)
+        # summed paths share their output tokens: one program walks them all, unsplit
+        tc = L if accum else seq_chunk(L, n_blocks * bsz * K, _sm_count(u.device), multiple=chunk)
+        ns = triton.cdiv(L, tc)
+        states, sums = _chunk_buffers(u, K, bsz, ns, N, E)
+        grid = (n_blocks, bsz, K // n_loop * ns)
         strides = (*_strides(u, 4), *_strides(delta, 4), *_strides(B, 4), *_strides(C, 4), *_strides(z, 4),
                    *_strides(badd, 4), *_strides(gap, 3), *_strides(index, 3), *_strides(out4, 4))
         flags = _flags(D, z, bias, badd, gap, weight, softplus, u_token, bc_token, N)
-        _launch(_paths_fwd_kernel, grid,
-                (u, delta, A, B, C, D, z, bias, badd, gap, index, weight, out4, ckpt),
-                (L, E, K, n_loop, n_chunks, scale, *strides),
-                BD=block_d, CHUNK_T=chunk, STORE_CKPT=need_grad, ACCUM=accum,
-                num_warps=policy.get("scan_fwd_warps"), **flags)
+        tensors = (u, delta, A, B, C, D, z, bias, badd, gap, index, weight, out4, ckpt, states, sums)
+        geometry = (L, E, K, n_loop, n_chunks, scale, tc, ns, *strides)
+        shared = dict(BD=block_d, CHUNK_T=chunk, ACCUM=accum, num_warps=policy.get("scan_fwd_warps"), **flags)
+        if ns > 1:
+            _launch(_paths_fwd_kernel, grid, tensors, geometry, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False,
+                    **shared)
+        _launch(_paths_fwd_kernel, grid, tensors, geometry, STORE_CKPT=need_grad, STATE_ONLY=False,
+                CARRY_IN=ns > 1, **shared)
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, bias, badd, gap, index, weight, ckpt)
             ctx.flags = (softplus, u_token, bc_token, accum, scale, chunk)
