@@ -182,11 +182,12 @@ def test_triton_matches_the_explicit_reference(case: str, pruned: bool) -> None:
 
 
 @needs_triton
-@pytest.mark.parametrize("pruned", [False, True])
-def test_triton_split_along_the_sequence_matches_the_reference(pruned: bool) -> None:
-    """Concatenated paths split into 4-step chunks (chunk states, then outputs from the carried states)."""
+@pytest.mark.parametrize("case,pruned", [("plain", False), ("group", False), ("mixer", False), ("group", True)])
+def test_triton_split_along_the_sequence_matches_the_reference(case: str, pruned: bool) -> None:
+    """Scans split into 4-step chunks: the forward of concatenated paths (chunk states, then outputs from the
+    carried states) and the backward without gaps (segment carries, then the walk back from the folded ones)."""
     with policy.override(scan_seq_split="on", scan_seq_chunk=4):
-        check("group", pruned, "triton")
+        check(case, pruned, "triton")
 
 
 @pytest.mark.parametrize("case", ["plain", "group", "mixer"])

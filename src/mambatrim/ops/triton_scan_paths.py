@@ -103,16 +103,8 @@ def _paths_fwd_kernel(
         k = tl.program_id(2) // NS + kk
         if ACCUM:
             tl.debug_barrier()  # the previous path's stores are visible to every thread of the program
-        A2 = tl.load(A_ptr + (k * E + d[None, :]) * N + n[:, None], mask=mask2, other=0.0) * 1.4426950408889634
-        Dv = tl.zeros((BD,), dtype=tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + k * E + d, mask=dmask, other=0.0)
-        bias = tl.zeros((BD,), dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + k * E + d, mask=dmask, other=0.0)
-        w = scale
-        if HAS_W:
-            w = scale * tl.load(w_ptr + pid_b * K + k)
+        _, _, _, _, _, A2, Dv, bias, w = _path_setup(A_ptr, D_ptr, bias_ptr, w_ptr, k, pid_d, pid_b, K, E, scale,
+                                                     N, NP, BD, HAS_D, HAS_BIAS, HAS_W)
         acc_on = kk > 0
         i_base = idx_ptr + k * si_k + pid_b * si_b
         u_base = u_ptr + k * su_k + pid_b * su_b + d * su_d
@@ -182,23 +174,10 @@ def _delta_at(s, L, i_base, si_t, d_base, sd_t, bias, dmask, BC_TOKEN: tl.conste
 
 
 @triton.jit
-def _paths_bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ba_ptr, gap_ptr, idx_ptr, w_ptr, dout_ptr,
-    ckpt_ptr, du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, scratch_ptr,
-    L, E, K, n_chunks, scale,
-    su_k, su_b, su_d, su_t, sd_k, sd_b, sd_d, sd_t, sB_k, sB_b, sB_n, sB_t, sC_k, sC_b, sC_n, sC_t,
-    sz_k, sz_b, sz_d, sz_t, sa_k, sa_b, sa_t, sa_n, sg_k, sg_b, sg_t, si_k, si_b, si_t,
-    so_k, so_b, so_d, so_t, gx_k, gx_b, gx_d, gx_t,
-    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BADD: tl.constexpr,
-    HAS_GAP: tl.constexpr, HAS_W: tl.constexpr, U_TOKEN: tl.constexpr, BC_TOKEN: tl.constexpr,
-):
-    """Backward of path ``program_id(2)`` for one (channel block, sample): per checkpoint chunk, in reverse
-    scan order, its states recomputed into scratch, then the walk back. Gradients of u, delta, z go to
-    per-path (K, b, E, L) buffers at the positions they were read from; dB, dC to (K, b, L, N) fp32 sums."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    k = tl.program_id(2)
+def _path_setup(A_ptr, D_ptr, bias_ptr, w_ptr, k, pid_d, pid_b, K, E, scale, N: tl.constexpr, NP: tl.constexpr,
+                BD: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_W: tl.constexpr):
+    """A program's channel / state vectors and masks, and path k's A (log2 units), D, delta bias and
+    output weight ``scale * weight[b, k]``."""
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     dmask = d < E
@@ -214,7 +193,78 @@ def _paths_bwd_kernel(
     w = scale
     if HAS_W:
         w = scale * tl.load(w_ptr + pid_b * K + k)
-    prog = (k * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
+    return d, n, dmask, nmask, mask2, A2, Dv, bias, w
+
+
+@triton.jit
+def _paths_bwd_carry_kernel(
+    dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, idx_ptr, w_ptr, dout_ptr, cr_ptr, cs_ptr,
+    L, E, K, scale, SEG, NSEG,
+    sd_k, sd_b, sd_d, sd_t, sC_k, sC_b, sC_n, sC_t, sz_k, sz_b, sz_d, sz_t, si_k, si_b, si_t,
+    so_k, so_b, so_d, so_t,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_W: tl.constexpr, BC_TOKEN: tl.constexpr,
+):
+    """Level one of the split backward (no gaps), per (channel block, sample, path k * NSEG + segment of
+    ``SEG`` steps): the state gradient the segment passes to the one before it when nothing enters it from later
+    steps, and its summed decay exponent (dh_s = C_s gy_s + exp(ex_{s+1} A) dh_{s+1} folds like the forward's
+    chunk states)."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    k = tl.program_id(2) // NSEG
+    seg_i = tl.program_id(2) % NSEG
+    d, n, dmask, nmask, mask2, A2, Dv, bias, w = _path_setup(A_ptr, A_ptr, bias_ptr, w_ptr, k, pid_d, pid_b, K, E,
+                                                             scale, N, NP, BD, False, HAS_BIAS, HAS_W)
+    i_base = idx_ptr + k * si_k + pid_b * si_b
+    d_base = dl_ptr + k * sd_k + pid_b * sd_b + d * sd_d
+    z_base = z_ptr + k * sz_k + pid_b * sz_b + d * sz_d
+    o_base = dout_ptr + k * so_k + pid_b * so_b + d * so_d
+    C_base = C_ptr + k * sC_k + pid_b * sC_b + n * sC_n
+    s_first = seg_i * SEG
+    s_last = tl.minimum(s_first + SEG, L)
+    carry = tl.zeros((NP, BD), dtype=tl.float32)
+    ex_sum = tl.zeros((BD,), dtype=tl.float32)
+    for jj in range(s_last - s_first):
+        s = s_last - 1 - jj
+        tok, _, pb = _positions(s, s >= 0, i_base, si_t, False, BC_TOKEN)
+        dt = tl.where(dmask, _delta(tl.load(d_base + pb * sd_t, mask=dmask, other=0.0), bias, HAS_BIAS, SOFTPLUS),
+                      0.0)
+        gy = tl.load(o_base + tok * so_t, mask=dmask, other=0.0).to(tl.float32) * w
+        if HAS_Z:
+            gy, sig = _gate_back(gy, tl.load(z_base + tok * sz_t, mask=dmask, other=0.0).to(tl.float32))
+        Ct = tl.load(C_base + pb * sC_t, mask=nmask, other=0.0).to(tl.float32)
+        carry = tl.exp2(dt[None, :] * A2) * (Ct[:, None] * gy[None, :] + carry)
+        ex_sum += dt
+    cr_base, cs_base = _chunk_bases(cr_ptr, cs_ptr, k, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
+    tl.store(cr_base + seg_i * (N * E), carry, mask=mask2)
+    tl.store(cs_base + seg_i * E, ex_sum, mask=dmask)
+
+
+@triton.jit
+def _paths_bwd_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ba_ptr, gap_ptr, idx_ptr, w_ptr, dout_ptr,
+    ckpt_ptr, du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, scratch_ptr, cr_ptr, cs_ptr,
+    L, E, K, n_chunks, scale, KS, NSEG,
+    su_k, su_b, su_d, su_t, sd_k, sd_b, sd_d, sd_t, sB_k, sB_b, sB_n, sB_t, sC_k, sC_b, sC_n, sC_t,
+    sz_k, sz_b, sz_d, sz_t, sa_k, sa_b, sa_t, sa_n, sg_k, sg_b, sg_t, si_k, si_b, si_t,
+    so_k, so_b, so_d, so_t, gx_k, gx_b, gx_d, gx_t,
+    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BADD: tl.constexpr,
+    HAS_GAP: tl.constexpr, HAS_W: tl.constexpr, U_TOKEN: tl.constexpr, BC_TOKEN: tl.constexpr,
+    CARRY_IN: tl.constexpr,
+):
+    """Backward of path k for one (channel block, sample, segment of ``KS`` checkpoint chunks), with
+    ``program_id(2) = k * NSEG + segment``: per chunk, in reverse scan order, its states recomputed into
+    scratch, then the walk back. Gradients of u, delta, z go to per-path (K, b, E, L) buffers at the positions
+    they were read from; dB, dC to (K, b, L, N) fp32 sums. ``CARRY_IN``: the state gradient entering the
+    segment is folded from the later segments' local carries (:func:`_paths_bwd_carry_kernel`)."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    k = tl.program_id(2) // NSEG
+    seg_i = tl.program_id(2) % NSEG
+    d, n, dmask, nmask, mask2, A2, Dv, bias, w = _path_setup(A_ptr, D_ptr, bias_ptr, w_ptr, k, pid_d, pid_b, K, E,
+                                                             scale, N, NP, BD, HAS_D, HAS_BIAS, HAS_W)
+    prog = (tl.program_id(2) * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
     sc_base = scratch_ptr + prog.to(tl.int64) * (T * NP * BD) + n[:, None] * BD + tl.arange(0, BD)[None, :]
     ck_base = ckpt_ptr + ((k * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
     part = (k * tl.num_programs(1) + pid_b).to(tl.int64) * L * N
@@ -229,12 +279,16 @@ def _paths_bwd_kernel(
     g_base = gap_ptr + k * sg_k + pid_b * sg_b
     gx_base = k * gx_k + pid_b * gx_b + d * gx_d
     carry = tl.zeros((NP, BD), dtype=tl.float32)  # exp(ex_{s+1} A) * dh_{s+1}
+    if CARRY_IN:
+        cr_base, cs_base = _chunk_bases(cr_ptr, cs_ptr, k, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
+        carry = _carry_in(cr_base, cs_base, A2, seg_i, NSEG, True, 1, N, E, mask2, dmask, NP, BD)
     gcarry = tl.zeros((BD,), dtype=tl.float32)  # gap_{s+1} * d(loss)/d(ex_{s+1}): step s's share via dt_s
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
     dD_acc = tl.zeros((BD,), dtype=tl.float32)
     db_acc = tl.zeros((BD,), dtype=tl.float32)
-    for cc in range(n_chunks):
-        c = n_chunks - 1 - cc
+    c_end = tl.minimum((seg_i + 1) * KS, n_chunks)
+    for cc in range(c_end - seg_i * KS):
+        c = c_end - 1 - cc
         h = tl.load(ck_base + c * N, mask=mask2 & (c > 0), other=0.0)
         dt_prev = tl.zeros((BD,), dtype=tl.float32)
         if HAS_GAP:
@@ -393,18 +447,33 @@ class _PathsFn(torch.autograd.Function):
         dD = torch.zeros(K, E, device=u.device, dtype=torch.float32)
         dbias = torch.zeros(K, E, device=u.device, dtype=torch.float32)
         block_d = min(policy.get("scan_paths_bwd_block_d"), triton.next_power_of_2(E))
-        grid = (triton.cdiv(E, block_d), bsz, K)
+        n_blocks, n_chunks = triton.cdiv(E, block_d), ckpt.shape[3]
+        per_seg = n_chunks  # gaps tie each step to the one before it: those scans stay one program per path
+        if gap is None:
+            per_seg = triton.cdiv(seq_chunk(L, n_blocks * bsz * K, _sm_count(u.device), multiple=chunk,
+                                            backward=True), chunk)
+        n_seg = triton.cdiv(n_chunks, per_seg)
+        grid = (n_blocks, bsz, K * n_seg)
         np2 = max(2, triton.next_power_of_2(N))
-        scratch = torch.empty(grid[0] * bsz * K * chunk * np2 * block_d, device=u.device, dtype=torch.float32)
+        scratch = torch.empty(n_blocks * bsz * K * n_seg * chunk * np2 * block_d, device=u.device,
+                              dtype=torch.float32)
+        carries, sums = _chunk_buffers(u, K, bsz, n_seg, N, E)
+        flags = _flags(D, z, bias, badd, gap, weight, softplus, u_token, bc_token, N)
+        if n_seg > 1:  # level one: each segment's own carry; the main kernel folds those of later segments
+            _paths_bwd_carry_kernel[grid](
+                delta, A, C, z if z is not None else u, bias if bias is not None else u, index,
+                weight if weight is not None else u, dout4, carries, sums, L, E, K, scale, per_seg * chunk, n_seg,
+                *_strides(delta, 4), *_strides(C, 4), *_strides(z, 4), *_strides(index, 3), *_strides(dout4, 4),
+                BD=block_d, num_warps=policy.get("scan_bwd_warps"),
+                **{f: flags[f] for f in ("N", "NP", "SOFTPLUS", "HAS_Z", "HAS_BIAS", "HAS_W", "BC_TOKEN")})
         strides = (*_strides(u, 4), *_strides(delta, 4), *_strides(B, 4), *_strides(C, 4), *_strides(z, 4),
                    *_strides(badd, 4), *_strides(gap, 3), *_strides(index, 3), *_strides(dout4, 4),
                    *_strides(du, 4))
         _launch(_paths_bwd_kernel, grid,
                 (u, delta, A, B, C, D, z, bias, badd, gap, index, weight, dout4, ckpt, du, ddl, dA, dB, dC, dD,
-                 dz if dz is not None else du, dbias, scratch),
-                (L, E, K, ckpt.shape[3], scale, *strides),
-                BD=block_d, T=chunk, num_warps=policy.get("scan_bwd_warps"),
-                **_flags(D, z, bias, badd, gap, weight, softplus, u_token, bc_token, N))
+                 dz if dz is not None else du, dbias, scratch, carries, sums),
+                (L, E, K, n_chunks, scale, per_seg, n_seg, *strides),
+                BD=block_d, T=chunk, CARRY_IN=n_seg > 1, num_warps=policy.get("scan_bwd_warps"), **flags)
         dbadd = None
         if badd is not None:  # B_add is read at step t: the B gradient of the position step t read
             at = dB.gather(2, index[..., None].expand(-1, -1, -1, N)) if bc_token else dB
