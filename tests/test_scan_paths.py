@@ -81,7 +81,7 @@ def pruned_visits(orders: list[list[int]], kept: list[list[int]]) -> tuple[list,
 def reference(case: str, ins: dict, visits: list, gaps: list | None) -> torch.Tensor:
     """Path by path and sample by sample on inputs permuted with the lists ``visits[k][b]``."""
     K, E = ins["A"].shape[:2]
-    bsz, L = ins["u"].shape[-3], ins["u"].shape[-1]
+    bsz = ins["u"].shape[-3]
     out = []
     for b in range(bsz):
         total = []

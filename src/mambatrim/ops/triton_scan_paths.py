@@ -24,8 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import policy
-from .triton_scan import _carry_in, _check_device, _chunk_bases, _chunk_buffers, _delta, _gate_back, _sm_count, \
-    seq_chunk
+from .triton_scan import _carry_back, _carry_in, _check_device, _chunk_bases, _chunk_buffers, _delta, _gate_back, \
+    _sm_count, _state_back, seq_chunk
 
 __all__ = ["scan_paths_triton"]
 
@@ -229,11 +229,8 @@ def _paths_bwd_carry_kernel(
         tok, _, pb = _positions(s, s >= 0, i_base, si_t, False, BC_TOKEN)
         dt = tl.where(dmask, _delta(tl.load(d_base + pb * sd_t, mask=dmask, other=0.0), bias, HAS_BIAS, SOFTPLUS),
                       0.0)
-        gy = tl.load(o_base + tok * so_t, mask=dmask, other=0.0).to(tl.float32) * w
-        if HAS_Z:
-            gy, sig = _gate_back(gy, tl.load(z_base + tok * sz_t, mask=dmask, other=0.0).to(tl.float32))
-        Ct = tl.load(C_base + pb * sC_t, mask=nmask, other=0.0).to(tl.float32)
-        carry = tl.exp2(dt[None, :] * A2) * (Ct[:, None] * gy[None, :] + carry)
+        carry = _carry_back(carry, dt, A2, o_base + tok * so_t, z_base + tok * sz_t, C_base + pb * sC_t, w, dmask,
+                            nmask, HAS_Z)
         ex_sum += dt
     cr_base, cs_base = _chunk_bases(cr_ptr, cs_ptr, k, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
     tl.store(cr_base + seg_i * (N * E), carry, mask=mask2)
@@ -333,23 +330,15 @@ def _paths_bwd_kernel(
                 gy, sig = _gate_back(dout, zz)
                 dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
                 tl.store(dz_ptr + gx_base + tok * gx_t, dz.to(dz_ptr.dtype.element_ty), mask=m)
-            dAe = tl.exp2(ex[None, :] * A2)
-            dtu = dt * u
-            dh = Ct[:, None] * gy[None, :] + carry
-            carry = dAe * dh
-            q = dh * (h - Bt[:, None] * dtu[None, :])  # = dh * dA * h_prev
-            de = tl.sum(q * A2, axis=0) * 0.6931471805599453
-            dA_acc += q * ex[None, :]
-            dhB = tl.sum(dh * Bt[:, None], axis=0)
+            carry, de, dA_step, dhB, dB_t, dC_t = _state_back(h, Bt, Ct, gy, dt, u, ex, A2, carry)
+            dA_acc += dA_step
             ddt = dhB * u + de + gcarry
             if HAS_GAP:
                 gcarry = tl.where(m, gp * de, 0.0)
             du = dhB * dt + gy * Dv
             dD_acc += gy * u
-            tl.atomic_add(dB_ptr + part + pb * N + n, tl.sum(dh * dtu[None, :], axis=1), mask=nmask & ok,
-                          sem="relaxed")
-            tl.atomic_add(dC_ptr + part + pb * N + n, tl.sum(h * gy[None, :], axis=1), mask=nmask & ok,
-                          sem="relaxed")
+            tl.atomic_add(dB_ptr + part + pb * N + n, dB_t, mask=nmask & ok, sem="relaxed")
+            tl.atomic_add(dC_ptr + part + pb * N + n, dC_t, mask=nmask & ok, sem="relaxed")
             tl.store(du_ptr + gx_base + pu * gx_t, du.to(du_ptr.dtype.element_ty), mask=m)
             if SOFTPLUS:
                 ddt = ddt / (1.0 + tl.exp2(-raw * 1.4426950408889634))
