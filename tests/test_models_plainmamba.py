@@ -257,3 +257,15 @@ def test_mixer_on_surviving_tokens_matches_the_explicit_rules(align, grid):
 def test_mixer_needs_a_grid():
     with pytest.raises(ValueError, match="token grid"):
         PlainMamba2D(8)(torch.randn(1, 4, 8), MixerContext())
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+@pytest.mark.parametrize("name,published", [("plainmamba_l1", 3.0), ("plainmamba_l2", 8.1), ("plainmamba_l3", 14.4)])
+def test_flops_reproduce_the_published_figures(name, published):
+    from mambatrim.analysis.flops import count_flops
+
+    report = count_flops(meta_model(name))
+    # PlainMamba's counter (mmcv complexity + 4 paths x (9*L*E*N + L*E)) counts every path: both conventions agree
+    assert round(report.gflops("paper"), 1) == published
+    assert report.gflops("full") == report.gflops("paper")
+    assert len(report.layers) == len(meta_model(name).layers) and report.layers[0].tokens == 196

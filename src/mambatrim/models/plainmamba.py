@@ -91,6 +91,19 @@ class PlainMamba2D(nn.Module):
         self.direction_Bs = nn.Parameter(torch.zeros(len(self.orders) + 1, d_state))
         self._init_params(dt_min, dt_max, dt_init_floor)
 
+    @property
+    def num_paths(self) -> int:
+        return len(self.orders)
+
+    def macs_terms(self, tokens: int) -> tuple[float, float, float]:
+        """(shared, per_path, paper_scale) MACs for ``tokens`` tokens of one image (the FLOPs counter's protocol).
+        Shared: in_proj, the 7x7 depthwise conv at the tokens, x_proj, dt_proj, out_proj (the orders share them);
+        per path: the scan, 9*L*E*N, and the D term, L*E. PlainMamba's own counter (tools/analysis_tools/
+        get_flops.py) counts all four paths, so the paper convention equals the full one."""
+        L, d, E, N, R = tokens, self.d_model, self.d_inner, self.d_state, self.dt_rank
+        shared = L * d * 2 * E + L * E * self.conv_size ** 2 + L * E * (R + 2 * N) + L * R * E + L * E * d
+        return float(shared), float(9 * L * E * N + L * E), 1.0
+
     @torch.no_grad()
     def _init_params(self, dt_min: float, dt_max: float, floor: float) -> None:
         """Mamba's dt init (uniform weight, inverse-softplus bias of dt ~ logU(dt_min, dt_max)) as upstream."""
@@ -246,8 +259,9 @@ class PlainMamba(nn.Module):
                  depth: int = 24, num_convs_patch_embed: int = 1, layers_with_dwconv: Sequence[int] = (),
                  num_classes: int = 1000, in_chans: int = 3, d_state: int = 16, expand: int = 2,
                  conv_size: int = 7, bias: bool = True, conv_bias: bool = True, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, **timm_kwargs: Any) -> None:
+                 drop_path_rate: float = 0.0, channels: int | None = None, **timm_kwargs: Any) -> None:
         super().__init__()
+        in_chans = in_chans if channels is None else channels  # ``channels``: the training engine's word
         unknown = set(timm_kwargs) - {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
         if unknown:
             raise TypeError(f"PlainMamba got unknown arguments {sorted(unknown)}")
