@@ -122,7 +122,10 @@ class PlainMamba2D(nn.Module):
             raise ValueError(f"PlainMamba2D needs the (height, width) token grid in MixerContext.grid, got "
                              f"{ctx.grid!r}")
         plan = MixerPlan.build(ctx, self.orders, hidden.shape[0], hidden.device)
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, E) each
+        xz = self.in_proj(hidden)
+        x, z = xz.chunk(2, dim=-1)  # (B, L, E) each
+        gate = plan.gate(plan.gate_feature(xz)) if plan.callable_gate else plan.gate  # (B, K) or None
+        self.last_stats = {"tokens": hidden.shape[1], "gate": None if gate is None else gate.detach()}
         mask = None if plan.mask is None else plan.mask[:, :, None].to(x.dtype)
         if mask is not None:  # training-time masked tokens feed nothing into the conv and the scans
             x = x * mask
@@ -131,30 +134,42 @@ class PlainMamba2D(nn.Module):
             xc = xc * mask
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt)  # with its bias: the scan adds it a second time (official)
-        y = self.scan_orders(xc, delta, B, C, plan, ctx)
+        y = self.scan_orders(xc, delta, B, C, plan, ctx, gate)
         y = y * F.silu(z)
         if plan.tap is not None:
             plan.tap(y)
         return self.out_proj(y)
 
-    def scan_orders(self, xc: Tensor, delta: Tensor, B: Tensor, C: Tensor, plan: MixerPlan,
-                    ctx: MixerContext) -> Tensor:
+    def scan_orders(self, xc: Tensor, delta: Tensor, B: Tensor, C: Tensor, plan: MixerPlan, ctx: MixerContext,
+                    gate: Tensor | None = None) -> Tensor:
         """Sum over the orders of the scans, in sequence order: (B, L, E). ``u`` is read in each order's visiting
         order (a gather), delta / B / C in sequence order, B plus each step's direction term; the outputs are
-        scattered back to sequence order. The per-order reference of any fused multi-order kernel."""
+        scattered back to sequence order, each times its path gate (B, K) if given (a path gated off is not
+        run for that sample where ``plan.skip_gated``). The per-order reference of a fused multi-order kernel."""
         A = -torch.exp(self.A_log.float())
         u, delta, B, C = xc.transpose(1, 2), delta.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
         width = ctx.grid[1]
-        total = None
-        for path, row_runs in zip(plan.paths, ROW_RUNS):
+        total = torch.zeros_like(u)
+        for k, (path, row_runs) in enumerate(zip(plan.paths, ROW_RUNS)):
             raster = path.index if ctx.positions is None else ctx.positions.gather(1, path.index)
-            labels = direction_labels(raster, width, row_runs)
-            B_k = B + self.direction_Bs[labels].transpose(1, 2).to(B.dtype)
-            y = selective_scan(_take(u, path.index), delta, A, B_k, C, self.D.float(),
-                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True, gap=path.gap)
-            y = _put(y, path.index)
-            total = y if total is None else total + y
+            B_k = B + self.direction_Bs[direction_labels(raster, width, row_runs)].transpose(1, 2).to(B.dtype)
+            inputs = (_take(u, path.index), delta, B_k, C, path.gap, path.index)
+            if gate is not None and plan.skip_gated:
+                rows = torch.nonzero(gate[:, k] > 0.5, as_tuple=True)[0]
+                if rows.numel():
+                    part = self._scan(A, *(None if t is None else t[rows] for t in inputs))
+                    total = total.index_add(0, rows, part.to(total.dtype))
+                continue
+            y = self._scan(A, *inputs)
+            total = total + (y if gate is None else y * gate[:, k, None, None].to(y.dtype))
         return total.transpose(1, 2)
+
+    def _scan(self, A: Tensor, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, gap: Tensor | None,
+              index: Tensor) -> Tensor:
+        """One order's scan (u in visiting order, the rest in sequence order), output in sequence order."""
+        y = selective_scan(u, delta, A, B, C, self.D.float(), delta_bias=self.dt_proj.bias.float(),
+                           delta_softplus=True, gap=gap)
+        return _put(y, index)
 
 
 class PlainMambaLayer(nn.Module):
@@ -308,6 +323,16 @@ class PlainMamba(nn.Module):
     def input_size(self) -> tuple[int, int, int]:
         return (self.patch_embed.in_chans, *self.patch_embed.img_size)
 
+    @property
+    def num_protected(self) -> int:
+        """No class token: no token is protected from pruning or merging."""
+        return 0
+
+    @property
+    def num_paths(self) -> int:
+        """Scan paths per mixer (what a per-path selector gates): the four zig-zag orders."""
+        return len(zigzag_orders())
+
     def no_weight_decay(self) -> set[str]:
         """The official exemptions beyond norms and biases: pos_embed, A_log, D, direction_Bs."""
         return {n for n, _ in self.named_parameters()
@@ -355,8 +380,9 @@ class PlainMamba(nn.Module):
         hidden = self.pos_drop(tokens + pos)
         bsz, length = hidden.shape[:2]
         positions = torch.arange(length, device=x.device).expand(bsz, -1)
-        return TokenState(hidden=hidden, residual=None, positions=positions,
-                          cls_index=torch.zeros(bsz, dtype=torch.long, device=x.device), grid=grid)
+        protected = torch.empty((bsz, 0), dtype=torch.long, device=x.device)
+        return TokenState(hidden=hidden, residual=None, positions=positions, protected=protected,
+                          protected_layout="none", grid=grid)
 
     def forward_tokens(self, x: Tensor) -> TokenState:
         """Run every layer; the final state's ``hidden`` is ln1 of every remaining token."""

@@ -221,9 +221,11 @@ class DyVMConfig:
 
 class DyVMReducer(Reducer):
     """DyVM token pruning + block selection. Parameters: ``predictors`` (one per stage) and ``selectors`` (one
-    ``Linear(2*d_inner, 2)`` per layer, or ``None`` when block selection is off)."""
+    ``Linear(2*d_inner, paths)`` per layer, one gate per scan path: Vim's 2 directions, PlainMamba's 4 orders;
+    or ``None`` when block selection is off)."""
 
-    def __init__(self, embed_dim: int, d_inner: int, depth: int, config: DyVMConfig | None = None) -> None:
+    def __init__(self, embed_dim: int, d_inner: int, depth: int, config: DyVMConfig | None = None,
+                 paths: int = 2) -> None:
         super().__init__()
         config = config or DyVMConfig()
         self.config, self.depth = config, depth
@@ -244,7 +246,7 @@ class DyVMReducer(Reducer):
                     previous = ratio
         self.selectors: nn.ModuleList | None = None
         if self.block_ratio is not None:
-            self.selectors = nn.ModuleList(BlockSelector(2 * d_inner, 2) for _ in range(depth))
+            self.selectors = nn.ModuleList(BlockSelector(2 * d_inner, paths) for _ in range(depth))
             with torch.no_grad():
                 for sel in self.selectors:
                     sel.weight.zero_()
@@ -455,7 +457,8 @@ def apply(model: nn.Module, keep: float | None = 0.7, block_ratio: float | None 
             raise TypeError(f"dyvm.apply needs a VisionMamba model, got {type(model).__name__}")
     ref = next(model.parameters())
     config = DyVMConfig(keep=keep, block_ratio=block_ratio, layers=layers, **options)
-    reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, config)  # type: ignore[arg-type]
+    reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, config,  # type: ignore[arg-type]
+                          paths=int(getattr(model, "num_paths", 2)))
     model.set_reducer(reducer.to(device=ref.device))  # type: ignore[operator]
     return model
 
@@ -491,7 +494,7 @@ def count_flops(model: nn.Module, img_size: int | None = None, block_ratio: floa
         if not 0.0 <= block_ratio <= 1.0:
             raise ValueError(f"dyvm.count_flops: block_ratio must be in [0, 1], got {block_ratio}")
         for layer in report.layers:
-            layer.directions = (float(block_ratio), float(block_ratio))
+            layer.directions = (float(block_ratio),) * len(layer.directions)
     return report
 
 
