@@ -180,5 +180,7 @@ register_family(
         "plainmamba_l2": dict(embed_dim=384, depth=24, num_convs_patch_embed=2, drop_path_rate=0.2),
         "plainmamba_l3": dict(embed_dim=448, depth=36, num_convs_patch_embed=2, drop_path_rate=0.4),
     },
+    # the official mmcls checkpoints (README of ChenhongyiYang/PlainMamba)
+    hf_weights={f"plainmamba_{v}": ("ChenhongyiYang/PlainMamba", f"{v}.pth") for v in ("l1", "l2", "l3")},
     first_conv="backbone.patch_embed.stem.0", classifier="head.fc",
 )
