@@ -11,7 +11,6 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import mambatrim  # noqa: F401 (registers the models)
 from mambatrim.contract import MixerContext, zigzag_orders
 from mambatrim.models import list_models, load_checkpoint
 from mambatrim.models.plainmamba import PlainMamba2D

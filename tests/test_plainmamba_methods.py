@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-import mambatrim  # noqa: F401 (registers the models)
 from mambatrim.contract import MixerContext, MixerPlan
 from mambatrim.reduce.registry import METHODS, apply_method
 

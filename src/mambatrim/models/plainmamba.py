@@ -316,10 +316,6 @@ class PlainMamba(nn.Module):
         return self.expand * self.embed_dim
 
     @property
-    def dt_rank(self) -> int:
-        return math.ceil(self.embed_dim / 16)
-
-    @property
     def input_size(self) -> tuple[int, int, int]:
         return (self.patch_embed.in_chans, *self.patch_embed.img_size)
 
@@ -385,29 +381,29 @@ class PlainMamba(nn.Module):
                           protected_layout="none", grid=grid)
 
     def forward_tokens(self, x: Tensor) -> TokenState:
-        """Run every layer; the final state's ``hidden`` is ln1 of every remaining token."""
-        state = self.embed(x)
+        """Run every layer (the reducer's hooks around each); the final state's ``hidden`` is ln1 of every
+        remaining token, its ``residual`` the stream before ln1."""
         reducer = self.reducer
-        if reducer is not None:
-            state = reducer.begin(state)
+        state = self.embed(x) if reducer is None else reducer.begin(self.embed(x))
         for i, layer in enumerate(self.layers):
-            ctx = None
             if reducer is not None:
                 state = reducer.before_layer(i, state)
-                ctx = reducer.mixer_context(i, state)
-            hidden, residual = layer(state.hidden, state.residual, self._grid_context(ctx, state))
+            hidden, residual = layer(state.hidden, state.residual, self.layer_context(i, state))
             state = state.replace(hidden=hidden, residual=residual)
         if reducer is not None:
             state = reducer.finish(state)
         stream = state.hidden if state.residual is None else state.residual + state.hidden.float()
         return state.replace(hidden=self.backbone.ln1(stream.to(state.hidden.dtype)), residual=stream)
 
-    def _grid_context(self, ctx: MixerContext | None, state: TokenState) -> MixerContext:
-        """The method's context plus the grid, and the token positions once a method may have moved tokens."""
+    def layer_context(self, layer_idx: int, state: TokenState) -> MixerContext:
+        """The reducer's context for this layer plus the grid, and the token positions once a reducer is
+        attached (it may have moved tokens): the mixers' scan orders and 2D convs read them."""
+        reducer = self.reducer
+        ctx = None if reducer is None else reducer.mixer_context(layer_idx, state)
         if ctx is None:
             ctx = MixerContext()
         positions = ctx.positions
-        if positions is None and self.reducer is not None:
+        if positions is None and reducer is not None:
             positions = state.positions
         return replace(ctx, grid=state.grid, positions=positions)
 
@@ -418,11 +414,12 @@ class PlainMamba(nn.Module):
         weight = state.mask[..., None].to(state.hidden.dtype)
         return (state.hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.pool(self.forward_tokens(x))
-
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         return features if pre_logits else self.head(features)
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The mean of the final tokens (ln1 applied)."""
+        return self.pool(self.forward_tokens(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.head(self.forward_features(x))
