@@ -342,8 +342,15 @@ class PlainMamba(nn.Module):
         self.head = LinearClsHead(self.embed_dim, num_classes)
 
     def adapt_checkpoint(self, sd: dict[str, Tensor], report: Any) -> dict[str, Tensor]:
-        """Resample a checkpoint's ``backbone.pos_embed`` made for another (square) grid; called by
-        :func:`~mambatrim.models.load_checkpoint`, which records the change in ``report.resized``."""
+        """Resample a checkpoint's ``backbone.pos_embed`` made for another (square) grid, and drop the ``ema_*``
+        buffers the official EMA checkpoint hook registers on the classifier (the other copy of every weight:
+        the parameters are the evaluated ones); called by :func:`~mambatrim.models.load_checkpoint`, which
+        records the changes in ``report.resized`` / ``report.skipped``."""
+        ema = [k for k in sd if k.startswith("ema_")]
+        for k in ema:
+            del sd[k]
+        if ema:
+            report.skipped.append(f"{len(ema)} ema_* buffers of the EMA checkpoint hook")
         key, target = "backbone.pos_embed", self.backbone.pos_embed
         pe = sd.get(key)
         if pe is not None and pe.dim() == 3 and pe.shape != target.shape and pe.shape[-1] == target.shape[-1]:
