@@ -192,7 +192,7 @@ class PlainMambaLayer(nn.Module):
 
     def forward(self, hidden: Tensor, residual: Tensor | None, ctx: MixerContext) -> tuple[Tensor, Tensor]:
         stream = hidden.float() if residual is None else residual + hidden.float()
-        mixed = self.drop_path(self.mamba(self.norm(stream.to(hidden.dtype)), ctx))
+        mixed = self.drop_path(self.mamba(self.norm(stream.to(self.norm.weight.dtype)), ctx))  # fp32 stream
         if not self.with_dwconv:
             return mixed, stream
         out = on_grid(stream + mixed, self.dw, ctx.grid, ctx.positions)
@@ -400,7 +400,8 @@ class PlainMamba(nn.Module):
         if reducer is not None:
             state = reducer.finish(state)
         stream = state.hidden if state.residual is None else state.residual + state.hidden.float()
-        return state.replace(hidden=self.backbone.ln1(stream.to(state.hidden.dtype)), residual=stream)
+        ln1 = self.backbone.ln1
+        return state.replace(hidden=ln1(stream.to(ln1.weight.dtype)), residual=stream)
 
     def layer_context(self, layer_idx: int, state: TokenState) -> MixerContext:
         """The reducer's context for this layer plus the grid, and the token positions once a reducer is
