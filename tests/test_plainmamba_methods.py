@@ -124,7 +124,7 @@ def test_dyvm_selects_among_the_four_orders_from_the_mean_of_xz():
     assert 0 < expected.sum() < expected.numel()  # some paths run, some are skipped
 
 
-def test_path_gates_skip_exactly_the_gated_orders():
+def test_path_gates_weight_exactly_the_gated_orders():
     mixer = build().layers[1].mamba
     hidden = torch.randn(2, 30, 16)
     gate = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])

@@ -31,8 +31,7 @@ from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
 from ..contract import MixerContext, MixerPlan, Reducer, TokenState, zigzag_orders
-from ..ops import selective_scan
-from .mamba import _put, _take
+from ..ops import scan_paths
 
 # Which orders of zigzag_orders() run along rows (the row snake and its reverse) and which along columns.
 ROW_RUNS = (True, True, False, False)
@@ -142,34 +141,22 @@ class PlainMamba2D(nn.Module):
 
     def scan_orders(self, xc: Tensor, delta: Tensor, B: Tensor, C: Tensor, plan: MixerPlan, ctx: MixerContext,
                     gate: Tensor | None = None) -> Tensor:
-        """Sum over the orders of the scans, in sequence order: (B, L, E). ``u`` is read in each order's visiting
-        order (a gather), delta / B / C in sequence order, B plus each step's direction term; the outputs are
-        scattered back to sequence order, each times its path gate (B, K) if given (a path gated off is not
-        run for that sample where ``plan.skip_gated``). The per-order reference of a fused multi-order kernel."""
-        A = -torch.exp(self.A_log.float())
-        u, delta, B, C = xc.transpose(1, 2), delta.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
-        width = ctx.grid[1]
-        total = torch.zeros_like(u)
-        for k, (path, row_runs) in enumerate(zip(plan.paths, ROW_RUNS)):
-            raster = path.index if ctx.positions is None else ctx.positions.gather(1, path.index)
-            B_k = B + self.direction_Bs[direction_labels(raster, width, row_runs)].transpose(1, 2).to(B.dtype)
-            inputs = (_take(u, path.index), delta, B_k, C, path.gap, path.index)
-            if gate is not None and plan.skip_gated:
-                rows = torch.nonzero(gate[:, k] > 0.5, as_tuple=True)[0]
-                if rows.numel():
-                    part = self._scan(A, *(None if t is None else t[rows] for t in inputs))
-                    total = total.index_add(0, rows, part.to(total.dtype))
-                continue
-            y = self._scan(A, *inputs)
-            total = total + (y if gate is None else y * gate[:, k, None, None].to(y.dtype))
-        return total.transpose(1, 2)
-
-    def _scan(self, A: Tensor, u: Tensor, delta: Tensor, B: Tensor, C: Tensor, gap: Tensor | None,
-              index: Tensor) -> Tensor:
-        """One order's scan (u in visiting order, the rest in sequence order), output in sequence order."""
-        y = selective_scan(u, delta, A, B, C, self.D.float(), delta_bias=self.dt_proj.bias.float(),
-                           delta_softplus=True, gap=gap)
-        return _put(y, index)
+        """Sum over the orders of the scans, in sequence order: (B, L, E), as ONE :func:`~mambatrim.ops.scan_paths`
+        call: ``u`` read through each order's visiting index, delta / B / C at the scan step (sequence order),
+        B plus each step's direction term, the outputs written back through the index and summed, times the
+        path gates (B, K) if any (a gated-off path is zeroed, not skipped), in one launch on the 'triton'
+        backend; the 'torch' / 'ref' backends gather, scan each order and scatter back (the reference)."""
+        paths = len(plan.paths)
+        index = torch.stack([path.index for path in plan.paths])  # (K, B, L) sequence indices, visiting order
+        raster = index if ctx.positions is None else ctx.positions[None].expand(paths, -1, -1).gather(2, index)
+        labels = torch.stack([direction_labels(r, ctx.grid[1], rows) for r, rows in zip(raster, ROW_RUNS)])
+        gap = None if plan.paths[0].gap is None else torch.stack([path.gap for path in plan.paths])
+        A = (-torch.exp(self.A_log.float()))[None].repeat(paths, 1, 1)  # one set of parameters for every order
+        D, bias = (p.float()[None].repeat(paths, 1) for p in (self.D, self.dt_proj.bias))
+        y = scan_paths(xc.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), index,
+                       D=D, delta_bias=bias, delta_softplus=True, u_at="token", bc_at="step",
+                       B_add=self.direction_Bs[labels], gap=gap, weight=gate)
+        return y.transpose(1, 2)
 
 
 class PlainMambaLayer(nn.Module):
