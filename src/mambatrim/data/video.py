@@ -17,9 +17,8 @@ and :class:`VideoLoader` counts the skips of every pass (workers included) and r
 """
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
