@@ -49,10 +49,10 @@ def require_av() -> Any:
 # ----------------------------------------------------------------------------------------------- sampling
 def segment_bounds(total: int, num_frames: int, segment: int) -> tuple[int, int]:
     """First and last frame (inclusive) of TSN segment ``segment`` when ``total`` frames are cut into
-    ``num_frames`` equal segments (a segment shorter than one frame holds the frame it starts in)."""
-    length = total / num_frames
-    first = min(int(segment * length), total - 1)
-    return first, max(first, min(int((segment + 1) * length) - 1, total - 1))
+    ``num_frames`` equal segments (a segment shorter than one frame holds the frame it starts in). Integer
+    arithmetic: ``floor(segment * total / num_frames)`` exactly, with no float rounding at the boundaries."""
+    first = segment * total // num_frames
+    return first, max(first, (segment + 1) * total // num_frames - 1)
 
 
 def train_indices(total: int, num_frames: int, generator: torch.Generator | None = None) -> list[int]:
@@ -66,10 +66,9 @@ def train_indices(total: int, num_frames: int, generator: torch.Generator | None
 
 def eval_indices(total: int, num_frames: int, clips: int) -> list[list[int]]:
     """Multi-clip evaluation: clip ``k`` of ``clips`` takes the frame at fraction ``(k + 0.5) / clips`` of every
-    segment, so the clips tile the video evenly."""
-    length = total / num_frames
-    return [[min(int(seg * length + (k + 0.5) * length / clips), total - 1) for seg in range(num_frames)]
-            for k in range(clips)]
+    segment, so the clips tile the video evenly: ``floor((seg + (k + 1/2) / clips) * total / num_frames)``."""
+    scale = 2 * num_frames * clips
+    return [[(2 * clips * seg + 2 * k + 1) * total // scale for seg in range(num_frames)] for k in range(clips)]
 
 
 # ---------------------------------------------------------------------------------------------- decoding
