@@ -16,6 +16,8 @@ from timm.models import register_model
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .mambareg import MambaReg
+from .videomamba import VideoMamba
 from .vim import VisionMamba
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -168,5 +170,36 @@ register_family(
     hf_weights={
         "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
         "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
+    },
+)
+
+register_family(
+    "MambaReg", MambaReg,
+    {
+        "mambar_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=24, num_cls_tokens=12, cls_reduce=1),
+        "mambar_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=24, num_cls_tokens=12, cls_reduce=2),
+        "mambar_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=24, num_cls_tokens=12, cls_reduce=4),
+        "mambar_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=48, num_cls_tokens=16, cls_reduce=8),
+    },
+    hf_weights={name: ("Wangf3014/Mamba-Reg", f"{name}.pth")
+                for name in ("mambar_small_patch16_224", "mambar_base_patch16_224", "mambar_large_patch16_224")},
+)
+
+register_family(
+    "VideoMamba", VideoMamba,
+    {
+        "videomamba_tiny": dict(patch_size=16, embed_dim=192, depth=24),
+        "videomamba_small": dict(patch_size=16, embed_dim=384, depth=24),
+        "videomamba_middle": dict(patch_size=16, embed_dim=576, depth=32),
+        "videomamba_base": dict(patch_size=16, embed_dim=768, depth=24),
+        "videomamba_middle_distill": dict(patch_size=16, embed_dim=576, depth=32, distill=True),
+        "videomamba_base_distill": dict(patch_size=16, embed_dim=768, depth=24, distill=True),
+    },
+    # the ImageNet-1k 224 px releases (the middle and base ones come from the self-distillation runs)
+    hf_weights={
+        "videomamba_tiny": ("OpenGVLab/VideoMamba", "videomamba_t16_in1k_res224.pth"),
+        "videomamba_small": ("OpenGVLab/VideoMamba", "videomamba_s16_in1k_res224.pth"),
+        "videomamba_middle_distill": ("OpenGVLab/VideoMamba", "videomamba_m16_in1k_res224.pth"),
+        "videomamba_base_distill": ("OpenGVLab/VideoMamba", "videomamba_b16_in1k_res224.pth"),
     },
 )
