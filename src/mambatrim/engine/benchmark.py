@@ -152,7 +152,9 @@ def measure_throughput(
     model.to(device)
     was_training = model.training
     model.train(train)
-    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    shape = list(getattr(model, "input_size", None) or (in_chans, img_size, img_size))  # (C, [T,] H, W)
+    shape[-2:] = [img_size, img_size]
+    images = torch.randn(batch_size, *shape, device=device)
     optimizer = scaler = targets = None
     if train:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -193,8 +193,9 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
 
     torch.manual_seed(0)
     dense = create_model(model_name, img_size=img_size, **dict(model_kwargs or {})).to(dev).eval()
-    in_chans = dense.patch_embed.in_chans
-    images = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
+    shape = list(getattr(dense, "input_size", None) or (dense.patch_embed.in_chans, img_size, img_size))
+    shape[-2:] = [img_size, img_size]  # (C, [T,] H, W): a video model's clips keep its frames
+    images = torch.randn(batch_size, *shape, device=dev)
     models, setups, flops = {}, {}, {}
     bases = {model_name: dense}
     for cfg in configs:  # every configuration built before any output: a bad one stops the run at once

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._yaml import load_yaml_text
-from ..data import DIGITS, DataOptions
+from ..data import DIGITS, MOVING_SHAPES, TASKS, DataOptions
 from ..validation import check_all
 from .precision import canonical_dtype
 
@@ -140,6 +140,8 @@ RANGES: dict[str, str] = {
     "color_jitter": "non_negative", "crop_pct": "fraction", "model_ema_decay": "probability",
     "cls_weight": "non_negative", "distill_weight": "non_negative", "distill_temperature": "positive",
     "token_distill_weight": "non_negative", "time_limit_s": "positive",
+    "num_frames": "positive_int", "test_clips": "positive_int", "test_crops": "positive_int",
+    "video_min_scale": "fraction",
 }
 EXISTING_OUTPUT = ("refuse", "overwrite", "new")
 
@@ -152,6 +154,12 @@ def check_config(cfg: TrainConfig) -> None:
     cfg.amp_dtype = canonical_dtype(cfg.amp_dtype, "amp_dtype")
     if cfg.amp_dtype == "fp32":
         raise ValueError("amp_dtype must be bf16 or fp16 (use --no-amp for fp32)")
+    if cfg.task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    frames = cfg.model_kwargs.get("num_frames")
+    if cfg.task == "video" and frames is not None and frames != cfg.num_frames:
+        raise ValueError(f"model_kwargs num_frames={frames} but the data samples num_frames={cfg.num_frames}: "
+                         f"set num_frames only")
     if cfg.existing_output not in EXISTING_OUTPUT:
         raise ValueError(f"existing_output must be one of {', '.join(EXISTING_OUTPUT)}, got {cfg.existing_output!r}")
     known = {"1d", "bias", "norm", "pos_embed", "cls_token", "A_log", "D", "model"}
@@ -164,6 +172,6 @@ def resolve_input(cfg: TrainConfig) -> tuple[int, int | None]:
     """(channels, input size or None = the data's own) from the config and the model config."""
     in_chans = cfg.in_chans or cfg.model_kwargs.get("channels") or cfg.model_kwargs.get("in_chans") or 3
     size = cfg.input_size or cfg.model_kwargs.get("img_size")
-    if size is None and cfg.data_path != DIGITS:
+    if size is None and cfg.data_path not in (DIGITS, MOVING_SHAPES):
         size = 224
     return int(in_chans), size

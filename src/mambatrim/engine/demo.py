@@ -98,7 +98,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path) -> Path:
+def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path,
+                  title: str = "Vim on the bundled digits: reduction methods, accuracy vs cost") -> Path:
     """Accuracy vs FLOPs (left) and vs measured img/s (right), one point per method."""
     import matplotlib
 
@@ -125,7 +126,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path) -> Path:
             ax.set_ylim(max(0, lo), min(100.5, max(accs) + 2))
     if ok:
         axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle("Vim on the bundled digits: reduction methods, accuracy vs cost")
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,17 @@ def _make_ema(model: nn.Module, decay: float) -> Any:
     return ModelEmaV3(model, decay=decay)
 
 
+def mix_clips(mix: Any) -> Any:
+    """timm's cutmix boxes the last two dimensions: a clip batch (B, C, T, H, W) is mixed as (B, C*T, H, W), so
+    one box covers the same place in every frame of a clip."""
+    def apply(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 5:
+            return mix(x, y)
+        flat, y = mix(x.flatten(1, 2), y)
+        return flat.view_as(x), y
+    return apply
+
+
 def _mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -101,7 +112,7 @@ def _mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
         fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                    switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
                    num_classes=num_classes)
-        return fn, SoftTargetCrossEntropy()
+        return mix_clips(fn), SoftTargetCrossEntropy()
     if cfg.smoothing > 0:
         return None, LabelSmoothingCrossEntropy(cfg.smoothing)
     return None, nn.CrossEntropyLoss()

@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .mambareg import MambaReg
 from .plainmamba import PlainMamba
-from .videomamba import VideoMamba
+from .videomamba import VideoMamba, VideoMambaVideo
 from .vim import VisionMamba
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -215,5 +215,16 @@ register_family(
         "videomamba_small": ("OpenGVLab/VideoMamba", "videomamba_s16_in1k_res224.pth"),
         "videomamba_middle_distill": ("OpenGVLab/VideoMamba", "videomamba_m16_in1k_res224.pth"),
         "videomamba_base_distill": ("OpenGVLab/VideoMamba", "videomamba_b16_in1k_res224.pth"),
+    },
+)
+
+# The video models (official video_sm): registered there as videomamba_tiny / _small / _middle, names the image
+# models own here, hence no aliases. Constructor arguments num_frames (8), kernel_size (tubelet, 1), img_size.
+register_family(
+    "VideoMambaVideo", VideoMambaVideo,
+    {
+        "videomamba_video_tiny": dict(patch_size=16, embed_dim=192, depth=24),
+        "videomamba_video_small": dict(patch_size=16, embed_dim=384, depth=24),
+        "videomamba_video_middle": dict(patch_size=16, embed_dim=576, depth=32),
     },
 )

@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
@@ -129,3 +130,134 @@ class VideoMamba(VisionMamba):
         feats = self.distill_head(hidden) if self.distill else hidden
         feats = feats / feats.norm(dim=-1, keepdim=True)
         return self.forward_head(self.pool(state)), feats
+
+
+# ---------------------------------------------------------------------------------------------- video models
+class TubeletEmbed(nn.Module):
+    """Conv3d patchify of clips (B, C, T, H, W), kernel = stride = (k, p, p), to tokens (B, T/k * H/p * W/p, D)
+    ordered time outer, then raster: token ``t*h*w + i*w + j`` is frame t, patch row i, column j."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, kernel_size: int = 1, in_chans: int = 3,
+                 embed_dim: int = 192, num_frames: int = 8) -> None:
+        super().__init__()
+        if kernel_size < 1 or num_frames % kernel_size:
+            raise ValueError(f"num_frames={num_frames} must be a multiple of the tubelet length "
+                             f"kernel_size={kernel_size} (>= 1)")
+        self.img_size, self.patch_size, self.tubelet_size, self.in_chans = img_size, patch_size, kernel_size, in_chans
+        self.num_frames = num_frames
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.frame_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_patches = num_frames // kernel_size * self.frame_patches  # tokens per clip: what methods count
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(kernel_size, patch_size, patch_size),
+                              stride=(kernel_size, patch_size, patch_size))
+
+    def macs(self, args: tuple, output: tuple[Tensor, tuple[int, int, int]]) -> float:
+        """MACs per clip of the tubelet projection (for the FLOPs counter)."""
+        t, h, w = output[1]
+        return float(t * h * w * self.proj.out_channels * self.proj.in_channels * math.prod(self.proj.kernel_size))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        if x.dim() != 5:
+            raise ValueError(f"expected clips of shape (batch, channels, frames, height, width), got "
+                             f"{tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"the model takes {self.in_chans}-channel clips, got {x.shape[1]} channels "
+                             f"(input shape {tuple(x.shape)})")
+        k, p = self.tubelet_size, self.patch_size
+        bad = [(name, v, m) for name, v, m in (("frames", x.shape[2], k), ("height", x.shape[3], p),
+                                               ("width", x.shape[4], p)) if v < m or v % m]
+        if bad:
+            name, value, m = bad[0]
+            raise ValueError(f"clip {name} {value} is not a multiple of the tubelet's {m} (input {tuple(x.shape)})")
+        out = self.proj(x)  # (B, D, T', H', W')
+        return out.flatten(2).transpose(1, 2), tuple(out.shape[2:])  # type: ignore[return-value]
+
+
+def resize_temporal_embed(temporal: Tensor, frames: int) -> Tensor:
+    """(1, T, D) -> (1, frames, D) by linear interpolation (align_corners False), as the official fine-tuning
+    code resizes a checkpoint's temporal embedding."""
+    if temporal.shape[1] == frames:
+        return temporal
+    return F.interpolate(temporal.transpose(1, 2), size=frames, mode="linear",
+                         align_corners=False).transpose(1, 2)
+
+
+def inflate_patch_weight(weight: Tensor, frames: int) -> Tensor:
+    """An image model's Conv2d patch weight (D, C, p, p) as a Conv3d one (D, C, frames, p, p): zeros except the
+    centre frame (the official ``inflate_weight(center=True)``), so a static clip embeds like the image."""
+    out = weight.new_zeros(weight.shape[0], weight.shape[1], frames, *weight.shape[2:])
+    out[:, :, frames // 2] = weight
+    return out
+
+
+class VideoMambaVideo(VideoMamba):
+    """VideoMamba video classifier (official ``video_sm``): input (B, C, T, H, W); a Conv3d tubelet embedding;
+    the spatial ``pos_embed`` added to every frame's patches (the class token gets ``pos_embed[0]``); frame t's
+    ``temporal_pos_embedding[t]`` added to its patches, not to the class token; tokens ``[cls, frame 0 raster,
+    frame 1 raster, ...]``; mixer, summed directions and head on token 0 as in the image model."""
+
+    def __init__(self, num_frames: int = 8, kernel_size: int = 1, fc_drop_rate: float = 0.0,
+                 use_checkpoint: bool = False, checkpoint_num: int = 0, **kwargs: Any) -> None:
+        if use_checkpoint or checkpoint_num:
+            raise ValueError("VideoMamba video: use_checkpoint / checkpoint_num (activation checkpointing) are not "
+                             "supported; leave them at False / 0")
+        patch = kwargs.get("patch_size", 16)
+        if kwargs.setdefault("stride", patch) != patch:
+            raise ValueError(f"VideoMamba video: the tubelet stride is the patch size ({patch}), got "
+                             f"stride={kwargs['stride']}")
+        super().__init__(**kwargs)
+        pe = self.patch_embed
+        self.patch_embed = TubeletEmbed(pe.img_size, pe.patch_size, kernel_size, pe.in_chans, self.embed_dim,
+                                        num_frames)
+        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames // kernel_size, self.embed_dim))
+        self.head_drop = nn.Dropout(fc_drop_rate) if fc_drop_rate > 0 else nn.Identity()
+        self.num_frames = num_frames
+
+    @property
+    def input_size(self) -> tuple[int, int, int, int]:
+        pe = self.patch_embed
+        return (pe.in_chans, self.num_frames, pe.img_size, pe.img_size)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "temporal_pos_embedding"}
+
+    def adapt_checkpoint(self, sd: dict[str, Tensor], report: Any) -> dict[str, Tensor]:
+        """The official fine-tuning loader's adaptations: ``pos_embed`` resampled to this grid (bicubic),
+        ``temporal_pos_embedding`` to these frames (linear); an image checkpoint's Conv2d patch weight inflated
+        (centre frame) and its missing temporal embedding started at zero."""
+        sd = super().adapt_checkpoint(sd, report)
+        frames = self.temporal_pos_embedding.shape[1]
+        temporal = sd.get("temporal_pos_embedding")
+        if temporal is None and sd.get("patch_embed.proj.weight", torch.empty(0)).dim() == 4:
+            sd["temporal_pos_embedding"] = torch.zeros_like(self.temporal_pos_embedding)
+            report.resized.append("temporal_pos_embedding: absent from the image checkpoint, zeros")
+        elif temporal is not None and temporal.dim() == 3 and temporal.shape[1] != frames:
+            sd["temporal_pos_embedding"] = resize_temporal_embed(temporal, frames)
+            report.resized.append(f"temporal_pos_embedding {tuple(temporal.shape)} -> "
+                                  f"{tuple(sd['temporal_pos_embedding'].shape)}")
+        weight = sd.get("patch_embed.proj.weight")
+        if weight is not None and weight.dim() == 4:
+            sd["patch_embed.proj.weight"] = inflate_patch_weight(weight, self.patch_embed.tubelet_size)
+            report.resized.append(f"patch_embed.proj.weight {tuple(weight.shape)} -> "
+                                  f"{tuple(sd['patch_embed.proj.weight'].shape)} (inflated, centre frame)")
+        return sd
+
+    def embed(self, x: Tensor) -> TokenState:
+        """Tubelet tokens + per-frame spatial and per-frame temporal embeddings, class token first."""
+        tokens, grid = self.patch_embed(x)
+        frames, height, width = grid
+        bsz, _, dim = tokens.shape
+        pos = self.pos_embed
+        if pos.shape[1] != height * width + 1:
+            pos = resize_prefix_pos_embed(pos, (height, width), self.patch_embed.grid_size, prefix=1)
+        temporal = resize_temporal_embed(self.temporal_pos_embedding, frames)
+        patches = tokens.view(bsz, frames, height * width, dim) + pos[:, None, 1:] + temporal[:, :, None]
+        cls = (self.cls_token + pos[:, :1]).to(patches.dtype).expand(bsz, -1, -1)
+        seq = self.pos_drop(torch.cat([cls, patches.flatten(1, 2)], 1))
+        positions = torch.arange(seq.shape[1], device=x.device).expand(bsz, -1)
+        protected = torch.zeros((bsz, 1), dtype=torch.long, device=x.device)  # the class token, first
+        return TokenState(hidden=seq, residual=None, positions=positions, protected=protected, grid=grid,
+                          protected_layout="first")
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return features if pre_logits else self.head(self.head_drop(features))
