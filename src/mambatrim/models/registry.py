@@ -16,6 +16,7 @@ from timm.models import register_model
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .groupmamba import GroupMamba
 from .vim import VisionMamba
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,4 +170,16 @@ register_family(
         "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
         "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
     },
+)
+register_family(
+    "GroupMamba", GroupMamba,
+    {
+        "groupmamba_tiny": dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4],
+                                depths=[3, 4, 9, 3], norm_eps=1e-6),
+        "groupmamba_small": dict(stem_hidden_dim=64, embed_dims=[64, 128, 348, 512], mlp_ratios=[8, 8, 4, 4],
+                                 depths=[3, 4, 16, 3], norm_eps=1e-6),
+        "groupmamba_base": dict(stem_hidden_dim=64, embed_dims=[96, 192, 424, 512], mlp_ratios=[8, 8, 4, 4],
+                                depths=[3, 6, 21, 3], norm_eps=1e-6),
+    },
+    first_conv="patch_embed1.conv.0",
 )
