@@ -13,6 +13,7 @@ from typing import Any
 from .._yaml import load_yaml_text
 from ..data import DIGITS, DataOptions
 from ..validation import check_all
+from .losses import DISTILL_MODES
 from .precision import canonical_dtype
 
 
@@ -58,6 +59,8 @@ class TrainConfig(DataOptions):
     # distillation
     teacher: str | None = None              # checkpoint of the frozen dense teacher
     teacher_model: str | None = None        # its architecture (default: --model with the same model_kwargs)
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's constructor
+    distill_mode: str = "kl"                # kl: KL on logits (+ token MSE); hard: CE(dist_head, teacher argmax)
     cls_weight: float = 1.0
     distill_weight: float = 0.5             # KL(teacher || student) on logits
     distill_temperature: float = 1.0
@@ -115,7 +118,7 @@ def make_config(*layers: dict[str, Any]) -> TrainConfig:
                 close = difflib.get_close_matches(key, FIELDS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"unknown training option {key!r}{hint}")
-            if key in ("model_kwargs", "method_opts") and key in merged:
+            if key in ("model_kwargs", "method_opts", "teacher_kwargs") and key in merged:
                 value = {**merged[key], **value}
             merged[key] = value
     for key in ("opt_betas", "mean", "std"):
@@ -152,6 +155,8 @@ def check_config(cfg: TrainConfig) -> None:
     cfg.amp_dtype = canonical_dtype(cfg.amp_dtype, "amp_dtype")
     if cfg.amp_dtype == "fp32":
         raise ValueError("amp_dtype must be bf16 or fp16 (use --no-amp for fp32)")
+    if cfg.distill_mode not in DISTILL_MODES:
+        raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}, got {cfg.distill_mode!r}")
     if cfg.existing_output not in EXISTING_OUTPUT:
         raise ValueError(f"existing_output must be one of {', '.join(EXISTING_OUTPUT)}, got {cfg.existing_output!r}")
     known = {"1d", "bias", "norm", "pos_embed", "cls_token", "A_log", "D", "model"}

@@ -259,9 +259,11 @@ class GroupMamba(nn.Module):
         distillation: bool = True,
         norm_eps: float = 1e-5,
         img_size: int = 224,
+        channels: int | None = None,
         **unused: Any,
     ) -> None:
         super().__init__()
+        in_chans = channels if channels is not None else in_chans  # the engine's name for in_chans
         unknown = set(unused) - {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
         if unknown:
             raise TypeError(f"GroupMamba got unknown arguments {sorted(unknown)}")
@@ -307,27 +309,29 @@ class GroupMamba(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
-    def run_stage(self, stage: int, x: Tensor, grid: tuple[int, int], first_layer: int) -> Tensor:
-        """The blocks of one stage on (B, L, C) tokens; with a reducer the tokens flow as a TokenState."""
+    def run_stage(self, stage: int, x: Tensor, grid: tuple[int, int], first_layer: int,
+                  extras: dict[str, Any]) -> Tensor:
+        """The blocks of one stage on (B, L, C) tokens; with a reducer the tokens flow as a TokenState whose
+        ``extras`` (the method's scratch) is shared by every stage of the forward pass."""
         blocks = getattr(self, f"block{stage + 1}")
         reducer = self.reducer
         if reducer is None:
             for blk in blocks:
                 x = blk(x, grid)
             return x
-        state = reducer.begin(_stage_state(x, grid))
+        state = reducer.begin(_stage_state(x, grid, extras))
         for j, blk in enumerate(blocks):
             state = reducer.before_layer(first_layer + j, state)
             ctx = reducer.mixer_context(first_layer + j, state)
             state = state.replace(hidden=blk(state.hidden, grid, ctx))
         return reducer.finish(state).hidden
 
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
+    def forward_stages(self, x: Tensor, extras: dict[str, Any] | None = None) -> list[Tensor]:
         """Each stage's output: stages 1..S-1 after their norm as (B, C, H, W), the last as (B, L, C) tokens."""
-        outs, first = [], 0
+        outs, first, extras = [], 0, {} if extras is None else extras
         for i in range(self.num_stages):
             x, grid = getattr(self, f"patch_embed{i + 1}")(x)
-            x = self.run_stage(i, x, grid, first)
+            x = self.run_stage(i, x, grid, first, extras)
             first += self.depths[i]
             if i != self.num_stages - 1:
                 x = getattr(self, f"norm{i + 1}")(x)
@@ -335,15 +339,21 @@ class GroupMamba(nn.Module):
             outs.append(x)
         return outs
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The normalised class feature (B, C): mean of the stage-4 tokens through the class block, norm4."""
+    def forward_tokens(self, x: Tensor) -> TokenState:
+        """The final state the training engine reads: ``hidden`` (B, 1, C) the normalised class feature (mean of
+        the last stage's tokens through the class block, then the last norm), ``extras`` the reducer's scratch
+        of every stage."""
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
-        tokens = self.forward_stages(x)[-1]
-        cls = tokens.mean(dim=1, keepdim=True)
+        extras: dict[str, Any] = {}
+        cls = self.forward_stages(x, extras)[-1].mean(dim=1, keepdim=True)
         for blk in self.post_network:
             cls = blk(cls)
-        return getattr(self, f"norm{self.num_stages}")(cls[:, 0])
+        return _stage_state(getattr(self, f"norm{self.num_stages}")(cls), (1, 1), extras)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The normalised class feature (B, C)."""
+        return self.forward_tokens(x).hidden[:, 0]
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if pre_logits:
@@ -357,12 +367,13 @@ class GroupMamba(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _stage_state(x: Tensor, grid: tuple[int, int]) -> TokenState:
-    """A stage's tokens as a TokenState: raster positions on ``grid``, no class token."""
+def _stage_state(x: Tensor, grid: tuple[int, int], extras: dict[str, Any]) -> TokenState:
+    """Tokens as a TokenState: raster positions on ``grid``, no class token among them (index 0 is read only
+    by the final state, whose single token is the class feature)."""
     bsz, length, _ = x.shape
     positions = torch.arange(length, device=x.device).expand(bsz, -1)
     return TokenState(hidden=x, residual=None, positions=positions,
-                      cls_index=torch.zeros(bsz, dtype=torch.long, device=x.device), grid=grid)
+                      cls_index=torch.zeros(bsz, dtype=torch.long, device=x.device), grid=grid, extras=extras)
 
 
 @torch.no_grad()
