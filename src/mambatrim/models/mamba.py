@@ -134,9 +134,20 @@ class MultiPathMixer(nn.Module):
         self._init_dt(dt_min, dt_max, dt_init_floor)
         self.last_stats: dict[str, object] = {}
 
+    paper_paths = 1  # scan paths the family's papers count in their FLOPs (Vim's: one direction)
+
     @property
     def num_paths(self) -> int:
         return len(self.orders)
+
+    def macs_terms(self, tokens: int) -> tuple[float, float, float]:
+        """(shared, per_path, paper_scale) MACs for ``tokens`` tokens of one input (the FLOPs counter's
+        protocol): in_proj + out_proj; one path's conv, x_proj, dt_proj and scan; the share papers count."""
+        L, d, N, R, K = tokens, self.d_model, self.d_state, self.dt_rank, self.d_conv
+        E = self.path_width
+        shared = L * d * 2 * self.d_inner + L * self.d_inner * d
+        per_path = (L + K - 1) * E * K + L * E * (R + 2 * N) + L * R * E + 9 * L * E * N + 2 * L * E
+        return float(shared), float(per_path), self.paper_paths / self.num_paths
 
     @property
     def path_width(self) -> int:

@@ -44,6 +44,13 @@ class PatchEmbed(nn.Module):
             )
         return ((height - p) // s + 1, (width - p) // s + 1)
 
+    def macs(self, args: tuple, output: tuple[Tensor, tuple[int, int]]) -> float:
+        """MACs per image of the patch projection (for the FLOPs counter: the conv may run as a GEMM)."""
+        grid = output[1]
+        proj = self.proj
+        return float(grid[0] * grid[1] * proj.out_channels * proj.in_channels * proj.kernel_size[0]
+                     * proj.kernel_size[1])
+
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
