@@ -2,6 +2,8 @@
 argmax, any teacher architecture, a student with a second head; refused combinations; a short training run."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,4 +86,6 @@ def test_training_run_with_a_cnn_teacher(tmp_path: Path):
         cls_weight=0.5, distill_weight=0.5, output_dir=str(tmp_path / "run")))
     result = train(cfg)
     assert result["global_step"] == 2
-    assert "hard" in (tmp_path / "run" / "log.txt").read_text() or result.get("stopped_early")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [entry for entry in logged if "hard" in entry]
+    assert steps and all(math.isfinite(entry["hard"]) and math.isfinite(entry["cls"]) for entry in steps)

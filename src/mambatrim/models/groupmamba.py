@@ -117,18 +117,24 @@ class GroupMambaLayer(nn.Module):
     def groups(self) -> list[SS2D]:
         return [getattr(self, f"mamba_g{g + 1}") for g in range(GROUPS)]
 
-    def macs(self, tokens: int, groups_run: float = GROUPS) -> tuple[float, float]:
-        """(shared, per group) multiply-accumulates of one image with ``tokens`` tokens: shared = CAM + proj,
-        per group = in_proj, conv, x_proj, dt_proj, scan (9*L*E*N + L*E for D), out_proj."""
+    @property
+    def num_paths(self) -> int:
+        return GROUPS
+
+    def macs_terms(self, tokens: int) -> tuple[float, float, float]:
+        """(shared, per group, paper share) MACs of one input with ``tokens`` tokens (the FLOPs counter's
+        protocol): shared = CAM's fc1, fc2 (one token) + proj; per group = in_proj, 3x3 depthwise conv, x_proj,
+        dt_proj, scan (9*L*E*N, + L*E each for D and the gate), out_proj. Every group is one direction on its
+        own channels, so the papers count all four (share 1)."""
         c, ss = self.input_dim, self.groups[0]
         e, n, r, k = ss.d_inner, ss.d_state, ss.dt_rank, ss.conv2d.kernel_size[0]
-        shared = c * self.fc1.out_features * 2 + tokens * c * self.output_dim
-        group = tokens * ((c // GROUPS) * 2 * e + e * k * k + e * (r + 2 * n) + r * e + 9 * e * n + e
-                          + e * (c // GROUPS))
-        return float(shared), float(group)
+        q = c // GROUPS
+        shared = c * self.fc1.out_features + self.fc1.out_features * self.output_dim + tokens * c * self.output_dim
+        group = tokens * (q * 2 * e + e * k * k + e * (r + 2 * n) + r * e + 9 * e * n + 2 * e + e * q)
+        return float(shared), float(group), 1.0
 
-    def forward(self, x: Tensor, grid: tuple[int, int], ctx: MixerContext | None = None) -> Tensor:
-        """x (B, L, C) in raster order of ``grid`` -> (B, L, C)."""
+    def forward(self, x: Tensor, ctx: MixerContext | None, grid: tuple[int, int]) -> Tensor:
+        """x (B, L, C) in raster order of ``grid`` -> (B, L, C); ``ctx`` may gate the groups per image."""
         bsz, length, chans = x.shape
         xn = self.norm(x)
         cam = torch.sigmoid(self.fc2(F.relu(self.fc1(xn.mean(1)))))
@@ -191,7 +197,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, grid: tuple[int, int], ctx: MixerContext | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(x, grid, ctx))
+        x = x + self.drop_path(self.attn(x, ctx, grid))
         return x + self.drop_path(self.mlp(self.norm2(x), grid))
 
 
@@ -206,7 +212,7 @@ class ClassBlock(nn.Module):
         self.mlp = FFN(dim, int(dim * mlp_ratio), dwconv=False)
 
     def forward(self, cls: Tensor) -> Tensor:
-        cls = cls + self.norm1(self.attn(cls, (1, 1)))
+        cls = cls + self.norm1(self.attn(cls, None, (1, 1)))
         return cls + self.mlp(self.norm2(cls), (1, 1))
 
 
