@@ -61,6 +61,7 @@ class TrainConfig(DataOptions):
     teacher_model: str | None = None        # its architecture (default: --model with the same model_kwargs)
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's constructor
     distill_mode: str = "kl"                # kl: KL on logits (+ token MSE); hard: CE(dist_head, teacher argmax)
+    teacher_input_size: int | None = None   # hard: the teacher sees the batch resized to this side
     cls_weight: float = 1.0
     distill_weight: float = 0.5             # KL(teacher || student) on logits
     distill_temperature: float = 1.0
@@ -142,7 +143,7 @@ RANGES: dict[str, str] = {
     "mixup_switch_prob": "probability", "smoothing": "probability", "reprob": "probability",
     "color_jitter": "non_negative", "crop_pct": "fraction", "model_ema_decay": "probability",
     "cls_weight": "non_negative", "distill_weight": "non_negative", "distill_temperature": "positive",
-    "token_distill_weight": "non_negative", "time_limit_s": "positive",
+    "token_distill_weight": "non_negative", "time_limit_s": "positive", "teacher_input_size": "positive_int",
 }
 EXISTING_OUTPUT = ("refuse", "overwrite", "new")
 

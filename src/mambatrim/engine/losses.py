@@ -40,13 +40,17 @@ DISTILL_MODES = ("kl", "hard")
 
 
 class LogitsForward(nn.Module):
-    """``forward(x) -> (logits, None)``: a teacher of any architecture (hard distillation reads only logits)."""
+    """``forward(x) -> (logits, None)``: a teacher of any architecture (hard distillation reads only logits).
+    ``input_size``: the teacher sees the batch resized to this side (antialiased), e.g. a 32-px CIFAR teacher
+    of a student trained on upsampled images."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, input_size: int | None = None) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.input_size = model, input_size
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size,) * 2:
+            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
         return self.model(x), None
 
 
@@ -112,6 +116,7 @@ class LossWeights:
     temperature: float = 1.0
     token: float = 0.0
     mode: str = "kl"  # 'kl' | 'hard'
+    teacher_input_size: int | None = None  # 'hard': the side the teacher sees the batch at (None: as is)
 
 
 MAX_TEACHER_GRAPHS = 4  # input shapes captured (the full batch, a short last one, ...); others run eagerly
@@ -128,8 +133,10 @@ class TrainingLoss:
     def __init__(self, criterion: nn.Module, weights: LossWeights, teacher: nn.Module | None,
                  cuda_graph: bool = False, autocast_dtype: torch.dtype | None = None) -> None:
         self.criterion, self.weights, self.teacher = criterion, weights, teacher
-        forward = StudentForward if weights.mode == "kl" else LogitsForward  # the student's two outputs
-        self.teacher_forward = forward(teacher) if teacher is not None else None
+        self.teacher_forward: nn.Module | None = None  # the student's two outputs, from any teacher
+        if teacher is not None:
+            self.teacher_forward = StudentForward(teacher) if weights.mode == "kl" else \
+                LogitsForward(teacher, weights.teacher_input_size)
         self.cuda_graph, self.autocast_dtype = cuda_graph, autocast_dtype
         self._graphs: dict[tuple, object] = {}
 

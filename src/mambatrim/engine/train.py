@@ -236,7 +236,7 @@ class _Run:
         amp_dtype = torch_dtype(self.dtype)
         self.loss_fn = TrainingLoss(criterion, LossWeights(cfg.cls_weight, cfg.distill_weight,
                                                            cfg.distill_temperature, cfg.token_distill_weight,
-                                                           cfg.distill_mode),
+                                                           cfg.distill_mode, cfg.teacher_input_size),
                                     self.teacher, cuda_graph=cfg.teacher_cuda_graph, autocast_dtype=amp_dtype)
         self.forward: nn.Module = StudentForward(self.model)
         self.graphed_step = None  # the GraphedStudent, when the step replays CUDA graphs
