@@ -32,8 +32,7 @@ class StudentForward(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, TokenState]:
         state = self.model.forward_tokens(x)
-        rows = torch.arange(state.hidden.shape[0], device=x.device)
-        return self.model.forward_head(state.hidden[rows, state.cls_index]), state
+        return self.model.forward_head(self.model.pool(state)), state
 
 
 DISTILL_MODES = ("kl", "hard")

@@ -12,6 +12,7 @@ executor (:class:`TorchPaths`, which supports every plan).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -235,7 +236,7 @@ class TorchPaths:
         mask = None if plan.mask is None else plan.mask[:, None, :].to(x.dtype)
         gate = plan.gate
         if plan.callable_gate:
-            gate = gate(xz[torch.arange(bsz, device=xz.device), plan.cls_index])
+            gate = gate(plan.gate_feature(xz))
         width = mixer.path_width
         outs = []
         for k in range(mixer.num_paths):
@@ -282,15 +283,23 @@ class FusedTritonPair:
     def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:
         from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
-        gate, selector = plan.gate, plan.linear_gate
-        if selector is not None:  # the class-token row, product and threshold in one kernel
-            gate = None
+        gate, selector, cls_index = plan.gate, plan.linear_gate, None
+        if plan.callable_gate:
+            if selector is not None and plan.protected.shape[1] == 1:  # row, product, threshold in one kernel
+                gate, cls_index = None, plan.protected[:, 0]
+            else:  # the gate feature in PyTorch (several or no protected tokens), then the gate
+                gate, selector = functools.partial(_gate_of_rows, plan), None
         gap = None
         if plan.align == "decay":
             gap = torch.stack([plan.paths[0].gap, plan.paths[1].gap])
         return bimamba_forward_triton(
-            mixer, hidden, gate, plan.cls_index, selector=selector,
+            mixer, hidden, gate, cls_index, selector=selector,
             positions=plan.paths[0].positions, full_length=plan.full_length, gap=gap, tap=plan.tap)
+
+
+def _gate_of_rows(plan: MixerPlan, xz: Tensor) -> Tensor:
+    """The plan's callable gate on its feature of the in_proj output ``xz`` (B, L, C)."""
+    return plan.gate(plan.gate_feature(xz))
 
 
 EXECUTORS = (FusedTritonPair, TorchPaths)  # the first that supports a plan runs it
