@@ -357,9 +357,13 @@ class GroupMamba(nn.Module):
             cls = blk(cls)
         return _stage_state(getattr(self, f"norm{self.num_stages}")(cls), (1, 1), extras)
 
+    def pool(self, state: TokenState) -> Tensor:
+        """(B, C) the heads' input from the final state: its one token, the class feature."""
+        return state.hidden[:, 0]
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The normalised class feature (B, C)."""
-        return self.forward_tokens(x).hidden[:, 0]
+        return self.pool(self.forward_tokens(x))
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if pre_logits:
@@ -374,12 +378,13 @@ class GroupMamba(nn.Module):
 
 
 def _stage_state(x: Tensor, grid: tuple[int, int], extras: dict[str, Any]) -> TokenState:
-    """Tokens as a TokenState: raster positions on ``grid``, no class token among them (index 0 is read only
-    by the final state, whose single token is the class feature)."""
+    """Tokens as a TokenState: raster positions on ``grid``; no protected token (the class token exists only
+    after the last stage)."""
     bsz, length, _ = x.shape
     positions = torch.arange(length, device=x.device).expand(bsz, -1)
     return TokenState(hidden=x, residual=None, positions=positions,
-                      cls_index=torch.zeros(bsz, dtype=torch.long, device=x.device), grid=grid, extras=extras)
+                      protected=torch.zeros(bsz, 0, dtype=torch.long, device=x.device), grid=grid,
+                      protected_layout="none", extras=extras)
 
 
 @torch.no_grad()
