@@ -133,28 +133,54 @@ class GroupMambaLayer(nn.Module):
         group = tokens * (q * 2 * e + e * k * k + e * (r + 2 * n) + r * e + 9 * e * n + 2 * e + e * q)
         return float(shared), float(group), 1.0
 
+    def scan(self, quarters: Sequence[Tensor], groups: Sequence[int], grid: tuple[int, int]) -> list[Tensor]:
+        """The VSSS outputs (B, H, W, C/4) of ``groups`` on their quarters (B, H, W, C/4), in one group scan."""
+        ss2d = [self.groups[g] for g in groups]
+        parts = [ss.scan_inputs(q) for ss, q in zip(ss2d, quarters)]
+        u, delta, Bm, Cm = (torch.stack([p[i] for p in parts], 1) for i in range(4))
+        A = torch.stack([-torch.exp(ss.A_logs.float()) for ss in ss2d])
+        D = torch.stack([ss.Ds.float() for ss in ss2d])
+        bias = torch.stack([ss.dt_projs_bias[0].float() for ss in ss2d])
+        ys = group_scan(u, delta, A, Bm, Cm, D, bias, [self.orders[g] for g in groups], grid)
+        return [ss.finish(ys[:, k], p[4]) for k, (ss, p) in enumerate(zip(ss2d, parts))]
+
     def forward(self, x: Tensor, ctx: MixerContext | None, grid: tuple[int, int]) -> Tensor:
-        """x (B, L, C) in raster order of ``grid`` -> (B, L, C); ``ctx`` may gate the groups per image."""
+        """x (B, L, C) in raster order of ``grid`` -> (B, L, C). ``ctx.direction_gate``: (B, 4) group gates, or a
+        :class:`~mambatrim.contract.DirectionGate` of the gate feature (here the mean of the normalised tokens,
+        the CAM's input); a gated-off group's quarter passes through as the normalised input, and with
+        ``skip_gated`` its scan is not computed for that image."""
         bsz, length, chans = x.shape
         xn = self.norm(x)
-        cam = torch.sigmoid(self.fc2(F.relu(self.fc1(xn.mean(1)))))
+        pooled = xn.mean(1)
+        cam = torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
         quarters = xn.reshape(bsz, *grid, chans).chunk(GROUPS, dim=-1)
-        parts = [ss.scan_inputs(q) for ss, q in zip(self.groups, quarters)]
-        u, delta, Bm, Cm = (torch.stack([p[i] for p in parts], 1) for i in range(4))
-        A = torch.stack([-torch.exp(ss.A_logs.float()) for ss in self.groups])
-        D = torch.stack([ss.Ds.float() for ss in self.groups])
-        bias = torch.stack([ss.dt_projs_bias[0].float() for ss in self.groups])
-        ys = group_scan(u, delta, A, Bm, Cm, D, bias, self.orders, grid)
-        outs = [ss.finish(ys[:, g], p[4]) for g, (ss, p) in enumerate(zip(self.groups, parts))]
-        mixed = torch.cat(outs, -1).reshape(bsz, length, chans) * self.skip_scale * xn
         gate = None if ctx is None else ctx.direction_gate
-        if gate is not None:
-            if not torch.is_tensor(gate) or gate.shape != (bsz, GROUPS):
-                raise ValueError(f"GroupMamba's direction_gate must be a (batch, {GROUPS}) tensor of group gates")
-            g = gate.to(xn.dtype).repeat_interleave(chans // GROUPS, dim=1)[:, None, :]
-            mixed = g * mixed + (1 - g) * xn
+        if gate is not None and not torch.is_tensor(gate):
+            gate = gate(pooled)
+        if gate is not None and gate.shape != (bsz, GROUPS):
+            raise ValueError(f"GroupMamba's direction_gate must be (batch, {GROUPS}), got {tuple(gate.shape)}")
+        if gate is not None and ctx is not None and ctx.skip_gated:
+            mixed = [self._selected(q, g, gate[:, g] > 0.5, grid) for g, q in enumerate(quarters)]
+        else:
+            mixed = [y * self.skip_scale * q for y, q in zip(self.scan(quarters, range(GROUPS), grid), quarters)]
+            if gate is not None:
+                mixed = [gate[:, g, None, None, None].to(q.dtype) * (m - q) + q
+                         for g, (m, q) in enumerate(zip(mixed, quarters))]
         self.last_stats = {"tokens": length, "gate": None if gate is None else gate.detach()}
-        return self.proj(self.norm(mixed * cam[:, None, :]))
+        out = torch.cat(mixed, -1).reshape(bsz, length, chans)
+        return self.proj(self.norm(out * cam[:, None, :]))
+
+    def _selected(self, quarter: Tensor, g: int, on: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Group g's modulated quarter for the images with ``on`` set (its scan run on those only); the others
+        keep the normalised input."""
+        idx = torch.nonzero(on, as_tuple=True)[0]
+        if idx.numel() == quarter.shape[0]:
+            return self.scan([quarter], [g], grid)[0] * self.skip_scale * quarter
+        if idx.numel() == 0:
+            return quarter
+        part = quarter[idx]
+        y = self.scan([part], [g], grid)[0] * self.skip_scale * part
+        return quarter.index_copy(0, idx, y.to(quarter.dtype))
 
 
 class DWConv(nn.Module):

@@ -1,0 +1,92 @@
+"""Group selection on GroupMamba: gated-off groups pass the normalised input through, skipping equals masking,
+the FLOPs counter sees the skipped scans, DyVM's block-ratio loss trains the selectors, bad input is refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mambatrim  # noqa: F401
+from mambatrim.analysis.flops import count_flops
+from mambatrim.contract import MixerContext
+from mambatrim.models import create_model
+from mambatrim.reduce.groupmamba import apply_group_select
+
+GM = dict(stem_hidden_dim=8, embed_dims=[16, 32, 48, 64], mlp_ratios=[2, 2, 2, 2], depths=[2, 1, 1, 1],
+          num_classes=5)
+
+
+def model(**over) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("groupmamba_tiny", **{**GM, **over}).eval()
+
+
+def images(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+
+
+def test_gated_off_group_passes_the_normalised_input_through():
+    layer = model().block1[0].attn
+    x = torch.randn(3, 8 * 12, 16)
+    gate = torch.tensor([[1.0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
+    with torch.no_grad():
+        masked = layer(x, MixerContext(direction_gate=gate), (8, 12))
+        skipped = layer(x, MixerContext(direction_gate=gate, skip_gated=True), (8, 12))
+        dense = layer(x, None, (8, 12))
+        # written out: group quarters from the scan where on, the normalised input where off
+        xn = layer.norm(x)
+        quarters = xn.reshape(3, 8, 12, 16).chunk(4, -1)
+        ys = layer.scan(quarters, range(4), (8, 12))
+        parts = [torch.where(gate[:, g, None, None, None] > 0, ys[g] * layer.skip_scale * quarters[g], quarters[g])
+                 for g in range(4)]
+        cam = torch.sigmoid(layer.fc2(torch.relu(layer.fc1(xn.mean(1)))))
+        expected = layer.proj(layer.norm(torch.cat(parts, -1).reshape(3, -1, 16) * cam[:, None]))
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked[2], dense[2], rtol=1e-5, atol=1e-5)
+    assert (masked[1] - dense[1]).abs().max() > 1e-3
+
+
+def test_initial_selectors_run_every_group_and_equal_the_dense_model():
+    dense = model()
+    with torch.no_grad():
+        want = dense(images())
+        got = apply_group_select(dense, keep=0.7)(images())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_flops_count_the_skipped_group_scans():
+    reduced = apply_group_select(model(), keep=0.75, layers=[0, 2])
+    with torch.no_grad():
+        reduced.reducer.selectors["0"].bias[1] = -5.0  # group 2 (column-major) off for every image in block 0
+        reduced.reducer.selectors["2"].bias[:2] = -5.0  # groups 1, 2 off in block 2
+    dense_report = count_flops(model(), images=images())
+    report = count_flops(reduced, images=images())
+    assert [layer.directions for layer in report.layers[:3]] == [(1.0, 0.0, 1.0, 1.0), (1.0,) * 4,
+                                                                (0.0, 0.0, 1.0, 1.0)]
+    saved = report.layers[0].per_direction + 2 * report.layers[2].per_direction
+    overhead = 16 * 4 + 32 * 4  # the two selectors
+    assert report.full == pytest.approx(dense_report.full - saved + overhead, rel=1e-9)
+    assert report.paper == report.full
+
+
+def test_training_samples_gates_and_adds_the_block_ratio_loss():
+    reduced = apply_group_select(model(), keep=0.5, block_loss_weight=10.0).train()
+    state = reduced.forward_tokens(images())
+    gates = state.extras["group_gates"]
+    assert len(gates) == 5 and all(g.shape == (3, 4) for g in gates)  # every stage block, one forward pass
+    losses = reduced.reducer.extra_losses(state)
+    mean = torch.stack([g.mean() for g in gates]).mean()
+    torch.testing.assert_close(losses["group_ratio"], 10.0 * (mean - 0.5) ** 2)
+    (losses["group_ratio"] + reduced.forward_head(reduced.pool(state))[0].sum()).backward()
+    assert reduced.reducer.selectors["0"].bias.grad is not None
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="group_select applies to GroupMamba models, got VisionMamba"):
+        apply_group_select(create_model("vim_tiny_patch16_224", depth=2, embed_dim=32, img_size=32))
+    with pytest.raises(ValueError, match=r"layers \[7\] out of range; the model has blocks 0..4"):
+        apply_group_select(model(), layers=[7])
+    with pytest.raises(ValueError, match=r"keep \(block_ratio\) must be a number in \[0, 1\]"):
+        apply_group_select(model(), keep=1.5)
+    with pytest.raises(ValueError, match="group_select: unknown option 'kep'.*valid options: keep"):
+        apply_group_select(model(), kep=0.5)
