@@ -8,8 +8,8 @@ skipped group's quarter of the channels passes through as the normalised input. 
 with DyVM's hard Gumbel-sigmoid and adds DyVM's block-ratio loss; inference skips the gated-off scans image by
 image (``skip_gated``), which the FLOPs counter sees.
 
-Not in the method registry (whose every method applies to the Vim-family backbones): ``apply_group_select``
-attaches it to a GroupMamba.
+Registered as ``group_select`` for the GroupMamba family (``apply_method(model, "group_select", keep=0.8)``,
+``--method group_select`` on the CLI).
 """
 from __future__ import annotations
 
@@ -94,3 +94,16 @@ def apply_group_select(model: nn.Module, keep: float = 0.8, layers: Sequence[int
     reducer = GroupSelectReducer(widths, keep, block_loss_weight, block_tau, selector_init_bias=selector_init_bias)
     ref = next(model.parameters())
     return model.set_reducer(reducer.to(device=ref.device))
+
+
+def _register() -> None:
+    from .registry import MethodSpec, register_method
+
+    register_method(MethodSpec(
+        name="group_select", apply=apply_group_select, families=("GroupMamba",), learned=True,
+        description="GroupMamba group selection: per-image choice of the four group scans (DyVM's selectors "
+                    "and block-ratio loss at group granularity)",
+        demo_options=dict(keep=0.75)))
+
+
+_register()
