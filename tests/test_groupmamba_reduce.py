@@ -90,3 +90,13 @@ def test_bad_input_is_refused():
         apply_group_select(model(), keep=1.5)
     with pytest.raises(ValueError, match="group_select: unknown option 'kep'.*valid options: keep"):
         apply_group_select(model(), kep=0.5)
+
+
+def test_static_start_switches_off_the_planned_share():
+    reduced = apply_group_select(model(), keep=0.75, start="static")
+    report = count_flops(reduced, images=images())
+    ran = [layer.directions for layer in report.layers[:5]]
+    # one group off per block, block b its group b mod 4
+    assert ran == [tuple(0.0 if g == b % 4 else 1.0 for g in range(4)) for b in range(5)]
+    with pytest.raises(ValueError, match="start must be one of all, static"):
+        apply_group_select(model(), start="random")

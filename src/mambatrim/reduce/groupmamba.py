@@ -31,15 +31,20 @@ class GroupSelectReducer(Reducer):
     """One :class:`BlockSelector` (C -> 4 group logits) per selected block (``selectors[str(layer)]``)."""
 
     def __init__(self, widths: dict[int, int], keep: float, block_loss_weight: float = 10.0,
-                 block_tau: float = 2.0, block_threshold: float = 0.5, selector_init_bias: float = 5.0) -> None:
+                 block_tau: float = 2.0, block_threshold: float = 0.5, selector_init_bias: float = 5.0,
+                 start: str = "all") -> None:
         super().__init__()
         self.keep, self.block_loss_weight = float(keep), float(block_loss_weight)
         self.block_tau, self.block_threshold = float(block_tau), float(block_threshold)
         self.selectors = nn.ModuleDict({str(layer): BlockSelector(width, GROUPS) for layer, width in widths.items()})
-        with torch.no_grad():  # every group on at the start (DyVM's init): zero weights, a large positive bias
-            for selector in self.selectors.values():
+        off = static_plan(len(widths), keep) if start == "static" else set()
+        with torch.no_grad():  # zero weights, a large bias: +b (run) for every group ('all', DyVM's init)
+            for i, selector in enumerate(self.selectors.values()):
                 selector.weight.zero_()
                 selector.bias.fill_(selector_init_bias)
+                for g in range(GROUPS):
+                    if (i, g) in off:
+                        selector.bias[g] = -selector_init_bias
 
     def begin(self, state: TokenState) -> TokenState:
         state.extras.setdefault(GATES, [])  # one list for the whole forward pass (the hooks run per stage)
@@ -76,22 +81,38 @@ class GroupSelectReducer(Reducer):
         return f"keep={self.keep}, layers={sorted(int(k) for k in self.selectors)}"
 
 
+def static_plan(blocks: int, keep: float) -> set[tuple[int, int]]:
+    """(block, group) pairs switched off so that ``keep`` of the ``blocks * 4`` group scans run: first one group
+    per block (block b its group b mod 4, so every direction loses its share), then a second, and so on."""
+    count = round((1 - keep) * blocks * GROUPS)
+    pairs = [(b, (b + j) % GROUPS) for j in range(GROUPS) for b in range(blocks)]
+    return set(pairs[:count])
+
+
+STARTS = ("all", "static")
+
+
 @method_options("group_select", aliases={"block_ratio": "keep"})
 def apply_group_select(model: nn.Module, keep: float = 0.8, layers: Sequence[int] | None = None,
                        block_loss_weight: float = 10.0, block_tau: float = 2.0,
-                       selector_init_bias: float = 5.0) -> nn.Module:
+                       selector_init_bias: float = 5.0, start: str = "all") -> nn.Module:
     """Attach group selection to a GroupMamba: ``keep`` (alias ``block_ratio``) the target share of group scans
-    run, ``layers`` the stage blocks (global indices, 0-based) with a selector (default all)."""
+    run, ``layers`` the stage blocks (global indices, 0-based) with a selector (default all). ``start``: 'all'
+    (every group runs until trained, DyVM's init) or 'static' (the same ``1 - keep`` of the (block, group) scans
+    off for every image, spread round-robin: a fixed policy for speed measurements without training)."""
     if not isinstance(model, GroupMamba):
         raise ValueError(f"group_select applies to GroupMamba models, got {type(model).__name__}")
     check(keep, "group_select: keep (block_ratio)", "probability")
+    if start not in STARTS:
+        raise ValueError(f"group_select: start must be one of {', '.join(STARTS)}, got {start!r}")
     blocks = model.layers()
     chosen = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
     bad = [i for i in chosen if not 0 <= i < len(blocks)]
     if bad:
         raise ValueError(f"group_select: layers {bad} out of range; the model has blocks 0..{len(blocks) - 1}")
     widths = {i: blocks[i].attn.input_dim for i in chosen}
-    reducer = GroupSelectReducer(widths, keep, block_loss_weight, block_tau, selector_init_bias=selector_init_bias)
+    reducer = GroupSelectReducer(widths, keep, block_loss_weight, block_tau, selector_init_bias=selector_init_bias,
+                                 start=start)
     ref = next(model.parameters())
     return model.set_reducer(reducer.to(device=ref.device))
 
