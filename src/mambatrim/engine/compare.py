@@ -192,7 +192,8 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
 
     torch.manual_seed(0)
     dense = create_model(model_name, img_size=img_size, **dict(model_kwargs or {})).to(dev).eval()
-    in_chans = dense.patch_embed.in_chans
+    size = getattr(dense, "input_size", None)  # (C, H, W); a Vim also has its patch embedding's
+    in_chans = size[0] if size is not None else dense.patch_embed.in_chans
     images = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
     models, setups, flops = {}, {}, {}
     for cfg in configs:  # every configuration built before any output: a bad one stops the run at once
