@@ -31,24 +31,44 @@ GROUPS = 4
 
 
 def group_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
-               orders: Sequence[ScanOrder], grid: tuple[int, int]) -> Tensor:
-    """Each group's selective scan along its own grid order, outputs back in raster order.
+               orders: Sequence[ScanOrder], grid: tuple[int, int], positions: Tensor | None = None) -> Tensor:
+    """Each group's selective scan along its own grid order, outputs back in token order.
 
-    u, delta: (B, G, E, L) in raster order; A: (G, E, N); B, C: (B, G, N, L); D, delta_bias: (G, E). Group g is
-    gathered into ``orders[g]``'s visiting order, scanned (softplus of ``delta + delta_bias``, no gate), and
-    scattered back to its tokens. Returns (B, G, E, L) in fp32-state precision, u's dtype.
+    u, delta: (B, G, E, L); A: (G, E, N); B, C: (B, G, N, L); D, delta_bias: (G, E). The L tokens are the raster
+    grid, or (after merging) the tokens at grid ``positions`` (B, L), visited in each order's sequence of their
+    positions. Group g is gathered into ``orders[g]``'s visiting order, scanned (softplus of
+    ``delta + delta_bias``, no gate), and scattered back to its tokens. Returns (B, G, E, L) in u's dtype.
     """
+    bsz = u.shape[0]
     ys = []
     for g, order in enumerate(orders):
-        index = order.dense_index(grid, u.device)
+        index = order.dense_index(grid, u.device).expand(bsz, -1) if positions is None else \
+            order.visit(positions, grid)[0]
 
         def visit(t: Tensor) -> Tensor:
-            return t[:, g].index_select(-1, index)
+            return t[:, g].gather(-1, index[:, None, :].expand(-1, t.shape[2], -1))
 
         y = selective_scan(visit(u), visit(delta), A[g], visit(B), visit(C), D[g], delta_bias=delta_bias[g],
                            delta_softplus=True)
-        ys.append(y.new_empty(y.shape).index_copy(-1, index, y))
+        ys.append(torch.empty_like(y).scatter(-1, index[:, None, :].expand_as(y), y))
     return torch.stack(ys, 1)
+
+
+def to_grid(x: Tensor, grid: tuple[int, int], sources: Tensor | None) -> Tensor:
+    """(B, L, C) tokens -> (B, C, H, W) map; after merging each grid cell reads the token it is merged into."""
+    if sources is not None:
+        x = x.gather(1, sources[..., None].expand(-1, -1, x.shape[-1]))
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
+
+
+def from_grid(y: Tensor, sources: Tensor | None, length: int) -> Tensor:
+    """(B, C, H, W) map -> (B, L, C) tokens; after merging each token is the mean over its grid cells."""
+    y = y.flatten(2).transpose(1, 2)
+    if sources is None:
+        return y
+    total = y.new_zeros(y.shape[0], length, y.shape[-1]).scatter_add(1, sources[..., None].expand_as(y), y)
+    count = y.new_zeros(y.shape[0], length, 1).scatter_add(1, sources[..., None], y.new_ones(sources.shape)[..., None])
+    return total / count
 
 
 class SS2D(nn.Module):
@@ -76,20 +96,20 @@ class SS2D(nn.Module):
         self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(e, 1))
         self.Ds = nn.Parameter(torch.ones(e))
 
-    def scan_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """x (B, H, W, d_model) -> u, delta (B, E, L), B, C (B, N, L) in raster order, and SiLU(z) (B, H, W, E)."""
-        bsz, height, width, _ = x.shape
+    def scan_inputs(self, x: Tensor, grid: tuple[int, int], sources: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x (B, L, d_model) tokens -> u, delta (B, E, L), B, C (B, N, L), and SiLU(z) (B, L, E); the depthwise
+        conv runs on the grid (``sources``: see :func:`to_grid`)."""
         xi, z = self.in_proj(x).chunk(2, dim=-1)
-        u = F.silu(self.conv2d(xi.permute(0, 3, 1, 2))).flatten(2)  # (B, E, L)
+        u = from_grid(F.silu(self.conv2d(to_grid(xi, grid, sources))), sources, x.shape[1]).transpose(1, 2)
         x_dbl = torch.einsum("bel,ce->bcl", u, self.x_proj_weight[0])
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = torch.einsum("brl,er->bel", dt, self.dt_projs_weight[0])
         return u, delta, Bm, Cm, F.silu(z)
 
     def finish(self, y: Tensor, z: Tensor) -> Tensor:
-        """Scan output y (B, E, L) in raster order -> out_proj(out_norm(y) * SiLU(z)) (B, H, W, d_model)."""
-        y = y.transpose(1, 2).reshape(z.shape)
-        return self.out_proj(self.out_norm(y) * z)
+        """Scan output y (B, E, L) -> out_proj(out_norm(y) * SiLU(z)) (B, L, d_model)."""
+        return self.out_proj(self.out_norm(y.transpose(1, 2)) * z)
 
 
 class GroupMambaLayer(nn.Module):
@@ -133,66 +153,72 @@ class GroupMambaLayer(nn.Module):
         group = tokens * (q * 2 * e + e * k * k + e * (r + 2 * n) + r * e + 9 * e * n + 2 * e + e * q)
         return float(shared), float(group), 1.0
 
-    def scan(self, quarters: Sequence[Tensor], groups: Sequence[int], grid: tuple[int, int]) -> list[Tensor]:
-        """The VSSS outputs (B, H, W, C/4) of ``groups`` on their quarters (B, H, W, C/4), in one group scan."""
+    def scan(self, quarters: Sequence[Tensor], groups: Sequence[int], grid: tuple[int, int],
+             where: tuple[Tensor | None, Tensor | None] = (None, None)) -> list[Tensor]:
+        """The VSSS outputs (B, L, C/4) of ``groups`` on their quarters (B, L, C/4), in one group scan;
+        ``where``: the tokens' (positions, sources) after merging, (None, None) for the dense grid."""
+        positions, sources = where
         ss2d = [self.groups[g] for g in groups]
-        parts = [ss.scan_inputs(q) for ss, q in zip(ss2d, quarters)]
+        parts = [ss.scan_inputs(q, grid, sources) for ss, q in zip(ss2d, quarters)]
         u, delta, Bm, Cm = (torch.stack([p[i] for p in parts], 1) for i in range(4))
         A = torch.stack([-torch.exp(ss.A_logs.float()) for ss in ss2d])
         D = torch.stack([ss.Ds.float() for ss in ss2d])
         bias = torch.stack([ss.dt_projs_bias[0].float() for ss in ss2d])
-        ys = group_scan(u, delta, A, Bm, Cm, D, bias, [self.orders[g] for g in groups], grid)
+        ys = group_scan(u, delta, A, Bm, Cm, D, bias, [self.orders[g] for g in groups], grid, positions)
         return [ss.finish(ys[:, k], p[4]) for k, (ss, p) in enumerate(zip(ss2d, parts))]
 
     def forward(self, x: Tensor, ctx: MixerContext | None, grid: tuple[int, int]) -> Tensor:
-        """x (B, L, C) in raster order of ``grid`` -> (B, L, C). ``ctx.direction_gate``: (B, 4) group gates, or a
-        :class:`~mambatrim.contract.DirectionGate` of the gate feature (here the mean of the normalised tokens,
-        the CAM's input); a gated-off group's quarter passes through as the normalised input, and with
-        ``skip_gated`` its scan is not computed for that image."""
+        """x (B, L, C) tokens of ``grid`` (in raster order, or merged: ``ctx.positions`` / ``ctx.sources``) ->
+        (B, L, C). ``ctx.direction_gate``: (B, 4) group gates, or a :class:`~mambatrim.contract.DirectionGate`
+        of the gate feature (here the mean of the normalised tokens, the CAM's input); a gated-off group's
+        quarter passes through as the normalised input, and with ``skip_gated`` its scan is not computed for
+        that image."""
         bsz, length, chans = x.shape
         xn = self.norm(x)
         pooled = xn.mean(1)
         cam = torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
-        quarters = xn.reshape(bsz, *grid, chans).chunk(GROUPS, dim=-1)
+        quarters = xn.chunk(GROUPS, dim=-1)
+        where = (None, None) if ctx is None else (ctx.positions, ctx.sources)
         gate = None if ctx is None else ctx.direction_gate
         if gate is not None and not torch.is_tensor(gate):
             gate = gate(pooled)
         if gate is not None and gate.shape != (bsz, GROUPS):
             raise ValueError(f"GroupMamba's direction_gate must be (batch, {GROUPS}), got {tuple(gate.shape)}")
         if gate is not None and ctx is not None and ctx.skip_gated:
-            mixed = [self._selected(q, g, gate[:, g] > 0.5, grid) for g, q in enumerate(quarters)]
+            mixed = [self._selected(q, g, gate[:, g] > 0.5, grid, where) for g, q in enumerate(quarters)]
         else:
-            mixed = [y * self.skip_scale * q for y, q in zip(self.scan(quarters, range(GROUPS), grid), quarters)]
+            mixed = [y * self.skip_scale * q for y, q in zip(self.scan(quarters, range(GROUPS), grid, where),
+                                                             quarters)]
             if gate is not None:
-                mixed = [gate[:, g, None, None, None].to(q.dtype) * (m - q) + q
+                mixed = [gate[:, g, None, None].to(q.dtype) * (m - q) + q
                          for g, (m, q) in enumerate(zip(mixed, quarters))]
         self.last_stats = {"tokens": length, "gate": None if gate is None else gate.detach()}
-        out = torch.cat(mixed, -1).reshape(bsz, length, chans)
-        return self.proj(self.norm(out * cam[:, None, :]))
+        return self.proj(self.norm(torch.cat(mixed, -1) * cam[:, None, :]))
 
-    def _selected(self, quarter: Tensor, g: int, on: Tensor, grid: tuple[int, int]) -> Tensor:
+    def _selected(self, quarter: Tensor, g: int, on: Tensor, grid: tuple[int, int],
+                  where: tuple[Tensor | None, Tensor | None]) -> Tensor:
         """Group g's modulated quarter for the images with ``on`` set (its scan run on those only); the others
         keep the normalised input."""
         idx = torch.nonzero(on, as_tuple=True)[0]
         if idx.numel() == quarter.shape[0]:
-            return self.scan([quarter], [g], grid)[0] * self.skip_scale * quarter
+            return self.scan([quarter], [g], grid, where)[0] * self.skip_scale * quarter
         if idx.numel() == 0:
             return quarter
         part = quarter[idx]
-        y = self.scan([part], [g], grid)[0] * self.skip_scale * part
+        sub = tuple(None if t is None else t[idx] for t in where)
+        y = self.scan([part], [g], grid, sub)[0] * self.skip_scale * part  # type: ignore[arg-type]
         return quarter.index_copy(0, idx, y.to(quarter.dtype))
 
 
 class DWConv(nn.Module):
-    """Depthwise 3x3 conv on (B, H*W, C) tokens."""
+    """Depthwise 3x3 conv of (B, L, C) tokens on their grid (``sources``: see :func:`to_grid`)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
 
-    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        bsz, _, chans = x.shape
-        return self.dwconv(x.transpose(1, 2).reshape(bsz, chans, *grid)).flatten(2).transpose(1, 2)
+    def forward(self, x: Tensor, grid: tuple[int, int], sources: Tensor | None = None) -> Tensor:
+        return from_grid(self.dwconv(to_grid(x, grid, sources)), sources, x.shape[1])
 
 
 class FFN(nn.Module):
@@ -205,10 +231,10 @@ class FFN(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, grid: tuple[int, int], sources: Tensor | None = None) -> Tensor:
         x = self.fc1(x)
         if self.dwconv is not None:
-            x = self.dwconv(x, grid)
+            x = self.dwconv(x, grid, sources)
         return self.fc2(self.act(x))
 
 
@@ -224,7 +250,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, grid: tuple[int, int], ctx: MixerContext | None = None) -> Tensor:
         x = x + self.drop_path(self.attn(x, ctx, grid))
-        return x + self.drop_path(self.mlp(self.norm2(x), grid))
+        return x + self.drop_path(self.mlp(self.norm2(x), grid, None if ctx is None else ctx.sources))
 
 
 class ClassBlock(nn.Module):
