@@ -100,3 +100,68 @@ def test_static_start_switches_off_the_planned_share():
     assert ran == [tuple(0.0 if g == b % 4 else 1.0 for g in range(4)) for b in range(5)]
     with pytest.raises(ValueError, match="start must be one of all, static"):
         apply_group_select(model(), start="random")
+
+
+# ------------------------------------------------------------------------------------- token merging
+def test_layers_read_any_token_order_through_positions_and_sources():
+    """The same tokens in a shuffled order (positions = where each sits on the grid, sources = which token each
+    grid cell is) give the dense outputs in that order: the scans visit by position, the convs read the grid."""
+    from mambatrim.contract import MixerContext as Ctx
+
+    block = model().block1[0]
+    x = torch.randn(2, 8 * 12, 16)
+    perm = torch.stack([torch.randperm(96, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+    shuffled = x.gather(1, perm[..., None].expand(-1, -1, 16))
+    ctx = Ctx(positions=perm, sources=perm.argsort(1), grid=(8, 12))
+    with torch.no_grad():
+        dense = block(x, (8, 12))
+        out = block(shuffled, (8, 12), ctx)
+    torch.testing.assert_close(out, dense.gather(1, perm[..., None].expand(-1, -1, 16)), rtol=1e-5, atol=1e-5)
+
+
+def test_bipartite_merge_conserves_sizes_and_sums():
+    from mambatrim.contract import TokenState
+    from mambatrim.reduce.groupmamba import bipartite_merge
+
+    x = torch.randn(2, 20, 8)
+    pos = torch.arange(20).expand(2, -1)
+    state = TokenState(hidden=x, residual=None, positions=pos, protected=torch.zeros(2, 0, dtype=torch.long),
+                       grid=(4, 5), protected_layout="none")
+    merged, sources = bipartite_merge(state, 6, pos.clone())
+    merged2, sources2 = bipartite_merge(merged, 4, sources)
+    for m, src in [(merged, sources), (merged2, sources2)]:
+        assert m.sizes.sum(1).tolist() == [20.0, 20.0]
+        torch.testing.assert_close((m.hidden * m.sizes[..., None]).sum(1), x.sum(1), rtol=1e-5, atol=1e-5)
+        counts = torch.zeros_like(m.sizes).scatter_add(1, src, torch.ones_like(src, dtype=m.sizes.dtype))
+        torch.testing.assert_close(counts, m.sizes)  # each token stands for exactly the cells mapped to it
+        assert (m.positions.gather(1, src.gather(1, m.positions)) == m.positions).all()  # a token sits on its own cell
+    assert merged.num_tokens == 14 and merged2.num_tokens == 10
+
+
+def test_stage_merge_runs_in_one_stage_and_unmerges_before_downsampling():
+    from mambatrim.reduce import apply_method
+
+    dense = model()
+    reduced = apply_method(model(), "stage_merge", keep=0.6, layers=[0, 1])
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        stages = reduced.forward_stages(x)
+        logits = reduced(x)
+        dense_stages = dense.forward_stages(x)
+    assert [s.shape for s in stages] == [s.shape for s in dense_stages]  # full grids after the unmerge
+    assert torch.isfinite(logits).all() and not torch.allclose(stages[0], dense_stages[0])
+    report = count_flops(reduced, images=x)
+    assert report.tokens_per_layer == [256, 192, 80, 20, 6, 1]  # 16x20 = 320: 64 merged at each of blocks 0, 1
+    assert report.reducer == 160 * 160 * 16 + 128 * 128 * 16  # |A| * |B| * C of each merge
+
+
+def test_stage_merge_refuses_bad_layers_and_too_much_merging():
+    from mambatrim.reduce import apply_method
+
+    with pytest.raises(ValueError, match=r"must be blocks of one stage; the stages hold blocks 0..1, 2..2"):
+        apply_method(model(), "stage_merge", layers=[1, 2])
+    with pytest.raises(ValueError, match="stage_merge applies to GroupMamba models"):
+        apply_method(create_model("vim_tiny_patch16_224", depth=2, embed_dim=32, img_size=32), "stage_merge")
+    reduced = apply_method(model(), "stage_merge", keep=0.3, layers=[0])
+    with pytest.raises(ValueError, match="one merge can at most halve the tokens"):
+        reduced(torch.randn(1, 3, 64, 80))
