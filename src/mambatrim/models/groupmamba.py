@@ -25,7 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from ..contract import MixerContext, Reducer, ScanOrder, TokenState, raster_orders
-from ..ops import selective_scan
+from ..ops import scan_paths
 
 GROUPS = 4
 
@@ -36,22 +36,18 @@ def group_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
 
     u, delta: (B, G, E, L); A: (G, E, N); B, C: (B, G, N, L); D, delta_bias: (G, E). The L tokens are the raster
     grid, or (after merging) the tokens at grid ``positions`` (B, L), visited in each order's sequence of their
-    positions. Group g is gathered into ``orders[g]``'s visiting order, scanned (softplus of
-    ``delta + delta_bias``, no gate), and scattered back to its tokens. Returns (B, G, E, L) in u's dtype.
+    positions. All groups run as one :func:`~mambatrim.ops.scan_paths` call (softplus of
+    ``delta + delta_bias``, no gate): one Triton launch reading the inputs through the visiting index and
+    writing each output to its token on the 'triton' backend; gather, scan and scatter per group on the others
+    (the reference). Returns (B, G, E, L) in u's dtype.
     """
-    bsz = u.shape[0]
-    ys = []
-    for g, order in enumerate(orders):
-        index = order.dense_index(grid, u.device).expand(bsz, -1) if positions is None else \
-            order.visit(positions, grid)[0]
-
-        def visit(t: Tensor) -> Tensor:
-            return t[:, g].gather(-1, index[:, None, :].expand(-1, t.shape[2], -1))
-
-        y = selective_scan(visit(u), visit(delta), A[g], visit(B), visit(C), D[g], delta_bias=delta_bias[g],
-                           delta_softplus=True)
-        ys.append(torch.empty_like(y).scatter(-1, index[:, None, :].expand_as(y), y))
-    return torch.stack(ys, 1)
+    if positions is None:
+        index = torch.stack([order.dense_index(grid, u.device) for order in orders])  # (G, L)
+    else:
+        index = torch.stack([order.visit(positions, grid)[0] for order in orders])  # (G, B, L)
+    y = scan_paths(u.transpose(0, 1), delta.transpose(0, 1), A, B.transpose(0, 1), C.transpose(0, 1), index, D=D,
+                   delta_bias=delta_bias, delta_softplus=True, combine="concat")
+    return y.unflatten(1, (len(orders), u.shape[2]))
 
 
 def to_grid(x: Tensor, grid: tuple[int, int], sources: Tensor | None) -> Tensor:
