@@ -224,11 +224,12 @@ class DyVMConfig:
 
 class DyVMReducer(Reducer):
     """DyVM token pruning + block selection. Parameters: ``predictors`` (one per stage) and ``selectors`` (one
-    ``Linear(2*d_inner, 2)`` per layer, or ``None`` when block selection is off). ``protected``: the model's
-    protected tokens per image (its class token, registers), which the predictors do not score."""
+    ``Linear(2*d_inner, paths)`` per layer, one gate per scan path: Vim's 2 directions, PlainMamba's 4 orders;
+    or ``None`` when block selection is off). ``protected``: the model's protected tokens per image (its class
+    token, registers), which the predictors do not score."""
 
     def __init__(self, embed_dim: int, d_inner: int, depth: int, config: DyVMConfig | None = None,
-                 protected: int = 1) -> None:
+                 protected: int = 1, paths: int = 2) -> None:
         super().__init__()
         config = config or DyVMConfig()
         self.config, self.depth, self.protected = config, depth, int(protected)
@@ -249,7 +250,7 @@ class DyVMReducer(Reducer):
                     previous = ratio
         self.selectors: nn.ModuleList | None = None
         if self.block_ratio is not None:
-            self.selectors = nn.ModuleList(BlockSelector(2 * d_inner, 2) for _ in range(depth))
+            self.selectors = nn.ModuleList(BlockSelector(2 * d_inner, paths) for _ in range(depth))
             with torch.no_grad():
                 for sel in self.selectors:
                     sel.weight.zero_()
@@ -467,7 +468,8 @@ def apply(model: nn.Module, keep: float | None = 0.7, block_ratio: float | None 
     ref = next(model.parameters())
     config = DyVMConfig(keep=keep, block_ratio=block_ratio, layers=layers, **options)
     reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, config,  # type: ignore[arg-type]
-                          protected=int(getattr(model, "num_protected", 1)))
+                          protected=int(getattr(model, "num_protected", 1)),
+                          paths=int(getattr(model, "num_paths", 2)))
     model.set_reducer(reducer.to(device=ref.device))  # type: ignore[operator]
     return model
 
@@ -503,7 +505,7 @@ def count_flops(model: nn.Module, img_size: int | None = None, block_ratio: floa
         if not 0.0 <= block_ratio <= 1.0:
             raise ValueError(f"dyvm.count_flops: block_ratio must be in [0, 1], got {block_ratio}")
         for layer in report.layers:
-            layer.directions = (float(block_ratio), float(block_ratio))
+            layer.directions = (float(block_ratio),) * len(layer.directions)
     return report
 
 
