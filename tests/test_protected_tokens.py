@@ -16,7 +16,7 @@ from mambatrim.contract import (MixerContext, TokenState, gate_feature, insert_a
 from mambatrim.models.mamba import BiMambaMixer
 from mambatrim.models.vim import VisionMamba
 from mambatrim.reduce import dyvm, rmeeto
-from mambatrim.reduce.registry import METHODS, apply_method
+from mambatrim.reduce.registry import METHODS, apply_method, sequence_methods
 
 PATCHES = 16  # 32x32 images, 8x8 patches
 SMALL = dict(img_size=32, patch_size=8, stride=8, depth=4, embed_dim=16, num_classes=5, drop_path_rate=0.0)
@@ -94,7 +94,7 @@ def watch_layers(model: nn.Module, expected: list[int]) -> list[TokenState]:
 
 # ---------------------------------------------------------------------------------------------- every method
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 @pytest.mark.parametrize("keep", [0.6, 0.8])
 def test_protected_tokens_survive_every_layer_in_order(backbone: str, method: str, keep: float) -> None:
     model = apply_method(build(backbone), method, keep=keep, layers=[1, 2]).eval()
@@ -111,7 +111,7 @@ def test_protected_tokens_survive_every_layer_in_order(backbone: str, method: st
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 def test_training_forward_keeps_protected_tokens(backbone: str, method: str) -> None:
     if not METHODS[method].trainable:
         pytest.skip(f"{method} is not trainable")
@@ -124,7 +124,7 @@ def test_training_forward_keeps_protected_tokens(backbone: str, method: str) -> 
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 def test_identity_setting_equals_dense_model(backbone: str, method: str) -> None:
     model = build(backbone)
     x = images()

@@ -70,6 +70,8 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--model-ema-decay",), "model_ema_decay", dict(type=float)),
     (("--teacher", "--teacher-path"), "teacher", dict(help="checkpoint of the frozen dense teacher")),
     (("--teacher-model",), "teacher_model", dict()),
+    (("--distill-mode",), "distill_mode", dict(choices=["kl", "hard"], help="kl: KL on logits; hard: CE of the "
+                                               "student's dist_head against the teacher's argmax (DeiT)")),
     (("--distill-weight",), "distill_weight", dict(type=float)),
     (("--distill-temperature",), "distill_temperature", dict(type=float)),
     (("--token-distill-weight",), "token_distill_weight", dict(type=float)),

@@ -181,8 +181,10 @@ def measure_throughput(
                 model(images)
             return
         with _autocast(device, dtype):
-            out = model(images)
-            loss = F.cross_entropy(out.float(), targets) if out.dim() == 2 and out.shape[1] > 1 else out.float().mean()
+            outs = model(images)
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)  # (head, dist_head): both trained
+            loss = sum(F.cross_entropy(out.float(), targets) if out.dim() == 2 and out.shape[1] > 1
+                       else out.float().mean() for out in outs)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

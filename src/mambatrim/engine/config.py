@@ -13,6 +13,7 @@ from typing import Any
 from .._yaml import load_yaml_text
 from ..data import DIGITS, MOVING_SHAPES, TASKS, DataOptions
 from ..validation import check_all
+from .losses import DISTILL_MODES
 from .precision import canonical_dtype
 
 
@@ -58,6 +59,9 @@ class TrainConfig(DataOptions):
     # distillation
     teacher: str | None = None              # checkpoint of the frozen dense teacher
     teacher_model: str | None = None        # its architecture (default: --model with the same model_kwargs)
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's constructor
+    distill_mode: str = "kl"                # kl: KL on logits (+ token MSE); hard: CE(dist_head, teacher argmax)
+    teacher_input_size: int | None = None   # hard: the teacher sees the batch resized to this side
     cls_weight: float = 1.0
     distill_weight: float = 0.5             # KL(teacher || student) on logits
     distill_temperature: float = 1.0
@@ -115,7 +119,7 @@ def make_config(*layers: dict[str, Any]) -> TrainConfig:
                 close = difflib.get_close_matches(key, FIELDS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"unknown training option {key!r}{hint}")
-            if key in ("model_kwargs", "method_opts") and key in merged:
+            if key in ("model_kwargs", "method_opts", "teacher_kwargs") and key in merged:
                 value = {**merged[key], **value}
             merged[key] = value
     for key in ("opt_betas", "mean", "std"):
@@ -139,7 +143,7 @@ RANGES: dict[str, str] = {
     "mixup_switch_prob": "probability", "smoothing": "probability", "reprob": "probability",
     "color_jitter": "non_negative", "crop_pct": "fraction", "model_ema_decay": "probability",
     "cls_weight": "non_negative", "distill_weight": "non_negative", "distill_temperature": "positive",
-    "token_distill_weight": "non_negative", "time_limit_s": "positive",
+    "token_distill_weight": "non_negative", "time_limit_s": "positive", "teacher_input_size": "positive_int",
     "num_frames": "positive_int", "test_clips": "positive_int", "test_crops": "positive_int",
     "video_min_scale": "fraction",
 }

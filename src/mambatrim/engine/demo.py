@@ -25,6 +25,7 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
     from ..engine.report import write_json
     from ..engine.train import train
     from ..reduce import METHODS
+    from ..reduce.registry import sequence_methods
 
     if threads:
         torch.set_num_threads(threads)  # tiny ops: one thread avoids oversubscription on a busy machine
@@ -43,7 +44,7 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
 
     rows: list[dict[str, Any]] = []
     specs: list[tuple[str, str | None, dict[str, Any]]] = [("dense", None, {})]
-    specs += [(name, name, dict(spec.demo_options)) for name, spec in sorted(METHODS.items())]
+    specs += [(name, name, dict(METHODS[name].demo_options)) for name in sequence_methods()]  # the demo is a Vim
     for label, method, options in specs:
         eval_cfg = make_config(DEMO_RECIPE, overrides, {"method": method, "method_opts": options})
         try:

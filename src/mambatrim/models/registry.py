@@ -16,6 +16,7 @@ from timm.models import register_model
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .groupmamba import GroupMamba
 from .mambareg import MambaReg
 from .plainmamba import PlainMamba
 from .videomamba import VideoMamba, VideoMambaVideo
@@ -227,4 +228,17 @@ register_family(
         "videomamba_video_small": dict(patch_size=16, embed_dim=384, depth=24),
         "videomamba_video_middle": dict(patch_size=16, embed_dim=576, depth=32),
     },
+)
+
+register_family(
+    "GroupMamba", GroupMamba,
+    {
+        "groupmamba_tiny": dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4],
+                                depths=[3, 4, 9, 3], norm_eps=1e-6),
+        "groupmamba_small": dict(stem_hidden_dim=64, embed_dims=[64, 128, 348, 512], mlp_ratios=[8, 8, 4, 4],
+                                 depths=[3, 4, 16, 3], norm_eps=1e-6),
+        "groupmamba_base": dict(stem_hidden_dim=64, embed_dims=[96, 192, 424, 512], mlp_ratios=[8, 8, 4, 4],
+                                depths=[3, 6, 21, 3], norm_eps=1e-6),
+    },
+    first_conv="patch_embed1.conv.0",
 )

@@ -382,8 +382,7 @@ class DyVMReducer(Reducer):
             losses["dyvm_token_ratio"] = self.token_loss_weight * torch.stack(terms).sum() / len(terms)
         gates = state.extras.get("dyvm_gates") or []
         if gates and self.training and self.block_ratio is not None:
-            mean_gate = torch.stack([g.mean() for g in gates]).mean()
-            losses["dyvm_block_ratio"] = self.block_loss_weight * (mean_gate - self.block_ratio) ** 2
+            losses["dyvm_block_ratio"] = block_ratio_loss(gates, self.block_ratio, self.block_loss_weight)
         if teacher_state is not None and self.distill_weight > 0:
             losses["dyvm_token_distill"] = self.distill_weight * token_distill_mse(state, teacher_state)
         return losses
@@ -401,6 +400,13 @@ class DyVMReducer(Reducer):
     def extra_repr(self) -> str:
         return (f"pruning_layers={self.pruning_layers}, token_ratios={[round(r, 4) for r in self.token_ratios]}, "
                 f"block_ratio={self.block_ratio}")
+
+
+def block_ratio_loss(gates: list[Tensor], ratio: float, weight: float) -> Tensor:
+    """DyVM's block-ratio loss: ``weight * (mean executed share of the gated paths - ratio)^2``, the mean over
+    every recorded (B, K) gate of the forward pass."""
+    mean_gate = torch.stack([g.mean() for g in gates]).mean()
+    return weight * (mean_gate - ratio) ** 2
 
 
 def coverage_grid(alive: Tensor, share: float) -> Tensor:
