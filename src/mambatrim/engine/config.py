@@ -164,6 +164,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.task == "video" and frames is not None and frames != cfg.num_frames:
         raise ValueError(f"model_kwargs num_frames={frames} but the data samples num_frames={cfg.num_frames}: "
                          f"set num_frames only")
+    if cfg.distill_mode not in DISTILL_MODES:
+        raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}, got {cfg.distill_mode!r}")
     if cfg.existing_output not in EXISTING_OUTPUT:
         raise ValueError(f"existing_output must be one of {', '.join(EXISTING_OUTPUT)}, got {cfg.existing_output!r}")
     known = {"1d", "bias", "norm", "pos_embed", "cls_token", "A_log", "D", "model"}
