@@ -8,7 +8,7 @@ import torch
 
 from mambatrim.analysis import count_flops
 from mambatrim.reduce import dyvm
-from mambatrim.reduce.registry import METHODS, apply_method
+from mambatrim.reduce.registry import apply_method, sequence_methods
 from test_models_mambareg_videomamba import vim_mixer_macs
 from test_protected_tokens import spread_rule, watch_layers
 
@@ -43,7 +43,7 @@ def test_dense_layout_declares_the_protected_tokens():
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 @pytest.mark.parametrize("keep", KEEPS)
 def test_protected_tokens_survive_every_method_at_every_ratio(backbone, method, keep):
     model = apply_method(build(backbone), method, keep=keep, layers=[1, 2]).eval()
@@ -60,7 +60,7 @@ def test_protected_tokens_survive_every_method_at_every_ratio(backbone, method, 
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 def test_training_forward_keeps_protected_tokens(backbone, method):
     model = apply_method(build(backbone), method, keep=0.6, layers=[1, 2]).train()
     watch_layers(model, PROTECTED[backbone])
@@ -71,7 +71,7 @@ def test_training_forward_keeps_protected_tokens(backbone, method):
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 def test_identity_setting_equals_dense_model(backbone, method):
     model = build(backbone)
     x = images()
