@@ -37,7 +37,7 @@ class Trace:
     ``directions`` (B, depth, 2): 1 where a scan direction ran (None: every one ran)."""
 
     grid: tuple[int, ...]
-    cls_position: int
+    protected: tuple[int, ...]  # dense-sequence indices of the protected tokens (class token, registers)
     positions: list[Tensor] = field(default_factory=list)
     groups: dict[int, Tensor] = field(default_factory=dict)
     scores: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # block -> (positions, scores)
@@ -49,13 +49,15 @@ class Trace:
         return int(torch.tensor(self.grid).prod())
 
     def patch_index(self, positions: Tensor) -> Tensor:
-        """Dense-sequence indices -> patch indices (the class token becomes -1)."""
-        shifted = positions - (positions > self.cls_position).long()
-        return torch.where(positions == self.cls_position, torch.full_like(positions, -1), shifted)
+        """Dense-sequence indices -> patch indices (protected tokens become -1)."""
+        protected = torch.tensor(self.protected, dtype=positions.dtype)
+        shifted = positions - (positions[..., None] > protected).sum(-1)
+        return torch.where((positions[..., None] == protected).any(-1), torch.full_like(positions, -1), shifted)
 
     def stages(self) -> list[int]:
         """The blocks before which the token set changed."""
-        previous = [torch.arange(self.num_patches + 1).expand_as(self.positions[0])] + self.positions[:-1]
+        dense = torch.arange(self.num_patches + len(self.protected)).expand(self.positions[0].shape[0], -1)
+        previous = [dense] + self.positions[:-1]
         return [i for i, (now, before) in enumerate(zip(self.positions, previous))
                 if now.shape != before.shape or not torch.equal(now, before)]
 
@@ -142,10 +144,10 @@ def trace(model: nn.Module, images: Tensor) -> Trace:
     model.eval()
     state = model.embed(images)
     grid = state.grid or tuple(model.patch_embed.grid_for(images.shape[-2], images.shape[-1]))
-    cls = int(state.cls_index[0])
+    protected = tuple(int(p) for p in state.positions.gather(1, state.protected)[0])
     try:
-        merged = _run(model, inner, images, Trace(grid, cls), set()).merged
-        result = _run(model, inner, images, Trace(grid, cls), merged)
+        merged = _run(model, inner, images, Trace(grid, protected), set()).merged
+        result = _run(model, inner, images, Trace(grid, protected), merged)
     finally:
         model.set_reducer(inner)
         model.train(was_training)
@@ -211,7 +213,7 @@ def _token_picture(trace: Trace, image: Tensor, b: int, block: int) -> Tensor:
     groups = [g for i, g in sorted(trace.groups.items()) if i <= block]
     if groups:
         weights = groups[-1][b].float()  # (L, N_dense): the dense tokens each token stands for
-        weights = torch.cat([weights[:, :trace.cls_position], weights[:, trace.cls_position + 1:]], 1)
+        weights = weights[:, trace.patch_index(torch.arange(weights.shape[1])) >= 0]  # patch columns only
         owner, size = weights.argmax(0), (weights > 0).sum(1)
         colours = torch.rand(weights.shape[0], 3, generator=torch.Generator().manual_seed(b))
         merged = size[owner] > 1

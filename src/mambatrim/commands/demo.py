@@ -29,6 +29,8 @@ def register(subparsers: Any) -> None:
                         help="CPU threads (default 1: on a busy machine two threads of small ops wait on each other "
                              "and run many times slower)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default 7)")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="measure the finished runs already in --output-dir again instead of re-training them")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(func=run)
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                         (args.threads, "--threads"), (args.rounds, "--rounds")):
         check(value, name, "positive_int")
     result = run_demo(args.output_dir, args.device, args.epochs, args.threads, retrain_epochs=args.retrain_epochs,
-                      rounds=args.rounds, progress=args.progress)
+                      rounds=args.rounds, progress=args.progress, reuse_runs=args.reuse_runs)
     out = Path(args.output_dir)
     print(f"\n{result['model']}\n\n{result['table']}\n\n{result['verdict']}")
     print(f"\nwhole demo: {result['wall_seconds']:.0f}s (dense training {result['train_seconds']:.0f}s)")

@@ -47,13 +47,17 @@ class Variant:
 _RMEETO = {"ratio": 0.35, "layers": [1, 2, 3]}
 _TOP = {"keep": 0.7, "layers": [1, 2]}
 _DYVM = {"keep": 0.7, "block_ratio": 0.8, "layers": [1, 2]}
+_RMEETO_DYVM = {"methods": [{"name": "rmeeto", **_RMEETO}, {"name": "dyvm", "keep": None, "block_ratio": 0.8}]}
+_TOP_RMEETO = {"methods": [{"name": "top", "keep": 0.8, "layers": [1]}, {"name": "rmeeto", "r": 8, "layers": [2, 3]}]}
 DEMO_VARIANTS: tuple[Variant, ...] = (
     Variant("dense"),
     Variant("rmeeto", "rmeeto", _RMEETO), Variant("rmeeto re-trained", "rmeeto", _RMEETO, retrain=True),
-    Variant("top", "top", _TOP), Variant("top re-trained", "top", _TOP, retrain=True),
+    Variant("top", "top", _TOP),
     Variant("dyvm fine-tuned", "dyvm", _DYVM, retrain=True),  # learned predictors: useless untrained
-    Variant("prune_norm", "prune_norm", _TOP), Variant("prune_static", "prune_static", _TOP),
-    Variant("prune_random", "prune_random", _TOP),
+    Variant("prune_norm", "prune_norm", _TOP),
+    # combined methods (ours, reduce/combine.py): merging + DyVM's per-image scan selection; pruning + merging
+    Variant("rmeeto+dyvm blocks re-trained", "combine", _RMEETO_DYVM, retrain=True),
+    Variant("top+rmeeto", "combine", _TOP_RMEETO),
 )
 
 
@@ -62,18 +66,21 @@ def describe_model(model: nn.Module, img_size: int) -> str:
     tokens = model.patch_embed.num_patches
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return (f"Vim with {model.depth} blocks, {model.embed_dim}-dim, {img_size} x {img_size} px in "
-            f"{model.patch_embed.patch_size[0]} px patches = {tokens} patch tokens + class token, "
+            f"{model.patch_embed.patch_size} px patches = {tokens} patch tokens + class token, "
             f"{params:.2f} M params")
 
 
 def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = None, threads: int | None = 1,
              retrain_epochs: int = RETRAIN_EPOCHS, variants: tuple[Variant, ...] = DEMO_VARIANTS, rounds: int = 7,
-             iters: int = 3, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+             iters: int = 3, progress: bool = True, reuse_runs: bool = False,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the dense demo model, evaluate and (re-)train every variant, time them all against dense in one
-    process, and write ``demo_results.json``, ``demo_results.md`` and ``demo_tradeoff.png`` to ``output_dir``."""
+    process, and write ``demo_results.json``, ``demo_results.md`` and ``demo_tradeoff.png`` to ``output_dir``.
+
+    ``reuse_runs``: a run folder that already holds a finished run (``last.pth``) is measured again instead of
+    trained again (e.g. to re-time on a quieter machine)."""
     from ..engine.config import make_config
     from ..engine.report import write_result
-    from ..engine.train import train
 
     if threads:
         torch.set_num_threads(threads)
@@ -83,8 +90,8 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
     base = {"device": device, "progress": progress, "existing_output": "overwrite",
             **({"epochs": epochs} if epochs is not None else {})}
     dense_cfg = make_config(DEMO_RECIPE, base, {"output_dir": str(out / "demo_run")})
-    summary = train(dense_cfg)
     dense_ckpt = str(out / "demo_run" / "last.pth")
+    summary = _train_or_reuse(dense_cfg, dense_ckpt, reuse_runs)
     train_s = time.time() - start
 
     data, models, rows = load_eval_data(dense_cfg), {}, []
@@ -92,7 +99,8 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
         cfg = make_config(DEMO_RECIPE, base, {"method": v.method, "method_opts": v.options})
         weights, t0 = dense_ckpt, time.time()
         if v.retrain:
-            weights = _retrain(base, v, dense_ckpt, out / f"demo_run_{v.name.replace(' ', '_')}", retrain_epochs)
+            weights = _retrain(base, v, dense_ckpt, out / f"demo_run_{v.name.replace(' ', '_')}", retrain_epochs,
+                               reuse_runs)
         models[v.name] = build_eval_model(cfg, data, weights)
         from .evaluate import evaluate
 
@@ -111,7 +119,7 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": device,
               "load_average_before_timing": load_before, "load_average_after_timing": os.getloadavg(),
               "timing": {"rounds": rounds, "iters_per_round": iters, "batch_size": len(data.bench_images)},
-              "wall_seconds": time.time() - start}
+              "wall_seconds": time.time() - start, "reused_runs": reuse_runs}
     result["table"] = format_table(result)
     result["verdict"] = verdict(rows)
     write_result(out, "demo_results", result, result["table"] + "\n\n" + result["verdict"] + "\n")
@@ -153,16 +161,24 @@ def build_eval_model(cfg: Any, data: EvalData, weights: str | None) -> nn.Module
     return model.to(data.device).eval()
 
 
-def _retrain(base: dict[str, Any], v: Variant, dense_ckpt: str, run_dir: Path, epochs: int) -> str:
+def _train_or_reuse(cfg: Any, checkpoint: str, reuse: bool) -> dict[str, Any]:
+    from .train import train
+
+    if reuse and Path(checkpoint).exists():
+        return {"reused": checkpoint}
+    return train(cfg)
+
+
+def _retrain(base: dict[str, Any], v: Variant, dense_ckpt: str, run_dir: Path, epochs: int,
+             reuse: bool = False) -> str:
     """Re-train ``v`` briefly from the dense weights, distilling from the dense model (R-MeeTo's and DyVM's
     recipes both distil), through the one training loop."""
     from .config import make_config
-    from .train import train
 
     cfg = make_config(DEMO_RECIPE, base, {
         "method": v.method, "method_opts": v.options, "finetune": dense_ckpt, "teacher": dense_ckpt,
         "epochs": epochs, "eval_every": epochs, "lr": RETRAIN_LR, "warmup_epochs": 0, "output_dir": str(run_dir)})
-    train(cfg)
+    _train_or_reuse(cfg, str(run_dir / "last.pth"), reuse)
     return str(run_dir / "last.pth")
 
 
