@@ -154,7 +154,7 @@ def test_first_and_middle_layouts() -> None:
     assert layout_slots("none", num_keep, 0).shape == (3, 0)
     with pytest.raises(ValueError, match="choose one of middle, first, spread, none"):
         layout_slots("centre", num_keep, 1)
-    with pytest.raises(ValueError, match="'none'"):
+    with pytest.raises(ValueError, match="'none' declares no protected tokens"):
         layout_slots("none", num_keep, 2)
 
 
@@ -310,3 +310,33 @@ def test_vim_without_class_token_loads_a_checkpoint_for_another_grid() -> None:
     grid = source.pos_embed.detach().reshape(1, 6, 6, 16).permute(0, 3, 1, 2)
     want = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
     torch.testing.assert_close(target.pos_embed.detach(), want.permute(0, 2, 3, 1).reshape(1, PATCHES, 16))
+
+
+def test_schedules_count_the_protected_tokens() -> None:
+    model = build("spread3")  # 16 patches + 3 registers
+    with pytest.raises(ValueError, match=r"0\.\.8"):
+        rmeeto.apply(model, r=9, layers=[1])
+    assert rmeeto.apply(model, r=8, layers=[1]).reducer.r == 8
+    assert dyvm.apply(model, keep=0.5, layers=[1]).reducer.protected == 3
+    from mambatrim.reduce.pruning import tokens_per_layer
+
+    counts = tokens_per_layer(19, 4, [1], 0.5, protected=3)
+    assert counts == [19, 11, 11, 11]  # 8 of 16 patches kept, + 3 registers
+    apply_method(model, "prune_norm", keep=0.5, layers=[1])
+    with torch.no_grad():
+        assert model.forward_tokens(images()).num_tokens == counts[-1]
+
+
+@pytest.mark.parametrize("backbone", ["no_cls", "spread3"])
+def test_per_image_selector_calibration_reads_the_gate_feature(backbone: str) -> None:
+    from mambatrim.engine.dyvm_selectors import set_per_image_block_policy
+
+    model = dyvm.deploy(dyvm.apply(build(backbone), keep=None, block_ratio=0.5))
+    x = images(8)
+    set_per_image_block_policy(model, x, 0.5, rounds=2)
+    with torch.no_grad():
+        model(x)
+    # calibrated on the mixer's own gate feature: about half of the images run each direction of later layers
+    for layer in model.layers[1:]:
+        share = layer.mixer.last_stats["gate"].float().mean(0)
+        assert ((share >= 0.25) & (share <= 0.75)).all(), share

@@ -16,6 +16,7 @@ from timm.models import register_model
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .plainmamba import PlainMamba
 from .vim import VisionMamba
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,4 +170,17 @@ register_family(
         "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
         "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
     },
+)
+
+register_family(
+    "PlainMamba", PlainMamba,
+    {
+        "plainmamba_l1": dict(embed_dim=192, depth=24, num_convs_patch_embed=1, layers_with_dwconv=(0,),
+                              drop_path_rate=0.2),
+        "plainmamba_l2": dict(embed_dim=384, depth=24, num_convs_patch_embed=2, drop_path_rate=0.2),
+        "plainmamba_l3": dict(embed_dim=448, depth=36, num_convs_patch_embed=2, drop_path_rate=0.4),
+    },
+    # the official mmcls checkpoints (README of ChenhongyiYang/PlainMamba)
+    hf_weights={f"plainmamba_{v}": ("ChenhongyiYang/PlainMamba", f"{v}.pth") for v in ("l1", "l2", "l3")},
+    first_conv="backbone.patch_embed.stem.0", classifier="head.fc",
 )
