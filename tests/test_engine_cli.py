@@ -1,4 +1,4 @@
-"""CLI: eval of a trained checkpoint with and without a method; config precedence; demo plot with no methods."""
+"""CLI: eval of a trained checkpoint with and without a method; config precedence."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,6 @@ import torch
 
 from mambatrim.cli import build_parser, main
 from mambatrim.commands.train import config_from_args
-from mambatrim.engine.demo import format_table, plot_tradeoff
 
 TINY_ARGS = ["--model-opt", "embed_dim=16", "--model-opt", "depth=2", "--model-opt", "patch_size=4",
              "--model-opt", "stride=4", "--input-size", "8", "--in-chans", "1", "--mixup", "0", "--cutmix", "0",
@@ -40,13 +39,6 @@ def test_train_then_eval_checkpoint(tmp_path, capsys):
     assert result["top1"] == pytest.approx(summary["top1"]) and result["num_images"] == 360
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_demo_table_and_plot_without_methods(tmp_path):
-    rows = [{"method": "dense", "options": {}, "top1": 97.5, "gflops": 0.0034, "img_per_s": 1400.0, "error": None}]
-    path = plot_tradeoff(rows, tmp_path / "p.png")
-    assert path.stat().st_size > 1000
-    assert "dense" in format_table(rows) and "97.50" in format_table(rows)
 
 
 def test_every_recipe_in_configs_is_a_valid_config():

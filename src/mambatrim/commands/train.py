@@ -4,7 +4,7 @@ Options follow DeiT's names; every config key (see ``mambatrim.engine.config.Tra
 with ``--set key=value``. Precedence: defaults < ``--config FILE.yaml`` < command-line options.
 
 Without ``--config``, ``--model`` or ``--data-path`` it trains the small digits recipe of ``mambatrim demo``
-(configs/digits_vim_micro.yaml: 0.17 M parameters, 12 epochs, a few minutes on a 2-core CPU); the defaults
+(configs/digits_vim_micro.yaml: 0.17 M parameters, 6 epochs, a few minutes on a 2-core CPU); the defaults
 of the full recipe (Vim-Ti, 300 epochs, DeiT augmentation) apply as soon as any of them is given.
 ``--resume CKPT`` alone continues a run with the configuration stored in the checkpoint; an option that would
 change the run is refused. An output folder that already holds a run is never silently replaced.

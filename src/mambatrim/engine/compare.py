@@ -188,7 +188,6 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"configuration names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
-    by_name = {c.name: c for c in configs}
     say = log or (lambda text: None)
 
     torch.manual_seed(0)
@@ -196,13 +195,40 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
     shape = list(getattr(dense, "input_size", None) or (dense.patch_embed.in_chans, img_size, img_size))
     shape[-2:] = [img_size, img_size]  # (C, [T,] H, W): a video model's clips keep its frames
     images = torch.randn(batch_size, *shape, device=dev)
-    models, setups, flops = {}, {}, {}
+    models, setups = {}, {}
     bases = {model_name: dense}
     for cfg in configs:  # every configuration built before any output: a bad one stops the run at once
         other = cfg.model or model_name
         if other not in bases:
             bases[other] = create_model(other, img_size=img_size, **dict(model_kwargs or {})).to(dev).eval()
         models[cfg.name], setups[cfg.name] = build_variant(bases[other], cfg, images, amp_dtype)
+    rows, not_captured = time_models(models, configs, images, amp_dtype=amp_dtype, modes=modes, rounds=rounds,
+                                     iters=iters, warmup=warmup, setups=setups, log=say)
+    return dict(benchmark="compare", model=model_name, model_kwargs=dict(model_kwargs or {}), img_size=img_size,
+                batch_size=batch_size, dtype=dtype, modes=modes, rounds=rounds, iters_per_round=iters,
+                warmup=warmup, environment=run_environment(dev),
+                configs=[dict(name=c.name, method=c.method, options=c.options, policy=c.policy,
+                              selectors=c.selectors, model=c.model or model_name) for c in configs],
+                rows=rows, not_captured=not_captured)
+
+
+def time_models(models: Mapping[str, nn.Module], configs: list[Configuration], images: torch.Tensor, *,
+                amp_dtype: torch.dtype | None = None, modes: list[str] | None = None, rounds: int = 5,
+                iters: int = 10, warmup: int = 10, setups: Mapping[str, dict[str, Any]] | None = None,
+                log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Time ready models (``models[cfg.name]``, the dense one named ``dense``) on ``images`` in interleaved
+    rounds; returns the rows (see :func:`_row`) and the configurations that could not be captured.
+
+    The timing core of :func:`compare`, also for models with trained weights (``mambatrim demo``, where a
+    method's work per image depends on them)."""
+    say = log or (lambda text: None)
+    modes = list(modes or (["cuda_graph"] if images.device.type == "cuda" else ["eager"]))
+    check_run(images.shape[0], rounds, iters, warmup, modes, images.device)
+    by_name = {c.name: c for c in configs}
+    if DENSE not in by_name or set(models) != set(by_name):
+        raise ValueError(f"time_models needs one model per configuration and a {DENSE!r} one; got models "
+                         f"{sorted(models)} for configurations {sorted(by_name)}")
+    flops = {}
     for cfg in configs:
         flops[cfg.name] = _flops(models[cfg.name], images, amp_dtype, cfg.policy)
         say(f"built {cfg.name}: {flops[cfg.name]['gflops']['paper']:.3f} GFLOPs (paper)")
@@ -212,16 +238,12 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
     for fn in runners.values():
         for _ in range(warmup):
             fn()
-    times = interleaved_times_ms(runners, rounds, iters, dev, log=lambda r, key, ms: say(
+    batch_size = images.shape[0]
+    times = interleaved_times_ms(runners, rounds, iters, images.device, log=lambda r, key, ms: say(
         f"round {r + 1} {key[0]:>10} {key[1]}: {batch_size / ms * 1e3:.0f} img/s ({ms:.3f} ms)"))
-    rows = [_row(mode, cfg, times, flops, setups[cfg.name], batch_size, not_captured)
+    rows = [_row(mode, cfg, times, flops, (setups or {}).get(cfg.name, {}), batch_size, not_captured)
             for mode in modes for cfg in configs]
-    return dict(benchmark="compare", model=model_name, model_kwargs=dict(model_kwargs or {}), img_size=img_size,
-                batch_size=batch_size, dtype=dtype, modes=modes, rounds=rounds, iters_per_round=iters,
-                warmup=warmup, environment=run_environment(dev),
-                configs=[dict(name=c.name, method=c.method, options=c.options, policy=c.policy,
-                              selectors=c.selectors, model=c.model or model_name) for c in configs],
-                rows=rows, not_captured=not_captured)
+    return rows, not_captured
 
 
 def _row(mode: str, cfg: Configuration, times: Mapping[tuple[str, str], list[float]],

@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: 
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        batches = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
     try:
         for images, targets in batches:
             with autocast(device, dtype):

@@ -361,7 +361,9 @@ class _Run:
         if self.global_step == 0:
             self.scheduler.step_update(0)
         if main:
-            print(f"training {cfg.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M params) on "
+            overrides = ", ".join(f"{k}={v}" for k, v in cfg.model_kwargs.items())  # the name alone would mislead
+            params = sum(p.numel() for p in self.model.parameters()) / 1e6
+            print(f"training {cfg.model}{f' with {overrides}' if overrides else ''} ({params:.2f} M params) on "
                   f"{self.data.train_size} images, {self.data.num_classes} classes, {self.img_size}px, "
                   f"{self.dist.world_size} process(es) on {self.device}, global batch {self.global_batch}, "
                   f"lr {self.lr:.3g}, {cfg.epochs} epochs x {self.steps_per_epoch} steps"
@@ -403,9 +405,11 @@ class _Run:
         if main and cfg.progress:
             from tqdm import tqdm
 
+            # disable=None: no bar when stdout is not a terminal (a log file gets one line per epoch instead)
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
-                       dynamic_ncols=True, leave=False)
+                       dynamic_ncols=True, leave=False, disable=None)
         window_t, window_steps, window_terms = time.time(), 0, {}
+        values: dict[str, float] = {}
         log_every = max(1, min(20, self.steps_per_epoch // 4 or 1))
         try:
             while self.step_in_epoch < self.steps_per_epoch:
@@ -441,6 +445,9 @@ class _Run:
         finally:
             if bar is not None:
                 bar.close()
+        if bar is not None and bar.disable and values:
+            print(f"epoch {self.epoch}/{cfg.epochs}: train loss {values['loss']:.4f} lr {lr:.2e} "
+                  f"{img_s:.0f} img/s", flush=True)
         return False
 
     def _end_of_epoch(self) -> bool:

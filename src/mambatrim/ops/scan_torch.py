@@ -35,17 +35,20 @@ def _blocks(length: int, block: int, reverse: bool) -> list[tuple[int, int]]:
 def _scan_autograd(dec: Tensor, du: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, reverse: bool,
                    block: int) -> Tensor:
     """Differentiable blocked scan. dec, du (L, b, d); A (d, n); Bt, Ct (L, b, n) -> y (L, b, d)."""
-    length, bsz, dim = du.shape
+    _, bsz, dim = du.shape
     h = du.new_zeros(bsz, dim, A.shape[1])
     ys: list[Tensor] = []
-    for s, e in _blocks(length, block, reverse):
-        dA = torch.exp(dec[s:e, :, :, None] * A)  # (k, b, d, n)
-        dBu = du[s:e, :, :, None] * Bt[s:e, :, None, :]
-        states: list[Tensor] = [None] * (e - s)  # type: ignore[list-item]
-        for t in (range(e - s - 1, -1, -1) if reverse else range(e - s)):
+    # split / unbind rather than slicing and indexing: their backward is one cat / stack, where the backward of
+    # every slice or index allocates and adds a zero tensor of the whole input (most of a CPU training step)
+    blocks = list(zip(*(t.split(block) for t in (dec, du, Bt, Ct))))
+    for dec_b, du_b, b_b, c_b in (blocks[::-1] if reverse else blocks):
+        dA = torch.exp(dec_b[..., None] * A).unbind(0)  # k x (b, d, n)
+        dBu = (du_b[..., None] * b_b[:, :, None, :]).unbind(0)
+        states: list[Tensor] = [None] * len(dA)  # type: ignore[list-item]
+        for t in (range(len(dA) - 1, -1, -1) if reverse else range(len(dA))):
             h = torch.addcmul(dBu[t], dA[t], h)
             states[t] = h
-        ys.append(torch.matmul(torch.stack(states), Ct[s:e, :, :, None]).squeeze(-1))  # (k, b, d)
+        ys.append(torch.matmul(torch.stack(states), c_b[..., None]).squeeze(-1))  # (k, b, d)
     if reverse:
         ys.reverse()
     return torch.cat(ys)

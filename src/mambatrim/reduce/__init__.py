@@ -19,3 +19,4 @@ from . import rmeeto  # noqa: E402,F401
 from . import dyvm  # noqa: E402,F401
 from . import top, baselines  # noqa: E402,F401
 from . import groupmamba  # noqa: E402,F401
+from . import combine  # noqa: E402,F401

@@ -292,6 +292,6 @@ register_method(MethodSpec(
     name="rmeeto",
     apply=apply,
     description="R-MeeTo: order-preserving bipartite token merging every 2nd block (keep=, ratio= or r=)",
-    demo_options={"r": 3, "layers": [1, 2, 3]},
+    demo_options={"ratio": 0.35, "layers": [1, 2, 3]},  # the demo model: 64 patch tokens, 4 blocks
     trainable=True,
 ))
