@@ -97,6 +97,7 @@ class SegmentationModel(nn.Module):
         dim = int(backbone.embed_dim)
         self.neck = MultiLevelNeck(dim)
         self.decode_head = UPerHead([dim] * 4, channels, num_classes)
+        self.last_state: TokenState | None = None
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
@@ -118,7 +119,10 @@ class SegmentationModel(nn.Module):
         return self.forward_head(maps, x.shape[2:]), state
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_state(x)[0]
+        """Logits; the final token state stays in ``last_state`` for the method's losses (a DDP-wrapped model
+        returns only what ``forward`` returns)."""
+        logits, self.last_state = self.forward_with_state(x)
+        return logits
 
 
 def _patch_map(dense: Tensor, state: TokenState, h: int, w: int) -> Tensor:
