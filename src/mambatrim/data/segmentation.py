@@ -103,7 +103,8 @@ class CappedRandomCrop(torch.nn.Module):
             if self.cat_max_ratio >= 1.0 or _class_share_ok(mask, top, left, self.size, self.cat_max_ratio):
                 break
             top, left = self.window(height, width)
-        image, mask = TF.crop(image, top, left, self.size, self.size), TF.crop(mask, top, left, self.size, self.size)
+        h, w = min(self.size, height), min(self.size, width)  # (a crop past the border would pad with 0)
+        image, mask = TF.crop(image, top, left, h, w), TF.crop(mask, top, left, h, w)
         pad_h, pad_w = self.size - mask.shape[-2], self.size - mask.shape[-1]
         if pad_h > 0 or pad_w > 0:  # right / bottom padding: image 0, mask ignored
             image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)

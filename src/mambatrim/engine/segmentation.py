@@ -262,7 +262,7 @@ def _train(cfg: SegConfig, dist_info: DistInfo, resume: str | None) -> dict[str,
         scaler.update()
         scheduler.step_update(it + 1)
         if dist_info.is_main and ((it + 1) % cfg.log_interval == 0 or it + 1 == cfg.iters):
-            log.append({"iter": it + 1, **{k: float(v) for k, v in losses.items()},
+            log.append({"iter": it + 1, **{k: float(v.detach()) for k, v in losses.items()},
                         "lr": optimizer.param_groups[-1]["lr"]})
         if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters:
             metrics = evaluate_segmentation(model, data["val"], num_classes, device, cfg.crop, cfg.slide_stride,
