@@ -57,9 +57,40 @@ def test_train_checkpoint_and_resume(tmp_path) -> None:
                   slide_stride=16, method="dyvm", method_opts={"keep": 0.8, "block_ratio": 0.8, "layers": [2]})
     first = train_segmentation(SegConfig(iters=2, eval_interval=2, **common))
     assert [e["iter"] for e in first["evals"]] == [2] and 0 <= first["final"]["mIoU"] <= 1
-    assert {"ce", "dyvm_token_ratio", "dyvm_block_ratio"} <= set(first["train_log"][0])
+    assert {"ce", "aux_ce", "dyvm_token_ratio", "dyvm_block_ratio"} <= set(first["train_log"][0])
     ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert ckpt["iteration"] == 2 and ckpt["task"] == "segmentation"
     resumed = train_segmentation(SegConfig(iters=3, eval_interval=3, **common), resume="auto")
     assert [row["iter"] for row in resumed["train_log"]] == [3]
     assert torch.load(tmp_path / "run" / "last.pth", weights_only=True)["iteration"] == 3
+
+
+def test_cli_segmentation_train_then_eval_with_a_method(tmp_path, capsys) -> None:
+    import json
+
+    from mambatrim.cli import main
+    from mambatrim.data.segmentation import bundled_root
+
+    data = bundled_root(size=32, train=2, val=1, folder=tmp_path / "data")
+    tiny = ["--model-opt", "depth=4", "--model-opt", "embed_dim=32", "--model-opt", "patch_size=8",
+            "--model-opt", "stride=8", "--set", "out_indices=[0,1,2,3]", "--set", "class_token=true"]
+    run = ["--task", "segmentation", "--data-path", str(data), "--input-size", "32", "--batch-size", "2",
+           "--num-workers", "0", "--device", "cpu", "--set", "scale=[64,32]", "--set", "slide_stride=16",
+           "--set", "num_classes=14"]
+    assert main(["train", *run, *tiny, "--output-dir", str(tmp_path / "run"), "--set", "iters=1",
+                 "--set", "eval_interval=1"]) == 0
+    assert "done: mIoU" in capsys.readouterr().out
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--task", "segmentation", "--checkpoint", str(tmp_path / "run" / "last.pth"),
+                 "--method", "rmeeto", "--method-opt", "r=2", "--method-opt", "layers=[1,2]", "--json",
+                 str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "rmeeto" and 0 <= result["mIoU"] <= 1 and len(result["IoU"]) == 14
+    assert 0 < result["backbone_gflops"] and 0 < result["head_gflops"]
+
+
+def test_cli_refuses_classification_options(capsys) -> None:
+    from mambatrim.cli import main
+
+    assert main(["train", "--task", "segmentation", "--mixup", "0.5"]) == 2
+    assert "--task segmentation does not use --mixup; its options: --model" in capsys.readouterr().err

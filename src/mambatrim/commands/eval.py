@@ -12,6 +12,7 @@ from typing import Any
 
 from ..validation import check
 
+from .segment import add_task_argument
 from .train import EVAL_KEYS, add_config_arguments, config_from_args
 
 EXAMPLES = """examples:
@@ -33,6 +34,7 @@ def register(subparsers: Any) -> None:
                         help="images per iteration of the throughput measurement (default 64)")
     parser.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
     add_config_arguments(parser, EVAL_KEYS)
+    add_task_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -41,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.report import write_json
     from ..models.checkpoint import read_checkpoint
 
+    if args.task == "segmentation":
+        from .segment import run_eval
+
+        return run_eval(args)
     check(args.bench_batch, "--bench-batch", "positive_int")
     base = config_from_checkpoint(read_checkpoint(args.checkpoint)) if args.checkpoint else {}
     cfg = config_from_args(args, base)

@@ -15,6 +15,8 @@ import argparse
 import json
 from typing import Any
 
+from .segment import add_task_argument
+
 EXAMPLES = """examples:
   mambatrim train --output-dir runs/digits          # the small digits recipe: a few minutes on a 2-core CPU
   mambatrim train --config configs/cifar10_vim_tiny_p2.yaml --data-path cifar10.zip --output-dir runs/c10
@@ -179,12 +181,21 @@ def register(subparsers: Any) -> None:
                                    description=__doc__, epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    add_task_argument(parser)
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate the --resume (or --finetune) checkpoint, as in DeiT")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "segmentation":
+        from .segment import run_eval, run_train
+
+        if args.eval:
+            args.checkpoint = args.resume or args.finetune
+            args.resume = args.finetune = None
+            return run_eval(args)
+        return run_train(args)
     if args.eval:
         from ..engine.evaluate import config_from_checkpoint, evaluate_checkpoint
         from ..models.checkpoint import read_checkpoint

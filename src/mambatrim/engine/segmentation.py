@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .._yaml import load_yaml_text
 from ..data.segmentation import BUNDLED_CLASSES, IGNORE_INDEX, bundled_root, segmentation_datasets
 from ..models.checkpoint import load_checkpoint, read_checkpoint
-from ..models.segmentation import SegmentationModel, create_segmentation_model
+from ..models.segmentation import AUX_LOGITS, SegmentationModel, create_segmentation_model
 from .checkpointing import atomic_save, capture_rng_state, restore_rng_state
 from .distributed import DistInfo, barrier, cleanup, init_distributed
 from .precision import autocast, canonical_dtype
@@ -38,7 +38,8 @@ class SegConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # backbone config overrides (depth, ...)
     num_classes: int | None = None  # None: 150 for a folder, the bundled set's classes otherwise
     out_indices: list[int] = field(default_factory=lambda: [5, 11, 17, 23])
-    head_channels: int = 512
+    head_channels: int | None = None  # None: the backbone's width (192 for Vim-T, 384 for Vim-S)
+    aux_weight: float = 0.4  # the auxiliary FCN head's loss weight (0: no auxiliary head)
     class_token: bool = False  # the authors' segmentation backbones have none
     drop_path: float = 0.1
     method: str | None = None
@@ -94,7 +95,8 @@ def build_segmenter(cfg: SegConfig, num_classes: int) -> SegmentationModel:
     """The segmenter of a config: backbone (pretrained weights first), then the method on the backbone."""
     kwargs = {"drop_path_rate": cfg.drop_path, **cfg.model_kwargs}
     model = create_segmentation_model(cfg.backbone, num_classes, cfg.crop, tuple(cfg.out_indices),
-                                      cfg.head_channels, cfg.class_token, **kwargs)
+                                      cfg.head_channels, cfg.class_token, aux_channels=256 if cfg.aux_weight else 0,
+                                      **kwargs)
     if cfg.pretrained:
         load_checkpoint(model.backbone, read_checkpoint(cfg.pretrained), skip_mismatched_head=True)
     if cfg.method:
@@ -249,6 +251,8 @@ def _train(cfg: SegConfig, dist_info: DistInfo, resume: str | None) -> dict[str,
         with autocast(device, cfg.dtype):
             logits, state = _forward_with_state(forward, model, images)
             losses = {"ce": criterion(logits.float(), labels)}
+            if AUX_LOGITS in state.extras:
+                losses["aux_ce"] = cfg.aux_weight * criterion(state.extras[AUX_LOGITS].float(), labels)
             reducer = model.backbone.reducer
             if reducer is not None:
                 losses.update(reducer.extra_losses(state))
@@ -294,3 +298,54 @@ def _save(out: Path | None, dist_info: DistInfo, model: nn.Module, optimizer: An
                      "scaler": scaler.state_dict(), "iteration": iteration, "rng": rng,
                      "config": dataclasses.asdict(cfg), "task": "segmentation"}, out / "last.pth")
     barrier()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation job
+def segmentation_flops(model: SegmentationModel, images: Tensor) -> dict[str, float]:
+    """GFLOPs (MACs, the papers' convention) per image: the backbone by the analytical counter (what ran,
+    method included), the neck and head by PyTorch's operator counter on the restored maps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..analysis.flops import count_flops  # noqa: PLC0415
+
+    backbone = count_flops(model.backbone, images=images).total() / images.shape[0]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        maps, _ = model.forward_backbone(images[:1])
+        with FlopCounterMode(display=False) as counter:
+            model.forward_head(maps, images.shape[2:])
+    model.train(was_training)
+    head = counter.get_total_flops() / 2  # multiply-adds
+    return {"backbone_gflops": backbone / 1e9, "head_gflops": head / 1e9, "gflops": (backbone + head) / 1e9}
+
+
+def evaluate_checkpoint(cfg: SegConfig, checkpoint: dict[str, Any] | None) -> dict[str, Any]:
+    """mIoU / pixel accuracy / FLOPs of a segmentation checkpoint (``None``: a fresh model), with ``cfg.method``
+    attached: a dense checkpoint is loaded before the method (training-free use), one holding method
+    parameters after it."""
+    dist_info = init_distributed(cfg.device)
+    try:
+        root = bundled_root(cfg.bundled_size) if cfg.data_path is None else cfg.data_path
+        data = segmentation_datasets(root, cfg.crop, tuple(cfg.scale), cfg.cat_max_ratio)
+        num_classes = cfg.num_classes or (len(BUNDLED_CLASSES) if cfg.data_path is None else 150)
+        model = build_segmenter(dataclasses.replace(cfg, method=None), num_classes)
+        state = (checkpoint or {}).get("model")
+        has_method = state is not None and any(".reducer." in key for key in state)
+        if state is not None and not has_method:
+            model.load_state_dict(state)
+        if cfg.method:
+            from ..reduce import apply_method  # noqa: PLC0415
+
+            apply_method(model.backbone, cfg.method, **cfg.method_opts)
+        if has_method:
+            model.load_state_dict(state)
+        model.to(dist_info.device).eval()
+        metrics = evaluate_segmentation(model, data["val"], num_classes, dist_info.device, cfg.crop,
+                                        cfg.slide_stride, cfg.flip, cfg.dtype, dist_info)
+        images = torch.stack([data["val"][i][0] for i in range(min(4, len(data["val"])))]).to(dist_info.device)
+        crops = F.interpolate(images, size=(cfg.crop, cfg.crop), mode="bilinear", align_corners=False)
+        return {**metrics, **segmentation_flops(model, crops), "method": cfg.method, "method_opts": cfg.method_opts,
+                "backbone": cfg.backbone, "crop": cfg.crop, "num_classes": num_classes}
+    finally:
+        cleanup()

@@ -23,6 +23,7 @@ from ..contract.dense import DENSE_TAPS, DenseRestore, protected_positions
 from .registry import create_model
 
 POOL_SCALES = (1, 2, 3, 6)
+AUX_LOGITS = "aux_logits"  # TokenState.extras key of the auxiliary head's logits (training only)
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -77,6 +78,18 @@ class UPerHead(nn.Module):
         return self.classifier(self.dropout(fused))
 
 
+class FCNHead(nn.Module):
+    """mmseg's auxiliary FCN head (one 3x3 conv): a training-only loss on the third level (weight 0.4)."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(in_channels, channels, 3), nn.Dropout2d(dropout),
+                                  nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
 def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
@@ -85,7 +98,7 @@ class SegmentationModel(nn.Module):
     """Backbone features after ``out_indices`` -> neck -> UperNet -> logits at the input resolution."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, out_indices: Sequence[int] = (5, 11, 17, 23),
-                 channels: int = 512) -> None:
+                 channels: int | None = None, aux_channels: int = 256) -> None:
         super().__init__()
         depth = int(backbone.depth)
         bad = [i for i in out_indices if not 0 <= int(i) < depth]
@@ -96,7 +109,8 @@ class SegmentationModel(nn.Module):
         self.out_indices = tuple(int(i) for i in out_indices)
         dim = int(backbone.embed_dim)
         self.neck = MultiLevelNeck(dim)
-        self.decode_head = UPerHead([dim] * 4, channels, num_classes)
+        self.decode_head = UPerHead([dim] * 4, channels or dim, num_classes)
+        self.auxiliary_head = FCNHead(dim, aux_channels, num_classes) if aux_channels else None
         self.last_state: TokenState | None = None
 
     def no_weight_decay(self) -> set[str]:
@@ -114,9 +128,13 @@ class SegmentationModel(nn.Module):
         return _resize(self.decode_head(self.neck(maps)), size)
 
     def forward_with_state(self, x: Tensor) -> tuple[Tensor, TokenState]:
-        """Logits (B, num_classes, H, W) and the backbone's final token state (for the method's losses)."""
+        """Logits (B, num_classes, H, W) and the backbone's final token state (for the method's losses); in
+        training the auxiliary head's logits ride along in ``state.extras[AUX_LOGITS]``."""
         maps, state = self.forward_backbone(x)
-        return self.forward_head(maps, x.shape[2:]), state
+        logits = self.forward_head(maps, x.shape[2:])
+        if self.training and self.auxiliary_head is not None:
+            state.extras[AUX_LOGITS] = _resize(self.auxiliary_head(maps[2]), x.shape[2:])
+        return logits, state
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits; the final token state stays in ``last_state`` for the method's losses (a DDP-wrapped model
@@ -136,11 +154,14 @@ def _patch_map(dense: Tensor, state: TokenState, h: int, w: int) -> Tensor:
 
 
 def create_segmentation_model(backbone_name: str, num_classes: int = 150, img_size: int = 512,
-                              out_indices: Sequence[int] = (5, 11, 17, 23), channels: int = 512,
-                              class_token: bool = False, **backbone_kwargs: Any) -> SegmentationModel:
+                              out_indices: Sequence[int] = (5, 11, 17, 23), channels: int | None = None,
+                              class_token: bool = False, aux_channels: int = 256,
+                              **backbone_kwargs: Any) -> SegmentationModel:
     """A UperNet segmenter on registered backbone ``backbone_name`` (built at ``img_size``, no classifier).
 
-    ``forward(images (B, 3, H, W)) -> logits (B, num_classes, H, W)``. The backbone is built without a class
+    ``forward(images (B, 3, H, W)) -> logits (B, num_classes, H, W)``. ``channels``: the UperNet width (the
+    backbone's width by default, as the Vim recipes); ``aux_channels``: the auxiliary FCN head's width (0: none).
+    The backbone is built without a class
     token (``if_cls_token=False``, as the authors' segmentation backbones) unless ``class_token``; a class
     token, where kept, is left out of the feature maps."""
     if num_classes < 1:
@@ -152,4 +173,4 @@ def create_segmentation_model(backbone_name: str, num_classes: int = 150, img_si
     if not hasattr(backbone, "forward_tokens") or not hasattr(backbone, "depth"):
         raise ValueError(f"backbone {backbone_name!r} exposes no per-layer token features (forward_tokens); "
                          "choose a Vim-family model")
-    return SegmentationModel(backbone, num_classes, out_indices, channels)
+    return SegmentationModel(backbone, num_classes, out_indices, channels, aux_channels)
