@@ -144,15 +144,15 @@ def _live(state: TokenState, dense_len: int) -> Tensor:
 def _merge_targets(old: TokenState, new: TokenState, gone: Tensor, target: Tensor) -> Tensor:
     """Point each merged-away position at the grown token most similar to it before the merge (ToMe's unmerge).
 
-    Every sample loses the same count (merging is batch-uniform), so the sources and the grown destinations
-    gather into (B, r) tensors and one (B, r, r) similarity decides."""
+    Every sample loses the same count, the change in sequence length (merging is batch-uniform), so the sources
+    and the grown destinations gather into (B, r) tensors and one (B, r, r) similarity decides."""
     dense_len = gone.shape[1]
     old_sizes = old.sizes if old.sizes is not None else torch.ones_like(old.positions, dtype=torch.float32)
     size_before = torch.zeros(gone.shape, dtype=old_sizes.dtype, device=gone.device).scatter(
         1, old.positions, old_sizes)
     grown_new = new.sizes > size_before.gather(1, new.positions) + 1e-6  # (B, L') tokens that absorbed others
-    r = int(gone.sum(1).max())
-    if r == 0:
+    r = old.num_tokens - new.num_tokens  # from the shapes: no host sync, so the forward stays capturable
+    if r <= 0:
         return target
     src_pos = gone.float().topk(r, dim=1).indices  # (B, r) dense positions merged away
     src_ok = gone.gather(1, src_pos)

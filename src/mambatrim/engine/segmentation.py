@@ -45,6 +45,7 @@ class SegConfig:
     method: str | None = None
     method_opts: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None  # backbone (classification) checkpoint, pos_embed resized
+    finetune: str | None = None  # segmentation checkpoint to start from (dense weights before the method)
     data_path: str | None = None  # ADE20K-layout folder; None: the bundled generated set
     bundled_size: int = 128
     crop: int = 512
@@ -91,18 +92,27 @@ def load_seg_config(path: str | None, overrides: dict[str, Any] | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_segmenter(cfg: SegConfig, num_classes: int) -> SegmentationModel:
-    """The segmenter of a config: backbone (pretrained weights first), then the method on the backbone."""
+def build_segmenter(cfg: SegConfig, num_classes: int, state: dict[str, Tensor] | None = None) -> SegmentationModel:
+    """The segmenter of a config: backbone weights (``pretrained``), the method on the backbone, and a
+    segmentation ``state`` dict (``finetune`` when not given): a dense one is loaded before the method is
+    attached (a method starts from dense weights), one holding method parameters after it."""
     kwargs = {"drop_path_rate": cfg.drop_path, **cfg.model_kwargs}
     model = create_segmentation_model(cfg.backbone, num_classes, cfg.crop, tuple(cfg.out_indices),
                                       cfg.head_channels, cfg.class_token, aux_channels=256 if cfg.aux_weight else 0,
                                       **kwargs)
     if cfg.pretrained:
         load_checkpoint(model.backbone, read_checkpoint(cfg.pretrained), skip_mismatched_head=True)
+    if state is None and cfg.finetune:
+        state = read_checkpoint(cfg.finetune)["model"]
+    has_method = state is not None and any(".reducer." in key for key in state)
+    if state is not None and not has_method:
+        model.load_state_dict(state)
     if cfg.method:
         from ..reduce import apply_method  # noqa: PLC0415 (engine may import reduce)
 
         apply_method(model.backbone, cfg.method, **cfg.method_opts)
+    if has_method:
+        model.load_state_dict(state)
     return model
 
 
@@ -329,17 +339,7 @@ def evaluate_checkpoint(cfg: SegConfig, checkpoint: dict[str, Any] | None) -> di
         root = bundled_root(cfg.bundled_size) if cfg.data_path is None else cfg.data_path
         data = segmentation_datasets(root, cfg.crop, tuple(cfg.scale), cfg.cat_max_ratio)
         num_classes = cfg.num_classes or (len(BUNDLED_CLASSES) if cfg.data_path is None else 150)
-        model = build_segmenter(dataclasses.replace(cfg, method=None), num_classes)
-        state = (checkpoint or {}).get("model")
-        has_method = state is not None and any(".reducer." in key for key in state)
-        if state is not None and not has_method:
-            model.load_state_dict(state)
-        if cfg.method:
-            from ..reduce import apply_method  # noqa: PLC0415
-
-            apply_method(model.backbone, cfg.method, **cfg.method_opts)
-        if has_method:
-            model.load_state_dict(state)
+        model = build_segmenter(cfg, num_classes, (checkpoint or {}).get("model"))
         model.to(dist_info.device).eval()
         metrics = evaluate_segmentation(model, data["val"], num_classes, dist_info.device, cfg.crop,
                                         cfg.slide_stride, cfg.flip, cfg.dtype, dist_info)

@@ -146,10 +146,10 @@ class SegmentationModel(nn.Module):
 def _patch_map(dense: Tensor, state: TokenState, h: int, w: int) -> Tensor:
     """(B, L0, D) dense-sequence features -> (B, D, h, w) patch map (class tokens, if any, left out)."""
     bsz, length, dim = dense.shape
-    if length != h * w:
-        keep = torch.ones(bsz, length, dtype=torch.bool, device=dense.device)
-        keep = keep.scatter(1, protected_positions(state), False)
-        dense = dense[keep].view(bsz, h * w, dim)
+    if length != h * w:  # the patch positions in order (a stable sort, not a boolean index: no host sync)
+        keep = torch.ones(bsz, length, device=dense.device).scatter(1, protected_positions(state), 0.0)
+        patches = keep.argsort(dim=1, descending=True, stable=True)[:, :h * w]
+        dense = dense.gather(1, patches[..., None].expand(-1, -1, dim))
     return dense.transpose(1, 2).reshape(bsz, dim, h, w)
 
 
