@@ -258,7 +258,7 @@ def test_15_flops_prints_its_convention_and_the_readme_says_how_to_get_the_publi
     code, out, _ = run_cli(capsys, "flops", "vim_tiny_patch16_224", "--img-size", "32", "--method", "dyvm")
     assert code == 0
     note = out.strip().splitlines()[-1]
-    assert note.startswith("convention:") and "'paper' counts one scan direction" in note and "'full' counts" in note
+    assert note.startswith("convention:") and "'paper' counts the scan paths" in note and "'full' counts" in note
     assert "untrained predictors" in note
     assert "dyvm.count_flops(model, block_ratio=0.8)" in (ROOT / "README.md").read_text()
 

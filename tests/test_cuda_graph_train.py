@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from mambatrim.engine.cuda_graph import GraphedStudent, _state_from_tree, _state_tree
+from mambatrim.engine.cuda_graph import GraphedStudent, _state_from_tree, _state_meta, _state_tree
 from mambatrim.engine.losses import StudentForward
 from mambatrim.models.vim import VisionMamba
 from mambatrim.reduce import TokenState, rmeeto
@@ -24,10 +24,11 @@ def tiny_vim() -> VisionMamba:
 
 def test_state_round_trip_keeps_tensors_and_drops_the_rest() -> None:
     state = TokenState(hidden=torch.randn(2, 5, 4), residual=None, positions=torch.arange(5).repeat(2, 1),
-                       cls_index=torch.tensor([2, 2]), mask=torch.ones(2, 5),
-                       extras={"gates": [torch.ones(2), torch.zeros(2)], "note": "text"})
-    back = _state_from_tree(_state_tree(state))
+                       protected=torch.tensor([[0], [0]]), mask=torch.ones(2, 5), grid=(2, 2),
+                       protected_layout="first", extras={"gates": [torch.ones(2), torch.zeros(2)], "note": "text"})
+    back = _state_from_tree(_state_tree(state), _state_meta(state))
     assert back.residual is None and back.sizes is None
+    assert torch.equal(back.protected, state.protected) and back.protected_layout == "first" and back.grid == (2, 2)
     assert torch.equal(back.hidden, state.hidden) and torch.equal(back.mask, state.mask)
     assert [torch.equal(a, b) for a, b in zip(back.extras["gates"], state.extras["gates"])] == [True, True]
     assert "note" not in back.extras

@@ -61,7 +61,7 @@ def run(model, x, mode: str, override=None) -> tuple[torch.Tensor, TokenState]:
     model.reducer.keep_override = override
     with torch.no_grad():
         state = model.forward_tokens(x)
-        logits = model.head(state.hidden[torch.arange(x.shape[0]), state.cls_index])
+        logits = model.head(state.hidden[torch.arange(x.shape[0]), state.protected[:, 0]])
     return logits, state
 
 
@@ -115,7 +115,7 @@ def test_training_forward_with_per_sample_counts_equals_each_sample_dropped_alon
     plan = random_plan(4, counts, seed=3)
     x = images(4, seed=2)
     logits_train, train_state = run(model, x, "train", fixed_keep(plan))
-    assert train_state.cls_index.tolist() == [c // 2 for c in counts[-1]]
+    assert train_state.protected[:, 0].tolist() == [c // 2 for c in counts[-1]]
     for b in range(4):
         single = [[stage[b]] for stage in plan]
         logits_b, state_b = run(model, x[b:b + 1], "eval", fixed_keep(single))
@@ -142,7 +142,7 @@ def test_training_gradients_equal_the_gradients_of_the_token_dropping_forward():
         model.reducer.keep_override = override
         model.zero_grad(set_to_none=True)
         state = model.forward_tokens(xs)
-        logits = model.head(state.hidden[torch.arange(xs.shape[0]), state.cls_index])
+        logits = model.head(state.hidden[torch.arange(xs.shape[0]), state.protected[:, 0]])
         torch.nn.functional.cross_entropy(logits, ys, reduction="sum").backward()
         return {n: p.grad.clone() for n, p in backbone if p.grad is not None}
 
@@ -203,7 +203,7 @@ def test_block_selection_per_sample_at_inference_equals_each_sample_alone():
 
     def multiply_instead_of_skip(i, state):
         ctx = original(i, state)
-        return ctx.__class__(token_mask=ctx.token_mask, cls_index=ctx.cls_index, direction_gate=dense_gates[i],
+        return ctx.__class__(token_mask=ctx.token_mask, protected=ctx.protected, direction_gate=dense_gates[i],
                              skip_gated=False)
 
     model.reducer.mixer_context = multiply_instead_of_skip
@@ -231,7 +231,7 @@ def test_training_gradients_reach_predictors_and_selectors():
         teacher_state = teacher.forward_tokens(x)
     losses = model.reducer.extra_losses(state, teacher_state)
     assert set(losses) == {"dyvm_token_ratio", "dyvm_block_ratio", "dyvm_token_distill"}
-    logits = model.head(state.hidden[torch.arange(4), state.cls_index])
+    logits = model.head(state.hidden[torch.arange(4), state.protected[:, 0]])
     (logits.logsumexp(-1).sum() + sum(losses.values())).backward()
     for s, predictor in enumerate(model.reducer.predictors):
         assert predictor.out_conv[-2].weight.grad.abs().sum() > 0, f"predictor {s} gets no gradient"
@@ -255,10 +255,10 @@ def test_token_distillation_aligns_teacher_tokens_by_original_position():
     bsz, dim = 2, 3
     dense_pos = torch.arange(NUM_PATCHES + 1).expand(bsz, -1)
     teacher = TokenState(hidden=dense_pos[..., None].float().expand(-1, -1, dim), residual=None,
-                         positions=dense_pos, cls_index=torch.full((bsz,), CLS))
+                         positions=dense_pos, protected=torch.full((bsz, 1), CLS))
     positions = torch.stack([torch.randperm(NUM_PATCHES + 1) for _ in range(bsz)])
     student = TokenState(hidden=positions[..., None].float().expand(-1, -1, dim), residual=None,
-                         positions=positions, cls_index=torch.tensor([0, 5]),
+                         positions=positions, protected=torch.tensor([[0], [5]]),
                          mask=torch.ones(bsz, NUM_PATCHES + 1), extras={"dyvm_num_patches": NUM_PATCHES})
     assert dyvm.token_distill_mse(student, teacher).item() == 0.0
     student.hidden = student.hidden + 1.0
@@ -391,7 +391,7 @@ def test_inference_top_k_path_equals_the_general_keep_path() -> None:
         model.reducer.keep_override = top_k
         general = model.forward_tokens(x)
         general_logits = model(x)
-    assert torch.equal(fast.positions, general.positions) and torch.equal(fast.cls_index, general.cls_index)
+    assert torch.equal(fast.positions, general.positions) and torch.equal(fast.protected[:, 0], general.protected[:, 0])
     torch.testing.assert_close(fast_logits, general_logits, rtol=0, atol=0)
 
 
@@ -455,7 +455,7 @@ def test_inference_gate_is_the_fp32_linear_selector_thresholded_at_zero() -> Non
     torch.testing.assert_close(sel(x), want)  # training: the Linear itself, fp32 logits
     model.eval()
     state = TokenState(hidden=torch.zeros(5, 3, 64), residual=None, positions=torch.arange(3).expand(5, -1),
-                       cls_index=torch.ones(5, dtype=torch.long))
+                       protected=torch.ones(5, 1, dtype=torch.long))
     gate = model.reducer.mixer_context(1, state).direction_gate
     assert isinstance(gate, dyvm.LinearDirectionGate) and gate.weight is sel.weight
     assert torch.equal(gate(x), (want > 0).float())
@@ -478,7 +478,7 @@ def test_dyvm_with_the_static_pruners_kept_set_equals_the_static_pruner() -> Non
     static.eval()
     with torch.no_grad():
         kept_state = static.forward_tokens(x)
-        expected = static.head(kept_state.hidden[torch.arange(3), kept_state.cls_index])
+        expected = static.head(kept_state.hidden[torch.arange(3), kept_state.protected[:, 0]])
     kept = [set(p.tolist()) - {CLS} for p in kept_state.positions]
     model = tiny(block_ratio=None, keep_ratio=len(kept[0]) / NUM_PATCHES, pruning_layers=[2])
     logits, state = run(model, x, "eval", fixed_keep([kept]))

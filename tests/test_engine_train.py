@@ -114,10 +114,10 @@ def test_distillation_terms_against_manual_formulas():
     assert torch.allclose(kl_teacher_student(s, t, 2.0), manual, atol=1e-6)
     teacher = torch.randn(2, 6, 3)
     positions = torch.tensor([[0, 2, 3, 5], [1, 3, 4, 5]])
-    cls_index = torch.tensor([1, 2])
+    protected = torch.tensor([[1], [2]])
     student = teacher.gather(1, positions[..., None].expand(-1, -1, 3)).clone()
-    state = TokenState(student, None, positions, cls_index)
-    t_state = TokenState(teacher, None, torch.arange(6).expand(2, 6), torch.tensor([3, 3]))
+    state = TokenState(student, None, positions, protected)
+    t_state = TokenState(teacher, None, torch.arange(6).expand(2, 6), torch.tensor([[3], [3]]))
     assert token_mse(state, t_state) == 0
     state.hidden[0, 0] += 1.0  # a patch token: counted; (1^2 per dim) / 6 patch tokens
     state.hidden[0, 1] += 5.0  # the class token: ignored

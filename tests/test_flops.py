@@ -97,3 +97,36 @@ def test_other_sizes_and_bad_sizes():
     assert report.tokens_per_layer[0] == 577
     with pytest.raises(ValueError, match="cannot be tiled"):
         count_flops(meta_model("vim_tiny_patch16_224", depth=1), img_size=100)
+
+
+class FourPathFamily(torch.nn.Module):
+    """A non-Vim backbone: conv stem, one 2-path mixer whose papers count both paths, mean-pooled head."""
+
+    input_size = (3, 16, 16)
+
+    def __init__(self):
+        super().__init__()
+        from mambatrim.models.mamba import MultiPathMixer
+
+        class BothCounted(MultiPathMixer):
+            paper_paths = 2
+
+        self.stem = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.mixer = BothCounted(8, combine="sum", d_state=4)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.mixer(tokens).mean(1))
+
+
+def test_any_backbone_counts_leaves_and_mixers_by_their_terms():
+    report = count_flops(FourPathFamily())
+    L, d, E, N, R, K = 16, 8, 16, 4, 1, 4  # 4x4 grid of tokens; d_inner 16, dt_rank ceil(8/16)
+    per_path = (L + K - 1) * E * K + L * E * (R + 2 * N) + L * R * E + 9 * L * E * N + 2 * L * E
+    shared = L * d * 2 * E + L * E * d
+    assert report.modules == {"stem": 16 * 8 * 3 * 4 * 4, "head": 8 * 5}
+    assert report.tokens_per_layer == [16]
+    assert report.total("paper") == report.total("full") == 16 * 8 * 3 * 16 + 40 + shared + 2 * per_path
+    with torch.device("meta"):
+        assert count_flops(FourPathFamily(), img_size=32).tokens_per_layer == [64]

@@ -87,7 +87,7 @@ def test_forward_uses_middle_class_token(tiny_kwargs):
     model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
     x = torch.randn(2, 3, 32, 32)
     state = model.embed(x)
-    assert int(state.cls_index[0]) == 2  # 4 patches: class token at 4 // 2
+    assert int(state.protected[0, 0]) == 2  # 4 patches: class token at 4 // 2
     torch.testing.assert_close(state.hidden[:, 2], (model.cls_token + model.pos_embed[:, 2]).expand(2, -1, -1)[:, 0])
     final = model.forward_tokens(x).hidden
     torch.testing.assert_close(model(x), model.head(final[:, 2]))

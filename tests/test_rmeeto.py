@@ -24,7 +24,7 @@ def random_state(bsz: int, length: int, dim: int, cls: list[int], dtype=torch.fl
         hidden=torch.randn(bsz, length, dim, generator=g, dtype=dtype),
         residual=torch.randn(bsz, length, dim, generator=g, dtype=dtype),
         positions=torch.arange(length).repeat(bsz, 1),
-        cls_index=torch.tensor(cls),
+        protected=torch.tensor(cls)[:, None],
         sizes=torch.randint(1, 4, (bsz, length), generator=g).to(dtype),
     )
 
@@ -109,8 +109,8 @@ def test_merge_matches_per_sample_reference(length, r):
     out = merge_tokens(state, r)
     for b in range(3):
         x, res, size, anchors, q = reference_merge(state.hidden[b], state.residual[b], state.sizes[b],
-                                                   int(state.cls_index[b]), r)
-        assert int(out.cls_index[b]) == q
+                                                   int(state.protected[b, 0]), r)
+        assert int(out.protected[b, 0]) == q
         torch.testing.assert_close(out.hidden[b], x)
         torch.testing.assert_close(out.residual[b], res)
         torch.testing.assert_close(out.sizes[b], size)
@@ -129,7 +129,7 @@ def test_merge_conserves_size_weighted_sums_and_class_token():
         torch.testing.assert_close(out.sizes.sum(1), state.sizes.sum(1))
         rows = torch.arange(4)
         for field in ("hidden", "residual", "sizes", "positions"):  # class token copied exactly, never merged
-            assert torch.equal(getattr(out, field)[rows, out.cls_index], getattr(state, field)[rows, state.cls_index])
+            assert torch.equal(getattr(out, field)[rows, out.protected[:, 0]], getattr(state, field)[rows, state.protected[:, 0]])
         state = out
 
 
@@ -138,9 +138,9 @@ def test_boundary_and_middle_class_positions():
     for _ in range(5):
         state = merge_tokens(state, 4, cls_position="boundary")
         assert (state.positions.diff(dim=1) > 0).all()  # sorted including the class token
-        assert (state.positions.gather(1, state.cls_index[:, None]) == 20).all()
+        assert (state.positions.gather(1, state.protected[:, 0][:, None]) == 20).all()
     mid = merge_tokens(random_state(2, 41, 8, cls=[20, 20]), 6, cls_position="middle")
-    assert mid.cls_index.tolist() == [17, 17]  # (35 - 1) // 2
+    assert mid.protected[:, 0].tolist() == [17, 17]  # (35 - 1) // 2
 
 
 def test_model_merges_keep_order_and_class_token():
@@ -154,13 +154,13 @@ def test_model_merges_keep_order_and_class_token():
     rows = torch.arange(3)
     for before, after in rec.after:
         assert after.num_tokens == before.num_tokens - 3
-        not_cls = torch.arange(after.num_tokens)[None] != after.cls_index[:, None]
+        not_cls = torch.arange(after.num_tokens)[None] != after.protected[:, 0][:, None]
         pos = after.positions[not_cls].view(3, -1)
         assert (pos.diff(dim=1) > 0).all()  # merged sequence stays in raster order
-        assert (after.positions[rows, after.cls_index] == 8).all()
-        assert torch.equal(after.hidden[rows, after.cls_index], before.hidden[rows, before.cls_index])
-        assert torch.equal(after.residual[rows, after.cls_index], before.residual[rows, before.cls_index])
-        assert (after.sizes[rows, after.cls_index] == 1).all()
+        assert (after.positions[rows, after.protected[:, 0]] == 8).all()
+        assert torch.equal(after.hidden[rows, after.protected[:, 0]], before.hidden[rows, before.protected[:, 0]])
+        assert torch.equal(after.residual[rows, after.protected[:, 0]], before.residual[rows, before.protected[:, 0]])
+        assert (after.sizes[rows, after.protected[:, 0]] == 1).all()
         assert after.sizes.sum(1).eq(17).all()
 
 

@@ -22,7 +22,7 @@ from mambatrim.reduce.rmeeto import merge_arrays  # noqa: E402
 from mambatrim.reduce.rmeeto_kernels import fused_merge  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("hidden", "residual", "positions", "cls_index", "sizes")
+NAMES = ("hidden", "residual", "positions", "protected", "sizes")
 # the tiled plan at every length, 16 A x 16 B similarity tiles, slot passes of 16 tokens
 TILED = dict(merge_single_max_tokens=1, merge_tile=16, merge_slot_block=16)
 
@@ -40,7 +40,7 @@ def _inputs(length: int, bsz: int, dim: int, with_residual: bool, shared: bool, 
         hidden[:, 1] = common
     residual = torch.randn(bsz, length, dim, generator=g) if with_residual else None
     positions = torch.stack([torch.randperm(length, generator=g) for _ in range(bsz)])
-    cls = torch.tensor([length // 2, 0, length - 1] * bsz)[:bsz]
+    cls = torch.tensor([length // 2, 0, length - 1] * bsz)[:bsz, None]
     sizes = torch.randint(1, 4, (bsz, length), generator=g).float()
     return hidden, residual, positions, cls, sizes
 
@@ -56,7 +56,7 @@ def _assert_same(got: tuple, ref: tuple) -> None:
             assert a is None
             continue
         assert a.shape == b.shape, name
-        if name in ("positions", "cls_index"):
+        if name in ("positions", "protected"):
             assert torch.equal(a, b.to(a.dtype)), name
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
@@ -129,7 +129,7 @@ def test_reducer_uses_the_fused_merge_without_grad_only() -> None:
     torch.manual_seed(0)
     state = TokenState(hidden=torch.randn(2, 11, 8, device=DEVICE), residual=torch.randn(2, 11, 8, device=DEVICE),
                        positions=torch.arange(11, device=DEVICE).repeat(2, 1),
-                       cls_index=torch.tensor([5, 5], device=DEVICE))
+                       protected=torch.tensor([[5], [5]], device=DEVICE))
     reducer = rmeeto.RMeeToReducer(r=2, layers=[1], fused=True)
     with torch.no_grad():
         fused = reducer.before_layer(1, state)

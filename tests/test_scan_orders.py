@@ -75,7 +75,7 @@ class ToyGridBackbone(nn.Module):
         hidden = self.embed(x)
         bsz, length, _ = hidden.shape
         state = TokenState(hidden=hidden, residual=None, positions=torch.arange(length).expand(bsz, -1),
-                           cls_index=torch.zeros(bsz, dtype=torch.long), grid=GRID)
+                           protected=torch.zeros(bsz, 1, dtype=torch.long), grid=GRID)
         for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
             ctx = None
             if self.reducer is not None:

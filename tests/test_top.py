@@ -95,11 +95,11 @@ def test_gaps_class_token_out_of_order_is_transparent() -> None:
     # class token (original index 3) re-inserted between kept patches 5 and 7: it carries no gap, and the one
     # pruned position between 5 and 7 goes to the token after it in scan order
     positions = torch.tensor([[0, 2, 5, 3, 7, 8]])
-    cls = torch.tensor([3])
+    cls = torch.tensor([[3]])
     assert scan_gaps(positions, False, cls)[0].tolist() == [0, 1, 2, 0, 1, 0]
     assert scan_gaps(positions, True, cls)[0].tolist() == [1, 2, 1, 0, 0, 0]
     in_order = torch.tensor([[0, 2, 4, 7]])  # class token at 4 between 2 and 7: ordinary gaps
-    assert scan_gaps(in_order, False, torch.tensor([2]))[0].tolist() == [0, 1, 1, 2]
+    assert scan_gaps(in_order, False, torch.tensor([[2]]))[0].tolist() == [0, 1, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------- mixer level
@@ -223,7 +223,7 @@ def test_order_preserved_and_class_token_kept(placement: str) -> None:
     cls_orig = 25 // 2
     for row in range(3):
         pos = state.positions[row]
-        c = int(state.cls_index[row])
+        c = int(state.protected[row, 0])
         assert int(pos[c]) == cls_orig and int((pos == cls_orig).sum()) == 1
         patches = torch.cat([pos[:c], pos[c + 1:]])
         assert bool((patches[1:] > patches[:-1]).all())  # survivors in original order
@@ -232,7 +232,7 @@ def test_order_preserved_and_class_token_kept(placement: str) -> None:
         else:
             assert bool((pos[1:] > pos[:-1]).all())
     # the class token read by the head is the one the backbone carries: logits come from it
-    torch.testing.assert_close(model.head(state.hidden[torch.arange(3), state.cls_index]), model(images))
+    torch.testing.assert_close(model.head(state.hidden[torch.arange(3), state.protected[:, 0]]), model(images))
 
 
 class FavourClass(ProgressivePruner):
@@ -240,7 +240,7 @@ class FavourClass(ProgressivePruner):
 
     def scores(self, layer_idx, state):
         score = state.positions.float().clone()
-        score[torch.arange(score.shape[0]), state.cls_index] = 1e9
+        score[torch.arange(score.shape[0]), state.protected[:, 0]] = 1e9
         return score
 
 
@@ -407,12 +407,12 @@ def test_window_selection_matches_a_per_sample_reference(length: int, n_keep: in
     torch.manual_seed(length * 100 + n_keep)
     score = torch.randn(4, length)
     cls = torch.tensor([length // 2, 0, length - 1, 3])
-    kept = top.window_keep(score, cls, n_keep)
+    kept = top.window_keep(score, cls[:, None], n_keep)
     assert kept.shape == (4, n_keep)
     for b in range(4):
         assert kept[b].tolist() == _window_reference(score[b], int(cls[b]), n_keep)
     with pytest.raises(ValueError, match="window selection"):
-        top.window_keep(score, cls, length)
+        top.window_keep(score, cls[:, None], length)
 
 
 def test_window_selection_in_the_pruner_and_its_options() -> None:
@@ -427,7 +427,7 @@ def test_window_selection_in_the_pruner_and_its_options() -> None:
         hidden, residual = model.layers[0](first.hidden, None)
         norm = (residual + hidden.float()).norm(dim=-1)
     n = kept_patches(26, 0.7)
-    expected = top.window_keep(norm, first.cls_index, n)
+    expected = top.window_keep(norm, first.protected, n)
     assert bool((state.positions[:, n // 2] == 12).all())
     assert torch.equal(torch.cat([state.positions[:, : n // 2], state.positions[:, n // 2 + 1:]], 1), expected)
     model.set_reducer(NormPruner(layers=[1], keep=0.7))

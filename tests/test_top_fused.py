@@ -81,7 +81,7 @@ def position_maps(bsz: int, full: int, kept: int, placement: str, gen: torch.Gen
 
 
 def cls_indices(positions: torch.Tensor, full: int) -> torch.Tensor:
-    return (positions == full // 2).float().argmax(1)
+    return (positions == full // 2).float().argmax(1)[:, None]
 
 
 # ----------------------------------------------------------------------------------------------- conv
@@ -174,7 +174,7 @@ def test_fused_aligned_mixer_equals_torch_path(align: str, full: int, kept: int,
     bsz = 3
     positions = position_maps(bsz, full, kept, placement, gen).to(DEVICE)
     hidden = torch.randn(bsz, kept, 16, generator=gen).to(DEVICE)
-    ctx = MixerContext(positions=positions, cls_index=cls_indices(positions, full), align=align, full_length=full)
+    ctx = MixerContext(positions=positions, protected=cls_indices(positions, full), align=align, full_length=full)
     want = run_mixer(mixer, hidden, ctx, "torch")
     assert not fused_calls
     got = run_mixer(mixer, hidden, ctx, "triton")
@@ -184,7 +184,7 @@ def test_fused_aligned_mixer_equals_torch_path(align: str, full: int, kept: int,
     # guard: this case is one where the alignment changes the output (plain pruning differs)
     assert rel(run_mixer(mixer, hidden, None, "triton"), want) > 1e-3
     # without a dense length the fused path reads it from the positions: same result
-    assert rel(run_mixer(mixer, hidden, MixerContext(positions=positions, cls_index=ctx.cls_index, align=align),
+    assert rel(run_mixer(mixer, hidden, MixerContext(positions=positions, protected=ctx.protected, align=align),
                          "triton"), want) < 1e-5
 
 
@@ -196,7 +196,7 @@ def test_hold_and_decay_differ_on_the_fused_path() -> None:
     hidden = torch.randn(2, 9, 16, generator=gen).to(DEVICE)
     out = {}
     for align in ("hold", "decay"):
-        ctx = MixerContext(positions=positions, cls_index=cls_indices(positions, 17), align=align, full_length=17)
+        ctx = MixerContext(positions=positions, protected=cls_indices(positions, 17), align=align, full_length=17)
         out[align] = {b: run_mixer(mixer, hidden, ctx, b) for b in ("torch", "triton")}
     diff = rel(out["decay"]["triton"], out["hold"]["triton"])
     assert diff > 1e-3
@@ -211,7 +211,7 @@ def test_fused_aligned_mixer_with_direction_skipping(align: str, fused_calls: li
     positions = position_maps(4, 15, 9, "middle", gen).to(DEVICE)
     hidden = torch.randn(4, 9, 16, generator=gen).to(DEVICE)
     gate = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], device=DEVICE)
-    ctx = MixerContext(positions=positions, cls_index=cls_indices(positions, 15), align=align, full_length=15,
+    ctx = MixerContext(positions=positions, protected=cls_indices(positions, 15), align=align, full_length=15,
                        direction_gate=gate, skip_gated=True)
     want = run_mixer(mixer, hidden, ctx, "torch")
     got = run_mixer(mixer, hidden, ctx, "triton")
@@ -225,7 +225,7 @@ def test_aligned_mixer_with_autograd_runs_the_pytorch_path(fused_calls: list[dic
     mixer = random_mixer(6)
     positions = position_maps(2, 13, 7, "middle", gen).to(DEVICE)
     hidden = torch.randn(2, 7, 16, generator=gen).to(DEVICE)
-    ctx = MixerContext(positions=positions, cls_index=cls_indices(positions, 13), align="decay", full_length=13)
+    ctx = MixerContext(positions=positions, protected=cls_indices(positions, 13), align="decay", full_length=13)
     with use_backend("triton"):
         out = mixer(hidden, ctx)
         assert not fused_calls

@@ -1,51 +1,57 @@
-"""The one FLOPs counter: analytical, per layer, fed by what actually ran in a forward pass.
+"""The one FLOPs counter: analytical, per layer, fed by what actually ran in a forward pass; any backbone.
 
-Forward hooks on every :class:`~mambatrim.models.mamba.BiMambaMixer` record the number of tokens entering the
-layer and which scan directions ran (from the direction gate of its :class:`~mambatrim.reduce.MixerContext`),
-so pruned, merged and direction-skipping models are counted exactly. All counts are multiply-accumulates (MACs)
-for ONE image, the convention of the papers (fvcore / DyVM / R-MeeTo), reported as "GFLOPs".
+Every module that defines ``macs_terms(tokens) -> MixerMacs`` (the scan mixers of every family) is a counted
+layer: forward hooks record the tokens entering it and which scan paths ran (from the direction gate of its
+:class:`~mambatrim.contract.MixerContext`), so pruned, merged and path-skipping models are counted exactly.
+Every other ``nn.Linear`` / ``nn.Conv{1,2,3}d`` (patch embeddings, FFNs, downsampling, necks, heads) is counted
+from the shapes it ran on, and a module may take over the count of its own subtree with ``macs(args, output)``
+(e.g. a patch embedding that runs its conv as a GEMM). The reducer's own modules are counted by its
+``flops_overhead``. All counts are multiply-accumulates (MACs) for ONE input, the convention of the papers
+(fvcore / DyVM / R-MeeTo), reported as "GFLOPs".
 
-Per mixer with L tokens, model width d, E = d_inner, N = d_state, R = dt_rank, K = d_conv:
+A mixer's terms: ``shared`` (run once whatever paths run: e.g. in_proj + out_proj), ``per_path`` (one scan path
+at full rate) and ``paper_scale``: the share of the paths the family's papers count. Vim's mixer, with
+L tokens, width d, E = d_inner, N = d_state, R = dt_rank, K = d_conv:
 
     shared terms          in_proj L*d*2E,  out_proj L*E*d
     per direction         conv (L+K-1)*E*K,  x_proj L*E*(R+2N),  dt_proj L*R*E,  scan 9*L*E*N + 2*L*E
 
-plus the patch embedding (M*d*C*p*p), the head (d*classes, one token) and the reducer's own
-``flops_overhead``. Two conventions:
+Two conventions:
 
-``paper``  the per-direction terms counted ONCE, scaled by the mean fraction of directions that ran (the
-           DyVM / R-MeeTo counter; gives the published 1.45 / 5.08 / 18.87 G for Vim-Ti/S/B at 224).
-``full``   every direction that ran counted (both, for a dense Vim): the work really done.
+``paper``  ``shared + per_path * (sum of the paths' run fractions) * paper_scale``. Vim's ``paper_scale`` is 1/2:
+           the DyVM / R-MeeTo counter counts one direction (the published 1.45 / 5.08 / 18.87 G for Vim-Ti/S/B).
+``full``   every path that ran counted: the work really done.
 
-Elementwise work outside the scan (RMSNorm, softplus, SiLU, residual adds) is left out of both (< 1%).
+Elementwise work outside the scan (norms, softplus, SiLU, residual adds) is left out of both (< 1%).
 Models built on the meta device are counted without computing anything.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models.mamba import BiMambaMixer
-
 CONVENTIONS = ("paper", "full")
+_COUNTED_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
 class LayerFlops:
-    """MACs of one mixer for one image."""
+    """MACs of one mixer for one input."""
 
     layer: int
     tokens: int
-    directions: tuple[float, float]  # fraction of samples that ran the forward / backward scan
-    shared: float  # in_proj + out_proj
-    per_direction: float  # conv + x_proj + dt_proj + scan, one direction at full rate
+    directions: tuple[float, ...]  # fraction of samples that ran each scan path
+    shared: float  # run once whatever paths run (in_proj + out_proj for Vim)
+    per_direction: float  # one path at full rate (conv + x_proj + dt_proj + scan for Vim)
+    paper_scale: float = 0.5  # share of the paths the family's papers count
 
     @property
     def paper(self) -> float:
-        return self.shared + self.per_direction * sum(self.directions) / 2
+        return self.shared + self.per_direction * sum(self.directions) * self.paper_scale
 
     @property
     def full(self) -> float:
@@ -54,12 +60,13 @@ class LayerFlops:
 
 @dataclass
 class FlopsReport:
-    """Per-layer table and totals (MACs per image) of one counted forward pass."""
+    """Per-layer table and totals (MACs per input) of one counted forward pass.
 
-    img_size: tuple[int, int]
+    ``modules``: MACs outside the mixers, by the top-level child they ran in (``patch_embed``, ``head``, ...)."""
+
+    img_size: tuple[int, ...]
     params: int
-    patch_embed: float
-    head: float
+    modules: dict[str, float]
     reducer: float
     layers: list[LayerFlops] = field(default_factory=list)
 
@@ -67,7 +74,15 @@ class FlopsReport:
         if convention not in CONVENTIONS:
             raise ValueError(f"unknown FLOPs convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
         body = sum(getattr(layer, convention) for layer in self.layers)
-        return self.patch_embed + self.head + self.reducer + body
+        return sum(self.modules.values()) + self.reducer + body
+
+    @property
+    def patch_embed(self) -> float:
+        return self.modules.get("patch_embed", 0.0)
+
+    @property
+    def head(self) -> float:
+        return self.modules.get("head", 0.0)
 
     @property
     def paper(self) -> float:
@@ -88,41 +103,47 @@ class FlopsReport:
         return {
             "img_size": list(self.img_size), "params": self.params,
             "gflops": {c: round(self.gflops(c), 4) for c in CONVENTIONS},
-            "patch_embed": self.patch_embed, "head": self.head, "reducer": self.reducer,
+            "modules": dict(self.modules), "reducer": self.reducer,
             "layers": [{**asdict(layer), "paper": layer.paper, "full": layer.full} for layer in self.layers],
         }
 
     def table(self) -> str:
         """Plain-text per-layer table (MMACs) and totals (G)."""
-        rows = [f"{'layer':>5} {'tokens':>6} {'fwd':>5} {'bwd':>5} {'paper M':>9} {'full M':>9}"]
+        rows = [f"{'layer':>5} {'tokens':>6} {'paths ran':>16} {'paper M':>9} {'full M':>9}"]
         for layer in self.layers:
-            rows.append(f"{layer.layer:>5} {layer.tokens:>6} {layer.directions[0]:>5.2f} {layer.directions[1]:>5.2f} "
-                        f"{layer.paper / 1e6:>9.2f} {layer.full / 1e6:>9.2f}")
-        rows.append(f"patch_embed {self.patch_embed / 1e6:.2f} M, head {self.head / 1e6:.2f} M, "
-                    f"reducer {self.reducer / 1e6:.2f} M")
+            ran = " ".join(f"{d:.2f}" for d in layer.directions)
+            rows.append(f"{layer.layer:>5} {layer.tokens:>6} {ran:>16} {layer.paper / 1e6:>9.2f} "
+                        f"{layer.full / 1e6:>9.2f}")
+        outside = ", ".join(f"{name} {macs / 1e6:.2f} M" for name, macs in self.modules.items())
+        rows.append(f"{outside}, reducer {self.reducer / 1e6:.2f} M")
         rows.append(f"total: paper {self.gflops('paper'):.2f} G, full {self.gflops('full'):.2f} G, "
                     f"params {self.params / 1e6:.2f} M")
         return "\n".join(rows)
 
 
-def mixer_macs(mixer: BiMambaMixer, tokens: int) -> tuple[float, float]:
-    """(shared, per_direction) MACs of ``mixer`` on ``tokens`` tokens of one image."""
-    L, d, E = tokens, mixer.d_model, mixer.d_inner
-    N, R, K = mixer.d_state, mixer.dt_rank, mixer.d_conv
-    shared = L * d * 2 * E + L * E * d
-    per_direction = (L + K - 1) * E * K + L * E * (R + 2 * N) + L * R * E + 9 * L * E * N + 2 * L * E
-    return float(shared), float(per_direction)
+def mixer_macs(mixer: nn.Module, tokens: int) -> tuple[float, float]:
+    """(shared, per_path) MACs of ``mixer`` on ``tokens`` tokens of one input."""
+    shared, per_path, _ = mixer.macs_terms(tokens)
+    return float(shared), float(per_path)
 
 
-def _executed_directions(ctx: Any, stats: dict[str, Any]) -> tuple[float, float]:
-    """Fraction of the batch that ran each direction: all, unless a gate skipped some (``skip_gated``)."""
+def leaf_macs(module: nn.Module, output: torch.Tensor, batch: int) -> float:
+    """MACs per input of an ``nn.Linear`` or ``nn.ConvNd`` that produced ``output`` for ``batch`` inputs."""
+    if isinstance(module, nn.Linear):
+        return output.numel() / batch * module.in_features
+    kernel = math.prod(module.kernel_size) * module.in_channels // module.groups
+    return output.numel() / batch * kernel
+
+
+def _executed_paths(ctx: Any, stats: dict[str, Any], num_paths: int) -> tuple[float, ...]:
+    """Fraction of the batch that ran each path: all, unless a gate skipped some (``skip_gated``)."""
     gate = stats.get("gate")
     if gate is None and ctx is not None and torch.is_tensor(getattr(ctx, "direction_gate", None)):
         gate = ctx.direction_gate
     if gate is None or ctx is None or not getattr(ctx, "skip_gated", False) or gate.is_meta:
-        return (1.0, 1.0)
+        return (1.0,) * num_paths
     ran = (gate.detach().float() > 0.5).float().mean(0)
-    return (float(ran[0]), float(ran[1]))
+    return tuple(float(r) for r in ran)
 
 
 def _param_device(model: nn.Module) -> torch.device:
@@ -130,44 +151,75 @@ def _param_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _example_input(model: nn.Module, img_size: int | tuple[int, int] | None, batch: int | None) -> torch.Tensor:
+    """Random input of the model's ``input_size`` ((C, H, W) or (C, T, H, W)), with (H, W) from ``img_size``."""
+    size = getattr(model, "input_size", None)
+    if size is None:
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is None:
+            raise ValueError(f"count_flops needs a model with an input_size (or a patch_embed), got "
+                             f"{type(model).__name__}")
+        size = (patch_embed.in_chans, patch_embed.img_size, patch_embed.img_size)
+    size = list(size)
+    if img_size is not None:
+        size[-2:] = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return torch.randn(batch or 1, *size, device=_param_device(model))
+
+
 def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None, batch: int | None = None,
                 images: torch.Tensor | None = None) -> FlopsReport:
-    """Count MACs per image of ``model`` (a VisionMamba, any reducer attached) in one eval forward.
+    """Count MACs per input of ``model`` (any registered backbone, any reducer attached) in one eval forward.
 
     Args:
         img_size: input side (or (H, W)); default the model's configured size.
-        batch: random images to run (default 1); direction fractions are averaged over them.
+        batch: random inputs to run (default 1); path fractions are averaged over them.
         images: run these instead of random ones (for input-dependent methods).
     """
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None:
-        raise ValueError(f"count_flops expects a Vision Mamba model with a patch_embed, got {type(model).__name__}")
     if images is None:
-        size = img_size if img_size is not None else patch_embed.img_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        images = torch.randn(batch or 1, patch_embed.in_chans, height, width, device=_param_device(model))
-    height, width = images.shape[-2:]
-    grid = patch_embed.grid_for(height, width)  # clear error for sizes that cannot tile
-
+        images = _example_input(model, img_size, batch)
+    bsz = images.shape[0]
+    reducer = getattr(model, "reducer", None)
     records: dict[int, LayerFlops] = {}
-    mixers = [m for m in model.modules() if isinstance(m, BiMambaMixer)]
+    modules: dict[str, float] = {}
+    handles = []
 
-    def make_hook(index: int, mixer: BiMambaMixer):
+    def mixer_hooks(index: int):
         def pre(module: nn.Module, args: tuple) -> None:
             module.last_stats = {}
 
         def post(module: nn.Module, args: tuple, output: Any) -> None:
-            tokens = int(args[0].shape[1])
+            x = args[0]
+            tokens = x.numel() // (x.shape[0] * x.shape[-1])  # (B, L, D), (B, H, W, D), ...
             ctx = args[1] if len(args) > 1 else None
-            shared, per_direction = mixer_macs(mixer, tokens)
-            records[index] = LayerFlops(index, tokens, _executed_directions(ctx, mixer.last_stats or {}),
-                                        shared, per_direction)
+            shared, per_path, scale = module.macs_terms(tokens)
+            ran = _executed_paths(ctx, getattr(module, "last_stats", None) or {}, module.num_paths)
+            records[index] = LayerFlops(index, tokens, ran, float(shared), float(per_path), float(scale))
         return pre, post
 
-    handles = []
-    for i, mixer in enumerate(mixers):
-        pre, post = make_hook(i, mixer)
-        handles += [mixer.register_forward_pre_hook(pre), mixer.register_forward_hook(post)]
+    def leaf_hook(group: str, custom: bool):
+        def post(module: nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            macs = module.macs(args, output) if custom else leaf_macs(module, out, bsz)
+            modules[group] = modules.get(group, 0.0) + float(macs)
+        return post
+
+    def visit(module: nn.Module, name: str) -> None:
+        if reducer is not None and module is reducer:
+            return  # counted by its flops_overhead
+        group = name.split(".")[0] if name else type(module).__name__
+        if hasattr(module, "macs_terms"):
+            pre, post = mixer_hooks(len(handles))
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+            return
+        custom = callable(getattr(module, "macs", None))
+        if custom or isinstance(module, _COUNTED_LEAVES):
+            handles.append(module.register_forward_hook(leaf_hook(group, custom)))
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
     was_training = model.training
     model.eval()
     try:
@@ -179,14 +231,12 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
         model.train(was_training)
 
     layers = [records[i] for i in sorted(records)]
-    proj = patch_embed.proj
-    patch_macs = grid[0] * grid[1] * proj.out_channels * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
-    head = getattr(model, "head", None)
-    head_macs = head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
-    reducer = getattr(model, "reducer", None)
+    for i, layer in enumerate(layers):
+        layer.layer = i
     reducer_macs = 0.0
     if reducer is not None:
-        reducer_macs = float(reducer.flops_overhead([layer.tokens for layer in layers], model.embed_dim))
+        dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", 0)
+        reducer_macs = float(reducer.flops_overhead([layer.tokens for layer in layers], dim))
     params = sum(p.numel() for p in model.parameters())
-    return FlopsReport(img_size=(int(height), int(width)), params=params, patch_embed=float(patch_macs),
-                       head=float(head_macs), reducer=reducer_macs, layers=layers)
+    return FlopsReport(img_size=tuple(int(v) for v in images.shape[2:]), params=params, modules=modules,
+                       reducer=reducer_macs, layers=layers)

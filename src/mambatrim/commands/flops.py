@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 CONVENTION_NOTES = {
-    "paper": "'paper' counts one scan direction (the published convention)",
-    "full": "'full' counts every scan direction that ran",
+    "paper": "'paper' counts the scan paths as the family's papers do (Vim: one direction)",
+    "full": "'full' counts every scan path that ran",
 }
 LEARNED_NOTE = ("the method's decisions are those its untrained predictors made on {batch} random image(s), not "
                 "its target ratios (the published figures count the targets; see the README)")

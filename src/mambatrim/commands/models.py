@@ -1,4 +1,4 @@
-"""``mambatrim models``: the registered Vision Mamba configs with parameters and FLOPs at 224.
+"""``mambatrim models``: the registered configs of every backbone family with parameters and FLOPs.
 
 Also home of the ``--method`` / ``--method-opt`` arguments the other commands share.
 """
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{row['name']:<32} {row['params_m']:>10.2f} {row['gflops_paper']:>12.2f} {row['gflops_full']:>11.2f}")
         for alias in row.get("aliases", []):
             print(f"  alias: {alias}")
-    print("GFLOPs: multiply-accumulates per 224x224 image; 'paper' counts one scan direction (the published "
-          "convention), 'full' both.")
+    print("GFLOPs: multiply-accumulates per input at the config's size; 'paper' counts the scan paths as the "
+          "family's papers do (Vim: one direction), 'full' every path.")
     return 0
 
 

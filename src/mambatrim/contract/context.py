@@ -12,29 +12,32 @@ from torch import Tensor
 
 @runtime_checkable
 class DirectionGate(Protocol):
-    """A learned per-sample path selector: the class token's ``in_proj`` output (B, 2*d_inner) -> (B, K) 0/1
-    (or soft) multipliers of the K scan paths' outputs. A gate that is a linear threshold may also expose
+    """A learned per-sample path selector: a per-sample feature of the mixer's ``in_proj`` output (B, 2*d_inner)
+    -> (B, K) 0/1 (or soft) multipliers of the K scan paths' outputs. The feature
+    (:func:`~mambatrim.contract.gate_feature`) is the class token's row when there is one protected token, the
+    mean over the protected rows when there are several (MambaReg's registers), the mean over all (kept) tokens
+    when there is none. A gate that is a linear threshold may also expose
     ``linear_form() -> (weight (K, 2*d_inner), bias (K,) | None)``, which fused kernels evaluate in place."""
 
-    def __call__(self, cls_xz: Tensor) -> Tensor: ...
+    def __call__(self, feature: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
 class LinearDirectionGate:
-    """Path k runs for sample i iff ``weight[k] . xz + bias[k] > 0``, with ``xz`` the sample's class-token
-    ``in_proj`` output, in fp32 (also under autocast: a bf16 product would flip decisions near 0)."""
+    """Path k runs for sample i iff ``weight[k] . xz + bias[k] > 0``, with ``xz`` the sample's gate feature
+    (:class:`DirectionGate`), in fp32 (also under autocast: a bf16 product would flip decisions near 0)."""
 
     weight: Tensor  # (K, 2*d_inner)
     bias: Tensor | None = None  # (K,)
 
-    def logits(self, cls_xz: Tensor) -> Tensor:
-        kind = cls_xz.device.type
+    def logits(self, feature: Tensor) -> Tensor:
+        kind = feature.device.type
         bias = None if self.bias is None else self.bias.float()
         with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext():
-            return F.linear(cls_xz.float(), self.weight.float(), bias)
+            return F.linear(feature.float(), self.weight.float(), bias)
 
-    def __call__(self, cls_xz: Tensor) -> Tensor:
-        return (self.logits(cls_xz) > 0).float()
+    def __call__(self, feature: Tensor) -> Tensor:
+        return (self.logits(feature) > 0).float()
 
     def linear_form(self) -> tuple[Tensor, Tensor | None]:
         return self.weight, self.bias
@@ -46,9 +49,10 @@ class MixerContext:
 
     token_mask:     (B, L) 0/1: masked tokens are zeroed before and after the local conv in every path, so they
                     feed nothing into the scans (training-time pruning).
-    cls_index:      (B,) class-token position, for path selectors that read it.
-    direction_gate: (B, K) multipliers of each scan path's output, or a :class:`DirectionGate` mapping the class
-                    token's in_proj output (B, 2*d_inner) to them.
+    protected:      (B, P) indices of the protected tokens (class token, registers; P may be 0), for path
+                    selectors that read them and for the gaps of 'decay'.
+    direction_gate: (B, K) multipliers of each scan path's output, or a :class:`DirectionGate` mapping the gate
+                    feature of the in_proj output (B, 2*d_inner) to them.
     skip_gated:     if True, a path is not computed at all for samples whose gate is 0 (inference); if False
                     every path is computed and multiplied by its gate (training, straight-through).
     positions:      (B, L) original indices of the tokens: tokens adjacent in a scan order whose positions are
@@ -68,7 +72,7 @@ class MixerContext:
     """
 
     token_mask: Tensor | None = None
-    cls_index: Tensor | None = None
+    protected: Tensor | None = None
     direction_gate: Tensor | Callable[[Tensor], Tensor] | None = None
     skip_gated: bool = False
     positions: Tensor | None = None

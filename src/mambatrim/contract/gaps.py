@@ -4,35 +4,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .protected import protected_mask
 
-def scan_gaps(positions: Tensor, reverse: bool, cls_index: Tensor | None = None) -> Tensor:
+
+def scan_gaps(positions: Tensor, reverse: bool, protected: Tensor | None = None) -> Tensor:
     """Pruned positions between each token and its predecessor in scan order, from original indices.
 
-    The class token may sit out of positional order (pruning methods re-insert it at the middle of the kept
-    tokens). Where it does not lie between its two neighbours' positions, it is transparent: it gets gap 0 and
-    the pruned positions between its neighbours are charged to the neighbour that follows it in scan order.
+    A protected token (class token, register) may sit out of positional order: pruning methods re-insert it
+    where the backbone's layout says (the middle of the kept tokens, spread among them). Where it does not lie
+    between its two neighbours' positions (and is not at either end), it is transparent: it gets gap 0 and the
+    pruned positions between the tokens around it are charged to the next non-transparent token in scan order.
     """
-    diff = (positions[:, 1:] - positions[:, :-1] - 1).clamp(min=0)  # diff[k]: between tokens k and k+1
     bsz, length = positions.shape
-    if cls_index is not None and length >= 3:
-        c = cls_index.clamp(1, length - 2)
-        rows = torch.arange(bsz, device=positions.device)
-        before, at, after = positions[rows, c - 1], positions[rows, c], positions[rows, c + 1]
-        out_of_order = (cls_index > 0) & (cls_index < length - 1) & ~((before < at) & (at < after))
-        bridge = (after - before - 1).clamp(min=0)
-        # forward: the token after the cls (pair c) carries the bridge; reverse: the token before it (pair c-1)
-        carry, zero = (c - 1, c) if reverse else (c, c - 1)
-        # scatters, not indexed writes: writing a Python 0 copies a host scalar (a sync, no CUDA-graph capture)
-        fixed = diff.scatter(1, carry[:, None], bridge[:, None]).scatter(1, zero[:, None], torch.zeros_like(c)[:, None])
-        diff = torch.where(out_of_order[:, None], fixed, diff)
-    gap = diff.float()
-    pad = gap.new_zeros(bsz, 1)
-    return torch.cat([gap, pad], 1) if reverse else torch.cat([pad, gap], 1)
+    if reverse:  # the backward scan: the forward one of the flipped, negated positions
+        flipped = None if protected is None else length - 1 - protected
+        return scan_gaps(-positions.flip(1), False, flipped).flip(1)
+    step = torch.arange(length, device=positions.device)
+    transparent = torch.zeros(bsz, length, dtype=torch.bool, device=positions.device)
+    if protected is not None and protected.shape[1] and length >= 3:
+        before = torch.cat([positions[:, :1], positions[:, :-1]], 1)
+        after = torch.cat([positions[:, 1:], positions[:, -1:]], 1)
+        inner = (step > 0) & (step < length - 1)
+        in_order = (before < positions) & (positions < after)
+        transparent = protected_mask(protected, length) & inner & ~in_order
+    # each token's predecessor in scan order, skipping transparent tokens (-1: none)
+    visible = torch.where(transparent, -1, step.expand(bsz, -1))
+    last = torch.cummax(visible, dim=1).values
+    prev = torch.cat([last.new_full((bsz, 1), -1), last[:, :-1]], 1)
+    diff = positions - positions.gather(1, prev.clamp(min=0)) - 1
+    gap = torch.where((prev >= 0) & ~transparent, diff.clamp(min=0), 0)
+    return gap.float()
 
 
-def scan_gap_pair(positions: Tensor, cls_index: Tensor | None = None) -> Tensor:
+def scan_gap_pair(positions: Tensor, protected: Tensor | None = None) -> Tensor:
     """(2, B, L) :func:`scan_gaps` of the forward (0) and backward (1) scan directions."""
-    return torch.stack([scan_gaps(positions, False, cls_index), scan_gaps(positions, True, cls_index)])
+    return torch.stack([scan_gaps(positions, False, protected), scan_gaps(positions, True, protected)])
 
 
 def order_gaps(ranks: Tensor) -> Tensor:

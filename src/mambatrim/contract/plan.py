@@ -15,6 +15,7 @@ from torch import Tensor
 from .context import MixerContext
 from .gaps import order_gaps, scan_gaps
 from .orders import ScanOrder
+from .protected import gate_feature
 
 ALIGN_MODES = (None, "hold", "decay")
 
@@ -46,10 +47,11 @@ class MixerPlan:
     """Everything a mixer call needs from its context, resolved once.
 
     mask:        (B, L) 0/1 training-time keep mask, or ``None``.
-    gate:        (B, K) per-sample path multipliers, a gate callable (evaluated on the class token's in_proj
-                 output by the executor), or ``None``.
+    gate:        (B, K) per-sample path multipliers, a gate callable (evaluated by the executor on
+                 :meth:`gate_feature`), or ``None``.
     linear_gate: the gate's ``(weight, bias)`` where it is a linear threshold (fused kernels evaluate it).
     skip_gated:  a path gated 0 is not computed for that sample (inference).
+    protected:   (B, P) the protected tokens' indices (what a callable gate reads).
     align:       None | 'hold' | 'decay'; with it ``full_length`` is the dense length the positions index.
     grad:        autograd is on (the fused inference-only steps do not apply).
     """
@@ -59,7 +61,7 @@ class MixerPlan:
     gate: Tensor | Callable[[Tensor], Tensor] | None = None
     linear_gate: tuple[Tensor, Tensor | None] | None = None
     skip_gated: bool = False
-    cls_index: Tensor | None = None
+    protected: Tensor | None = None
     align: str | None = None
     full_length: int | None = None
     grad: bool = False
@@ -79,6 +81,10 @@ class MixerPlan:
     def callable_gate(self) -> bool:
         return self.gate is not None and not torch.is_tensor(self.gate)
 
+    def gate_feature(self, xz: Tensor) -> Tensor:
+        """(B, C) what a callable gate reads from the in_proj output ``xz`` (B, L, C): :func:`gate_feature`."""
+        return gate_feature(xz, self.protected, self.mask)
+
     @staticmethod
     def build(ctx: MixerContext | None, orders: Sequence[ScanOrder], batch: int,
               device: torch.device) -> "MixerPlan":
@@ -92,8 +98,9 @@ class MixerPlan:
         if torch.is_tensor(gate) and gate.shape != (batch, len(orders)):
             raise ValueError(f"direction_gate must be (batch, paths) = ({batch}, {len(orders)}), got "
                              f"{tuple(gate.shape)}")
-        if gate is not None and not torch.is_tensor(gate) and ctx.cls_index is None:
-            raise ValueError("a direction selector needs MixerContext.cls_index")
+        if gate is not None and not torch.is_tensor(gate) and ctx.protected is None:
+            raise ValueError("a direction selector needs MixerContext.protected (a (batch, 0) tensor if the "
+                             "model has no class token)")
         linear_form = getattr(gate, "linear_form", None)
         paths = tuple(_path_plan(order, k, ctx, align, batch, device) for k, order in enumerate(orders))
         full_length = ctx.full_length
@@ -103,7 +110,7 @@ class MixerPlan:
                 full_length *= side
         return MixerPlan(paths=paths, mask=ctx.token_mask, gate=gate,
                          linear_gate=linear_form() if callable(linear_form) else None,
-                         skip_gated=ctx.skip_gated and gate is not None, cls_index=ctx.cls_index, align=align,
+                         skip_gated=ctx.skip_gated and gate is not None, protected=ctx.protected, align=align,
                          full_length=full_length, grad=grad, tap=ctx.tap)
 
     def select(self, index: Tensor) -> "MixerPlan":
@@ -115,7 +122,7 @@ class MixerPlan:
         paths = tuple(replace(p, index=take(p.index), positions=take(p.positions), gap=take(p.gap))
                       for p in self.paths)
         return replace(self, paths=paths, mask=take(self.mask), gate=None, linear_gate=None, skip_gated=False,
-                       cls_index=take(self.cls_index), tap=None)
+                       protected=take(self.protected), tap=None)
 
 
 def _path_plan(order: ScanOrder, k: int, ctx: MixerContext, align: str | None, batch: int,
@@ -123,7 +130,7 @@ def _path_plan(order: ScanOrder, k: int, ctx: MixerContext, align: str | None, b
     if order.is_sequence:
         gap = None
         if align == "decay":
-            gap = ctx.gaps[k] if ctx.gaps is not None else scan_gaps(ctx.positions, order.reverse, ctx.cls_index)
+            gap = ctx.gaps[k] if ctx.gaps is not None else scan_gaps(ctx.positions, order.reverse, ctx.protected)
         return PathPlan(order, positions=ctx.positions if align is not None else None, gap=gap)
     if ctx.positions is None:  # the whole grid (alignment needs positions): one visiting sequence for all
         return PathPlan(order, index=order.dense_index(ctx.grid, device).expand(batch, -1))

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..ops import get_backend, policy
+from .protected import check_layout, protected_mask
 
 
 @dataclass
@@ -16,24 +17,38 @@ class TokenState:
 
     hidden:    (B, L, D) the previous mixer's output (the embeddings before block 0).
     residual:  (B, L, D) fp32 residual stream, ``None`` before block 0.
-    positions: (B, L) long, each token's index in the dense sequence (the class token included).
-    cls_index: (B,) long, where the class token sits now (per sample: may differ in training-time pruning).
+    positions: (B, L) long, each token's index in the dense sequence (protected tokens included).
+    protected: (B, P) long, ascending: where the tokens no method may prune or merge (class token, registers)
+               sit now (per sample: may differ in training-time pruning); P = 0 without such tokens.
     sizes:     (B, L) float, how many original tokens each token stands for (merging); ``None`` = all ones.
     mask:      (B, L) float 0/1 keep mask for training-time (full-length, masked) pruning; ``None`` = all kept.
     grid:      the dense token layout the positions index into, e.g. (H, W) of a patch grid, for mixers whose
                scan orders walk the grid (the class token, if any, is not part of it); ``None`` = a plain
                sequence.
+    protected_layout: where a method that rearranges tokens puts the protected ones among the kept tokens
+               (:func:`~mambatrim.contract.layout_slots`): 'middle' (Vim's class token), 'first' (VideoMamba),
+               'spread' (MambaReg's registers), 'none' (P = 0).
     extras:    method-owned scratch (decisions for losses, statistics).
     """
 
     hidden: Tensor
     residual: Tensor | None
     positions: Tensor
-    cls_index: Tensor
+    protected: Tensor
     sizes: Tensor | None = None
     mask: Tensor | None = None
     grid: tuple[int, ...] | None = None
+    protected_layout: str = "middle"
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.protected.dim() != 2:
+            raise ValueError(f"TokenState.protected must be (batch, P), got shape {tuple(self.protected.shape)}")
+        check_layout(self.protected_layout, self.protected.shape[1])
+
+    @property
+    def num_protected(self) -> int:
+        return self.protected.shape[1]
 
     @property
     def num_tokens(self) -> int:
@@ -42,14 +57,22 @@ class TokenState:
     def replace(self, **changes: Any) -> "TokenState":
         return replace(self, **changes)
 
-    def gather(self, index: Tensor) -> "TokenState":
-        """Keep tokens ``index`` (B, K) of every per-token field; the caller sets ``cls_index``."""
+    def gather(self, index: Tensor, protected: Tensor | None = None) -> "TokenState":
+        """Keep tokens ``index`` (B, K) of every per-token field, in that order. ``index`` must hold every
+        protected token, in their relative order; their new indices are ``protected`` where the caller knows
+        them, else found here (one scatter and one gather, no sync)."""
 
         def take(t: Tensor | None) -> Tensor | None:
             return None if t is None else take_rows(t, index)
 
-        return replace(self, hidden=take(self.hidden), residual=take(self.residual),
-                       positions=take(self.positions), sizes=take(self.sizes), mask=take(self.mask))
+        if protected is None:
+            protected = self.protected
+            if self.num_protected:
+                slot = torch.arange(index.shape[1], device=index.device).expand_as(index)
+                inverse = torch.zeros(self.positions.shape, dtype=torch.long, device=index.device)
+                protected = inverse.scatter(1, index, slot).gather(1, self.protected)
+        return replace(self, hidden=take(self.hidden), residual=take(self.residual), positions=take(self.positions),
+                       protected=protected, sizes=take(self.sizes), mask=take(self.mask))
 
 
 def take_rows(t: Tensor, index: Tensor) -> Tensor:
@@ -70,13 +93,12 @@ def batch_arange(batch: int, length: int, device: torch.device) -> Tensor:
 
 
 def token_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
-    """MSE between each remaining student token (class token excluded; masked-out tokens excluded) and the
+    """MSE between each remaining student token (protected tokens excluded; masked-out tokens excluded) and the
     dense teacher's token at the same original position."""
     hidden = state.hidden.float()
     bsz, length, dim = hidden.shape
     target = teacher_state.hidden.float().gather(1, state.positions[..., None].expand(-1, -1, dim))
-    keep = torch.ones(bsz, length, device=hidden.device)
-    keep[torch.arange(bsz, device=hidden.device), state.cls_index] = 0
+    keep = (~protected_mask(state.protected, length)).float()
     if state.mask is not None:
         keep = keep * state.mask.float()
     per_token = (hidden - target).pow(2).mean(-1)

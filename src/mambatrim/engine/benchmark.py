@@ -160,6 +160,10 @@ def measure_throughput(
         num_classes = getattr(model, "num_classes", 0) or 1
         targets = torch.randint(0, num_classes, (batch_size,), device=device)
 
+    cuda = device.type == "cuda"
+    if cuda:  # the peak covers warm-up and graph capture: a graph's memory is allocated while it is captured
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     graphed = None
     if cuda_graph:
         from .cuda_graph import GraphedForward
@@ -182,13 +186,11 @@ def measure_throughput(
         scaler.step(optimizer)
         scaler.update()
 
-    cuda = device.type == "cuda"
     try:
         for _ in range(warmup):
             step()
         if cuda:
             torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
         times_ms: list[float] = []
         if cuda:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

@@ -92,6 +92,7 @@ class GraphedStudent(nn.Module):
         self._graphed: Callable[..., Any] | None = None
         self._shape: tuple | None = None
         self._spec: Any = None
+        self._meta: dict[str, Any] = {}
         self.failed: str | None = None
 
     def _flat(self, x: Tensor) -> tuple[Tensor, ...]:
@@ -99,7 +100,7 @@ class GraphedStudent(nn.Module):
 
         logits, state = self.inner(x)
         leaves, spec = tree_flatten((logits, _state_tree(state)))
-        self._spec = spec
+        self._spec, self._meta = spec, _state_meta(state)
         return tuple(leaves)
 
     def _capture(self, x: Tensor) -> None:
@@ -129,7 +130,7 @@ class GraphedStudent(nn.Module):
         from torch.utils._pytree import tree_unflatten
 
         logits, tree = tree_unflatten(list(self._graphed(x)), self._spec)
-        return logits, _state_from_tree(tree)
+        return logits, _state_from_tree(tree, self._meta)
 
 
 class _FlatForward(nn.Module):
@@ -146,7 +147,7 @@ class _FlatForward(nn.Module):
 
 def _state_tree(state: Any) -> dict[str, Any]:
     """A TokenState as a pytree of tensors (None and non-tensor values kept out of the leaves)."""
-    fields = {k: getattr(state, k) for k in ("hidden", "residual", "positions", "cls_index", "sizes", "mask")}
+    fields = {k: getattr(state, k) for k in ("hidden", "residual", "positions", "protected", "sizes", "mask")}
     tree = {k: v for k, v in fields.items() if isinstance(v, Tensor)}
     tree["extras"] = {k: v for k, v in state.extras.items() if _all_tensors(v)}
     return tree
@@ -158,8 +159,13 @@ def _all_tensors(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, Tensor) for v in value)
 
 
-def _state_from_tree(tree: dict[str, Any]) -> Any:
+def _state_meta(state: Any) -> dict[str, Any]:
+    """A TokenState's non-tensor fields (fixed for a captured shape): what the tree leaves out."""
+    return {"grid": state.grid, "protected_layout": state.protected_layout}
+
+
+def _state_from_tree(tree: dict[str, Any], meta: dict[str, Any]) -> Any:
     from ..contract import TokenState
 
     fields = {k: v for k, v in tree.items() if k != "extras"}
-    return TokenState(residual=fields.pop("residual", None), extras=dict(tree["extras"]), **fields)
+    return TokenState(residual=fields.pop("residual", None), extras=dict(tree["extras"]), **meta, **fields)

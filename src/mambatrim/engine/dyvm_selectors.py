@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..contract import gate_feature
 from ..ops import policy
 from .precision import autocast_to
 
@@ -43,17 +44,17 @@ def set_per_image_block_policy(model: torch.nn.Module, images: torch.Tensor,
     inputs). Layer 0 runs both directions for every image with a single share: its class-token row does not
     depend on the image. The calibration forwards run under ``amp_dtype`` autocast (None: fp32), the precision
     the model is then timed in: the decisions depend on it."""
-    # a selector's input is its layer's class-token in_proj row: the mixer's context gives the class token's
-    # index, the in_proj output the rows (at inference the selectors' weights go to the mixer, not a call)
-    cls_at: dict[int, torch.Tensor] = {}
+    # a selector's input is its layer's gate feature of the in_proj output (the class-token row, the registers'
+    # mean, ...): the mixer's context gives the protected tokens, the in_proj output the rows (at inference the
+    # selectors' weights go to the mixer, not a call)
+    ctx_at: dict[int, Any] = {}
     inputs: dict[int, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(model.layers):
-        hooks.append(layer.mixer.register_forward_pre_hook(
-            lambda mod, args, i=i: cls_at.__setitem__(i, args[1].cls_index)))
+        hooks.append(layer.mixer.register_forward_pre_hook(lambda mod, args, i=i: ctx_at.__setitem__(i, args[1])))
         hooks.append(layer.mixer.in_proj.register_forward_hook(
             lambda mod, inp, out, i=i: inputs.__setitem__(
-                i, out[torch.arange(out.shape[0], device=out.device), cls_at[i]].float())))
+                i, gate_feature(out, ctx_at[i].protected, ctx_at[i].token_mask).float())))
     selectors = model.reducer.selectors
     if isinstance(shares, (int, float)):
         shares = [(float(shares), float(shares))] * len(selectors)

@@ -28,8 +28,7 @@ class StudentForward(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, TokenState]:
         state = self.model.forward_tokens(x)
-        rows = torch.arange(state.hidden.shape[0], device=x.device)
-        return self.model.forward_head(state.hidden[rows, state.cls_index]), state
+        return self.model.forward_head(self.model.pool(state)), state
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module, token_distill: bool) -> None:

@@ -12,6 +12,7 @@ executor (:class:`TorchPaths`, which supports every plan).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -134,9 +135,20 @@ class MultiPathMixer(nn.Module):
         self._init_dt(dt_min, dt_max, dt_init_floor)
         self.last_stats: dict[str, object] = {}
 
+    paper_paths = 1  # scan paths the family's papers count in their FLOPs (Vim's: one direction)
+
     @property
     def num_paths(self) -> int:
         return len(self.orders)
+
+    def macs_terms(self, tokens: int) -> tuple[float, float, float]:
+        """(shared, per_path, paper_scale) MACs for ``tokens`` tokens of one input (the FLOPs counter's
+        protocol): in_proj + out_proj; one path's conv, x_proj, dt_proj and scan; the share papers count."""
+        L, d, N, R, K = tokens, self.d_model, self.d_state, self.dt_rank, self.d_conv
+        E = self.path_width
+        shared = L * d * 2 * self.d_inner + L * self.d_inner * d
+        per_path = (L + K - 1) * E * K + L * E * (R + 2 * N) + L * R * E + 9 * L * E * N + 2 * L * E
+        return float(shared), float(per_path), self.paper_paths / self.num_paths
 
     @property
     def path_width(self) -> int:
@@ -224,7 +236,7 @@ class TorchPaths:
         mask = None if plan.mask is None else plan.mask[:, None, :].to(x.dtype)
         gate = plan.gate
         if plan.callable_gate:
-            gate = gate(xz[torch.arange(bsz, device=xz.device), plan.cls_index])
+            gate = gate(plan.gate_feature(xz))
         width = mixer.path_width
         outs = []
         for k in range(mixer.num_paths):
@@ -271,15 +283,23 @@ class FusedTritonPair:
     def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:
         from ..ops.triton_vim import bimamba_forward_triton  # noqa: PLC0415 (needs triton)
 
-        gate, selector = plan.gate, plan.linear_gate
-        if selector is not None:  # the class-token row, product and threshold in one kernel
-            gate = None
+        gate, selector, cls_index = plan.gate, plan.linear_gate, None
+        if plan.callable_gate:
+            if selector is not None and plan.protected.shape[1] == 1:  # row, product, threshold in one kernel
+                gate, cls_index = None, plan.protected[:, 0]
+            else:  # the gate feature in PyTorch (several or no protected tokens), then the gate
+                gate, selector = functools.partial(_gate_of_rows, plan), None
         gap = None
         if plan.align == "decay":
             gap = torch.stack([plan.paths[0].gap, plan.paths[1].gap])
         return bimamba_forward_triton(
-            mixer, hidden, gate, plan.cls_index, selector=selector,
+            mixer, hidden, gate, cls_index, selector=selector,
             positions=plan.paths[0].positions, full_length=plan.full_length, gap=gap, tap=plan.tap)
+
+
+def _gate_of_rows(plan: MixerPlan, xz: Tensor) -> Tensor:
+    """The plan's callable gate on its feature of the in_proj output ``xz`` (B, L, C)."""
+    return plan.gate(plan.gate_feature(xz))
 
 
 EXECUTORS = (FusedTritonPair, TorchPaths)  # the first that supports a plan runs it

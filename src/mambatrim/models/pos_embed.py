@@ -28,15 +28,16 @@ def join_middle_cls(cls_slot: Tensor, patches: Tensor) -> Tensor:
 
 def resize_pos_embed(
     pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
-    mode: str = "bicubic",
+    mode: str = "bicubic", cls_token: bool = True,
 ) -> Tensor:
-    """Resample a middle-class-token pos_embed (1, M+1, D) to ``new_grid`` (1, gh*gw+1, D).
+    """Resample a middle-class-token pos_embed (1, M+1, D) to ``new_grid`` (1, gh*gw+1, D), or one without a
+    class slot (``cls_token=False``: (1, M, D) -> (1, gh*gw, D)).
 
     ``old_grid`` defaults to the square grid implied by M. The class slot is copied exactly.
     """
     if pos_embed.dim() != 3 or pos_embed.shape[0] != 1:
         raise ValueError(f"pos_embed must be (1, tokens, dim), got {tuple(pos_embed.shape)}")
-    m = pos_embed.shape[1] - 1
+    m = pos_embed.shape[1] - int(cls_token)
     if old_grid is None:
         side = int(round(math.sqrt(m)))
         if side * side != m:
@@ -46,9 +47,9 @@ def resize_pos_embed(
         raise ValueError(f"pos_embed has {m} patch slots but old_grid {old_grid} has {old_grid[0] * old_grid[1]}")
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
-    cls_slot, patches = split_middle_cls(pos_embed)
+    cls_slot, patches = split_middle_cls(pos_embed) if cls_token else (None, pos_embed)
     dim = patches.shape[-1]
     grid = patches.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
     patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
-    return join_middle_cls(cls_slot, patches)
+    return patches if cls_slot is None else join_middle_cls(cls_slot, patches)

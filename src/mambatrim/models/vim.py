@@ -44,6 +44,13 @@ class PatchEmbed(nn.Module):
             )
         return ((height - p) // s + 1, (width - p) // s + 1)
 
+    def macs(self, args: tuple, output: tuple[Tensor, tuple[int, int]]) -> float:
+        """MACs per image of the patch projection (for the FLOPs counter: the conv may run as a GEMM)."""
+        grid = output[1]
+        proj = self.proj
+        return float(grid[0] * grid[1] * proj.out_channels * proj.in_channels * proj.kernel_size[0]
+                     * proj.kernel_size[1])
+
     def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         if x.dim() != 4:
             raise ValueError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
@@ -91,7 +98,8 @@ class Block(nn.Module):
 
 
 class VisionMamba(nn.Module):
-    """Vim classifier. ``forward(images) -> logits``; ``forward_features`` -> normalised class token."""
+    """Vim classifier. ``forward(images) -> logits``; ``forward_features`` -> normalised class token (or the
+    mean of the final tokens with ``if_cls_token=False``)."""
 
     def __init__(
         self,
@@ -109,12 +117,13 @@ class VisionMamba(nn.Module):
         drop_path_rate: float = 0.1,
         norm_epsilon: float = 1e-5,
         if_divide_out: bool = True,
+        if_cls_token: bool = True,
         in_chans: int | None = None,
         if_devide_out: bool | None = None,  # the official (typo) spelling, accepted for compatibility
         **unused: Any,
     ) -> None:
         super().__init__()
-        _check_official_kwargs(unused)
+        _check_official_kwargs(unused, if_cls_token)
         if if_devide_out is not None:
             if_divide_out = if_devide_out
         channels = in_chans if in_chans is not None else channels
@@ -123,8 +132,10 @@ class VisionMamba(nn.Module):
         self.d_state, self.d_conv, self.expand = d_state, d_conv, expand
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, channels, embed_dim)
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        # no class token (the official if_cls_token=False): the head reads the mean of the final tokens
+        self.if_cls_token = bool(if_cls_token)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if if_cls_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + int(if_cls_token), embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         # linspace(0, drop_path_rate, depth) in Python: no tensor, so models also build on the meta device
@@ -145,7 +156,8 @@ class VisionMamba(nn.Module):
         lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
         trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
         for module in self.modules():  # zero every Linear bias not flagged _no_reinit (upstream _init_weights)
@@ -167,15 +179,22 @@ class VisionMamba(nn.Module):
         return math.ceil(self.embed_dim / 16)
 
     @property
+    def num_protected(self) -> int:
+        """Protected tokens (no method prunes or merges them) every image's sequence starts with: the class
+        token, if any. What methods size their schedules with before a forward (``TokenState.protected``)."""
+        return int(self.if_cls_token)
+
+    @property
     def input_size(self) -> tuple[int, int, int]:
         return (self.patch_embed.in_chans, self.patch_embed.img_size, self.patch_embed.img_size)
 
     def adapt_checkpoint(self, sd: dict[str, Tensor], report: Any) -> dict[str, Tensor]:
-        """Resample a checkpoint's ``pos_embed`` made for another grid (the middle class token kept apart);
-        called by :func:`~mambatrim.models.load_checkpoint`, which records the change in ``report.resized``."""
+        """Resample a checkpoint's ``pos_embed`` made for another grid (the middle class token, if any, kept
+        apart); called by :func:`~mambatrim.models.load_checkpoint`, which records the change in
+        ``report.resized``."""
         pe, target = sd.get("pos_embed"), self.pos_embed
         if pe is not None and pe.shape != target.shape and pe.dim() == 3 and pe.shape[-1] == target.shape[-1]:
-            sd["pos_embed"] = resize_pos_embed(pe, self.patch_embed.grid_size)
+            sd["pos_embed"] = resize_pos_embed(pe, self.patch_embed.grid_size, cls_token=self.if_cls_token)
             report.resized.append(f"pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
         return sd
 
@@ -196,13 +215,20 @@ class VisionMamba(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def embed(self, x: Tensor) -> TokenState:
-        """Patch-embed, insert the class token at the middle, add the (resampled if needed) pos_embed."""
+        """Patch-embed, insert the class token (if any) at the middle, add the (resampled if needed) pos_embed.
+        The class token is the one protected token, laid out in the middle; without it none is."""
         tokens, grid = self.patch_embed(x)
         bsz, m, dim = tokens.shape
-        c = m // 2
         pos = self.pos_embed
-        if pos.shape[1] != m + 1:
-            pos = resize_pos_embed(pos, grid, self.patch_embed.grid_size)
+        if pos.shape[1] != m + int(self.if_cls_token):
+            pos = resize_pos_embed(pos, grid, self.patch_embed.grid_size, cls_token=self.if_cls_token)
+        if self.cls_token is None:
+            seq = self.pos_drop(tokens + pos)
+            positions = torch.arange(m, device=x.device).expand(bsz, -1)
+            protected = torch.empty((bsz, 0), dtype=torch.long, device=x.device)
+            return TokenState(hidden=seq, residual=None, positions=positions, protected=protected,
+                              protected_layout="none")
+        c = m // 2
         cls = self.cls_token.to(tokens.dtype)
         if torch.is_grad_enabled():
             seq = torch.cat([tokens[:, :c], cls.expand(bsz, -1, -1), tokens[:, c:]], 1) + pos
@@ -213,8 +239,9 @@ class VisionMamba(nn.Module):
             seq[:, c] = cls[:, 0] + pos[:, c]
         seq = self.pos_drop(seq)
         positions = torch.arange(m + 1, device=x.device).expand(bsz, -1)
-        cls_index = torch.full((bsz,), c, dtype=torch.long, device=x.device)
-        return TokenState(hidden=seq, residual=None, positions=positions, cls_index=cls_index)
+        protected = torch.full((bsz, 1), c, dtype=torch.long, device=x.device)
+        return TokenState(hidden=seq, residual=None, positions=positions, protected=protected,
+                          protected_layout="middle")
 
     def forward_tokens(self, x: Tensor, reducer: Reducer | None | str = "attached") -> TokenState:
         """Run every block; returns the final state with ``hidden`` = norm_f output of all remaining tokens.
@@ -238,9 +265,19 @@ class VisionMamba(nn.Module):
         normed, residual = self.norm_f.add_and_norm(hidden, state.residual)
         return state.replace(hidden=normed, residual=residual)
 
+    def pool(self, state: TokenState) -> Tensor:
+        """(B, D) the head's input from the final state: the class token (``protected[:, 0]``), or without one
+        the mean of the final tokens (the official ``final_pool_type='mean'``; kept tokens only under a mask)."""
+        hidden = state.hidden
+        if state.num_protected:
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), state.protected[:, 0]]
+        if state.mask is None:
+            return hidden.mean(1)
+        weight = state.mask.to(hidden.dtype)[..., None]
+        return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+
     def forward_features(self, x: Tensor) -> Tensor:
-        state = self.forward_tokens(x)
-        return state.hidden[torch.arange(state.hidden.shape[0], device=x.device), state.cls_index]
+        return self.pool(self.forward_tokens(x))
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         return features if pre_logits else self.head(features)
@@ -254,16 +291,16 @@ class VisionMamba(nn.Module):
 _OFFICIAL_SWITCHES: dict[str, Any] = {
     "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "final_pool_type": "mean",
     "if_abs_pos_embed": True, "if_rope": False, "if_rope_residual": False, "bimamba_type": "v2",
-    "if_cls_token": True, "use_middle_cls_token": True, "if_bidirectional": False,
+    "use_middle_cls_token": True, "if_bidirectional": False,
     "flip_img_sequences_ratio": -1, "use_double_cls_token": False, "if_bimamba": False,
     "init_layer_scale": None, "ssm_cfg": None, "initializer_cfg": None,
 }
 _TIMM_PASSTHROUGH = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
 
 
-def _check_official_kwargs(kwargs: dict[str, Any]) -> None:
+def _check_official_kwargs(kwargs: dict[str, Any], if_cls_token: bool) -> None:
     for key, value in kwargs.items():
-        if key in _TIMM_PASSTHROUGH:
+        if key in _TIMM_PASSTHROUGH or (key == "use_middle_cls_token" and not if_cls_token):
             continue
         if key not in _OFFICIAL_SWITCHES:
             raise TypeError(f"VisionMamba got an unknown argument {key!r}")

@@ -428,9 +428,10 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
                            gap: Tensor | None = None, tap: Callable[[Tensor], None] | None = None) -> Tensor:
     """Vim v2 mixer forward (no token mask) with fused Triton kernels. hidden (b, L, d_model).
 
-    ``direction_gate`` (inference only): (b, 2) 0/1 per sample and direction, or a callable mapping the class
-    token's ``in_proj`` output (b, 2E) to it (needs ``cls_index``); or ``selector`` = (weight (2, 2E), bias):
-    the gate of a linear selector on the class token, computed by :func:`class_token_gate_triton`.
+    ``direction_gate`` (inference only): (b, 2) 0/1 per sample and direction, or a callable mapping the
+    ``in_proj`` output (b, L, 2E) to it (the caller picks the rows it reads: the class token's, the registers'
+    mean); or ``selector`` = (weight (2, 2E), bias): the gate of a linear selector on the class token's row
+    ``cls_index`` (b,), computed by :func:`class_token_gate_triton`.
     Switched-off directions are skipped inside the conv and scan kernels, without a host sync.
 
     Hidden-state alignment of pruned tokens (inference only): ``positions`` (b, L) original indices into a
@@ -453,14 +454,14 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
         xz = _linear(mixer.in_proj, hidden, w_in, b_in)  # (b, L, 2E)
     x, z = xz[..., :E], xz[..., E:]
     on = None
-    if (callable(direction_gate) or selector is not None) and cls_index is None:
-        raise ValueError("a direction selector needs the class-token index")
+    if selector is not None and cls_index is None:
+        raise ValueError("a linear selector needs the class-token index")
     if selector is not None:
         if direction_gate is not None:
             raise ValueError("give either direction_gate or selector, not both")
         direction_gate, on = class_token_gate_triton(xz, cls_index, *selector)
     elif callable(direction_gate):
-        direction_gate = direction_gate(xz[torch.arange(bsz, device=xz.device), cls_index])
+        direction_gate = direction_gate(xz)
     if direction_gate is not None and on is None:
         on = (direction_gate > 0.5).to(torch.int32).contiguous()
     u2 = conv_pair_triton(x, conv_w, conv_b, direction_on=on, positions=positions,

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from ..contract import LinearDirectionGate, MixerContext, Reducer, TokenState, take_rows, token_mse
+from ..contract import (LinearDirectionGate, MixerContext, Reducer, TokenState, insert_at, layout_slots,
+                        protected_mask, take_rows, token_mse, unprotected_index)
 from ..models.checkpoint import CheckpointMismatchError, register_key_mapper
 from ..ops import get_backend
 from ..ops import policy as fast_paths
-from .core import others_index
 from ..validation import check
 from .options import method_options
 from .registry import MethodSpec, register_method
@@ -74,12 +74,13 @@ def _matmul_tf32(enabled: bool) -> Iterator[None]:
 
 
 class BlockSelector(nn.Linear):
-    """Per-layer scan-direction selector: the class token's ``in_proj`` output (B, 2E) -> (B, 2) fp32 logits
+    """Per-layer scan-direction selector: the gate feature of the ``in_proj`` output (B, 2E) (the class token's
+    row; :class:`~mambatrim.contract.DirectionGate`) -> (B, 2) fp32 logits
     (forward, backward). A plain Linear (the released parameter names); at inference DyVM hands its weights to
     the mixer as a :class:`~mambatrim.contract.LinearDirectionGate` instead of calling it."""
 
-    def forward(self, cls_xz: Tensor) -> Tensor:
-        return super().forward(cls_xz.to(self.weight.dtype)).float()
+    def forward(self, feature: Tensor) -> Tensor:
+        return super().forward(feature.to(self.weight.dtype)).float()
 
 
 class TokenPredictor(nn.Module):
@@ -154,15 +155,6 @@ def gumbel_sigmoid_hard(logits: Tensor, tau: float, threshold: float = 0.5) -> T
     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)  # g1 - g2 ~ Logistic(0, 1)
     hard = (soft > threshold).to(soft.dtype)
     return hard - soft.detach() + soft
-
-
-def _insert_cls_index(others: Tensor, cls_slot: Tensor, cls_at: Tensor) -> Tensor:
-    """Full-sequence index: ``others`` (B, K) with ``cls_slot`` (B,) inserted at position ``cls_at`` (B,)."""
-    bsz, k = others.shape
-    j = torch.arange(k + 1, device=others.device).expand(bsz, -1)
-    src = torch.where(j < cls_at[:, None], j, j - 1).clamp(min=0)
-    out = others.gather(1, src)
-    return torch.where(j == cls_at[:, None], cls_slot[:, None].expand(-1, k + 1), out)
 
 
 @dataclass(frozen=True)
@@ -263,7 +255,7 @@ class DyVMReducer(Reducer):
 
     # ------------------------------------------------------------------ forward hooks
     def begin(self, state: TokenState) -> TokenState:
-        state.extras["dyvm_num_patches"] = state.num_tokens - 1
+        state.extras["dyvm_num_patches"] = state.num_tokens - state.num_protected
         state.extras["dyvm_decisions"] = []
         state.extras["dyvm_gates"] = []
         state.extras["dyvm_tokens"] = []
@@ -282,9 +274,10 @@ class DyVMReducer(Reducer):
         k = int(self.token_ratios[stage] * num_patches)
         if not self.training and self.keep_override is None:
             return self._prune_top_k(stage, state, k)
-        others = others_index(state.cls_index, length)
+        count = state.num_protected
+        others = unprotected_index(state.protected, length)
         stream = take_rows(state.residual + state.hidden, others)
-        policy = state.mask.gather(1, others) if state.mask is not None else stream.new_ones(bsz, length - 1)
+        policy = state.mask.gather(1, others) if state.mask is not None else stream.new_ones(bsz, length - count)
         log_probs = self._with_prior(stage, self.predictors[stage](stream, policy), policy)
         if self.keep_override is not None:
             scored = state.positions.gather(1, others)
@@ -300,41 +293,43 @@ class DyVMReducer(Reducer):
             new = state.replace(mask=mask)
         elif self.training:
             state.extras["dyvm_decisions"].append(keep)
-            cls_at = num_keep // 2
-            index = _insert_cls_index(others.gather(1, order), state.cls_index, cls_at)
+            # [kept tokens with the protected ones placed by the layout, pruned tokens]
+            slots = layout_slots(state.protected_layout, num_keep, count)
+            index = insert_at(others.gather(1, order), state.protected, slots)
             new_keep = keep.gather(1, order)
-            mask = torch.cat([new_keep, new_keep.new_ones(bsz, 1)], 1)
-            slots = torch.arange(length - 1, device=mask.device).expand(bsz, -1)
-            mask_index = _insert_cls_index(slots, torch.full_like(cls_at, length - 1), cls_at)
-            new = state.gather(index).replace(mask=mask.gather(1, mask_index), cls_index=cls_at)
+            mask = insert_at(new_keep, new_keep.new_ones(bsz, count), slots)
+            new = state.gather(index, protected=slots).replace(mask=mask)
         else:  # inference with overridden decisions
             if not bool((num_keep == num_keep[0]).all()):
                 raise ValueError("dyvm: at inference every sample must keep the same number of tokens")
             n = int(num_keep[0])
-            cls_at = torch.full_like(state.cls_index, n // 2)
-            index = _insert_cls_index(others.gather(1, order[:, :n]), state.cls_index, cls_at)
-            new = state.gather(index).replace(mask=None, cls_index=cls_at)
+            slots = layout_slots(state.protected_layout, torch.full_like(num_keep, n), count)
+            index = insert_at(others.gather(1, order[:, :n]), state.protected, slots)
+            new = state.gather(index, protected=slots).replace(mask=None)
         state.extras["dyvm_tokens"].append(num_keep.detach())
         return new
 
     def _prune_top_k(self, stage: int, state: TokenState, k: int) -> TokenState:
-        """Inference: keep the top-k patch tokens in their original order, the class token back at the middle.
+        """Inference: keep the top-k patch tokens in their original order, the protected tokens placed by the
+        backbone's layout (Vim: the class token back at the middle).
 
-        The predictor scores the whole sequence with the class token given zero weight in its global pooling and
-        excluded from the top-k, which equals scoring the patch tokens alone without copying them out first."""
+        The predictor scores the whole sequence with the protected tokens given zero weight in its global pooling
+        and excluded from the top-k, which equals scoring the patch tokens alone without copying them out first."""
         bsz, length = state.hidden.shape[:2]
-        if not 1 <= k <= length - 1:
-            raise ValueError(f"dyvm: stage {stage} would keep {k} of {length - 1} tokens (ratio "
+        count = state.num_protected
+        if not 1 <= k <= length - count:
+            raise ValueError(f"dyvm: stage {stage} would keep {k} of {length - count} tokens (ratio "
                              f"{self.token_ratios[stage]:.4g} of {state.extras['dyvm_num_patches']} patches); "
                              "use a larger ratio")
-        is_cls = torch.arange(length, device=state.hidden.device)[None, :] == state.cls_index[:, None]
-        alive = (~is_cls).float()
+        is_protected = protected_mask(state.protected, length)
+        alive = (~is_protected).float()
         log_probs = self._with_prior(stage, self.predictors[stage](state.hidden, alive, state.residual), alive)
-        score = log_probs[..., 0].masked_fill(is_cls, float("-inf"))
+        score = log_probs[..., 0].masked_fill(is_protected, float("-inf"))
         top = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # sequence indices, in order
-        cls_at = torch.full_like(state.cls_index, k // 2)
-        state.extras["dyvm_tokens"].append(torch.full_like(state.cls_index, k))
-        return state.gather(_insert_cls_index(top, state.cls_index, cls_at)).replace(mask=None, cls_index=cls_at)
+        kept = torch.full((bsz,), k, dtype=torch.long, device=top.device)
+        state.extras["dyvm_tokens"].append(kept)
+        slots = layout_slots(state.protected_layout, kept, count)
+        return state.gather(insert_at(top, state.protected, slots), protected=slots).replace(mask=None)
 
     def stage_grid(self, stage: int, alive: Tensor) -> Tensor:
         """(B, N) 0/1: the alive tokens on the coverage prior's grid at ``stage`` (the stage's share of the tokens
@@ -359,14 +354,14 @@ class DyVMReducer(Reducer):
         elif self.selectors is not None:
             selector, record = self.selectors[layer_idx], state.extras.setdefault("dyvm_gates", [])
 
-            def gate(cls_xz: Tensor) -> Tensor:
-                g = gumbel_sigmoid_hard(selector(cls_xz), self.block_tau, self.block_threshold)
+            def gate(feature: Tensor) -> Tensor:
+                g = gumbel_sigmoid_hard(selector(feature), self.block_tau, self.block_threshold)
                 record.append(g)
                 return g
 
         if state.mask is None and gate is None:
             return None
-        return MixerContext(token_mask=state.mask, cls_index=state.cls_index, direction_gate=gate,
+        return MixerContext(token_mask=state.mask, protected=state.protected, direction_gate=gate,
                             skip_gated=gate is not None and not self.training)
 
     # ------------------------------------------------------------------ losses and costs
@@ -417,7 +412,8 @@ def token_distill_mse(state: TokenState, teacher_state: TokenState) -> Tensor:
     """MSE of the student's surviving patch tokens against the dense teacher's tokens at the same original
     positions (both after the final norm); the class token and pruned (masked) tokens are excluded. The
     contract's token MSE (the engine's too), after checking that the teacher is dense."""
-    dense = state.extras.get("dyvm_num_patches", teacher_state.hidden.shape[1] - 1) + 1
+    count = state.num_protected
+    dense = state.extras.get("dyvm_num_patches", teacher_state.hidden.shape[1] - count) + count
     if teacher_state.hidden.shape[1] != dense or teacher_state.mask is not None:
         raise ValueError(f"dyvm: the distillation teacher must be the dense model ({dense} tokens, no mask); "
                          f"got {teacher_state.hidden.shape[1]} tokens")

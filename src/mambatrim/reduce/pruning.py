@@ -1,6 +1,7 @@
 """The pruning core shared by ToP and the baselines: a schedule of pruning events, each keeping the best-scored
-patch tokens (globally or one drop per window of consecutive tokens), survivors in order, the class token
-re-inserted, with optional hidden-state alignment. Methods differ only in :meth:`ProgressivePruner.scores`.
+patch tokens (globally or one drop per window of consecutive tokens), survivors in order, the protected tokens
+(class token, registers) never candidates and re-inserted where the backbone's layout says, with optional
+hidden-state alignment. Methods differ only in :meth:`ProgressivePruner.scores`.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..contract import MixerContext, Reducer, TokenState, scan_gap_pair
-from .core import others_index
+from ..contract import (MixerContext, Reducer, TokenState, insert_at, layout_slots, protected_mask, scan_gap_pair,
+                        unprotected_index)
 
 ALIGN_MODES = (None, "hold", "decay")
 CLS_PLACEMENTS = ("middle", "original")
@@ -23,39 +24,41 @@ SCAN_GAPS = "scan_gaps"  # TokenState.extras key: (2, B, L) decay gaps of the cu
 
 
 
-def kept_patches(num_tokens: int, keep: float) -> int:
-    """Patch tokens kept out of ``num_tokens`` (class token included): ceil((L-1)*keep), rounded down to an even
-    count so the class token can sit exactly in the middle (the released code's rule); all if that is >= L-1."""
-    patches = num_tokens - 1
+def kept_patches(num_tokens: int, keep: float, protected: int = 1) -> int:
+    """Patch tokens kept out of ``num_tokens`` (``protected`` tokens included): ceil((L-P)*keep), rounded down to
+    an even count so a class token can sit exactly in the middle (the released code's rule); all if that is
+    >= L-P."""
+    patches = num_tokens - protected
     n = math.ceil(patches * keep - 1e-9)
     if n >= patches:
         return patches
     return n - n % 2 if n >= 2 else n
 
 
-def tokens_per_layer(num_tokens: int, depth: int, layers: Sequence[int], keep: float | Sequence[float]) -> list[int]:
+def tokens_per_layer(num_tokens: int, depth: int, layers: Sequence[int], keep: float | Sequence[float],
+                     protected: int = 1) -> list[int]:
     """Token count each block sees under a pruning schedule (for FLOPs and reports)."""
     keeps = _per_layer_keep(layers, keep)
     counts, n = [], num_tokens
     for i in range(depth):
-        if i in keeps:
-            n = kept_patches(n, keeps[i]) + 1
+        if i in keeps and n - protected >= 2:
+            n = kept_patches(n, keeps[i], protected) + protected
         counts.append(n)
     return counts
 
 
-def window_keep(score: Tensor, cls_index: Tensor, n_keep: int) -> Tensor:
+def window_keep(score: Tensor, protected: Tensor, n_keep: int) -> Tensor:
     """(B, n_keep) sequence indices of the patch tokens kept by window selection, in original order.
 
-    The L-1 patch tokens (sequence order, the class token left out) are cut into near-equal runs of consecutive
-    tokens: one run per dropped token, each dropping its lowest-scored token (or, when fewer than half are
-    kept, one run per kept token, each keeping its best). The drops are spread as evenly as static pruning's
+    The L-P patch tokens (sequence order, the protected tokens (B, P) left out) are cut into near-equal runs of
+    consecutive tokens: one run per dropped token, each dropping its lowest-scored token (or, when fewer than
+    half are kept, one run per kept token, each keeping its best). The drops are spread as evenly as static pruning's
     and the score decides only inside each run. Two sorts, no host sync."""
     bsz, length = score.shape
-    n = length - 1
+    n = length - protected.shape[1]
     if not 1 <= n_keep <= n:
         raise ValueError(f"window selection keeps 1..{n} of {n} patch tokens, got {n_keep}")
-    others = others_index(cls_index, length)
+    others = unprotected_index(protected, length)
     patch_score = score.gather(1, others)
     drop = n - n_keep <= n_keep
     runs = n - n_keep if drop else n_keep
@@ -120,7 +123,7 @@ class ProgressivePruner(Reducer):
         self.selection = selection
 
     def scores(self, layer_idx: int, state: TokenState) -> Tensor:
-        """(B, L) importance of each token (higher = kept); the class token's value is ignored."""
+        """(B, L) importance of each token (higher = kept); the protected tokens' values are ignored."""
         raise NotImplementedError
 
     def begin(self, state: TokenState) -> TokenState:
@@ -130,42 +133,39 @@ class ProgressivePruner(Reducer):
 
     def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
         keep = self.keep_at.get(layer_idx)
-        if keep is None or state.num_tokens < 3:
+        count, length = state.num_protected, state.num_tokens
+        if keep is None or length - count < 2:
             return state
         if state.mask is not None:
             raise ValueError("token pruning cannot follow a method that masks tokens (TokenState.mask is set)")
-        length = state.num_tokens
-        n_keep = kept_patches(length, keep)
-        if n_keep >= length - 1:
+        n_keep = kept_patches(length, keep, count)
+        if n_keep >= length - count:
             return state
         score = self.scores(layer_idx, state).float()
-        is_cls = torch.arange(length, device=score.device)[None, :] == state.cls_index[:, None]
-        # the class token is never a candidate (masked_fill: an indexed write of a Python float would copy a
+        # protected tokens are never candidates (masked_fill: an indexed write of a Python float would copy a
         # host scalar every call, which also rules out CUDA-graph capture)
-        score = score.masked_fill(is_cls, float("-inf"))
+        score = score.masked_fill(protected_mask(state.protected, length), float("-inf"))
         if self.selection == "window":
-            top = window_keep(score, state.cls_index, n_keep)  # in original order
+            top = window_keep(score, state.protected, n_keep)  # in original order
         else:
             top = score.topk(n_keep, dim=1).indices  # by descending score
             if self.order == "original":
                 top = top.sort(dim=1).values  # survivors in original order
-        cls = state.cls_index[:, None]
-        if self.cls_placement == "middle":
-            mid = n_keep // 2
-            index = torch.cat([top[:, :mid], cls, top[:, mid:]], 1)
-            cls_index = torch.full_like(state.cls_index, mid)
-        else:
-            index = torch.cat([top, cls], 1).sort(dim=1).values
-            cls_index = (index == cls).float().argmax(1)
-        state = state.gather(index).replace(cls_index=cls_index)
+        if self.cls_placement == "middle":  # where the backbone's layout puts them (Vim: the middle)
+            kept = torch.full((top.shape[0],), n_keep, dtype=torch.long, device=top.device)
+            slots = layout_slots(state.protected_layout, kept, count)
+            state = state.gather(insert_at(top, state.protected, slots), protected=slots)
+        else:  # at their original places among the survivors
+            state = state.gather(torch.cat([top, state.protected], 1).sort(dim=1).values)
         if self.align == "decay":  # the scan gaps of the new positions, once for the layers up to the next event
-            state = state.replace(extras={**state.extras, SCAN_GAPS: scan_gap_pair(state.positions, cls_index)})
+            gaps = scan_gap_pair(state.positions, state.protected)
+            state = state.replace(extras={**state.extras, SCAN_GAPS: gaps})
         return state
 
     def mixer_context(self, layer_idx: int, state: TokenState) -> MixerContext | None:
         if self.align is None or layer_idx < self.layers[0]:
             return None
-        return MixerContext(positions=state.positions, cls_index=state.cls_index, align=self.align,
+        return MixerContext(positions=state.positions, protected=state.protected, align=self.align,
                             full_length=state.extras.get(DENSE_TOKENS), gaps=state.extras.get(SCAN_GAPS))
 
     def tokens_per_layer(self, num_tokens: int, depth: int) -> list[int]:

@@ -2,16 +2,19 @@
 
 Before every second block (2, 4, ..., depth-2), ``r`` tokens are merged away by bipartite soft matching:
 
-1. the class token is set aside; the other tokens are split alternately into A (even) and B (odd);
+1. the protected tokens (class token, registers) are set aside; the other tokens are split alternately into
+   A (even) and B (odd);
 2. each A token finds its most similar B token (cosine similarity of the block's input hidden state, i.e. the
    previous mixer's output, before it is added to the residual stream);
 3. the ``r`` A tokens with the highest similarity are merged into their partners: hidden state and residual
    stream are both replaced by size-weighted averages, and sizes (original tokens per token) add up;
 4. merged tokens stay at their B token's slot, every other token keeps its relative order, so the sequence
    stays in raster order (Mamba is order sensitive);
-5. the class token goes back in: ``official`` rule ``int(p * (L - r) // L)`` (batch-wide proportional index),
-   ``middle`` (the middle of the new sequence) or ``boundary`` (between the tokens that came from its left and
-   its right, per sample, so positions stay sorted including the class token).
+5. the protected tokens go back in, in their relative order (they are never merged, never a source or a
+   destination): ``official`` rule ``int(p * (L - r) // L)`` (batch-wide proportional index), ``middle`` (the
+   middle of the new sequence) or ``boundary`` (between the tokens that came from its left and its right, per
+   sample, so positions stay sorted including the class token). With several protected tokens, slots that the
+   rule gives twice are pushed apart (each at least one past the previous, at most where the tail still fits).
 
 Everything is batched index arithmetic (gather / topk / cumsum / scatter_add on the r merged rows) with no per-sample Python loop and
 no host-device synchronisation; the merge weights carry no gradient but the merged values do, so the same code
@@ -29,7 +32,7 @@ from ..ops import get_backend, policy
 from ..validation import check
 from .options import method_options
 from .registry import MethodSpec, register_method
-from ..contract import Reducer, TokenState, take_rows
+from ..contract import Reducer, TokenState, free_slots, insert_at, take_rows, unprotected_index
 
 CLS_POSITIONS = ("official", "middle", "boundary")
 DEFAULT_RATIO = 0.31  # the paper's Vim-S / Vim-B setting (r = 11)
@@ -44,22 +47,24 @@ def merge_layers(depth: int, interval: int = 2) -> tuple[int, ...]:
     return tuple(range(interval, depth, interval))
 
 
-def capped_r(num_tokens: int, r: int) -> int:
-    """Tokens one merge event removes from ``num_tokens`` (class token included): at most half the others."""
-    return max(0, min(r, (num_tokens - 1) // 2))
+def capped_r(num_tokens: int, r: int, protected: int = 1) -> int:
+    """Tokens one merge event removes from ``num_tokens`` (``protected`` tokens included): at most half the
+    others."""
+    return max(0, min(r, (num_tokens - protected) // 2))
 
 
-def tokens_per_layer(num_tokens: int, depth: int, r: int, layers: Sequence[int]) -> list[int]:
+def tokens_per_layer(num_tokens: int, depth: int, r: int, layers: Sequence[int], protected: int = 1) -> list[int]:
     """Sequence length each block runs on when ``r`` tokens merge before every block in ``layers``."""
     out, length, events = [], num_tokens, set(layers)
     for i in range(depth):
         if i in events:
-            length -= capped_r(length, r)
+            length -= capped_r(length, r, protected)
         out.append(length)
     return out
 
 
-def ratio_for_r(r: int, num_tokens: int = 197, depth: int = 24, layers: Sequence[int] | None = None) -> float:
+def ratio_for_r(r: int, num_tokens: int = 197, depth: int = 24, layers: Sequence[int] | None = None,
+                protected: int = 1) -> float:
     """Reduction ratio = 1 - sum_l N_l / (depth * N_0): the share of token-block work removed.
 
     Without the cap this is ``r * sum_events(depth - l) / (depth * N_0)`` (132 r / 4728 for Vim at 224), i.e.
@@ -68,18 +73,20 @@ def ratio_for_r(r: int, num_tokens: int = 197, depth: int = 24, layers: Sequence
     if r < 0:
         raise ValueError(f"r must be >= 0, got {r}")
     layers = merge_layers(depth) if layers is None else layers
-    return 1.0 - sum(tokens_per_layer(num_tokens, depth, r, layers)) / (depth * num_tokens)
+    return 1.0 - sum(tokens_per_layer(num_tokens, depth, r, layers, protected)) / (depth * num_tokens)
 
 
-def r_for_ratio(ratio: float, num_tokens: int = 197, depth: int = 24, layers: Sequence[int] | None = None) -> int:
+def r_for_ratio(ratio: float, num_tokens: int = 197, depth: int = 24, layers: Sequence[int] | None = None,
+                protected: int = 1) -> int:
     """The r whose :func:`ratio_for_r` is closest to ``ratio`` (ratio_for_r is monotone in r)."""
     layers = merge_layers(depth) if layers is None else layers
-    r_max = (num_tokens - 1) // 2
-    top = ratio_for_r(r_max, num_tokens, depth, layers)
+    r_max = (num_tokens - protected) // 2
+    top = ratio_for_r(r_max, num_tokens, depth, layers, protected)
     if not 0.0 <= ratio <= top + 0.005:
         raise ValueError(f"reduction ratio {ratio} is out of range: with {num_tokens} tokens, depth {depth} and "
                          f"merges before blocks {list(layers)} it must lie in [0, {top:.3f}]")
-    return min(range(r_max + 1), key=lambda r: (abs(ratio_for_r(r, num_tokens, depth, layers) - ratio), r))
+    return min(range(r_max + 1),
+               key=lambda r: (abs(ratio_for_r(r, num_tokens, depth, layers, protected) - ratio), r))
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -108,28 +115,27 @@ def merge_tokens(state: TokenState, r: int, cls_position: str = "official",
         raise ValueError("R-MeeTo merging cannot follow a masked (training-time) pruning method: the state "
                          "carries a token mask")
     hidden = state.hidden
-    r = capped_r(hidden.shape[1], r)
+    r = capped_r(hidden.shape[1], r, state.num_protected)
     if r == 0:
         return state
     sizes = state.sizes
     if sizes is None:
         sizes = hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
-    hidden, residual, positions, cls_index, sizes = (merge_fn or merge_arrays)(
-        hidden, state.residual, state.positions, state.cls_index, sizes, r, cls_position)
-    return state.replace(hidden=hidden, residual=residual, positions=positions, cls_index=cls_index, sizes=sizes)
+    hidden, residual, positions, protected, sizes = (merge_fn or merge_arrays)(
+        hidden, state.residual, state.positions, state.protected, sizes, r, cls_position)
+    return state.replace(hidden=hidden, residual=residual, positions=positions, protected=protected, sizes=sizes)
 
 
-def merge_arrays(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls: Tensor, sizes: Tensor, r: int,
-                 cls_position: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
-    """The merge on plain tensors: (hidden, residual, positions, cls_index, sizes) after removing ``r`` tokens
-    (1 <= r <= (L - 1) // 2)."""
+def merge_arrays(hidden: Tensor, residual: Tensor | None, positions: Tensor, protected: Tensor, sizes: Tensor,
+                 r: int, cls_position: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """The merge on plain tensors: (hidden, residual, positions, protected (B, P), sizes) after removing ``r``
+    tokens (1 <= r <= (L - P) // 2)."""
     bsz, length, _ = hidden.shape
     device = hidden.device
-    n = length - 1  # tokens other than the class token
-    kept_len = n - r  # non-class tokens left
+    n = length - protected.shape[1]  # tokens other than the protected ones
+    kept_len = n - r  # unprotected tokens left
     with torch.no_grad():
-        k = torch.arange(n, device=device)
-        seq_of_k = k + (k >= cls[:, None])  # sequence index of the k-th non-class token
+        seq_of_k = unprotected_index(protected, length)  # sequence index of the k-th unprotected token
         seq_a, seq_b = seq_of_k[:, 0::2], seq_of_k[:, 1::2]
         # cosine similarity without a normalised copy: raw dot products scaled by inverse norms
         work = torch.promote_types(hidden.dtype, torch.float32)
@@ -144,12 +150,10 @@ def merge_arrays(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls
         # kept tokens' sequence indices in order; merged ones go to a spare last column that is dropped
         keep_seq = torch.zeros(bsz, kept_len + 1, dtype=torch.long, device=device).scatter_(
             1, torch.where(kept, rank, kept_len), seq_of_k)[:, :kept_len]
-        q = _class_slot(positions, cls, kept, seq_of_k, length, r, cls_position)
-        j = torch.arange(kept_len + 1, device=device)
-        from_kept = keep_seq.gather(1, (j - (j > q[:, None]).long()).clamp(max=kept_len - 1))
-        out_seq = torch.where(j == q[:, None], cls[:, None], from_kept)  # (B, L - r) sequence index per slot
+        q = _protected_slots(positions, protected, kept, seq_of_k, length, r, cls_position)
+        out_seq = insert_at(keep_seq, protected, q)  # (B, L - r) sequence index per slot
         dst_rank = rank.gather(1, 2 * dst + 1)
-        dst_slot = dst_rank + (dst_rank >= q[:, None])
+        dst_slot = free_slots(q, dst_rank)
         src_seq, dst_seq = seq_a.gather(1, src), seq_b.gather(1, dst)
         src_size = sizes.gather(1, src_seq)
         new_sizes = sizes.gather(1, out_seq).scatter_add_(1, dst_slot, src_size)
@@ -159,17 +163,23 @@ def merge_arrays(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls
             positions.gather(1, out_seq), q, new_sizes)
 
 
-def _class_slot(positions: Tensor, cls: Tensor, kept: Tensor, seq_of_k: Tensor, length: int, r: int,
-                rule: str) -> Tensor:
-    """(B,) index of the class token in the merged sequence of ``length - r`` tokens (always below that)."""
+def _protected_slots(positions: Tensor, protected: Tensor, kept: Tensor, seq_of_k: Tensor, length: int, r: int,
+                     rule: str) -> Tensor:
+    """(B, P) strictly ascending indices of the protected tokens in the merged sequence of ``length - r``."""
+    count = protected.shape[1]
+    kept_len = length - count - r
+    i = torch.arange(count, device=protected.device)
     if rule == "official":  # int(p * (L - r) // L), as the released code: p <= L - 1 gives q <= L - r - 1
-        return cls * (length - r) // length
-    if rule == "middle":  # where the backbone puts it: the middle of the other tokens
-        return torch.full_like(cls, (length - r - 1) // 2)
-    # boundary: after every kept token that came from the class token's left
-    pos_k = positions.gather(1, seq_of_k)
-    cls_pos = positions.gather(1, cls[:, None])
-    return (kept & (pos_k < cls_pos)).sum(1)
+        q = protected * (length - r) // length
+    elif rule == "middle":  # where Vim puts its class token: the middle of the other tokens
+        q = (kept_len // 2 + i).expand_as(protected)
+    else:  # boundary: after every kept token that came from the protected token's left
+        pos_k = positions.gather(1, seq_of_k)
+        pos_p = positions.gather(1, protected)
+        q = (kept[:, :, None] & (pos_k[:, :, None] < pos_p[:, None, :])).sum(1) + i
+    # strictly ascending (a slot given twice moves one past the previous) and room left for the later ones
+    q = torch.cummax(q - i, dim=1).values + i if count else q
+    return torch.minimum(q, kept_len + i)
 
 
 # ---------------------------------------------------------------------------------------------- reducer
@@ -203,12 +213,13 @@ class RMeeToReducer(Reducer):
         return (f"r={self.r}, layers={list(self.layers)}, cls_position={self.cls_position!r}, "
                 f"fused={self.fused}")
 
-    def use_fused(self, hidden: Tensor) -> bool:
+    def use_fused(self, hidden: Tensor, protected: int = 1) -> bool:
         """The Triton merge (:mod:`.rmeeto_kernels`, two launches per event): by default (``fused=None``) at
         inference wherever the 'triton' backend runs and the policy's ``fused_merge`` is on; never with
         ``fused=False``, wherever Triton runs with ``fused=True``; training always uses the differentiable
-        PyTorch merge."""
-        if self.fused is False or (torch.is_grad_enabled() and hidden.requires_grad):
+        PyTorch merge. Its kernels set one class token aside: with ``protected`` != 1 tokens (no class token,
+        registers) the PyTorch merge runs instead."""
+        if self.fused is False or protected != 1 or (torch.is_grad_enabled() and hidden.requires_grad):
             return False
         if self.fused is None:
             return policy.get("fused_merge") and get_backend(hidden.device.type) == "triton"
@@ -217,7 +228,7 @@ class RMeeToReducer(Reducer):
     def before_layer(self, layer_idx: int, state: TokenState) -> TokenState:
         if layer_idx in self.layers:
             fn = self.merge_fn()
-            if self.use_fused(state.hidden):
+            if self.use_fused(state.hidden, state.num_protected):
                 from .rmeeto_kernels import fused_merge  # noqa: PLC0415 (needs triton)
 
                 fn = fused_merge
@@ -267,11 +278,12 @@ def apply(model: nn.Module, keep: float | None = None, ratio: float | None = Non
     out_of_range = [layer for layer in layers if not 0 <= layer < depth]
     if out_of_range:
         raise ValueError(f"rmeeto: merge layers {out_of_range} are outside the model's blocks 0..{depth - 1}")
-    num_tokens = model.patch_embed.num_patches + 1
+    count = int(getattr(model, "num_protected", 1))
+    num_tokens = model.patch_embed.num_patches + count
     if r is None:
-        r = r_for_ratio(float(ratio), num_tokens, depth, layers)
-    elif isinstance(r, bool) or int(r) != r or not 0 <= r <= (num_tokens - 1) // 2:
-        raise ValueError(f"rmeeto: r (tokens merged per event) must be an integer in 0..{(num_tokens - 1) // 2} "
+        r = r_for_ratio(float(ratio), num_tokens, depth, layers, count)
+    elif isinstance(r, bool) or int(r) != r or not 0 <= r <= (num_tokens - count) // 2:
+        raise ValueError(f"rmeeto: r (tokens merged per event) must be an integer in 0..{(num_tokens - count) // 2} "
                          f"for {num_tokens} tokens (one event merges at most half of the patch tokens), got {r!r}")
     return model.set_reducer(RMeeToReducer(int(r), layers, cls_position, compile, fused))
 

@@ -329,10 +329,15 @@ def _tiled_plan(hidden: Tensor, sizes: Tensor, positions: Tensor, cls: Tensor, r
                                 RULE=rule, BLOCK=block, num_warps=PLAN_WARPS)
 
 
-def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls: Tensor, sizes: Tensor, r: int,
-                cls_position: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, protected: Tensor, sizes: Tensor,
+                r: int, cls_position: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """:func:`~mambatrim.reduce.rmeeto.merge_arrays` in two launches up to ``merge_single_max_tokens`` tokens,
-    in four (three kernels and a sort) at any length beyond (no autograd)."""
+    in four (three kernels and a sort) at any length beyond (no autograd). The kernels set exactly one protected
+    token (the class token) aside: ``protected`` must be (B, 1) (the reducer runs the PyTorch merge otherwise)."""
+    if protected.dim() != 2 or protected.shape[1] != 1:
+        raise ValueError(f"fused_merge: the Triton merge handles exactly one protected (class) token, got "
+                         f"protected of shape {tuple(protected.shape)}; use merge_arrays")
+    cls = protected[:, 0]
     bsz, length, dim = hidden.shape
     single, tile, block = _plan_settings(length)
     hidden = hidden.contiguous()
@@ -365,4 +370,4 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, cls:
     _merge_rows_kernel[(out_len, bsz)](hidden, res, out_seq, src, slot, weight, out_h, res_out, length, out_len,
                                        dim, r, HAS_RES=has_res, BD=triton.next_power_of_2(dim),
                                        RP=min(triton.next_power_of_2(r), ROWS_SLOT_BLOCK))
-    return out_h, out_res, out_pos, q.to(cls.dtype), out_size
+    return out_h, out_res, out_pos, q.to(cls.dtype)[:, None], out_size
