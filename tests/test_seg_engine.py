@@ -24,7 +24,7 @@ def test_slide_inference_equals_whole_image_for_a_local_model() -> None:
 
 
 def test_layer_decay_groups() -> None:
-    cfg = SegConfig(model_kwargs=TINY, out_indices=[0, 1, 2, 3], head_channels=8, crop=32, class_token=True)
+    cfg = SegConfig(model_kwargs=TINY, out_indices=[0, 1, 2, 3], head_channels=8, crop=32)
     model = build_segmenter(cfg, 3)
     groups = layer_decay_groups(model, lr=1.0, weight_decay=0.01, decay=0.5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -53,7 +53,7 @@ def test_train_checkpoint_and_resume(tmp_path) -> None:
     data = bundled_root(size=32, train=4, val=2, folder=tmp_path / "data")
     common = dict(model_kwargs=TINY, out_indices=[0, 1, 2, 3], head_channels=8, data_path=str(data), crop=32,
                   scale=[64, 32], batch_size=2, num_workers=0, warmup_iters=1, lr=1e-3, dtype="fp32",
-                  log_interval=1, num_classes=14, class_token=True, output_dir=str(tmp_path / "run"),
+                  log_interval=1, num_classes=14, output_dir=str(tmp_path / "run"),
                   slide_stride=16, method="dyvm", method_opts={"keep": 0.8, "block_ratio": 0.8, "layers": [2]})
     first = train_segmentation(SegConfig(iters=2, eval_interval=2, **common))
     assert [e["iter"] for e in first["evals"]] == [2] and 0 <= first["final"]["mIoU"] <= 1
@@ -73,7 +73,7 @@ def test_cli_segmentation_train_then_eval_with_a_method(tmp_path, capsys) -> Non
 
     data = bundled_root(size=32, train=2, val=1, folder=tmp_path / "data")
     tiny = ["--model-opt", "depth=4", "--model-opt", "embed_dim=32", "--model-opt", "patch_size=8",
-            "--model-opt", "stride=8", "--set", "out_indices=[0,1,2,3]", "--set", "class_token=true"]
+            "--model-opt", "stride=8", "--set", "out_indices=[0,1,2,3]"]
     run = ["--task", "segmentation", "--data-path", str(data), "--input-size", "32", "--batch-size", "2",
            "--num-workers", "0", "--device", "cpu", "--set", "scale=[64,32]", "--set", "slide_stride=16",
            "--set", "num_classes=14"]

@@ -11,14 +11,14 @@ from mambatrim.contract.dense import DENSE_TAPS, DenseRestore
 from mambatrim.models.segmentation import create_segmentation_model
 from mambatrim.reduce import apply_method
 
-CLASS_TOKEN = True  # the tiny test backbone keeps Vim's class token where no class-token-free switch exists
+CLASS_TOKEN = False  # the authors' segmentation backbones have no class token (one test keeps it)
 TINY = dict(depth=4, embed_dim=32, patch_size=8, stride=8, drop_path_rate=0.0)
 
 
-def tiny_segmenter(num_classes: int = 5):
+def tiny_segmenter(num_classes: int = 5, class_token: bool = CLASS_TOKEN):
     torch.manual_seed(0)
     model = create_segmentation_model("vim_tiny_patch16_224", num_classes=num_classes, img_size=32,
-                                      out_indices=(0, 1, 2, 3), channels=16, class_token=CLASS_TOKEN, **TINY)
+                                      out_indices=(0, 1, 2, 3), channels=16, class_token=class_token, **TINY)
     return model.eval()
 
 
@@ -26,11 +26,25 @@ def images(batch: int = 2, size: int = 32) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def test_dense_output_shape() -> None:
-    model = tiny_segmenter(7)
+@pytest.mark.parametrize("class_token", [False, True])
+def test_dense_output_shape(class_token: bool) -> None:
+    model = tiny_segmenter(7, class_token)
+    assert model.backbone.num_protected == int(class_token)
     with torch.no_grad():
         assert model(images()).shape == (2, 7, 32, 32)
         assert model(images(1, 48)).shape == (1, 7, 48, 48)  # another size: pos_embed resampled
+
+
+def test_class_token_left_out_of_the_maps() -> None:
+    """With Vim's middle class token kept, the maps are the patch tokens' features in raster order."""
+    model = tiny_segmenter(class_token=True)
+    with torch.no_grad():
+        maps, state = model.forward_backbone(images())
+        reference = DenseRestore(None, model.out_indices, model.backbone.depth)
+        taps = model.backbone.forward_tokens(images(), reference).extras[DENSE_TAPS]
+    c = taps[0].shape[1] // 2  # the class token's dense position
+    patches = torch.cat([taps[-1][:, :c], taps[-1][:, c + 1:]], 1)
+    torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), patches, rtol=0, atol=0)
 
 
 NO_REDUCTION = [

@@ -29,14 +29,8 @@ DENSE_TAPS = "dense_taps"  # TokenState.extras key: list of (B, L0, D) features,
 
 
 def protected_positions(state: TokenState) -> Tensor:
-    """(B, P) dense positions of the tokens that are not image patches (class tokens); P may be 0."""
-    protected = getattr(state, "protected", None)
-    if protected is None:
-        cls_index = getattr(state, "cls_index", None)
-        if cls_index is None:
-            return state.positions[:, :0]
-        protected = cls_index[:, None]
-    return state.positions.gather(1, protected)
+    """(B, P) dense positions of the protected tokens (class tokens, registers); P may be 0."""
+    return state.positions.gather(1, state.protected)
 
 
 class DenseRestore(Reducer):
