@@ -94,3 +94,36 @@ def test_cli_refuses_classification_options(capsys) -> None:
 
     assert main(["train", "--task", "segmentation", "--mixup", "0.5"]) == 2
     assert "--task segmentation does not use --mixup; its options: --model" in capsys.readouterr().err
+
+
+RECIPES = {  # file: (backbone, lr, per-GPU batch, UperNet width, DyVM rho or None)
+    "seg_upernet_vim_t.yaml": ("vim_tiny_patch16_224", 6e-5, 8, 192, None),
+    "seg_upernet_vim_s.yaml": ("vim_small_patch16_224", 12e-5, 16, 384, None),
+    "seg_dyvm_vim_t.yaml": ("vim_tiny_patch16_224", 6e-5, 8, 192, 0.9),
+    "seg_dyvm_vim_s.yaml": ("vim_small_patch16_224", 12e-5, 16, 384, 0.8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_are_the_authors(name: str) -> None:
+    from pathlib import Path
+
+    from mambatrim.reduce import apply_method
+    from mambatrim.models.segmentation import create_segmentation_model
+
+    cfg = load_seg_config(str(Path(__file__).parents[1] / "configs" / name))
+    backbone, lr, batch, width, rho = RECIPES[name]
+    assert (cfg.backbone, cfg.lr, cfg.batch_size, cfg.head_channels) == (backbone, pytest.approx(lr), batch, width)
+    assert (cfg.crop, cfg.slide_stride, cfg.iters, cfg.warmup_iters) == (512, 341, 80000, 1500)
+    assert (cfg.weight_decay, cfg.layer_decay, cfg.clip_grad, cfg.out_indices) == (0.01, 0.92, 5.0, [5, 11, 17, 23])
+    assert not cfg.class_token
+    if rho is None:
+        assert cfg.method is None
+        return
+    assert cfg.method == "dyvm" and cfg.method_opts["keep"] == rho and cfg.method_opts["block_ratio"] == 0.8
+    assert (cfg.method_opts["token_loss_weight"], cfg.method_opts["block_loss_weight"]) == (20.0, 20.0)
+    assert cfg.method_opts["distill_weight"] == 0.0
+    tiny = create_segmentation_model("vim_tiny_patch16_224", img_size=32, out_indices=(5, 11, 17, 23), depth=24,
+                                     embed_dim=16, patch_size=8, stride=8)
+    reducer = apply_method(tiny.backbone, cfg.method, **cfg.method_opts).reducer  # the options are DyVM's
+    assert reducer.token_loss_weight == 20.0 and reducer.pruning_layers == [6, 12, 18]
