@@ -29,7 +29,7 @@ from mambatrim.engine.precision import autocast_to
 from mambatrim.engine.report import write_result
 from mambatrim.models.segmentation import create_segmentation_model
 from mambatrim.ops import policy
-from mambatrim.reduce import apply_method
+from mambatrim.reduce import apply_method, parse_method_options
 
 
 def configurations(args: argparse.Namespace) -> dict[str, tuple[str | None, dict[str, Any]]]:
@@ -58,13 +58,19 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rmeeto-ratio", type=float, default=0.31, help="R-MeeTo's reduction ratio")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu (eager, no memory figure) checks the script")
+    parser.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE", default=[],
+                        help="backbone config override (e.g. depth=4 for a quick check)")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    args.eager = args.eager or device.type != "cuda"
     torch.manual_seed(0)
-    model = create_segmentation_model(args.backbone, num_classes=150, img_size=args.size).to(device).eval()
+    model = create_segmentation_model(args.backbone, num_classes=150, img_size=args.size,
+                                      **parse_method_options(args.backbone_opt)).to(device).eval()
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     configs = configurations(args)
-    amp = lambda: autocast_to(device, torch.bfloat16, cache_enabled=False)  # noqa: E731
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp = lambda: autocast_to(device, dtype, cache_enabled=False)  # noqa: E731
     runners: dict[str, Callable[[], object]] = {}
     memory: dict[str, float] = {}
     for name, (method, opts) in configs.items():
@@ -81,12 +87,7 @@ def main() -> None:
             with torch.no_grad(), amp():
                 model.forward_head(maps, images.shape[2:])
 
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad(), amp():
-            model(images)
-        torch.cuda.synchronize()
-        memory[name] = torch.cuda.max_memory_allocated(device) / 2**30
+        memory[name] = peak_memory_gib(lambda: model(images), amp, device)
         runners[f"{name}/backbone"] = backbone if args.eager else capture_graph(backbone)
         runners[f"{name}/head"] = head if args.eager else capture_graph(head)
     current = {"name": None}
@@ -107,11 +108,24 @@ def main() -> None:
                       "method": configs[name][0], "method_opts": configs[name][1],
                       "rounds_ms": {"backbone": times[f"{name}/backbone"], "head": times[f"{name}/head"]}}
     record = {"device": device_name(device), "torch": torch.__version__, "backbone": args.backbone,
-              "batch": args.batch, "size": args.size, "dtype": "bf16", "cuda_graph": not args.eager,
+              "backbone_opts": parse_method_options(args.backbone_opt),
+              "batch": args.batch, "size": args.size, "dtype": "bf16" if dtype else "fp32", "cuda_graph": not args.eager,
               "policy": policy.current(), "rows": rows}
     markdown = to_markdown(record)
     write_result(args.out, args.stem, record, markdown)
     print(markdown)
+
+
+def peak_memory_gib(fn: Callable[[], object], amp: Callable[[], Any], device: torch.device) -> float:
+    """Peak allocated GiB over one eager forward (NaN off CUDA)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad(), amp():
+        fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def to_markdown(r: dict[str, Any]) -> str:
@@ -119,7 +133,7 @@ def to_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# UperNet-{r['backbone']} at {r['size']}x{r['size']}: dense vs DyVM vs R-MeeTo ({r['device']})",
         "",
-        f"Batch {r['batch']}, {r['dtype']} autocast, {'CUDA graphs' if r['cuda_graph'] else 'eager'}, one process, "
+        f"Batch {r['batch']}, {r['dtype']}, {'CUDA graphs' if r['cuda_graph'] else 'eager'}, one process, "
         f"interleaved rounds (median). Backbone = embedding + blocks + restoration of every token at the four "
         f"taps; head = neck + UperNet + upsampling. torch {r['torch']}.",
         "",
