@@ -127,3 +127,15 @@ def test_recipes_are_the_authors(name: str) -> None:
                                      embed_dim=16, patch_size=8, stride=8)
     reducer = apply_method(tiny.backbone, cfg.method, **cfg.method_opts).reducer  # the options are DyVM's
     assert reducer.token_loss_weight == 20.0 and reducer.pruning_layers == [6, 12, 18]
+
+
+def test_output_folder_with_a_run_is_not_overwritten(tmp_path) -> None:
+    from mambatrim.engine.segmentation import _resume_path
+
+    (tmp_path / "last.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="already holds a run \\(last.pth\\): continue it with --resume auto"):
+        _resume_path(tmp_path, None)
+    assert _resume_path(tmp_path, "auto") == tmp_path / "last.pth"
+    assert _resume_path(tmp_path / "new", "auto") is None
+    with pytest.raises(FileNotFoundError, match="--resume .*missing.pth: no such checkpoint"):
+        _resume_path(tmp_path, str(tmp_path / "missing.pth"))

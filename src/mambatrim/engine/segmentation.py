@@ -207,7 +207,9 @@ def _batches(loader: DataLoader, sampler: DistributedSampler | None, seed: int,
 
 def train_segmentation(cfg: SegConfig, resume: str | None = None) -> dict[str, Any]:
     """Train ``cfg.iters`` iterations, evaluate every ``eval_interval`` and at the end; ``resume``: a
-    ``last.pth`` (or 'auto': the output folder's) to continue from. Returns the summary (also summary.json)."""
+    ``last.pth`` (or 'auto': the output folder's) to continue from, with its weights, optimizer, schedule and
+    every rank's RNG state (the data order restarts the current pass over the training set). Returns the
+    summary (also summary.json)."""
     dist_info = init_distributed(cfg.device)
     try:
         return _train(cfg, dist_info, resume)
@@ -218,9 +220,7 @@ def train_segmentation(cfg: SegConfig, resume: str | None = None) -> dict[str, A
 def _train(cfg: SegConfig, dist_info: DistInfo, resume: str | None) -> dict[str, Any]:
     device = dist_info.device
     torch.manual_seed(cfg.seed + dist_info.rank)
-    root = bundled_root(cfg.bundled_size) if cfg.data_path is None else cfg.data_path
-    data = segmentation_datasets(root, cfg.crop, tuple(cfg.scale), cfg.cat_max_ratio)
-    num_classes = cfg.num_classes or (len(BUNDLED_CLASSES) if cfg.data_path is None else 150)
+    data, num_classes = _data(cfg)
     model = build_segmenter(cfg, num_classes).to(device)
     if dist_info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -230,8 +230,8 @@ def _train(cfg: SegConfig, dist_info: DistInfo, resume: str | None) -> dict[str,
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.dtype == "fp16")
     out = Path(cfg.output_dir) if cfg.output_dir else None
     start = 0
-    ckpt_path = (out / "last.pth" if out else None) if resume == "auto" else (Path(resume) if resume else None)
-    if ckpt_path is not None and ckpt_path.exists():
+    ckpt_path = _resume_path(out, resume)
+    if ckpt_path is not None:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -290,6 +290,28 @@ def _train(cfg: SegConfig, dist_info: DistInfo, resume: str | None) -> dict[str,
     return summary
 
 
+def _resume_path(out: Path | None, resume: str | None) -> Path | None:
+    """The checkpoint to continue from: ``resume`` ('auto': OUTPUT_DIR/last.pth if present). A run already in
+    the output folder is never silently overwritten."""
+    if resume == "auto":
+        return out / "last.pth" if out is not None and (out / "last.pth").exists() else None
+    if resume:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        return Path(resume)
+    if out is not None and (out / "last.pth").exists():
+        raise ValueError(f"{out} already holds a run (last.pth): continue it with --resume auto or choose another "
+                         "--output-dir")
+    return None
+
+
+def _data(cfg: SegConfig) -> tuple[dict[str, Any], int]:
+    """The config's datasets (the bundled set when no ``data_path``) and class count (150 for a folder)."""
+    root = bundled_root(cfg.bundled_size) if cfg.data_path is None else cfg.data_path
+    data = segmentation_datasets(root, cfg.crop, tuple(cfg.scale), cfg.cat_max_ratio)
+    return data, cfg.num_classes or (len(BUNDLED_CLASSES) if cfg.data_path is None else 150)
+
+
 def _forward_with_state(forward: nn.Module, model: SegmentationModel, images: Tensor) -> tuple[Tensor, Any]:
     """Logits and the backbone's final state, through the DDP wrapper when there is one."""
     if forward is model:
@@ -336,9 +358,7 @@ def evaluate_checkpoint(cfg: SegConfig, checkpoint: dict[str, Any] | None) -> di
     parameters after it."""
     dist_info = init_distributed(cfg.device)
     try:
-        root = bundled_root(cfg.bundled_size) if cfg.data_path is None else cfg.data_path
-        data = segmentation_datasets(root, cfg.crop, tuple(cfg.scale), cfg.cat_max_ratio)
-        num_classes = cfg.num_classes or (len(BUNDLED_CLASSES) if cfg.data_path is None else 150)
+        data, num_classes = _data(cfg)
         model = build_segmenter(cfg, num_classes, (checkpoint or {}).get("model"))
         model.to(dist_info.device).eval()
         metrics = evaluate_segmentation(model, data["val"], num_classes, dist_info.device, cfg.crop,
