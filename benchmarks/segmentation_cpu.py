@@ -67,17 +67,23 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=50, help="validation images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--class-token", action="store_true", help="keep Vim's class token in the backbone")
+    parser.add_argument("--start", help="start from this dense checkpoint instead of pre-training (--iters: the "
+                                        "iterations it was trained for)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = bundled_root(size=args.size, train=400, val=args.val)
     work = Path(tempfile.mkdtemp(prefix="segbench"))
     began = time.time()
-    dense = base_config(args, data, work / "dense")
+    dense = base_config(args, data, work / "pretrain")
     table = methods(args.depth)
-    pre = train_segmentation(dense)
-    runs: dict[str, Any] = {"pretrain": {"iters": args.iters, "mIoU": pre["final"]["mIoU"],
-                                         "aAcc": pre["final"]["aAcc"], "wall_s": pre["wall_s"]}}
-    start = str(work / "dense" / "last.pth")
+    if args.start:  # a dense checkpoint trained before (its iterations given by --iters)
+        start = args.start
+        runs: dict[str, Any] = {"pretrain": {"iters": args.iters, "checkpoint": args.start}}
+    else:
+        pre = train_segmentation(dense)
+        runs = {"pretrain": {"iters": args.iters, "mIoU": pre["final"]["mIoU"], "aAcc": pre["final"]["aAcc"],
+                             "wall_s": pre["wall_s"]}}
+        start = str(work / "pretrain" / "last.pth")
     free = evaluate_checkpoint(dataclasses.replace(dense, method="rmeeto", method_opts=table["rmeeto"][1]),
                                torch.load(start, weights_only=True))
     runs["rmeeto_training_free"] = {**_row(free), "finetune_iters": 0, "wall_s": 0.0}
@@ -114,8 +120,9 @@ def _markdown(record: dict[str, Any]) -> str:
         "",
         f"UperNet on a small Vim (depth {c['model_kwargs']['depth']}, width {c['model_kwargs']['embed_dim']}, 8x8 "
         f"patches, {(c['crop'] // 8) ** 2} tokens at the {c['crop']}x{c['crop']} crop), bundled generated set "
-        f"(400 train images, 14 classes), slide inference on the validation images. Dense pre-training "
-        f"{runs['pretrain']['iters']} iterations (mIoU {100 * runs['pretrain']['mIoU']:.2f}), then "
+        f"(400 train images, {c['num_classes']} classes), slide inference on the "
+        f"validation images, class token {'kept' if c['class_token'] else 'none'}. Dense pre-training "
+        f"{runs['pretrain']['iters']} iterations, then "
         f"{record['finetune_iters']} fine-tuning iterations per row from that checkpoint, same recipe; fp32, "
         f"{record['threads']} CPU threads, torch {record['torch']}. GFLOPs: multiply-adds per image at the crop.",
         "",
