@@ -99,8 +99,9 @@ def main() -> None:
         runs[name] = {**summary["final"], **segmentation_flops(model.eval(), images), "method": method,
                       "method_opts": opts, "finetune_iters": args.finetune_iters, "wall_s": summary["wall_s"],
                       "train_log": summary["train_log"]}
-    record = {"runs": runs, "config": dataclasses.asdict(dense), "methods": table,
-              "finetune_iters": args.finetune_iters, "data": str(data), "torch": torch.__version__,
+    config = {**dataclasses.asdict(dense), "output_dir": "TMPDIR/pretrain", "data_path": "bundled set"}
+    record = {"runs": runs, "config": config, "methods": table,
+              "finetune_iters": args.finetune_iters, "data": data.name, "torch": torch.__version__,
               "cpu": platform.processor() or platform.machine(), "threads": args.threads,
               "wall_s": time.time() - began}
     write_result(args.out, args.stem, record, _markdown(record))
