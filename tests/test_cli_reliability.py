@@ -269,4 +269,4 @@ def test_16_readme_says_how_to_install_the_cpu_build_without_longer_commands():
     assert "--index-url https://download.pytorch.org/whl/cpu" in setup
     commands = [line for line in setup.splitlines() if line.startswith("python3 -m venv")]
     assert commands == ["python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/mambatrim demo",
-                        'python3 -m venv .venv && .venv/bin/pip install -e ".[dev,gpu]" && .venv/bin/python -m pytest -q']
+                        'python3 -m venv .venv && .venv/bin/pip install -e ".[dev,gpu,video]" && .venv/bin/python -m pytest -q']

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mambatrim
-from mambatrim.models import MODEL_CONFIGS, OFFICIAL_ALIASES, BiMambaMixer
+from mambatrim.models import OFFICIAL_ALIASES, BiMambaMixer, list_models
 from mambatrim.ops import selective_scan
 from mambatrim.reduce import Reducer
 
@@ -19,7 +19,7 @@ def meta_model(name: str, **kwargs):
         return timm.create_model(name, **kwargs)
 
 
-@pytest.mark.parametrize("name", list(MODEL_CONFIGS))
+@pytest.mark.parametrize("name", list_models("Vim"))
 def test_state_dict_matches_official_keys_and_shapes(name, official_state_dict):
     expected = [(k, tuple(v)) for k, v in official_state_dict["configs"][name]]
     model = meta_model(name)

@@ -16,7 +16,7 @@ from mambatrim.contract import (MixerContext, TokenState, gate_feature, insert_a
 from mambatrim.models.mamba import BiMambaMixer
 from mambatrim.models.vim import VisionMamba
 from mambatrim.reduce import dyvm, rmeeto
-from mambatrim.reduce.registry import METHODS, apply_method
+from mambatrim.reduce.registry import METHODS, apply_method, sequence_methods
 
 PATCHES = 16  # 32x32 images, 8x8 patches
 SMALL = dict(img_size=32, patch_size=8, stride=8, depth=4, embed_dim=16, num_classes=5, drop_path_rate=0.0)
@@ -94,7 +94,7 @@ def watch_layers(model: nn.Module, expected: list[int]) -> list[TokenState]:
 
 # ---------------------------------------------------------------------------------------------- every method
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 @pytest.mark.parametrize("keep", [0.6, 0.8])
 def test_protected_tokens_survive_every_layer_in_order(backbone: str, method: str, keep: float) -> None:
     model = apply_method(build(backbone), method, keep=keep, layers=[1, 2]).eval()
@@ -111,7 +111,7 @@ def test_protected_tokens_survive_every_layer_in_order(backbone: str, method: st
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 def test_training_forward_keeps_protected_tokens(backbone: str, method: str) -> None:
     if not METHODS[method].trainable:
         pytest.skip(f"{method} is not trainable")
@@ -124,7 +124,7 @@ def test_training_forward_keeps_protected_tokens(backbone: str, method: str) -> 
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sequence_methods())
 def test_identity_setting_equals_dense_model(backbone: str, method: str) -> None:
     model = build(backbone)
     x = images()
@@ -154,7 +154,7 @@ def test_first_and_middle_layouts() -> None:
     assert layout_slots("none", num_keep, 0).shape == (3, 0)
     with pytest.raises(ValueError, match="choose one of middle, first, spread, none"):
         layout_slots("centre", num_keep, 1)
-    with pytest.raises(ValueError, match="'none'"):
+    with pytest.raises(ValueError, match="'none' declares no protected tokens"):
         layout_slots("none", num_keep, 2)
 
 
@@ -310,3 +310,33 @@ def test_vim_without_class_token_loads_a_checkpoint_for_another_grid() -> None:
     grid = source.pos_embed.detach().reshape(1, 6, 6, 16).permute(0, 3, 1, 2)
     want = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
     torch.testing.assert_close(target.pos_embed.detach(), want.permute(0, 2, 3, 1).reshape(1, PATCHES, 16))
+
+
+def test_schedules_count_the_protected_tokens() -> None:
+    model = build("spread3")  # 16 patches + 3 registers
+    with pytest.raises(ValueError, match=r"0\.\.8"):
+        rmeeto.apply(model, r=9, layers=[1])
+    assert rmeeto.apply(model, r=8, layers=[1]).reducer.r == 8
+    assert dyvm.apply(model, keep=0.5, layers=[1]).reducer.protected == 3
+    from mambatrim.reduce.pruning import tokens_per_layer
+
+    counts = tokens_per_layer(19, 4, [1], 0.5, protected=3)
+    assert counts == [19, 11, 11, 11]  # 8 of 16 patches kept, + 3 registers
+    apply_method(model, "prune_norm", keep=0.5, layers=[1])
+    with torch.no_grad():
+        assert model.forward_tokens(images()).num_tokens == counts[-1]
+
+
+@pytest.mark.parametrize("backbone", ["no_cls", "spread3"])
+def test_per_image_selector_calibration_reads_the_gate_feature(backbone: str) -> None:
+    from mambatrim.engine.dyvm_selectors import set_per_image_block_policy
+
+    model = dyvm.deploy(dyvm.apply(build(backbone), keep=None, block_ratio=0.5))
+    x = images(8)
+    set_per_image_block_policy(model, x, 0.5, rounds=2)
+    with torch.no_grad():
+        model(x)
+    # calibrated on the mixer's own gate feature: about half of the images run each direction of later layers
+    for layer in model.layers[1:]:
+        share = layer.mixer.last_stats["gate"].float().mean(0)
+        assert ((share >= 0.25) & (share <= 0.75)).all(), share

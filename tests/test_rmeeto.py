@@ -129,7 +129,8 @@ def test_merge_conserves_size_weighted_sums_and_class_token():
         torch.testing.assert_close(out.sizes.sum(1), state.sizes.sum(1))
         rows = torch.arange(4)
         for field in ("hidden", "residual", "sizes", "positions"):  # class token copied exactly, never merged
-            assert torch.equal(getattr(out, field)[rows, out.protected[:, 0]], getattr(state, field)[rows, state.protected[:, 0]])
+            assert torch.equal(getattr(out, field)[rows, out.protected[:, 0]],
+                               getattr(state, field)[rows, state.protected[:, 0]])
         state = out
 
 

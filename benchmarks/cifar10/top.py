@@ -62,8 +62,8 @@ def scaled_schedule(depth: int) -> list[int]:
     return sorted({max(1, min(depth - 1, round(depth * b / 24))) for b in (5, 10, 15)})
 
 
-def model_shape(base: dict[str, Any]) -> tuple[int, int]:
-    """(tokens incl. the class token, depth) of the baseline model at its training input size."""
+def model_shape(base: dict[str, Any]) -> tuple[int, int, int]:
+    """(tokens incl. the protected ones, depth, protected tokens) of the baseline model at its training size."""
     import torch
 
     from mambatrim.engine.train import model_kwargs
@@ -73,7 +73,8 @@ def model_shape(base: dict[str, Any]) -> tuple[int, int]:
     size = cfg.input_size or cfg.model_kwargs.get("img_size") or 224
     with torch.device("meta"):
         model = create_model(cfg.model, **model_kwargs(cfg, cfg.num_classes or 10, cfg.in_chans or 3, size))
-    return model.patch_embed.num_patches + 1, model.depth
+    protected = int(getattr(model, "num_protected", 1))
+    return model.patch_embed.num_patches + protected, model.depth, protected
 
 
 def main() -> int:
@@ -93,9 +94,9 @@ def main() -> int:
 
     base = baseline_settings(read_checkpoint(args.checkpoint))
     common = {**base, "data_path": args.data_path, "device": args.device, "progress": False}
-    tokens, depth = model_shape(base)
+    tokens, depth, protected = model_shape(base)
     schedule = dict(layers=args.layers or scaled_schedule(depth), keep=args.keep)
-    counts = tokens_per_layer(tokens, depth, schedule["layers"], schedule["keep"])
+    counts = tokens_per_layer(tokens, depth, schedule["layers"], schedule["keep"], protected)
     dense = evaluate_checkpoint(make_config(common), args.checkpoint, throughput=False)
     print(f"dense: top-1 {dense['top1']:.2f}%  {dense['gflops']:.4f} GFLOPs", flush=True)
 

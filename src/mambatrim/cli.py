@@ -9,7 +9,7 @@ import sys
 from .models.checkpoint import CheckpointMismatchError
 
 # Each module defines ``register(subparsers)``, adding its parser and setting ``func(args) -> int``.
-COMMAND_MODULES = ["models", "flops", "bench", "compare", "info", "train", "eval", "demo"]
+COMMAND_MODULES = ["models", "flops", "bench", "compare", "info", "train", "eval", "demo", "data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   mambatrim train --output-dir runs/c10 --resume auto          # continue an interrupted run
   mambatrim train --resume runs/c10/last.pth                   # the same: the checkpoint holds its config
   mambatrim train --finetune dense.pth --teacher dense.pth --method NAME --method-opt ratio=0.3
+  mambatrim train --config configs/videomamba_moving_shapes.yaml --output-dir runs/shapes   # video, CPU
 """
 
 # (flags, config key, argparse kwargs); every default is None so only what was given overrides the config
@@ -40,6 +41,11 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
      dict(help="'digits' (bundled), a folder or a .zip with train/ and val/ (or test/) class folders")),
     (("--data-mode",), "data_mode", dict(choices=["auto", "memory", "stream"],
                                         help="decode all images into memory, or stream them (default auto)")),
+    (("--task",), "task", dict(choices=["image", "video"], help="image (default) | video: clips (B, C, T, H, W) "
+                                                                "from a video folder or 'moving-shapes'")),
+    (("--num-frames",), "num_frames", dict(type=int, help="video: frames per clip (TSN segments, default 8)")),
+    (("--test-clips", "--test-num-segment"), "test_clips", dict(type=int, help="video evaluation: clips per video")),
+    (("--test-crops", "--test-num-crop"), "test_crops", dict(type=int, help="video evaluation: crops per clip")),
     (("--input-size", "--img-size"), "input_size", dict(type=int, help="image side in pixels")),
     (("--in-chans",), "in_chans", dict(type=int, help="image channels (default: the model's)")),
     (("--batch-size",), "batch_size", dict(type=int, help="per process")),
@@ -66,6 +72,8 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
     (("--model-ema-decay",), "model_ema_decay", dict(type=float)),
     (("--teacher", "--teacher-path"), "teacher", dict(help="checkpoint of the frozen dense teacher")),
     (("--teacher-model",), "teacher_model", dict()),
+    (("--distill-mode",), "distill_mode", dict(choices=["kl", "hard"], help="kl: KL on logits; hard: CE of the "
+                                               "student's dist_head against the teacher's argmax (DeiT)")),
     (("--distill-weight",), "distill_weight", dict(type=float)),
     (("--distill-temperature",), "distill_temperature", dict(type=float)),
     (("--token-distill-weight",), "token_distill_weight", dict(type=float)),
@@ -86,7 +94,8 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
 
 # what evaluation uses (``mambatrim eval`` shows only these)
 EVAL_KEYS = ("model", "model_kwargs", "num_classes", "method", "method_opts", "data_path", "data_mode",
-             "input_size", "in_chans", "eval_batch_size", "num_workers", "device")
+             "input_size", "in_chans", "eval_batch_size", "num_workers", "device", "task", "num_frames",
+             "test_clips", "test_crops")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, keys: tuple[str, ...] | None = None) -> None:

@@ -69,6 +69,9 @@ class MixerContext:
     grid:           the dense token layout (e.g. (H, W)) for mixers whose orders walk a grid.
     tap:            called with the mixer's combined, gated SSM output (B, L, d_inner), the input of
                     ``out_proj``, before ``out_proj`` runs (e.g. ToP's importance score); no hooks needed.
+    sources:        (B, M) long, for layers that read the dense grid (2-D convs) after merging: the current
+                    token each of the M grid cells is merged into (they read it back there, and a token gets the
+                    mean over its cells); ``None``: the tokens are the grid.
     """
 
     token_mask: Tensor | None = None
@@ -81,3 +84,4 @@ class MixerContext:
     gaps: Tensor | None = None
     grid: tuple[int, ...] | None = None
     tap: Callable[[Tensor], None] | None = None
+    sources: Tensor | None = None

@@ -15,12 +15,13 @@ PROTECTED_LAYOUTS = ("middle", "first", "spread", "none")
 
 
 def check_layout(layout: str, count: int) -> None:
-    """ValueError unless ``layout`` is a known layout that fits ``count`` protected tokens."""
+    """ValueError unless ``layout`` is a known layout that fits ``count`` protected tokens (any layout fits none:
+    there is nothing to place)."""
     if layout not in PROTECTED_LAYOUTS:
         raise ValueError(f"unknown protected_layout {layout!r}; choose one of {', '.join(PROTECTED_LAYOUTS)}")
-    if (layout == "none") != (count == 0):
-        raise ValueError(f"protected_layout {layout!r} does not fit {count} protected tokens: 'none' is the "
-                         "layout of P = 0, 'middle', 'first' or 'spread' that of P >= 1")
+    if layout == "none" and count:
+        raise ValueError(f"protected_layout 'none' declares no protected tokens, but there are {count}: choose "
+                         "'middle', 'first' or 'spread'")
 
 
 def protected_mask(protected: Tensor, length: int) -> Tensor:
@@ -84,7 +85,12 @@ def gate_feature(xz: Tensor, protected: Tensor, mask: Tensor | None = None) -> T
         return xz[torch.arange(bsz, device=xz.device), protected[:, 0]]
     if count > 1:
         return xz[torch.arange(bsz, device=xz.device)[:, None], protected].float().mean(1)
+    return masked_mean(xz.float(), mask)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, D) mean of ``x`` (B, L, D) over the tokens, the kept ones only where a 0/1 ``mask`` (B, L) is given."""
     if mask is None:
-        return xz.float().mean(1)
-    weight = mask.float()[..., None]
-    return (xz.float() * weight).sum(1) / weight.sum(1).clamp(min=1)
+        return x.mean(1)
+    weight = mask.to(x.dtype)[..., None]
+    return (x * weight).sum(1) / weight.sum(1).clamp(min=1)

@@ -24,6 +24,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS = "digits"
 SYNTHETIC = "synthetic"
+MOVING_SHAPES = "moving-shapes"  # the bundled video set (data/video_synth.py)
+TASKS = ("image", "video")
 
 
 @dataclass
@@ -52,6 +54,13 @@ class DataOptions:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     seed: int = 0
+    # video (task 'video', data/video.py): TSN-sampled clips; evaluation averages test_clips x test_crops views
+    task: str = "image"              # image | video
+    num_frames: int = 8
+    test_clips: int = 1
+    test_crops: int = 1
+    video_flip: bool = True          # off where the motion direction is the label (the bundled moving shapes)
+    video_min_scale: float = 0.08    # RandomResizedCrop area range (video_min_scale, 1)
 
 
 class ResumableSampler(Sampler[int]):
@@ -154,12 +163,12 @@ class StreamingLoader:
     """A DataLoader whose batches are moved to the device; worker seeds come from (seed, epoch) only."""
 
     def __init__(self, dataset: Dataset, sampler: Sampler[int], batch_size: int, device: torch.device,
-                 num_workers: int, train: bool, seed: int) -> None:
+                 num_workers: int, train: bool, seed: int, collate_fn: Any = None) -> None:
         self.sampler, self.device, self.seed, self.epoch = sampler, device, seed, 0
         self.generator = torch.Generator()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                  drop_last=train, pin_memory=device.type == "cuda", generator=self.generator,
-                                 persistent_workers=False)
+                                 persistent_workers=False, collate_fn=collate_fn)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch = epoch
@@ -240,15 +249,15 @@ def _folder_datasets(path: Path, mode: str) -> tuple[Dataset, Dataset]:
     return ClassFolderDataset(path / train, mode=image_mode), ClassFolderDataset(path / val, mode=image_mode)
 
 
-def _check_one_global_batch(num_train: int, opts: DataOptions, world_size: int) -> None:
+def check_one_global_batch(num_train: int, opts: DataOptions, world_size: int) -> None:
     """Training drops incomplete batches: fewer images than one global batch would train on nothing."""
     if num_train < opts.batch_size * world_size:
         raise DataError(f"{num_train} training images are fewer than one global batch "
                         f"({opts.batch_size} x {world_size} processes)")
 
 
-def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_size: int = 1,
-               with_train: bool = True) -> DataBundle:
+def build_image_data(opts: DataOptions, device: torch.device, rank: int = 0, world_size: int = 1,
+                     with_train: bool = True) -> DataBundle:
     """Datasets + batch sources for training and (sharded) evaluation (``with_train=False``: evaluation only,
     ``bundle.train`` is None)."""
     eval_bs = opts.eval_batch_size or opts.batch_size
@@ -281,7 +290,7 @@ def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_siz
     if mode == "memory":
         size = val_t.images.shape[-1]
         if with_train:
-            _check_one_global_batch(len(train_t), opts, world_size)
+            check_one_global_batch(len(train_t), opts, world_size)
         train = None
         if with_train:
             sampler = train_sampler(train_t, rank, world_size, opts.seed, opts.repeated_aug)
@@ -303,7 +312,7 @@ def build_data(opts: DataOptions, device: torch.device, rank: int = 0, world_siz
     val_ds.transform = create_transform(  # type: ignore[attr-defined]
         size, is_training=False, interpolation="bicubic", crop_pct=opts.crop_pct, mean=mean, std=std)
     if with_train:
-        _check_one_global_batch(len(train_ds), opts, world_size)
+        check_one_global_batch(len(train_ds), opts, world_size)
     train = None
     if with_train:
         sampler = train_sampler(train_ds, rank, world_size, opts.seed, opts.repeated_aug)

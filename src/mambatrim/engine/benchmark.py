@@ -152,7 +152,9 @@ def measure_throughput(
     model.to(device)
     was_training = model.training
     model.train(train)
-    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    shape = list(getattr(model, "input_size", None) or (in_chans, img_size, img_size))  # (C, [T,] H, W)
+    shape[-2:] = [img_size, img_size]
+    images = torch.randn(batch_size, *shape, device=device)
     optimizer = scaler = targets = None
     if train:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -179,8 +181,10 @@ def measure_throughput(
                 model(images)
             return
         with _autocast(device, dtype):
-            out = model(images)
-            loss = F.cross_entropy(out.float(), targets) if out.dim() == 2 and out.shape[1] > 1 else out.float().mean()
+            outs = model(images)
+            outs = outs if isinstance(outs, (tuple, list)) else (outs,)  # (head, dist_head): both trained
+            loss = sum(F.cross_entropy(out.float(), targets) if out.dim() == 2 and out.shape[1] > 1
+                       else out.float().mean() for out in outs)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

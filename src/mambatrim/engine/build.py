@@ -55,6 +55,8 @@ def model_kwargs(cfg: Any, num_classes: int, in_chans: int, img_size: int) -> di
     kwargs = {"drop_path_rate": cfg.drop_path, **cfg.model_kwargs}
     kwargs.update(num_classes=num_classes, channels=in_chans, img_size=img_size)
     kwargs.pop("in_chans", None)
+    if getattr(cfg, "task", "image") == "video":  # a video model sees the clips the data samples
+        kwargs["num_frames"] = cfg.num_frames
     return kwargs
 
 

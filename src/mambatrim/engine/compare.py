@@ -36,7 +36,7 @@ from .dyvm_selectors import set_selector_policy
 from .precision import autocast_to
 
 MODES = ("cuda_graph", "eager")
-CONFIG_KEYS = ("name", "method", "options", "policy", "selectors")
+CONFIG_KEYS = ("name", "method", "options", "policy", "selectors", "model")
 PLAN_KEYS = ("model", "model_kwargs", "img_size", "batch_size", "dtype", "device", "modes", "rounds", "iters",
              "warmup", "stem", "title", "configs")
 DENSE = "dense"
@@ -51,6 +51,7 @@ class Configuration:
     options: dict[str, Any] = field(default_factory=dict)
     policy: dict[str, Any] = field(default_factory=dict)
     selectors: str | None = None  # DyVM: 'static', 'per_image' or a direction-shares JSON file
+    model: str | None = None  # another backbone than the plan's (same img_size and model_kwargs), e.g. MambaReg-S
 
 
 def configuration(entry: Mapping[str, Any]) -> Configuration:
@@ -69,7 +70,7 @@ def configuration(entry: Mapping[str, Any]) -> Configuration:
         if not isinstance(entry.get(key) or {}, Mapping):
             raise ValueError(f"configuration {name!r}: {key} must be a mapping of name: value")
     cfg = Configuration(name, method, dict(entry.get("options") or {}), dict(entry.get("policy") or {}),
-                        entry.get("selectors"))
+                        entry.get("selectors"), entry.get("model"))
     policy.validate(**cfg.policy)
     if cfg.selectors is not None and cfg.method != "dyvm":
         raise ValueError(f"configuration {name!r}: selectors apply to method dyvm only")
@@ -192,11 +193,16 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
 
     torch.manual_seed(0)
     dense = create_model(model_name, img_size=img_size, **dict(model_kwargs or {})).to(dev).eval()
-    in_chans = dense.patch_embed.in_chans
-    images = torch.randn(batch_size, in_chans, img_size, img_size, device=dev)
+    shape = list(getattr(dense, "input_size", None) or (dense.patch_embed.in_chans, img_size, img_size))
+    shape[-2:] = [img_size, img_size]  # (C, [T,] H, W): a video model's clips keep its frames
+    images = torch.randn(batch_size, *shape, device=dev)
     models, setups, flops = {}, {}, {}
+    bases = {model_name: dense}
     for cfg in configs:  # every configuration built before any output: a bad one stops the run at once
-        models[cfg.name], setups[cfg.name] = build_variant(dense, cfg, images, amp_dtype)
+        other = cfg.model or model_name
+        if other not in bases:
+            bases[other] = create_model(other, img_size=img_size, **dict(model_kwargs or {})).to(dev).eval()
+        models[cfg.name], setups[cfg.name] = build_variant(bases[other], cfg, images, amp_dtype)
     for cfg in configs:
         flops[cfg.name] = _flops(models[cfg.name], images, amp_dtype, cfg.policy)
         say(f"built {cfg.name}: {flops[cfg.name]['gflops']['paper']:.3f} GFLOPs (paper)")
@@ -214,7 +220,7 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
                 batch_size=batch_size, dtype=dtype, modes=modes, rounds=rounds, iters_per_round=iters,
                 warmup=warmup, environment=run_environment(dev),
                 configs=[dict(name=c.name, method=c.method, options=c.options, policy=c.policy,
-                              selectors=c.selectors) for c in configs],
+                              selectors=c.selectors, model=c.model or model_name) for c in configs],
                 rows=rows, not_captured=not_captured)
 
 
@@ -270,5 +276,6 @@ def to_markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         extra = [f"options {c['options']}"] if c["options"] else []
         extra += [f"policy {c['policy']}"] if c["policy"] else []
         extra += [f"selectors {c['selectors']}"] if c["selectors"] else []
-        lines.append(f"- {c['name']}: {c['method'] or 'dense'}" + (f" ({'; '.join(extra)})" if extra else ""))
+        model = f"{c['model']} " if c.get("model", result["model"]) != result["model"] else ""
+        lines.append(f"- {c['name']}: {model}{c['method'] or 'dense'}" + (f" ({'; '.join(extra)})" if extra else ""))
     return "\n".join(lines) + "\n"

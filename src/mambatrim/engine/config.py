@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .._yaml import load_yaml_text
-from ..data import DIGITS, DataOptions
+from ..data import DIGITS, MOVING_SHAPES, TASKS, DataOptions
 from ..validation import check_all
+from .losses import DISTILL_MODES
 from .precision import canonical_dtype
 
 
@@ -58,6 +59,9 @@ class TrainConfig(DataOptions):
     # distillation
     teacher: str | None = None              # checkpoint of the frozen dense teacher
     teacher_model: str | None = None        # its architecture (default: --model with the same model_kwargs)
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # overrides of the teacher's constructor
+    distill_mode: str = "kl"                # kl: KL on logits (+ token MSE); hard: CE(dist_head, teacher argmax)
+    teacher_input_size: int | None = None   # hard: the teacher sees the batch resized to this side
     cls_weight: float = 1.0
     distill_weight: float = 0.5             # KL(teacher || student) on logits
     distill_temperature: float = 1.0
@@ -115,7 +119,7 @@ def make_config(*layers: dict[str, Any]) -> TrainConfig:
                 close = difflib.get_close_matches(key, FIELDS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ValueError(f"unknown training option {key!r}{hint}")
-            if key in ("model_kwargs", "method_opts") and key in merged:
+            if key in ("model_kwargs", "method_opts", "teacher_kwargs") and key in merged:
                 value = {**merged[key], **value}
             merged[key] = value
     for key in ("opt_betas", "mean", "std"):
@@ -139,7 +143,9 @@ RANGES: dict[str, str] = {
     "mixup_switch_prob": "probability", "smoothing": "probability", "reprob": "probability",
     "color_jitter": "non_negative", "crop_pct": "fraction", "model_ema_decay": "probability",
     "cls_weight": "non_negative", "distill_weight": "non_negative", "distill_temperature": "positive",
-    "token_distill_weight": "non_negative", "time_limit_s": "positive",
+    "token_distill_weight": "non_negative", "time_limit_s": "positive", "teacher_input_size": "positive_int",
+    "num_frames": "positive_int", "test_clips": "positive_int", "test_crops": "positive_int",
+    "video_min_scale": "fraction",
 }
 EXISTING_OUTPUT = ("refuse", "overwrite", "new")
 
@@ -152,6 +158,14 @@ def check_config(cfg: TrainConfig) -> None:
     cfg.amp_dtype = canonical_dtype(cfg.amp_dtype, "amp_dtype")
     if cfg.amp_dtype == "fp32":
         raise ValueError("amp_dtype must be bf16 or fp16 (use --no-amp for fp32)")
+    if cfg.task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    frames = cfg.model_kwargs.get("num_frames")
+    if cfg.task == "video" and frames is not None and frames != cfg.num_frames:
+        raise ValueError(f"model_kwargs num_frames={frames} but the data samples num_frames={cfg.num_frames}: "
+                         f"set num_frames only")
+    if cfg.distill_mode not in DISTILL_MODES:
+        raise ValueError(f"distill_mode must be one of {', '.join(DISTILL_MODES)}, got {cfg.distill_mode!r}")
     if cfg.existing_output not in EXISTING_OUTPUT:
         raise ValueError(f"existing_output must be one of {', '.join(EXISTING_OUTPUT)}, got {cfg.existing_output!r}")
     known = {"1d", "bias", "norm", "pos_embed", "cls_token", "A_log", "D", "model"}
@@ -164,6 +178,6 @@ def resolve_input(cfg: TrainConfig) -> tuple[int, int | None]:
     """(channels, input size or None = the data's own) from the config and the model config."""
     in_chans = cfg.in_chans or cfg.model_kwargs.get("channels") or cfg.model_kwargs.get("in_chans") or 3
     size = cfg.input_size or cfg.model_kwargs.get("img_size")
-    if size is None and cfg.data_path != DIGITS:
+    if size is None and cfg.data_path not in (DIGITS, MOVING_SHAPES):
         size = 224
     return int(in_chans), size

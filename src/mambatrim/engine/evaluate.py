@@ -13,6 +13,15 @@ from .distributed import all_reduce_sum
 from .precision import autocast
 
 
+def view_averaged_logits(model: nn.Module, images: Tensor) -> Tensor:
+    """float logits; a batch of multi-view clips (B, V, C, T, H, W) gets each video's V views' logits averaged
+    (multi-clip x multi-crop evaluation)."""
+    if images.dim() != 6:
+        return model(images).float()
+    batch, views = images.shape[:2]
+    return model(images.flatten(0, 1)).float().view(batch, views, -1).mean(1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device, dtype: str = "fp32",
              progress: bool = False, desc: str = "eval") -> dict[str, Any]:
@@ -28,8 +37,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: 
     try:
         for images, targets in batches:
             with autocast(device, dtype):
-                logits = model(images)
-            logits = logits.float()
+                logits = view_averaged_logits(model, images)
             loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top.eq(targets[:, None])
@@ -49,7 +57,7 @@ def config_from_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The model/data settings a mambatrim training checkpoint recorded (empty for foreign checkpoints)."""
     cfg = checkpoint.get("config") or {}
     keys = ("model", "model_kwargs", "method", "method_opts", "data_path", "in_chans", "input_size", "num_classes",
-            "crop_pct", "mean", "std")
+            "crop_pct", "mean", "std", "task", "num_frames")
     out = {k: cfg[k] for k in keys if cfg.get(k) is not None}
     for key in ("num_classes", "in_chans"):
         if checkpoint.get(key) is not None:

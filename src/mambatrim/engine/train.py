@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 import yaml
 from torch import nn
 
 from ..data import DIGITS, build_data
-from ..models import create_model, load_checkpoint
+from ..models import OFFICIAL_ALIASES, MODELS, create_model, load_checkpoint
 from ..models.checkpoint import read_checkpoint
 from .build import build_from_config, model_kwargs
 from .checkpointing import atomic_save, capture_rng_state, restore_rng_state
@@ -77,12 +78,25 @@ def seed_everything(seed: int) -> None:
 
 
 def build_teacher(cfg: TrainConfig, student: nn.Module, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
-    """Frozen dense teacher in eval mode; a checkpoint or architecture that does not fit is refused."""
-    kwargs = model_kwargs(cfg, num_classes, in_chans, img_size)
-    kwargs["drop_path_rate"] = 0.0
-    teacher = create_model(cfg.teacher_model or cfg.model, **kwargs)
+    """Frozen dense teacher in eval mode; a checkpoint or architecture that does not fit is refused.
+
+    'kl' mode: the student's architecture (or ``teacher_model``) with the student's overrides. 'hard' mode: any
+    timm classifier ``teacher_model`` (a CNN, RegNetY-160, one of ours) with ``teacher_kwargs``."""
+    name = cfg.teacher_model or cfg.model
+    if cfg.distill_mode == "hard" and name != cfg.model:
+        kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+        if name in MODELS or name in OFFICIAL_ALIASES:  # ours take the input size; timm's CNNs do not
+            kwargs["img_size"] = img_size
+        try:
+            teacher = timm.create_model(name, **{**kwargs, **cfg.teacher_kwargs})
+        except RuntimeError as err:  # timm's 'Unknown model'
+            raise ValueError(f"unknown teacher model {name!r}: {err}") from err
+    else:
+        kwargs = {**model_kwargs(cfg, num_classes, in_chans, img_size), **cfg.teacher_kwargs}
+        kwargs["drop_path_rate"] = 0.0
+        teacher = create_model(name, **kwargs)
     load_checkpoint(teacher, cfg.teacher)  # CheckpointMismatchError names keys/shapes that do not fit
-    check_teacher(student, teacher, token_distill=cfg.token_distill_weight > 0)
+    check_teacher(student, teacher, token_distill=cfg.token_distill_weight > 0, mode=cfg.distill_mode)
     teacher.eval().requires_grad_(False)
     return teacher
 
@@ -93,6 +107,17 @@ def _make_ema(model: nn.Module, decay: float) -> Any:
     return ModelEmaV3(model, decay=decay)
 
 
+def mix_clips(mix: Any) -> Any:
+    """timm's cutmix boxes the last two dimensions: a clip batch (B, C, T, H, W) is mixed as (B, C*T, H, W), so
+    one box covers the same place in every frame of a clip."""
+    def apply(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 5:
+            return mix(x, y)
+        flat, y = mix(x.flatten(1, 2), y)
+        return flat.view_as(x), y
+    return apply
+
+
 def _mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -101,7 +126,7 @@ def _mixup(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
         fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                    switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
                    num_classes=num_classes)
-        return fn, SoftTargetCrossEntropy()
+        return mix_clips(fn), SoftTargetCrossEntropy()
     if cfg.smoothing > 0:
         return None, LabelSmoothingCrossEntropy(cfg.smoothing)
     return None, nn.CrossEntropyLoss()
@@ -221,7 +246,8 @@ class _Run:
         self.mixup_fn, criterion = _mixup(cfg, num_classes)
         amp_dtype = torch_dtype(self.dtype)
         self.loss_fn = TrainingLoss(criterion, LossWeights(cfg.cls_weight, cfg.distill_weight,
-                                                           cfg.distill_temperature, cfg.token_distill_weight),
+                                                           cfg.distill_temperature, cfg.token_distill_weight,
+                                                           cfg.distill_mode, cfg.teacher_input_size),
                                     self.teacher, cuda_graph=cfg.teacher_cuda_graph, autocast_dtype=amp_dtype)
         self.forward: nn.Module = StudentForward(self.model)
         self.graphed_step = None  # the GraphedStudent, when the step replays CUDA graphs

@@ -8,7 +8,8 @@ and ``out_proj`` are shared.
 
 A call builds a :class:`~mambatrim.contract.MixerPlan` from its context once, then runs the first executor
 that declares support for that plan: the fused Triton pair (:class:`FusedTritonPair`) or the per-path PyTorch
-executor (:class:`TorchPaths`, which supports every plan).
+executor (:class:`TorchPaths`, which supports every plan). Grid orders run on :class:`TritonPaths` (one
+:func:`~mambatrim.ops.scan_paths` launch reading every path's order through its index) on the 'triton' backend.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import REVERSED, SEQUENCE, MixerContext, MixerPlan, ScanOrder
-from ..ops import causal_conv1d, get_backend, policy, selective_scan
+from ..ops import causal_conv1d, get_backend, policy, scan_paths, selective_scan
+from ..ops.scan_paths import put_tokens as _put
+from ..ops.scan_paths import take_tokens as _take
 
 COMBINES = ("mean", "sum", "concat")
 
@@ -66,16 +69,6 @@ def _conv_at_positions(x: Tensor, weight: Tensor, bias: Tensor, positions: Tenso
     buf = x.new_zeros(bsz, dim, full).scatter(2, index, x)
     out = causal_conv1d(buf, weight, bias, activation="silu", reverse=reverse)
     return out.gather(2, index)
-
-
-def _take(t: Tensor, index: Tensor) -> Tensor:
-    """(B, C, L) columns ``index`` (B, L): the tokens in a path's visiting order."""
-    return t.gather(2, index[:, None, :].expand(-1, t.shape[1], -1))
-
-
-def _put(t: Tensor, index: Tensor) -> Tensor:
-    """Inverse of :func:`_take`: visiting order back to sequence order."""
-    return torch.empty_like(t).scatter_(2, index[:, None, :].expand(-1, t.shape[1], -1), t)
 
 
 def _path_suffix(k: int) -> str:
@@ -184,10 +177,24 @@ class MultiPathMixer(nn.Module):
         """Path k in sequence order: (visit order) conv -> x_proj -> dt_proj -> scan -> D skip -> gate by z.
         x, z (B, E, L) in sequence order (this path's channels); mask (B, 1, L) or None."""
         path = plan.paths[k]
-        conv, x_proj, dt_proj, A_log, D = self.path_params(k)
+        _, _, dt_proj, A_log, D = self.path_params(k)
         if path.index is not None:
-            x, z = _take(x, path.index), _take(z, path.index)
+            z = _take(z, path.index)
             mask = None if mask is None else _take(mask, path.index)
+        u, delta, Bm, Cm = self.path_inputs(k, x, plan, mask)
+        y = selective_scan(u, delta, -torch.exp(A_log.float()), Bm, Cm, D.float(), z,
+                           delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=path.reverse, gap=path.gap)
+        return y if path.index is None else _put(y, path.index)
+
+    def path_inputs(self, k: int, x: Tensor, plan: MixerPlan, mask: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Path k's scan inputs in its visiting order: u (conv output), delta (without its bias), B, C
+        ((B, E, L), (B, E, L), (B, N, L), (B, N, L)). x (B, E, L) in sequence order; mask (B, 1, L) in visiting
+        order or None."""
+        path = plan.paths[k]
+        conv, x_proj, dt_proj, _, _ = self.path_params(k)
+        if path.index is not None:
+            x = _take(x, path.index)
         if mask is not None:
             x = x * mask
         if path.positions is not None:
@@ -200,10 +207,7 @@ class MultiPathMixer(nn.Module):
         x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        y = selective_scan(u, delta, -torch.exp(A_log.float()), Bm.transpose(1, 2), Cm.transpose(1, 2), D.float(),
-                           z, delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=path.reverse,
-                           gap=path.gap)
-        return y if path.index is None else _put(y, path.index)
+        return u, delta, Bm.transpose(1, 2), Cm.transpose(1, 2)
 
     def combine_paths(self, outs: list[Tensor]) -> Tensor:
         if self.combine == "concat":
@@ -302,7 +306,46 @@ def _gate_of_rows(plan: MixerPlan, xz: Tensor) -> Tensor:
     return plan.gate(plan.gate_feature(xz))
 
 
-EXECUTORS = (FusedTritonPair, TorchPaths)  # the first that supports a plan runs it
+class TritonPaths:
+    """Executor: grid-order paths (PlainMamba's zig-zags, GroupMamba's per-group directions) in one
+    :func:`~mambatrim.ops.scan_paths` launch on the 'triton' backend, training and inference. Each path's conv
+    runs on its input gathered into visiting order (the one gather left; aligned plans use the position-mapped
+    conv); the scan reads the gate z through the path's index and writes every output straight to its token,
+    summing the paths (mean / sum) or filling each path's channel slice (concat): no scatter back and no
+    separate combine. Declares support for: every path a grid order, no token mask, gates as per-sample path
+    weights (no gradient through them)."""
+
+    @staticmethod
+    def supports(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> bool:
+        gate_ok = plan.gate is None or not (plan.grad and (plan.callable_gate or plan.gate.requires_grad))
+        return (all(p.index is not None for p in plan.paths) and plan.mask is None and gate_ok
+                and get_backend(hidden.device.type) == "triton")
+
+    @staticmethod
+    def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:
+        length = hidden.shape[1]
+        xz = mixer.in_proj(hidden)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
+        gate = plan.gate
+        if plan.callable_gate:
+            gate = gate(plan.gate_feature(xz))
+        width, concat = mixer.path_width, mixer.combine == "concat"
+        ins = [mixer.path_inputs(k, x[:, k * width:(k + 1) * width] if concat else x, plan)
+               for k in range(mixer.num_paths)]
+        u, delta, Bm, Cm = (torch.stack(parts) for parts in zip(*ins))
+        A, D, bias = (torch.stack(parts) for parts in zip(*(
+            (-torch.exp(A_log.float()), Dk.float(), dt_proj.bias.float())
+            for _, _, dt_proj, A_log, Dk in map(mixer.path_params, range(mixer.num_paths)))))
+        gap = None if plan.paths[0].gap is None else torch.stack([p.gap for p in plan.paths])
+        y = scan_paths(u, delta, A, Bm, Cm, torch.stack([p.index for p in plan.paths]), D=D, z=z, delta_bias=bias,
+                       delta_softplus=True, u_at="step", bc_at="step", gap=gap, weight=gate,
+                       combine="concat" if concat else "sum", scale=1 / mixer.num_paths if mixer.combine == "mean"
+                       else 1.0, backend="triton")
+        mixer.last_stats = {"tokens": length, "gate": None if gate is None else gate.detach()}
+        return mixer.project_out(y.transpose(1, 2), plan)
+
+
+EXECUTORS = (FusedTritonPair, TritonPaths, TorchPaths)  # the first that supports a plan runs it
 
 
 class BiMambaMixer(MultiPathMixer):

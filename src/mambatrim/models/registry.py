@@ -16,6 +16,10 @@ from timm.models import register_model
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .groupmamba import GroupMamba
+from .mambareg import MambaReg
+from .plainmamba import PlainMamba
+from .videomamba import VideoMamba, VideoMambaVideo
 from .vim import VisionMamba
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,4 +173,72 @@ register_family(
         "vim_tiny_patch16_224": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
         "vim_small_patch16_224": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
     },
+)
+
+register_family(
+    "PlainMamba", PlainMamba,
+    {
+        "plainmamba_l1": dict(embed_dim=192, depth=24, num_convs_patch_embed=1, layers_with_dwconv=(0,),
+                              drop_path_rate=0.2),
+        "plainmamba_l2": dict(embed_dim=384, depth=24, num_convs_patch_embed=2, drop_path_rate=0.2),
+        "plainmamba_l3": dict(embed_dim=448, depth=36, num_convs_patch_embed=2, drop_path_rate=0.4),
+    },
+    # the official mmcls checkpoints (README of ChenhongyiYang/PlainMamba)
+    hf_weights={f"plainmamba_{v}": ("ChenhongyiYang/PlainMamba", f"{v}.pth") for v in ("l1", "l2", "l3")},
+    first_conv="backbone.patch_embed.stem.0", classifier="head.fc",
+)
+
+register_family(
+    "MambaReg", MambaReg,
+    {
+        "mambar_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=24, num_cls_tokens=12, cls_reduce=1),
+        "mambar_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=24, num_cls_tokens=12, cls_reduce=2),
+        "mambar_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=24, num_cls_tokens=12, cls_reduce=4),
+        "mambar_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=48, num_cls_tokens=16, cls_reduce=8),
+    },
+    hf_weights={name: ("Wangf3014/Mamba-Reg", f"{name}.pth")
+                for name in ("mambar_small_patch16_224", "mambar_base_patch16_224", "mambar_large_patch16_224")},
+)
+
+register_family(
+    "VideoMamba", VideoMamba,
+    {
+        "videomamba_tiny": dict(patch_size=16, embed_dim=192, depth=24),
+        "videomamba_small": dict(patch_size=16, embed_dim=384, depth=24),
+        "videomamba_middle": dict(patch_size=16, embed_dim=576, depth=32),
+        "videomamba_base": dict(patch_size=16, embed_dim=768, depth=24),
+        "videomamba_middle_distill": dict(patch_size=16, embed_dim=576, depth=32, distill=True),
+        "videomamba_base_distill": dict(patch_size=16, embed_dim=768, depth=24, distill=True),
+    },
+    # the ImageNet-1k 224 px releases (the middle and base ones come from the self-distillation runs)
+    hf_weights={
+        "videomamba_tiny": ("OpenGVLab/VideoMamba", "videomamba_t16_in1k_res224.pth"),
+        "videomamba_small": ("OpenGVLab/VideoMamba", "videomamba_s16_in1k_res224.pth"),
+        "videomamba_middle_distill": ("OpenGVLab/VideoMamba", "videomamba_m16_in1k_res224.pth"),
+        "videomamba_base_distill": ("OpenGVLab/VideoMamba", "videomamba_b16_in1k_res224.pth"),
+    },
+)
+
+# The video models (official video_sm): registered there as videomamba_tiny / _small / _middle, names the image
+# models own here, hence no aliases. Constructor arguments num_frames (8), kernel_size (tubelet, 1), img_size.
+register_family(
+    "VideoMambaVideo", VideoMambaVideo,
+    {
+        "videomamba_video_tiny": dict(patch_size=16, embed_dim=192, depth=24),
+        "videomamba_video_small": dict(patch_size=16, embed_dim=384, depth=24),
+        "videomamba_video_middle": dict(patch_size=16, embed_dim=576, depth=32),
+    },
+)
+
+register_family(
+    "GroupMamba", GroupMamba,
+    {
+        "groupmamba_tiny": dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4],
+                                depths=[3, 4, 9, 3], norm_eps=1e-6),
+        "groupmamba_small": dict(stem_hidden_dim=64, embed_dims=[64, 128, 348, 512], mlp_ratios=[8, 8, 4, 4],
+                                 depths=[3, 4, 16, 3], norm_eps=1e-6),
+        "groupmamba_base": dict(stem_hidden_dim=64, embed_dims=[96, 192, 424, 512], mlp_ratios=[8, 8, 4, 4],
+                                depths=[3, 6, 21, 3], norm_eps=1e-6),
+    },
+    first_conv="patch_embed1.conv.0",
 )

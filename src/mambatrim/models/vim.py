@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from torch import Tensor, nn
 
-from ..contract import Reducer, TokenState
+from ..contract import Reducer, TokenState, masked_mean
 from .mamba import BiMambaMixer, RMSNorm
 from .pos_embed import resize_pos_embed
 
@@ -271,10 +271,7 @@ class VisionMamba(nn.Module):
         hidden = state.hidden
         if state.num_protected:
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), state.protected[:, 0]]
-        if state.mask is None:
-            return hidden.mean(1)
-        weight = state.mask.to(hidden.dtype)[..., None]
-        return (hidden * weight).sum(1) / weight.sum(1).clamp(min=1)
+        return masked_mean(hidden, state.mask)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.pool(self.forward_tokens(x))

@@ -1,5 +1,7 @@
 """Selective scan and causal conv: one public API, several backends.
 
+:func:`scan_paths` runs K scans whose paths visit the tokens in their own orders (through an index).
+
 Backends:
     ``ref``    sequential over L, fp32 state: the ground truth (slow).
     ``torch``  chunked, pure PyTorch, differentiable: the CPU default.
@@ -21,10 +23,12 @@ from torch import Tensor
 from . import policy
 from .conv import causal_conv1d
 from .scan_ref import selective_scan_ref
+from .scan_paths import scan_paths
 from .scan_torch import selective_scan_torch
 
 __all__ = [
     "selective_scan",
+    "scan_paths",
     "causal_conv1d",
     "available_backends",
     "set_backend",

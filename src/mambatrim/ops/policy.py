@@ -61,6 +61,10 @@ SETTINGS: dict[str, Setting] = {
     "scan_seq_programs": Setting(16, "a split forward scan runs chunks enough for this many programs per "
                                  "multiprocessor (H100 sweep, resolution_sweep scan section)"),
     "scan_bwd_seq_programs": Setting(32, "the same for the split backward"),
+    "scan_paths_fwd_block_d": Setting(32, "channels per program of the multi-order scan's forward (scan_paths; "
+                                      "narrower than the single scan's: one program walks every summed path, so "
+                                      "more programs fill the GPU)"),
+    "scan_paths_bwd_block_d": Setting(32, "channels per program of the multi-order scan's backward"),
     "conv_block_l": Setting(16, "tokens per program of the pair conv"),
     "conv_block_e": Setting(128, "channels per program of the pair conv"),
     "conv_warps": Setting(4, "warps per program of the pair conv"),

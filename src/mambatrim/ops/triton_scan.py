@@ -322,6 +322,31 @@ def _gate_back(dout, zz):
 
 
 @triton.jit
+def _carry_back(carry, ex, A2, dout_ptrs, z_ptrs, C_ptrs, scale, dmask, nmask, HAS_Z: tl.constexpr):
+    """One step of a backward segment's local carry: exp(ex A) * (C gy + carry), gy the output gradient (read
+    at ``dout_ptrs``, times ``scale``) through the gate at ``z_ptrs``."""
+    gy = tl.load(dout_ptrs, mask=dmask, other=0.0).to(tl.float32) * scale
+    if HAS_Z:
+        gy, sig = _gate_back(gy, tl.load(z_ptrs, mask=dmask, other=0.0).to(tl.float32))
+    Ct = tl.load(C_ptrs, mask=nmask, other=0.0).to(tl.float32)
+    return tl.exp2(ex[None, :] * A2) * (Ct[:, None] * gy[None, :] + carry)
+
+
+@triton.jit
+def _state_back(h, Bt, Ct, gy, dt, u, ex, A2, carry):
+    """One step of the backward walk, state (N, channels) ``h`` after the step: the state gradient passed to the
+    step before, d(loss)/d(decay exponent), this step's dA share, <dh, B>, and the step's dB and dC (summed over
+    the program's channels)."""
+    dtu = dt * u
+    dh = Ct[:, None] * gy[None, :] + carry
+    q = dh * (h - Bt[:, None] * dtu[None, :])  # = dh * dA * h_prev, without dividing by dA
+    de = tl.sum(q * A2, axis=0) * 0.6931471805599453
+    dhB = tl.sum(dh * Bt[:, None], axis=0)
+    return (tl.exp2(ex[None, :] * A2) * dh, de, q * ex[None, :], dhB, tl.sum(dh * dtu[None, :], axis=1),
+            tl.sum(h * gy[None, :], axis=1))
+
+
+@triton.jit
 def _scan_bwd_carry_kernel(
     dl_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, gap_ptr, dout_ptr, cr_ptr, csum_ptr,
     L, E, scale, SEG, NSEG,
@@ -358,11 +383,8 @@ def _scan_bwd_carry_kernel(
                       0.0)
         ex, gp = _exponent_back(s, t, s >= 0, dmask, dt, L, rev, gp_base, sg_t, d_base, sd_t, bias, HAS_GAP,
                                 HAS_BIAS, SOFTPLUS)
-        gy = tl.load(o_base + t * so_t, mask=dmask, other=0.0).to(tl.float32) * scale
-        if HAS_Z:
-            gy, sig = _gate_back(gy, tl.load(z_base + t * sz_t, mask=dmask, other=0.0).to(tl.float32))
-        Ct = tl.load(C_base + t * sC_t, mask=nmask, other=0.0).to(tl.float32)
-        carry = tl.exp2(ex[None, :] * A2) * (Ct[:, None] * gy[None, :] + carry)
+        carry = _carry_back(carry, ex, A2, o_base + t * so_t, z_base + t * sz_t, C_base + t * sC_t, scale, dmask,
+                            nmask, HAS_Z)
         ex_sum += ex
     cr_base, cs_base = _chunk_bases(cr_ptr, csum_ptr, g, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
     tl.store(cr_base + seg_i * (N * E), carry, mask=mask2)
@@ -469,22 +491,14 @@ def _scan_bwd_seq_kernel(
                 tl.store(dz_ptr + gx_base + t * gx_t, dz.to(dz_ptr.dtype.element_ty), mask=m)
             else:
                 gy = dout
-            dA = tl.exp2(ex[None, :] * A2)
-            dtu = dt * u
-            dh = Ct[:, None] * gy[None, :] + carry
-            carry = dA * dh
-            q = dh * (h - Bt[:, None] * dtu[None, :])  # = dh * dA * h_prev, without dividing by dA
-            de = tl.sum(q * A2, axis=0) * 0.6931471805599453
-            dA_acc += q * ex[None, :]
-            dhB = tl.sum(dh * Bt[:, None], axis=0)
+            carry, de, dA_step, dhB, dB_t, dC_t = _state_back(h, Bt, Ct, gy, dt, u, ex, A2, carry)
+            dA_acc += dA_step
             ddt = dhB * u + de
             du = dhB * dt + gy * Dv
             dD_acc += gy * u
             # every channel block adds its share into one (group, batch, L, N) fp32 buffer
-            tl.atomic_add(dB_ptr + part + t * N + n, tl.sum(dh * dtu[None, :], axis=1), mask=nmask & ok,
-                          sem="relaxed")
-            tl.atomic_add(dC_ptr + part + t * N + n, tl.sum(h * gy[None, :], axis=1), mask=nmask & ok,
-                          sem="relaxed")
+            tl.atomic_add(dB_ptr + part + t * N + n, dB_t, mask=nmask & ok, sem="relaxed")
+            tl.atomic_add(dC_ptr + part + t * N + n, dC_t, mask=nmask & ok, sem="relaxed")
             tl.store(du_ptr + gx_base + t * gx_t, du.to(du_ptr.dtype.element_ty), mask=m)
             if HAS_GAP:
                 tl.store(gs_ptr + gx_base + t * gx_t, gp * de, mask=m)
@@ -573,8 +587,9 @@ class _ScanFn(torch.autograd.Function):
         n_chunks = ckpt.shape[3]
         has_gap = gap is not None
         du = _alloc_like(u, G, u.dtype)
-        ddl = _alloc_like(delta, G, torch.float32 if has_gap else delta.dtype)
-        gs = _alloc_like(delta, G, torch.float32) if has_gap else ddl
+        # written with du's strides (gx_*): laid out like u, whatever delta's own layout
+        ddl = _alloc_like(u, G, torch.float32 if has_gap else delta.dtype)
+        gs = _alloc_like(u, G, torch.float32) if has_gap else ddl
         dz = _alloc_like(u, G, z.dtype) if z is not None else du  # written with du's strides
         block_d, warps = policy.get("scan_bwd_block_d"), policy.get("scan_bwd_warps")
         n_blocks = triton.cdiv(E, block_d)

@@ -18,3 +18,4 @@ __all__ = ["METHODS", "MethodSpec", "MixerContext", "Reducer", "TokenState", "ap
 from . import rmeeto  # noqa: E402,F401
 from . import dyvm  # noqa: E402,F401
 from . import top, baselines  # noqa: E402,F401
+from . import groupmamba  # noqa: E402,F401

@@ -6,15 +6,18 @@ from the residual stream (hidden + residual, class token excluded). Stage ``s`` 
 *original* patch count.
 
 * Training: a hard straight-through Gumbel-softmax decides per token; the sequence is **rearranged** (kept
-  tokens in their original order, the class token at the middle of the kept tokens per sample, pruned tokens
+  tokens in their original order, the protected tokens placed among them by the backbone's layout per sample
+  -- Vim's class token at the middle, VideoMamba's first, MambaReg's registers spread evenly -- pruned tokens
   moved to the tail) and the pruned tail is masked in every later mixer (before and after the local conv, both
   directions). With pruned tokens at the tail, the forward scan reaches them only after every kept token and
   the backward scan starts on them with a zero state and zero input, so the kept tokens compute exactly what
   they compute with the pruned tokens removed. The rearrangement is one stable sort per stage (no loop).
-* Inference: top-``int(ratio*N)`` of the keep score, sorted, gathered; the class token is re-inserted at k//2.
+* Inference: top-``int(ratio*N)`` of the keep score, sorted, gathered; the protected tokens re-inserted by the
+  same layout (Vim: the class token at k//2).
   Pruned tokens are physically removed.
 
-Block selection: per layer a linear selector reads the class token's ``in_proj`` output and gives two gates
+Block selection: per layer a linear selector reads the class token's ``in_proj`` output (the registers' mean,
+or all tokens' without a class token: :func:`~mambatrim.contract.gate_feature`) and gives two gates
 [forward, backward]. Training: Gumbel-sigmoid (tau 2) straight-through, both directions computed and gated.
 Inference: logit > 0 and a direction runs only for the samples that selected it.
 
@@ -221,12 +224,15 @@ class DyVMConfig:
 
 class DyVMReducer(Reducer):
     """DyVM token pruning + block selection. Parameters: ``predictors`` (one per stage) and ``selectors`` (one
-    ``Linear(2*d_inner, 2)`` per layer, or ``None`` when block selection is off)."""
+    ``Linear(2*d_inner, paths)`` per layer, one gate per scan path: Vim's 2 directions, PlainMamba's 4 orders;
+    or ``None`` when block selection is off). ``protected``: the model's protected tokens per image (its class
+    token, registers), which the predictors do not score."""
 
-    def __init__(self, embed_dim: int, d_inner: int, depth: int, config: DyVMConfig | None = None) -> None:
+    def __init__(self, embed_dim: int, d_inner: int, depth: int, config: DyVMConfig | None = None,
+                 protected: int = 1, paths: int = 2) -> None:
         super().__init__()
         config = config or DyVMConfig()
-        self.config, self.depth = config, depth
+        self.config, self.depth, self.protected = config, depth, int(protected)
         layers, ratios = config.stages(depth)
         self.pruning_layers, self.token_ratios = layers, ratios
         self.block_ratio = None if config.block_ratio is None else float(config.block_ratio)
@@ -244,7 +250,7 @@ class DyVMReducer(Reducer):
                     previous = ratio
         self.selectors: nn.ModuleList | None = None
         if self.block_ratio is not None:
-            self.selectors = nn.ModuleList(BlockSelector(2 * d_inner, 2) for _ in range(depth))
+            self.selectors = nn.ModuleList(BlockSelector(2 * d_inner, paths) for _ in range(depth))
             with torch.no_grad():
                 for sel in self.selectors:
                     sel.weight.zero_()
@@ -376,18 +382,17 @@ class DyVMReducer(Reducer):
             losses["dyvm_token_ratio"] = self.token_loss_weight * torch.stack(terms).sum() / len(terms)
         gates = state.extras.get("dyvm_gates") or []
         if gates and self.training and self.block_ratio is not None:
-            mean_gate = torch.stack([g.mean() for g in gates]).mean()
-            losses["dyvm_block_ratio"] = self.block_loss_weight * (mean_gate - self.block_ratio) ** 2
+            losses["dyvm_block_ratio"] = block_ratio_loss(gates, self.block_ratio, self.block_loss_weight)
         if teacher_state is not None and self.distill_weight > 0:
             losses["dyvm_token_distill"] = self.distill_weight * token_distill_mse(state, teacher_state)
         return losses
 
     def flops_overhead(self, tokens_per_layer: list[int], dim: int) -> float:
-        """Predictor MACs (on the tokens entering each pruning layer, class token excluded) + selector MACs."""
+        """Predictor MACs (on the tokens entering each pruning layer, protected tokens excluded) + selector MACs."""
         macs = 0.0
         for layer, predictor in zip(self.pruning_layers, self.predictors):
             entering = tokens_per_layer[layer - 1] if layer >= 1 else tokens_per_layer[0]
-            macs += (entering - 1) * predictor.macs_per_token()
+            macs += (entering - self.protected) * predictor.macs_per_token()
         if self.selectors is not None:
             macs += sum(s.in_features * s.out_features for s in self.selectors)
         return macs
@@ -395,6 +400,13 @@ class DyVMReducer(Reducer):
     def extra_repr(self) -> str:
         return (f"pruning_layers={self.pruning_layers}, token_ratios={[round(r, 4) for r in self.token_ratios]}, "
                 f"block_ratio={self.block_ratio}")
+
+
+def block_ratio_loss(gates: list[Tensor], ratio: float, weight: float) -> Tensor:
+    """DyVM's block-ratio loss: ``weight * (mean executed share of the gated paths - ratio)^2``, the mean over
+    every recorded (B, K) gate of the forward pass."""
+    mean_gate = torch.stack([g.mean() for g in gates]).mean()
+    return weight * (mean_gate - ratio) ** 2
 
 
 def coverage_grid(alive: Tensor, share: float) -> Tensor:
@@ -455,7 +467,9 @@ def apply(model: nn.Module, keep: float | None = 0.7, block_ratio: float | None 
             raise TypeError(f"dyvm.apply needs a VisionMamba model, got {type(model).__name__}")
     ref = next(model.parameters())
     config = DyVMConfig(keep=keep, block_ratio=block_ratio, layers=layers, **options)
-    reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, config)  # type: ignore[arg-type]
+    reducer = DyVMReducer(model.embed_dim, model.d_inner, model.depth, config,  # type: ignore[arg-type]
+                          protected=int(getattr(model, "num_protected", 1)),
+                          paths=int(getattr(model, "num_paths", 2)))
     model.set_reducer(reducer.to(device=ref.device))  # type: ignore[operator]
     return model
 
@@ -491,7 +505,7 @@ def count_flops(model: nn.Module, img_size: int | None = None, block_ratio: floa
         if not 0.0 <= block_ratio <= 1.0:
             raise ValueError(f"dyvm.count_flops: block_ratio must be in [0, 1], got {block_ratio}")
         for layer in report.layers:
-            layer.directions = (float(block_ratio), float(block_ratio))
+            layer.directions = (float(block_ratio),) * len(layer.directions)
     return report
 
 

@@ -15,6 +15,8 @@ from ..contract import (MixerContext, Reducer, TokenState, insert_at, layout_slo
                         unprotected_index)
 
 ALIGN_MODES = (None, "hold", "decay")
+# 'middle': where the backbone's protected_layout puts the protected tokens (Vim: its class token at the middle);
+# 'original': at their original places among the survivors
 CLS_PLACEMENTS = ("middle", "original")
 ORDERS = ("original", "score")
 SELECTIONS = ("global", "window")

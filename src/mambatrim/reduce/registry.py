@@ -17,6 +17,7 @@ class MethodSpec:
     demo_options: dict[str, Any] = field(default_factory=dict)
     trainable: bool = True  # whether fine-tuning / re-training it makes sense
     learned: bool = False  # needs training before use (learned predictors): the demo fine-tunes it briefly
+    families: tuple[str, ...] | None = None  # the backbone families it applies to; None: every token sequence
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -27,6 +28,11 @@ def register_method(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"reduction method {spec.name!r} is registered twice")
     METHODS[spec.name] = spec
     return spec
+
+
+def sequence_methods() -> list[str]:
+    """Names of the methods that apply to every token-sequence backbone (Vim and its kin), sorted."""
+    return sorted(name for name, spec in METHODS.items() if spec.families is None)
 
 
 def method_spec(name: str) -> MethodSpec:

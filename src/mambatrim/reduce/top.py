@@ -3,9 +3,10 @@
 After chosen blocks (default: after blocks 5, 10 and 15 of 24) each image keeps ``ceil((L-1) * keep)`` patch
 tokens (rounded to an even count, so the class token sits exactly in the middle again), scored by the previous
 mixer's SSM output: ``S_m = sum_d max(0, y_{m,d})`` with ``y`` the gated output of both scan directions in
-original token order (the input of ``out_proj``). Survivors keep their original order; the class token is
-never pruned and is re-inserted at the middle (``cls_placement='middle'``, as the released code does) or at its
-original place among the survivors (``'original'``).
+original token order (the input of ``out_proj``). Survivors keep their original order; the protected tokens
+(class token, registers) are never pruned and are re-inserted where the backbone's layout puts them
+(``cls_placement='middle'``: Vim's class token at the middle, as the released code does; VideoMamba's first,
+MambaReg's registers spread) or at their original places among the survivors (``'original'``).
 
 Hidden-state alignment (``align``), honoured by the mixer through ``MixerContext.positions``:
     None     plain pruning: the scan and the local conv see the compacted sequence.
