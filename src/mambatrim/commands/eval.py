@@ -12,7 +12,6 @@ from typing import Any
 
 from ..validation import check
 
-from .segment import add_task_argument
 from .train import EVAL_KEYS, add_config_arguments, config_from_args
 
 EXAMPLES = """examples:
@@ -34,7 +33,6 @@ def register(subparsers: Any) -> None:
                         help="images per iteration of the throughput measurement (default 64)")
     parser.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
     add_config_arguments(parser, EVAL_KEYS)
-    add_task_argument(parser)
     parser.set_defaults(func=run)
 
 

@@ -9,7 +9,6 @@ import argparse
 import json
 from typing import Any
 
-TASKS = ("classification", "segmentation")
 # shared option (its argparse key and flag) -> SegConfig key
 SHARED = {"model": ("--model", "backbone"), "model_kwargs": ("--model-opt", "model_kwargs"),
           "num_classes": ("--num-classes", "num_classes"), "drop_path": ("--drop-path", "drop_path"),
@@ -23,17 +22,12 @@ IGNORED = {"resume", "overrides", "config", "task", "func", "command", "eval", "
            "use_ema", "throughput", "bench_batch", "json_out"}
 
 
-def add_task_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", choices=TASKS, default="classification",
-                        help="classification (default) or segmentation (UperNet, ADE20K layout; configs/seg_*.yaml)")
-
-
 def seg_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     """defaults < ``base`` (a checkpoint's stored config) < --config < shared options < --set."""
     from ..engine.segmentation import load_seg_config
     from ..reduce import parse_method_options
 
-    unused = sorted(k for k, v in vars(args).items() if v not in (None, False, [], "classification")
+    unused = sorted(k for k, v in vars(args).items() if v not in (None, False, [])
                     and k not in SHARED and k not in IGNORED and not (k == "amp"))
     if unused:
         raise ValueError(f"--task segmentation does not use {', '.join('--' + k.replace('_', '-') for k in unused)}; "

@@ -15,7 +15,6 @@ import argparse
 import json
 from typing import Any
 
-from .segment import add_task_argument
 
 EXAMPLES = """examples:
   mambatrim train --output-dir runs/digits          # the small digits recipe: a few minutes on a 2-core CPU
@@ -41,8 +40,9 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
      dict(help="'digits' (bundled), a folder or a .zip with train/ and val/ (or test/) class folders")),
     (("--data-mode",), "data_mode", dict(choices=["auto", "memory", "stream"],
                                         help="decode all images into memory, or stream them (default auto)")),
-    (("--task",), "task", dict(choices=["image", "video"], help="image (default) | video: clips (B, C, T, H, W) "
-                                                                "from a video folder or 'moving-shapes'")),
+    (("--task",), "task", dict(choices=["image", "video", "segmentation"],
+                               help="image (default) | video: clips (B, C, T, H, W) from a video folder or "
+                                    "'moving-shapes' | segmentation: UperNet, ADE20K layout (configs/seg_*.yaml)")),
     (("--num-frames",), "num_frames", dict(type=int, help="video: frames per clip (TSN segments, default 8)")),
     (("--test-clips", "--test-num-segment"), "test_clips", dict(type=int, help="video evaluation: clips per video")),
     (("--test-crops", "--test-num-crop"), "test_crops", dict(type=int, help="video evaluation: crops per clip")),
@@ -190,7 +190,6 @@ def register(subparsers: Any) -> None:
                                    description=__doc__, epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    add_task_argument(parser)
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate the --resume (or --finetune) checkpoint, as in DeiT")
     parser.set_defaults(func=run)
