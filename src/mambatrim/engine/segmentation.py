@@ -34,6 +34,7 @@ from .seg_metrics import ConfusionMatrix
 class SegConfig:
     """One segmentation run (YAML keys = field names)."""
 
+    task: str = "segmentation"  # marks a recipe as a segmentation one (configs/seg_*.yaml)
     backbone: str = "vim_tiny_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # backbone config overrides (depth, ...)
     num_classes: int | None = None  # None: 150 for a folder, the bundled set's classes otherwise
@@ -70,6 +71,8 @@ class SegConfig:
     log_interval: int = 50
 
     def __post_init__(self) -> None:
+        if self.task != "segmentation":
+            raise ValueError(f"a segmentation config has task 'segmentation', got {self.task!r}")
         self.dtype = canonical_dtype(self.dtype, "dtype")
         for name in ("iters", "batch_size", "crop", "slide_stride", "eval_interval"):
             if int(getattr(self, name)) < 1:
