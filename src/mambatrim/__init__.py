@@ -7,8 +7,9 @@ from .models import (
     list_models,
     load_checkpoint,
 )
+from .models.segmentation import create_segmentation_model
 from .ops import selective_scan
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "CheckpointMismatchError", "VisionMamba", "create_model", "list_models",
-           "load_checkpoint", "selective_scan", "__version__"]
+           "create_segmentation_model", "load_checkpoint", "selective_scan", "__version__"]

@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.report import write_json
     from ..models.checkpoint import read_checkpoint
 
+    if args.task == "segmentation":
+        from .segment import run_eval
+
+        return run_eval(args)
     check(args.bench_batch, "--bench-batch", "positive_int")
     base = config_from_checkpoint(read_checkpoint(args.checkpoint)) if args.checkpoint else {}
     cfg = config_from_args(args, base)

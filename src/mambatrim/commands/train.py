@@ -15,6 +15,7 @@ import argparse
 import json
 from typing import Any
 
+
 EXAMPLES = """examples:
   mambatrim train --output-dir runs/digits          # the small digits recipe: a few minutes on a 2-core CPU
   mambatrim train --config configs/cifar10_vim_tiny_p2.yaml --data-path cifar10.zip --output-dir runs/c10
@@ -39,8 +40,9 @@ _OPTIONS: list[tuple[tuple[str, ...], str, dict[str, Any]]] = [
      dict(help="'digits' (bundled), a folder or a .zip with train/ and val/ (or test/) class folders")),
     (("--data-mode",), "data_mode", dict(choices=["auto", "memory", "stream"],
                                         help="decode all images into memory, or stream them (default auto)")),
-    (("--task",), "task", dict(choices=["image", "video"], help="image (default) | video: clips (B, C, T, H, W) "
-                                                                "from a video folder or 'moving-shapes'")),
+    (("--task",), "task", dict(choices=["image", "video", "segmentation"],
+                               help="image (default) | video: clips (B, C, T, H, W) from a video folder or "
+                                    "'moving-shapes' | segmentation: UperNet, ADE20K layout (configs/seg_*.yaml)")),
     (("--num-frames",), "num_frames", dict(type=int, help="video: frames per clip (TSN segments, default 8)")),
     (("--test-clips", "--test-num-segment"), "test_clips", dict(type=int, help="video evaluation: clips per video")),
     (("--test-crops", "--test-num-crop"), "test_crops", dict(type=int, help="video evaluation: crops per clip")),
@@ -194,6 +196,14 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "segmentation":
+        from .segment import run_eval, run_train
+
+        if args.eval:
+            args.checkpoint = args.resume or args.finetune
+            args.resume = args.finetune = None
+            return run_eval(args)
+        return run_train(args)
     if args.eval:
         from ..engine.evaluate import config_from_checkpoint, evaluate_checkpoint
         from ..models.checkpoint import read_checkpoint

@@ -243,10 +243,13 @@ class VisionMamba(nn.Module):
         return TokenState(hidden=seq, residual=None, positions=positions, protected=protected,
                           protected_layout="middle")
 
-    def forward_tokens(self, x: Tensor) -> TokenState:
-        """Run every block; returns the final state with ``hidden`` = norm_f output of all remaining tokens."""
+    def forward_tokens(self, x: Tensor, reducer: Reducer | None | str = "attached") -> TokenState:
+        """Run every block; returns the final state with ``hidden`` = norm_f output of all remaining tokens.
+
+        ``reducer``: the attached one by default; another (e.g. a wrapper around the attached one that records
+        per-layer features) or ``None`` for this call only."""
         state = self.embed(x)
-        reducer = self.reducer
+        reducer = self.reducer if isinstance(reducer, str) else reducer
         if reducer is not None:
             state = reducer.begin(state)
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,152 @@
+"""UperNet-Vim-S at 512x512 on one GPU: dense vs DyVM vs R-MeeTo, backbone and head timed separately.
+
+One process, one model: each configuration attaches its method to the shared backbone; the backbone step
+(embedding, 24 blocks, the dense restoration of pruned / merged tokens at the four taps) and the head step
+(neck + UperNet on those maps, logits upsampled to 512x512) are each captured as a CUDA graph and timed in
+interleaved rounds (every configuration once per round). Peak memory: ``max_memory_allocated`` over one eager
+forward of the whole model per configuration. bf16 autocast, inference.
+
+DyVM here is untrained: rho 0.8 token pruning before blocks 6 / 12 / 18 (top-k of the predictor's score, so
+the token counts are the trained model's); its direction selectors start at a bias that runs every direction,
+so the block-selection saving of a trained model is not in these numbers. R-MeeTo merges before every second
+block at the paper's reduction ratio 0.31 (``--rmeeto-ratio``), training-free.
+
+    PYTHONPATH=src python benchmarks/segmentation_speed.py --out benchmarks/results
+
+Writes ``segmentation_speed.json`` and ``segmentation_speed.md`` (the card's name inside).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any, Callable
+
+import torch
+
+from mambatrim.engine.benchmark import device_name, interleaved_times_ms
+from mambatrim.engine.cuda_graph import capture_graph
+from mambatrim.engine.precision import autocast_to
+from mambatrim.engine.report import write_result
+from mambatrim.models.segmentation import create_segmentation_model
+from mambatrim.ops import policy
+from mambatrim.reduce import apply_method, parse_method_options
+
+
+def configurations(args: argparse.Namespace) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    return {
+        "dense": (None, {}),
+        "dyvm": ("dyvm", {"keep": 0.8, "block_ratio": 0.8, "layers": [6, 12, 18]}),
+        "rmeeto": ("rmeeto", {"ratio": args.rmeeto_ratio}),
+    }
+
+
+def attach(model: torch.nn.Module, method: str | None, opts: dict[str, Any]) -> None:
+    model.backbone.set_reducer(None)
+    if method is not None:
+        apply_method(model.backbone, method, **opts)
+    model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--stem", default="segmentation_speed")
+    parser.add_argument("--backbone", default="vim_small_patch16_224")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rmeeto-ratio", type=float, default=0.31, help="R-MeeTo's reduction ratio")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu (eager, no memory figure) checks the script")
+    parser.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE", default=[],
+                        help="backbone config override (e.g. depth=4 for a quick check)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    args.eager = args.eager or device.type != "cuda"
+    torch.manual_seed(0)
+    model = create_segmentation_model(args.backbone, num_classes=150, img_size=args.size,
+                                      **parse_method_options(args.backbone_opt)).to(device).eval()
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    configs = configurations(args)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    amp = lambda: autocast_to(device, dtype, cache_enabled=False)  # noqa: E731
+    runners: dict[str, Callable[[], object]] = {}
+    memory: dict[str, float] = {}
+    for name, (method, opts) in configs.items():
+        attach(model, method, opts)
+        with torch.no_grad(), amp():
+            maps, _ = model.forward_backbone(images)
+        static_maps = [m.clone() for m in maps]
+
+        def backbone(model=model) -> None:
+            with torch.no_grad(), amp():
+                model.forward_backbone(images)
+
+        def head(model=model, maps=static_maps) -> None:
+            with torch.no_grad(), amp():
+                model.forward_head(maps, images.shape[2:])
+
+        memory[name] = peak_memory_gib(lambda: model(images), amp, device)
+        runners[f"{name}/backbone"] = backbone if args.eager else capture_graph(backbone)
+        runners[f"{name}/head"] = head if args.eager else capture_graph(head)
+    current = {"name": None}
+
+    def switch(key: str) -> None:  # graphs keep their own launch; eager runs need the right reducer attached
+        name = key.split("/")[0]
+        if args.eager and current["name"] != name:
+            attach(model, *configs[name])
+            current["name"] = name
+
+    times = interleaved_times_ms(runners, args.rounds, args.iters, device, switch=switch)
+    rows = {}
+    for name in configs:
+        b, h = statistics.median(times[f"{name}/backbone"]), statistics.median(times[f"{name}/head"])
+        rows[name] = {"backbone_ms": b, "head_ms": h, "total_ms": b + h,
+                      "backbone_img_s": args.batch * 1e3 / b, "head_img_s": args.batch * 1e3 / h,
+                      "img_s": args.batch * 1e3 / (b + h), "peak_memory_gib": memory[name],
+                      "method": configs[name][0], "method_opts": configs[name][1],
+                      "rounds_ms": {"backbone": times[f"{name}/backbone"], "head": times[f"{name}/head"]}}
+    record = {"device": device_name(device), "torch": torch.__version__, "backbone": args.backbone,
+              "backbone_opts": parse_method_options(args.backbone_opt),
+              "batch": args.batch, "size": args.size, "dtype": "bf16" if dtype else "fp32", "cuda_graph": not args.eager,
+              "policy": policy.current(), "rows": rows}
+    markdown = to_markdown(record)
+    write_result(args.out, args.stem, record, markdown)
+    print(markdown)
+
+
+def peak_memory_gib(fn: Callable[[], object], amp: Callable[[], Any], device: torch.device) -> float:
+    """Peak allocated GiB over one eager forward (NaN off CUDA)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad(), amp():
+        fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    dense = r["rows"]["dense"]
+    lines = [
+        f"# UperNet-{r['backbone']} at {r['size']}x{r['size']}: dense vs DyVM vs R-MeeTo ({r['device']})",
+        "",
+        f"Batch {r['batch']}, {r['dtype']}, {'CUDA graphs' if r['cuda_graph'] else 'eager'}, one process, "
+        f"interleaved rounds (median). Backbone = embedding + blocks + restoration of every token at the four "
+        f"taps; head = neck + UperNet + upsampling. torch {r['torch']}.",
+        "",
+        "| model | backbone img/s | head img/s | total img/s | speed-up (total) | backbone speed-up | "
+        "peak memory GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} {row['method_opts'] or ''} | {row['backbone_img_s']:.1f} | {row['head_img_s']:.1f} | "
+                     f"{row['img_s']:.1f} | {row['img_s'] / dense['img_s']:.3f}x | "
+                     f"{row['backbone_img_s'] / dense['backbone_img_s']:.3f}x | {row['peak_memory_gib']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
