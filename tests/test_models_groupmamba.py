@@ -257,16 +257,17 @@ def test_group_scan_triton_equals_the_gathered_reference():
     from mambatrim.models.groupmamba import group_scan
     from mambatrim.ops import use_backend
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernel without a GPU
     gen = torch.Generator().manual_seed(7)
     bsz, groups, e, grid = 2, 4, 3, (3, 4)
     length = 12
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen)
+        return torch.randn(*shape, generator=gen).to(dev)
 
     args = [rand(bsz, groups, e, length), rand(bsz, groups, e, length), -rand(groups, e, 1).abs() - 0.2,
             rand(bsz, groups, 1, length), rand(bsz, groups, 1, length), rand(groups, e), rand(groups, e)]
-    positions = torch.stack([torch.randperm(length, generator=gen)[:8].sort().values for _ in range(bsz)])
+    positions = torch.stack([torch.randperm(length, generator=gen)[:8].sort().values for _ in range(bsz)]).to(dev)
     for pos in (None, positions):
         inputs = [a.clone().requires_grad_(True) for a in args]
         if pos is not None:

@@ -260,17 +260,18 @@ def test_multi_order_triton_kernel_matches_the_gathered_scans(align):
     backend, which gathers each order, scans and scatters back: outputs and every gradient, pruned and gated."""
     from mambatrim.ops import use_backend
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernel without a GPU
     torch.manual_seed(0)
-    mixer = PlainMamba2D(12, bias=True)
-    positions = torch.stack([torch.randperm(30)[:17].sort().values for _ in range(2)])
-    hidden = torch.randn(2, 17, 12)
-    gate = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
+    mixer = PlainMamba2D(12, bias=True).to(dev)
+    positions = torch.stack([torch.randperm(30)[:17].sort().values for _ in range(2)]).to(dev)
+    hidden = torch.randn(2, 17, 12, device=dev)
+    gate = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]], device=dev)
     results = []
     for backend in ("torch", "triton"):
         mixer.zero_grad()
         x = hidden.clone().requires_grad_()
         ctx = MixerContext(positions=positions, grid=(6, 5), align=align, direction_gate=gate,
-                           protected=torch.empty(2, 0, dtype=torch.long))
+                           protected=torch.empty(2, 0, dtype=torch.long, device=dev))
         with use_backend(backend):
             y = mixer(x, ctx)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()

@@ -87,9 +87,15 @@ class MambaReg(VisionMamba):
         return adapt_pos_embed(self, sd, report, prefix=0)
 
     def layout(self, num_patches: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(order, register positions) as tensors on ``device`` (see :func:`register_layout`)."""
-        order, registers = register_layout(num_patches, self.num_cls_tokens)
-        return (torch.tensor(order, device=device), torch.tensor(registers, device=device))
+        """(order, register positions) as tensors on ``device`` (see :func:`register_layout`), made once per
+        patch count and device: no host-to-device copy per forward, so the forward can be captured in a CUDA
+        graph."""
+        key = (num_patches, str(device))
+        cache = self.__dict__.setdefault("_layouts", {})
+        if key not in cache:
+            order, registers = register_layout(num_patches, self.num_cls_tokens)
+            cache[key] = (torch.tensor(order, device=device), torch.tensor(registers, device=device))
+        return cache[key]
 
     def embed(self, x: Tensor) -> TokenState:
         """Patches + pos_embed and registers + pos_embed_cls, interleaved by the register layout."""
