@@ -73,8 +73,10 @@ def main() -> None:
     amp = lambda: autocast_to(device, dtype, cache_enabled=False)  # noqa: E731
     runners: dict[str, Callable[[], object]] = {}
     memory: dict[str, float] = {}
+    reducers = []  # every configuration's reducer stays alive: its captured graphs read its parameters
     for name, (method, opts) in configs.items():
         attach(model, method, opts)
+        reducers.append(model.backbone.reducer)
         with torch.no_grad(), amp():
             maps, _ = model.forward_backbone(images)
         static_maps = [m.clone() for m in maps]

@@ -274,7 +274,7 @@ def test_multi_order_triton_kernel_matches_the_gathered_scans(align):
                            protected=torch.empty(2, 0, dtype=torch.long, device=dev))
         with use_backend(backend):
             y = mixer(x, ctx)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        (y * torch.linspace(-1, 1, y.numel(), device=dev).view_as(y)).sum().backward()
         results.append([y.detach(), x.grad] + [p.grad.clone() for p in mixer.parameters()])
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
