@@ -239,14 +239,15 @@ def _figure(rows: int, cols: int, scale: float = 1.6) -> tuple[Any, Any]:
     return fig, axes
 
 
-def _save(fig: Any, path: str | Path, title: str) -> Path:
+def save_figure(fig: Any, path: str | Path, title: str, fontsize: int = 9, dpi: int = 100) -> Path:
+    """Title, tight layout, write ``path`` (its folder made), close the figure; returns the path."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -264,7 +265,7 @@ def plot_tokens(trace: Trace, images: Tensor, path: str | Path, title: str = "")
             if b == 0:
                 axes[b, j].set_title(f"block {block}: {trace.positions[block].shape[1] - 1} tokens", fontsize=7)
     axes[0, 0].set_title(f"input: {trace.num_patches} tokens", fontsize=7)
-    return _save(fig, path, title or "tokens per stage (dark: removed; colour: merged into one token)")
+    return save_figure(fig, path, title or "tokens per stage (dark: removed; colour: merged into one token)")
 
 
 def plot_scores(trace: Trace, images: Tensor, path: str | Path, title: str = "") -> Path:
@@ -291,7 +292,7 @@ def plot_scores(trace: Trace, images: Tensor, path: str | Path, title: str = "")
             axes[b, j].scatter(xs, ys, marker="x", s=18, color="red", linewidths=1)
             if b == 0:
                 axes[b, j].set_title(f"before block {block}: {len(pruned)} pruned", fontsize=7)
-    return _save(fig, path, title or "importance scores (bright: kept first) and pruned tokens (x)")
+    return save_figure(fig, path, title or "importance scores (bright: kept first) and pruned tokens (x)")
 
 
 def plot_directions(trace: Trace, images: Tensor, path: str | Path, title: str = "") -> Path:
@@ -307,7 +308,7 @@ def plot_directions(trace: Trace, images: Tensor, path: str | Path, title: str =
         ran = int(trace.directions[b].sum())
         axes[b, 1].set_title(f"{ran} of {trace.directions[b].numel()} scans ran", fontsize=7)
     axes[-1, 1].set_xlabel("block", fontsize=7)
-    return _save(fig, path, title or "scan directions run per block (green: ran)")
+    return save_figure(fig, path, title or "scan directions run per block (green: ran)")
 
 
 def visualize(model: nn.Module, images: Tensor, out_dir: str | Path, stem: str = "method") -> list[Path]:

@@ -261,6 +261,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path, title: str = IMA
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..analysis.visualize import save_figure
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = sorted({r["method"] for r in rows if r["method"]})
@@ -283,10 +285,4 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path, title: str = IMA
     accs = [r["top1"] for r in rows]
     axes[0].set_ylim(max(0, math.floor(min(accs) - 2)), min(100.5, max(accs) + 1.5))
     axes[1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, fontsize=12, dpi=110)
