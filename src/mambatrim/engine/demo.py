@@ -65,9 +65,13 @@ def describe_model(model: nn.Module, img_size: int) -> str:
     """What the demo model really is (its registered name alone would suggest a full-size model at 224 px)."""
     tokens = model.patch_embed.num_patches
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    from ..models import MODELS
+
     frames = getattr(model, "num_frames", None)
     clip = f"{frames} frames of " if frames else ""
-    return (f"{type(model).__name__} with {model.depth} blocks, {model.embed_dim}-dim, {clip}{img_size} x {img_size} "
+    entry = MODELS.get(getattr(model, "pretrained_cfg", {}).get("architecture", ""))
+    family = entry.family if entry is not None else type(model).__name__
+    return (f"{family} with {model.depth} blocks, {model.embed_dim}-dim, {clip}{img_size} x {img_size} "
             f"px in {model.patch_embed.patch_size} px patches = {tokens} patch tokens + class token, "
             f"{params:.2f} M params")
 
