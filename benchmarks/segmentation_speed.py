@@ -1,6 +1,6 @@
 """UperNet-Vim-S at 512x512 on one GPU: dense vs DyVM vs R-MeeTo, backbone and head timed separately.
 
-One process: each configuration attaches its method to its own copy of one model; the backbone step
+One process, one model: each configuration attaches its method to the shared backbone; the backbone step
 (embedding, 24 blocks, the dense restoration of pruned / merged tokens at the four taps) and the head step
 (neck + UperNet on those maps, logits upsampled to 512x512) are each captured as a CUDA graph and timed in
 interleaved rounds (every configuration once per round). Peak memory: ``max_memory_allocated`` over one eager
@@ -18,7 +18,6 @@ Writes ``segmentation_speed.json`` and ``segmentation_speed.md`` (the card's nam
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 from typing import Any, Callable
 
@@ -74,27 +73,34 @@ def main() -> None:
     amp = lambda: autocast_to(device, dtype, cache_enabled=False)  # noqa: E731
     runners: dict[str, Callable[[], object]] = {}
     memory: dict[str, float] = {}
+    reducers = []  # every configuration's reducer stays alive: its captured graphs read its parameters
     for name, (method, opts) in configs.items():
-        # each configuration on its own copy: a method attached later never touches what an earlier
-        # configuration's captured graphs read
-        variant = copy.deepcopy(model)
-        attach(variant, method, opts)
+        attach(model, method, opts)
+        reducers.append(model.backbone.reducer)
         with torch.no_grad(), amp():
-            maps, _ = variant.forward_backbone(images)
+            maps, _ = model.forward_backbone(images)
         static_maps = [m.clone() for m in maps]
 
-        def backbone(model=variant) -> None:
+        def backbone(model=model) -> None:
             with torch.no_grad(), amp():
                 model.forward_backbone(images)
 
-        def head(model=variant, maps=static_maps) -> None:
+        def head(model=model, maps=static_maps) -> None:
             with torch.no_grad(), amp():
                 model.forward_head(maps, images.shape[2:])
 
-        memory[name] = peak_memory_gib(lambda: variant(images), amp, device)
+        memory[name] = peak_memory_gib(lambda: model(images), amp, device)
         runners[f"{name}/backbone"] = backbone if args.eager else capture_graph(backbone)
         runners[f"{name}/head"] = head if args.eager else capture_graph(head)
-    times = interleaved_times_ms(runners, args.rounds, args.iters, device)
+    current = {"name": None}
+
+    def switch(key: str) -> None:  # graphs keep their own launch; eager runs need the right reducer attached
+        name = key.split("/")[0]
+        if args.eager and current["name"] != name:
+            attach(model, *configs[name])
+            current["name"] = name
+
+    times = interleaved_times_ms(runners, args.rounds, args.iters, device, switch=switch)
     rows = {}
     for name in configs:
         b, h = statistics.median(times[f"{name}/backbone"]), statistics.median(times[f"{name}/head"])
