@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 NEXT_STEPS = """next:
-  mambatrim visualize --checkpoint {out}/demo_run/last.pth --method rmeeto --out {out}/visualize
+  mambatrim visualize --checkpoint {out}/{stem}_run/last.pth --method rmeeto --out {out}/visualize
       (which tokens each method keeps or merges, as PNG grids)
   mambatrim compare vim_small_patch16_224 --method rmeeto --method-opt ratio=0.31   (on a GPU: real speed-ups)
   mambatrim search vim_small_patch16_224 --method rmeeto --target speedup=1.3   (pick a setting for a budget)
@@ -58,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwhole demo: {result['wall_seconds']:.0f}s (dense training {result['train_seconds']:.0f}s)")
     print(f"files: {out / (stem + '_results.md')}, {out / (stem + '_results.json')}, {result['plot']}, runs in "
           f"{out / (stem + '_run*')}")
-    print(NEXT_STEPS.format(out=out))
+    print(NEXT_STEPS.format(out=out, stem=stem))
     return 0

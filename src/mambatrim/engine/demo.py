@@ -171,6 +171,8 @@ def load_eval_data(cfg: Any) -> EvalData:
     opts.input_size = size
     data = build_data(opts, device, 0, 1, with_train=False)
     images = next(iter(data.val))[0]
+    if images.dim() == 6:  # video evaluation batches hold several views of a clip: time one view each
+        images = images[:, 0]
     return EvalData(data.val, device, data.input_size, in_chans, data.num_classes, images)
 
 
