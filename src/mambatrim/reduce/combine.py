@@ -110,5 +110,5 @@ register_method(MethodSpec(
     description="two or more methods chained into one reducer (ours), e.g. R-MeeTo merging + DyVM block selection",
     demo_options={"methods": [{"name": "rmeeto", "ratio": 0.3, "layers": [1, 2, 3]},
                               {"name": "dyvm", "keep": None, "block_ratio": 0.8}]},
-    learned=True,
+    learned=True, composite=True,
 ))

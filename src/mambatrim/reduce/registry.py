@@ -18,6 +18,7 @@ class MethodSpec:
     trainable: bool = True  # whether fine-tuning / re-training it makes sense
     learned: bool = False  # needs training before use (learned predictors): the demo fine-tunes it briefly
     families: tuple[str, ...] | None = None  # the backbone families it applies to; None: every token sequence
+    composite: bool = False  # built from other methods given in its options (combine): no options of its own
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -31,8 +32,9 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 
 def sequence_methods() -> list[str]:
-    """Names of the methods that apply to every token-sequence backbone (Vim and its kin), sorted."""
-    return sorted(name for name, spec in METHODS.items() if spec.families is None)
+    """Names of the methods of their own (not composites) that apply to every token-sequence backbone (Vim and
+    its kin), sorted."""
+    return sorted(name for name, spec in METHODS.items() if spec.families is None and not spec.composite)
 
 
 def method_spec(name: str) -> MethodSpec:
