@@ -4,7 +4,7 @@ drift hits both alike; img/s is the median over rounds, with params and GFLOPs f
 
     python benchmarks/groupmamba_speed.py --out benchmarks/results                       # GPU: the issue's table
     python benchmarks/groupmamba_speed.py --device cpu --img-size 64 --batch-size 2 --rounds 1 --iters 1 \\
-        --modes eager train --dtype fp32 --out /tmp/check                                 # CPU smoke run
+        --modes eager train --dtype fp32 --out check                                 # CPU smoke run
 
 Writes ``STEM.json`` and ``STEM.md`` into ``--out``.
 """
