@@ -1,4 +1,4 @@
 """Model analysis: the FLOPs counter."""
-from .flops import CONVENTIONS, FlopsReport, LayerFlops, count_flops, mixer_macs
+from .flops import CONVENTIONS, FlopsReport, LayerFlops, count_flops
 
-__all__ = ["CONVENTIONS", "FlopsReport", "LayerFlops", "count_flops", "mixer_macs"]
+__all__ = ["CONVENTIONS", "FlopsReport", "LayerFlops", "count_flops"]

@@ -121,12 +121,6 @@ class FlopsReport:
         return "\n".join(rows)
 
 
-def mixer_macs(mixer: nn.Module, tokens: int) -> tuple[float, float]:
-    """(shared, per_path) MACs of ``mixer`` on ``tokens`` tokens of one input."""
-    shared, per_path, _ = mixer.macs_terms(tokens)
-    return float(shared), float(per_path)
-
-
 def leaf_macs(module: nn.Module, output: torch.Tensor, batch: int) -> float:
     """MACs per input of an ``nn.Linear`` or ``nn.ConvNd`` that produced ``output`` for ``batch`` inputs."""
     if isinstance(module, nn.Linear):
