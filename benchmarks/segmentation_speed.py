@@ -1,6 +1,6 @@
 """UperNet-Vim-S at 512x512 on one GPU: dense vs DyVM vs R-MeeTo, backbone and head timed separately.
 
-One process, one model: each configuration attaches its method to the shared backbone; the backbone step
+One process, one model per configuration (the same weights; each method attached once); the backbone step
 (embedding, 24 blocks, the dense restoration of pruned / merged tokens at the four taps) and the head step
 (neck + UperNet on those maps, logits upsampled to 512x512) are each captured as a CUDA graph and timed in
 interleaved rounds (every configuration once per round). Peak memory: ``max_memory_allocated`` over one eager
@@ -40,11 +40,17 @@ def configurations(args: argparse.Namespace) -> dict[str, tuple[str | None, dict
     }
 
 
-def attach(model: torch.nn.Module, method: str | None, opts: dict[str, Any]) -> None:
-    model.backbone.set_reducer(None)
+def build(args: argparse.Namespace, device: torch.device, method: str | None, opts: dict[str, Any],
+          weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """A model of its own for one configuration (the dense weights, the method attached once): captured graphs
+    read their model's parameters, buffers and caches, so no configuration may re-attach another's method."""
+    model = create_segmentation_model(args.backbone, num_classes=150, img_size=args.size,
+                                      **parse_method_options(args.backbone_opt))
+    if weights is not None:
+        model.load_state_dict(weights)
     if method is not None:
         apply_method(model.backbone, method, **opts)
-    model.eval()
+    return model.to(device).eval()
 
 
 def main() -> None:
@@ -58,6 +64,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--rmeeto-ratio", type=float, default=0.31, help="R-MeeTo's reduction ratio")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="dense plus these configurations only")
     parser.add_argument("--device", default="cuda", help="cuda; cpu (eager, no memory figure) checks the script")
     parser.add_argument("--backbone-opt", action="append", metavar="KEY=VALUE", default=[],
                         help="backbone config override (e.g. depth=4 for a quick check)")
@@ -65,18 +72,21 @@ def main() -> None:
     device = torch.device(args.device)
     args.eager = args.eager or device.type != "cuda"
     torch.manual_seed(0)
-    model = create_segmentation_model(args.backbone, num_classes=150, img_size=args.size,
-                                      **parse_method_options(args.backbone_opt)).to(device).eval()
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
     configs = configurations(args)
+    if args.only:
+        unknown = set(args.only) - set(configs)
+        if unknown or "dense" not in args.only:
+            parser.error(f"--only takes dense plus any of {sorted(configs)}, got {args.only}")
+        configs = {name: configs[name] for name in args.only}
     dtype = torch.bfloat16 if device.type == "cuda" else None
     amp = lambda: autocast_to(device, dtype, cache_enabled=False)  # noqa: E731
     runners: dict[str, Callable[[], object]] = {}
     memory: dict[str, float] = {}
-    reducers = []  # every configuration's reducer stays alive: its captured graphs read its parameters
+    models: dict[str, torch.nn.Module] = {}
     for name, (method, opts) in configs.items():
-        attach(model, method, opts)
-        reducers.append(model.backbone.reducer)
+        weights = None if not models else models["dense"].state_dict()
+        model = models[name] = build(args, device, method, opts, weights)
         with torch.no_grad(), amp():
             maps, _ = model.forward_backbone(images)
         static_maps = [m.clone() for m in maps]
@@ -92,15 +102,9 @@ def main() -> None:
         memory[name] = peak_memory_gib(lambda: model(images), amp, device)
         runners[f"{name}/backbone"] = backbone if args.eager else capture_graph(backbone)
         runners[f"{name}/head"] = head if args.eager else capture_graph(head)
-    current = {"name": None}
+        print(f"{name}: ready ({'eager' if args.eager else 'captured'})", flush=True)
 
-    def switch(key: str) -> None:  # graphs keep their own launch; eager runs need the right reducer attached
-        name = key.split("/")[0]
-        if args.eager and current["name"] != name:
-            attach(model, *configs[name])
-            current["name"] = name
-
-    times = interleaved_times_ms(runners, args.rounds, args.iters, device, switch=switch)
+    times = interleaved_times_ms(runners, args.rounds, args.iters, device)
     rows = {}
     for name in configs:
         b, h = statistics.median(times[f"{name}/backbone"]), statistics.median(times[f"{name}/head"])

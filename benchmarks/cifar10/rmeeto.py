@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mambatrim.engine.baseline import baseline_settings
+from mambatrim.engine.baseline import baseline_settings, baseline_shape
 from mambatrim.engine.config import load_yaml, make_config
 from mambatrim.engine.evaluate import evaluate_checkpoint
 from mambatrim.engine.report import write_result
@@ -49,27 +49,26 @@ def main() -> int:
     base = baseline_settings(read_checkpoint(args.checkpoint))
     common = {**base, "data_path": args.data_path, "device": args.device, "progress": False}
     dense = evaluate_checkpoint(make_config(common), args.checkpoint, throughput=False)
-    tokens = dense_tokens(base)
+    tokens, depth, protected = baseline_shape(base)
     print(f"dense: top-1 {dense['top1']:.2f}%  {dense['gflops']:.4f} GFLOPs  ({tokens} tokens)", flush=True)
 
-    depth = depth_of(base)
-    top = rmeeto.ratio_for_r((tokens - 1) // 2, tokens, depth)
+    top = rmeeto.ratio_for_r((tokens - protected) // 2, tokens, depth, protected=protected)
     sweep = []
     for ratio in args.ratios:
         if ratio > top + 0.005:
             print(f"ratio {ratio:.2f} skipped: this model ({tokens} tokens, depth {depth}) reaches at most "
                   f"{top:.3f}", flush=True)
             continue
-        r = rmeeto.r_for_ratio(ratio, tokens, depth)
+        r = rmeeto.r_for_ratio(ratio, tokens, depth, protected=protected)
         cfg = make_config(common, {"method": "rmeeto", "method_opts": {"r": r}})
         res = evaluate_checkpoint(cfg, args.checkpoint, throughput=False)
-        sweep.append(row(ratio, r, res, dense, tokens, base))
+        sweep.append(row(ratio, r, res, dense, tokens, depth, protected))
         print(f"training-free ratio {ratio:.2f} (r={r}): top-1 {res['top1']:.2f}% "
               f"(drop {dense['top1'] - res['top1']:.2f})", flush=True)
 
     retrained = None
     if args.epochs > 0:
-        r = rmeeto.r_for_ratio(min(args.retrain_ratio, top), tokens, depth)
+        r = rmeeto.r_for_ratio(min(args.retrain_ratio, top), tokens, depth, protected=protected)
         free = next((s for s in sweep if s["r"] == r), None)
         with tempfile.TemporaryDirectory() as tmp:
             recipe = {k: v for k, v in load_yaml(args.recipe).items() if k != "method_opts"}  # r is set below
@@ -79,7 +78,7 @@ def main() -> int:
                               parse_method_options(args.overrides))
             start = time.time()
             summary = train(cfg)
-        retrained = dict(row(args.retrain_ratio, r, summary, dense, tokens, base), epochs=args.epochs,
+        retrained = dict(row(args.retrain_ratio, r, summary, dense, tokens, depth, protected), epochs=args.epochs,
                          training_free_top1=None if free is None else free["top1"],
                          train_img_per_s=round(summary["train_img_per_s"], 1), wall_s=round(time.time() - start, 1),
                          lr=summary["lr"], global_batch=summary["global_batch"])
@@ -88,37 +87,16 @@ def main() -> int:
 
     data_name = "the bundled digits" if args.data_path == "digits" else Path(args.data_path).stem
     result = dict(data=data_name, model=base["model"], model_kwargs=base.get("model_kwargs", {}), img_size=dense["img_size"],
-                  tokens=tokens, dense=dict(top1=round(dense["top1"], 2), gflops=round(dense["gflops"], 4)),
+                  tokens=tokens, protected=protected, dense=dict(top1=round(dense["top1"], 2), gflops=round(dense["gflops"], 4)),
                   training_free=sweep, retrained=retrained, device=args.device)
     write_result(args.out, args.name, result, to_markdown(result))
     print(to_markdown(result))
     return 0
 
 
-def dense_tokens(base: dict[str, Any]) -> int:
-    """Tokens (class token included) of the baseline model at its training input size."""
-    import torch
-
-    from mambatrim.engine.train import model_kwargs
-    from mambatrim.models import create_model
-
-    cfg = make_config(base)
-    size = cfg.input_size or cfg.model_kwargs.get("img_size") or 224
-    in_chans = cfg.in_chans or 3
-    with torch.device("meta"):
-        model = create_model(cfg.model, **model_kwargs(cfg, cfg.num_classes or 10, in_chans, size))
-    return model.patch_embed.num_patches + 1
-
-
-def depth_of(base: dict[str, Any]) -> int:
-    from mambatrim.models.registry import MODEL_CONFIGS
-
-    return int(base.get("model_kwargs", {}).get("depth", MODEL_CONFIGS[base["model"]]["depth"]))
-
-
-def row(ratio: float, r: int, res: dict[str, Any], dense: dict[str, Any], tokens: int,
-        base: dict[str, Any]) -> dict[str, Any]:
-    return dict(ratio=ratio, r=r, reduction_ratio=round(rmeeto.ratio_for_r(r, tokens, depth_of(base)), 4),
+def row(ratio: float, r: int, res: dict[str, Any], dense: dict[str, Any], tokens: int, depth: int,
+        protected: int) -> dict[str, Any]:
+    return dict(ratio=ratio, r=r, reduction_ratio=round(rmeeto.ratio_for_r(r, tokens, depth, protected=protected), 4),
                 top1=round(res["top1"], 2), drop=round(dense["top1"] - res["top1"], 2),
                 gflops=round(res["gflops"], 4), flops_ratio=round(dense["gflops"] / res["gflops"], 3))
 

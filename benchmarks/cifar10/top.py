@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mambatrim.engine.baseline import baseline_settings
+from mambatrim.engine.baseline import baseline_settings, baseline_shape
 from mambatrim.engine.config import load_yaml, make_config
 from mambatrim.engine.evaluate import evaluate_checkpoint
 from mambatrim.engine.report import write_result
@@ -62,21 +62,6 @@ def scaled_schedule(depth: int) -> list[int]:
     return sorted({max(1, min(depth - 1, round(depth * b / 24))) for b in (5, 10, 15)})
 
 
-def model_shape(base: dict[str, Any]) -> tuple[int, int, int]:
-    """(tokens incl. the protected ones, depth, protected tokens) of the baseline model at its training size."""
-    import torch
-
-    from mambatrim.engine.train import model_kwargs
-    from mambatrim.models import create_model
-
-    cfg = make_config(base)
-    size = cfg.input_size or cfg.model_kwargs.get("img_size") or 224
-    with torch.device("meta"):
-        model = create_model(cfg.model, **model_kwargs(cfg, cfg.num_classes or 10, cfg.in_chans or 3, size))
-    protected = int(getattr(model, "num_protected", 1))
-    return model.patch_embed.num_patches + protected, model.depth, protected
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-path", required=True, help="the CIFAR-10 zip (train/ and test/ class folders)")
@@ -94,7 +79,7 @@ def main() -> int:
 
     base = baseline_settings(read_checkpoint(args.checkpoint))
     common = {**base, "data_path": args.data_path, "device": args.device, "progress": False}
-    tokens, depth, protected = model_shape(base)
+    tokens, depth, protected = baseline_shape(base)
     schedule = dict(layers=args.layers or scaled_schedule(depth), keep=args.keep)
     counts = tokens_per_layer(tokens, depth, schedule["layers"], schedule["keep"], protected)
     dense = evaluate_checkpoint(make_config(common), args.checkpoint, throughput=False)

@@ -24,3 +24,20 @@ def baseline_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     if not cfg.get("model"):
         raise ValueError("the checkpoint records no training config: pass a checkpoint written by mambatrim train")
     return {k: v for k, v in cfg.items() if k in FIELDS and k not in RUN_KEYS}
+
+
+def baseline_shape(settings: dict[str, Any]) -> tuple[int, int, int]:
+    """(tokens including the protected ones, depth, protected tokens) of the baseline's model at its training
+    input size: what a method's schedule (R-MeeTo's r for a ratio, ToP's kept counts) is computed from."""
+    import torch
+
+    from ..models import create_model
+    from .config import make_config
+    from .train import model_kwargs
+
+    cfg = make_config(settings)
+    size = cfg.input_size or cfg.model_kwargs.get("img_size") or 224
+    with torch.device("meta"):
+        model = create_model(cfg.model, **model_kwargs(cfg, cfg.num_classes or 10, cfg.in_chans or 3, size))
+    protected = int(getattr(model, "num_protected", 1))
+    return model.patch_embed.num_patches + protected, int(model.depth), protected
