@@ -5,24 +5,16 @@ the fused class-token gate kernel, other P the feature in PyTorch; both inside t
 interpreter on CPU, tiny shapes."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the real kernels on a GPU, the interpreter elsewhere
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
-
-triton = pytest.importorskip("triton")
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_guard import DEVICE, triton  # noqa: E402,F401  (before the kernels are imported)
 
 from mambatrim.contract import LinearDirectionGate, MixerContext  # noqa: E402
 from mambatrim.models.mamba import BiMambaMixer  # noqa: E402
 from mambatrim.ops import policy, triton_vim, use_backend  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 @pytest.mark.parametrize("protected", [[[], [], []], [[2], [0], [6]], [[0, 3, 5], [1, 2, 6], [4, 5, 6]]])

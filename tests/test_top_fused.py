@@ -10,19 +10,12 @@ must not read are NaN.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the real kernels on a GPU, the interpreter elsewhere
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
-
-triton = pytest.importorskip("triton")
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_guard import DEVICE, triton  # noqa: E402,F401  (before the kernels are imported)
 
 from mambatrim.models.mamba import BiMambaMixer, _conv_at_positions  # noqa: E402
 from mambatrim.models.vim import VisionMamba  # noqa: E402
@@ -30,7 +23,6 @@ from mambatrim.ops import policy, triton_vim, use_backend  # noqa: E402
 from mambatrim.ops.triton_vim import conv_pair_triton  # noqa: E402
 from mambatrim.reduce import MixerContext, top  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 @pytest.fixture(autouse=True)

@@ -5,18 +5,11 @@ against the PyTorch step."""
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
-
-pytest.importorskip("triton")
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_guard import DEVICE, triton  # noqa: E402,F401  (before the kernels are imported)
 
 from mambatrim import create_model  # noqa: E402
 from mambatrim.ops import policy, use_backend  # noqa: E402

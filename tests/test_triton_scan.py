@@ -10,19 +10,12 @@ reference's own low-precision intermediate casts).
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # the real kernels on a GPU, the interpreter elsewhere
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the kernels
-
-triton = pytest.importorskip("triton")
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():  # pragma: no cover
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from triton_guard import DEVICE, triton  # noqa: E402,F401  (before the kernels are imported)
 
 from mambatrim.ops import causal_conv1d, selective_scan, use_backend  # noqa: E402
 from mambatrim.ops.scan_ref import selective_scan_ref  # noqa: E402
@@ -44,7 +37,6 @@ def small_blocks() -> Iterator[None]:
         yield
 
 
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 NAMES = ["y", "u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
 

@@ -145,13 +145,13 @@ def _param_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _example_input(model: nn.Module, img_size: int | tuple[int, int] | None, batch: int | None) -> torch.Tensor:
+def example_input(model: nn.Module, img_size: int | tuple[int, int] | None, batch: int | None) -> torch.Tensor:
     """Random input of the model's ``input_size`` ((C, H, W) or (C, T, H, W)), with (H, W) from ``img_size``."""
     size = getattr(model, "input_size", None)
     if size is None:
         patch_embed = getattr(model, "patch_embed", None)
         if patch_embed is None:
-            raise ValueError(f"count_flops needs a model with an input_size (or a patch_embed), got "
+            raise ValueError(f"an example input needs a model with an input_size (or a patch_embed), got "
                              f"{type(model).__name__}")
         size = (patch_embed.in_chans, patch_embed.img_size, patch_embed.img_size)
     size = list(size)
@@ -170,7 +170,7 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int] | None = None,
         images: run these instead of random ones (for input-dependent methods).
     """
     if images is None:
-        images = _example_input(model, img_size, batch)
+        images = example_input(model, img_size, batch)
     bsz = images.shape[0]
     reducer = getattr(model, "reducer", None)
     records: dict[int, LayerFlops] = {}

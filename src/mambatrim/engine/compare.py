@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..analysis import count_flops
+from ..analysis.flops import example_input
 from ..models import create_model
 from ..ops import policy
 from ..reduce import apply_method, dyvm, method_spec
@@ -192,9 +193,7 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
 
     torch.manual_seed(0)
     dense = create_model(model_name, img_size=img_size, **dict(model_kwargs or {})).to(dev).eval()
-    shape = list(getattr(dense, "input_size", None) or (dense.patch_embed.in_chans, img_size, img_size))
-    shape[-2:] = [img_size, img_size]  # (C, [T,] H, W): a video model's clips keep its frames
-    images = torch.randn(batch_size, *shape, device=dev)
+    images = example_input(dense, img_size, batch_size)  # (B, C, [T,] H, W): a video model's clips keep its frames
     models, setups = {}, {}
     bases = {model_name: dense}
     for cfg in configs:  # every configuration built before any output: a bad one stops the run at once
