@@ -48,8 +48,8 @@ VIDEO_DEMO = DemoTask(
 # graphs; R-MeeTo at the paper's ratio 0.31 (r = 64 before blocks 2, 4, ..., 10, both pairings), DyVM keep 0.7 and
 # block ratio 0.8 at its default layers (3, 6, 9).
 VIDEO_GPU_RECIPE: dict[str, Any] = dict(
-    VIDEO_RECIPE, model_kwargs={"embed_dim": 192, "depth": 12, "patch_size": 4}, batch_size=32,
-    eval_batch_size=128, epochs=30, eval_every=10, lr=1e-3, warmup_epochs=2, num_workers=8,
+    VIDEO_RECIPE, model_kwargs={"embed_dim": 192, "depth": 12, "patch_size": 4}, batch_size=16,
+    eval_batch_size=128, epochs=50, eval_every=25, lr=1e-3, warmup_epochs=2, num_workers=8,
 )
 VIDEO_GPU_DEMO = DemoTask(
     VIDEO_GPU_RECIPE,
