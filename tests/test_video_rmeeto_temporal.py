@@ -189,3 +189,21 @@ def test_temporal_merge_is_cuda_graph_capturable():
     graph.replay()
     torch.testing.assert_close(captured.hidden, eager.hidden)
     torch.testing.assert_close(captured.positions, eager.positions)
+
+
+def test_the_demo_rows_pair_each_rmeeto_setting_with_its_temporal_twin_and_fit_the_gpu_model():
+    from mambatrim.engine.video_demo import VIDEO_DEMO, VIDEO_GPU_DEMO
+
+    for task in (VIDEO_DEMO, VIDEO_GPU_DEMO):
+        rows = {v.name: v for v in task.variants}
+        for name in ("rmeeto", "rmeeto re-trained"):
+            twin = rows[name.replace("rmeeto", "rmeeto temporal")]
+            assert twin.options == {**rows[name].options, "pairing": "temporal"}
+            assert twin.retrain == rows[name].retrain
+    model = timm.create_model("videomamba_video_tiny", img_size=32, num_frames=8, num_classes=10,
+                              **VIDEO_GPU_DEMO.recipe["model_kwargs"])
+    assert model.patch_embed.num_patches + 1 == 513
+    for v in VIDEO_GPU_DEMO.variants:
+        if v.method == "rmeeto":  # ratio 0.31 -> r = 64 before blocks 2, 4, ..., 10 with either pairing
+            apply_method(model, v.method, **v.options)
+            assert (model.reducer.r, model.reducer.layers) == (64, (2, 4, 6, 8, 10))
