@@ -84,6 +84,7 @@ class DemoTask:
     variants: tuple[Variant, ...]
     stem: str = "demo"
     title: str = "Vim on the bundled digits (64 tokens): accuracy vs work and speed (hollow: training-free)"
+    bench_dtype: torch.dtype | None = None  # autocast dtype of the timing on a GPU (None: fp32)
 
 
 IMAGE_DEMO = DemoTask(DEMO_RECIPE, DEMO_VARIANTS)
@@ -130,7 +131,8 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
                      "retrain_epochs": retrain_epochs if v.retrain else 0, "seconds": time.time() - t0})
         log(f"{v.name}: top-1 {acc['top1']:.2f}%")
     load_before = os.getloadavg()
-    timing = _time(models, variants, data.bench_images, rounds, iters, log)
+    amp = task.bench_dtype if data.device.type == "cuda" else None
+    timing = _time(models, variants, data.bench_images, rounds, iters, log, amp)
     for row, t in zip(rows, timing):
         row.update({k: t[k] for k in ("gflops", "flops_ratio", "tokens_per_layer", "executed_directions",
                                       "img_per_s", "speedup", "speedup_spread")})
@@ -138,8 +140,10 @@ def run_demo(output_dir: str | Path, device: str = "cpu", epochs: int | None = N
     result = {"model": describe_model(models["dense"], data.input_size), "recipe": recipe,
               "train_seconds": train_s, "train_summary": summary, "rows": rows,
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": device,
+              "gpu": torch.cuda.get_device_name(data.device) if data.device.type == "cuda" else None,
               "load_average_before_timing": load_before, "load_average_after_timing": os.getloadavg(),
-              "timing": {"rounds": rounds, "iters_per_round": iters, "batch_size": len(data.bench_images)},
+              "timing": {"rounds": rounds, "iters_per_round": iters, "batch_size": len(data.bench_images),
+                         "dtype": str(amp or torch.float32)},
               "wall_seconds": time.time() - start, "reused_runs": reuse_runs}
     result["table"] = format_table(result)
     result["verdict"] = verdict(rows)
@@ -206,12 +210,12 @@ def _retrain(recipe: dict[str, Any], base: dict[str, Any], v: Variant, dense_ckp
 
 
 def _time(models: dict[str, nn.Module], variants: tuple[Variant, ...], images: torch.Tensor, rounds: int,
-          iters: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+          iters: int, log: Callable[[str], None], amp_dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
     """The comparison harness's rows for the trained models, in ``variants`` order."""
     from .compare import Configuration, time_models
 
     configs = [Configuration(v.name, v.method, dict(v.options)) for v in variants]
-    rows, _ = time_models(models, configs, images, rounds=rounds, iters=iters, warmup=2,
+    rows, _ = time_models(models, configs, images, amp_dtype=amp_dtype, rounds=rounds, iters=iters, warmup=2,
                           log=lambda text: log(text) if text.startswith("round") and "dense" in text else None)
     return rows
 
@@ -244,7 +248,9 @@ def format_table(result: dict[str, Any]) -> str:
     """Markdown table: accuracy, FLOPs and speed relative to dense (median ratio and its per-round spread)."""
     rows = result["rows"]
     dense = next(r for r in rows if r["method"] is None)
-    lines = [f"Model: {result['model']}. CPU timing: {result['threads']} thread(s) of {result['cpus']} cores, "
+    where = (f"GPU timing on {result['gpu']} ({result['timing']['dtype']})" if result.get("gpu") else
+             f"CPU timing: {result['threads']} thread(s) of {result['cpus']} cores")
+    lines = [f"Model: {result['model']}. {where}, "
              f"batch {result['timing']['batch_size']}, median of {result['timing']['rounds']} interleaved rounds "
              f"(load average {result['load_average_before_timing'][0]:.1f} before timing).", "",
              "| method | re-trained | top-1 % | vs dense | MFLOPs | FLOPs ratio | img/s | speed-up (spread) | "
