@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs of the dense model (default 6; video 15)")
-    parser.add_argument("--retrain-epochs", type=int, default=2, help="re-training epochs per method (default 2)")
+    parser.add_argument("--retrain-epochs", type=int, default=2,
+                        help="re-training epochs per method and for the dense control row (default 2)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a busy machine two threads of small ops wait on each other "
                              "and run many times slower)")
