@@ -21,3 +21,18 @@ def test_interleaved_rounds_time_every_runner_once_per_round_in_order() -> None:
     assert logged == [(0, "a"), (0, "b"), (1, "a"), (1, "b")]
     assert set(times) == {"a", "b"} and all(len(v) == 2 for v in times.values())
     assert min(times["b"]) >= 4.0 > max(times["a"])  # ms per call: b sleeps 4 ms, a does not
+
+
+def test_a_cpu_round_is_the_fastest_of_its_calls(monkeypatch) -> None:
+    """Other processes only add time to a call: on a CPU a round reports the least disturbed call, not the mean."""
+    from mambatrim.engine import benchmark
+
+    clock = {"now": 0.0}
+
+    def call() -> None:
+        clock["now"] += next(durations)
+
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["now"])
+    durations = iter([0.005, 0.010, 0.002, 0.030])  # untimed call 5 ms, then 10, 2, 30 ms
+    times = interleaved_times_ms({"a": call}, rounds=1, iters=3, device=torch.device("cpu"))  # mean: 14 ms
+    assert abs(times["a"][0] - 2.0) < 1e-9

@@ -67,7 +67,7 @@ def test_a_slower_method_gets_one_line_saying_why() -> None:
 
 
 def test_table_shows_accuracy_flops_and_speed_relative_to_dense(tmp_path) -> None:
-    result = {"model": "m", "threads": 1, "cpus": 2, "timing": {"batch_size": 64, "rounds": 5},
+    result = {"model": "m", "threads": 1, "cpus": 2, "timing": {"batch_size": 64, "rounds": 5, "iters_per_round": 3},
               "load_average_before_timing": (3.5, 3.0, 2.0), "rows": ROWS}
     table = format_table(result)
     assert "| fast and accurate | 2 ep | 95.50 | -1.50 | 6.67 | 1.50x | 1400 | 1.40x (1.20-1.60) | keep=0.7 |" in table

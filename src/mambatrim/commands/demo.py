@@ -52,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "video":
         from ..engine.video_demo import VIDEO_DEMO, VIDEO_GPU_DEMO
 
-        task = VIDEO_DEMO if args.device == "cpu" else VIDEO_GPU_DEMO  # a GPU gets the 513-token run
+        from ..engine.benchmark import resolve_device
+
+        gpu = resolve_device(args.device).type == "cuda"
+        task = VIDEO_GPU_DEMO if gpu else VIDEO_DEMO  # a GPU gets the 513-token run
     result = run_demo(args.output_dir, args.device, args.epochs, args.threads, retrain_epochs=args.retrain_epochs,
                       task=task, rounds=args.rounds, progress=args.progress, reuse_runs=args.reuse_runs)
     out, stem = Path(args.output_dir), task.stem

@@ -7,8 +7,9 @@ Why this set-up: the digits are upsampled to 32 x 32 and cut into 4 x 4 patches,
 tokens (one per original pixel) and the per-token work of its blocks dominates; with a handful of tokens a
 single merge removes a large share of the image and the per-layer bookkeeping of a method costs more than it
 saves. Speed is measured by the one comparison harness (:func:`mambatrim.engine.compare.time_models`): every
-configuration timed once per round, interleaved, in one process; a row reports the median ratio to dense over
-the rounds with its spread, so a busy machine slows every row alike instead of flipping the picture.
+configuration timed once per round, interleaved, in one process (on a CPU a round's time is the fastest of its
+calls, the one least disturbed by other processes); a row reports the median ratio to dense over the rounds
+with its spread, so a busy machine slows every row alike instead of flipping the picture.
 """
 from __future__ import annotations
 
@@ -283,6 +284,7 @@ def format_table(result: dict[str, Any]) -> str:
              f"CPU timing: {result['threads']} thread(s) of {result['cpus']} cores")
     lines = [f"Model: {result['model']}. {where}, "
              f"batch {result['timing']['batch_size']}, median of {result['timing']['rounds']} interleaved rounds "
+             f"{'(mean' if result.get('gpu') else '(fastest'} of {result['timing']['iters_per_round']} calls a round) "
              f"(load average {result['load_average_before_timing'][0]:.1f} before timing).", "",
              "| method | re-trained | top-1 % | vs dense | MFLOPs | FLOPs ratio | img/s | speed-up (spread) | "
              "options |", "|---|---|---|---|---|---|---|---|---|"]
