@@ -4,7 +4,7 @@ alike (zero, negative and out-of-range values are never silently replaced by a d
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # kind -> (test, description of the valid range)
@@ -37,6 +37,15 @@ def check(value: Any, option: str, kind: str) -> Any:
     test, valid = _KINDS[kind]
     if value is not None and not test(value):
         raise ValueError(f"{option} must be {valid}, got {value!r}")
+    return value
+
+
+def check_choice(value: Any, option: str, choices: Iterable[Any], owner: str | None = None) -> Any:
+    """Return ``value`` if it is one of ``choices`` (a sequence, or a mapping's keys), else raise a one-line
+    ValueError naming ``option`` and every valid choice (prefixed ``owner: `` when given)."""
+    if value not in choices:
+        prefix = f"{owner}: " if owner else ""
+        raise ValueError(f"{prefix}unknown {option} {value!r}; choose one of {', '.join(str(c) for c in choices)}")
     return value
 
 

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..validation import check_choice
+
 CONVENTIONS = ("paper", "full")
 _COUNTED_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -71,8 +73,7 @@ class FlopsReport:
     layers: list[LayerFlops] = field(default_factory=list)
 
     def total(self, convention: str = "paper") -> float:
-        if convention not in CONVENTIONS:
-            raise ValueError(f"unknown FLOPs convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+        check_choice(convention, "FLOPs convention", CONVENTIONS)
         body = sum(getattr(layer, convention) for layer in self.layers)
         return sum(self.modules.values()) + self.reducer + body
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..validation import check_choice
+
 # where a rearranging method puts the protected tokens among the kept ones (set by the backbone in ``embed``)
 PROTECTED_LAYOUTS = ("middle", "first", "spread", "none")
 
@@ -17,8 +19,7 @@ PROTECTED_LAYOUTS = ("middle", "first", "spread", "none")
 def check_layout(layout: str, count: int) -> None:
     """ValueError unless ``layout`` is a known layout that fits ``count`` protected tokens (any layout fits none:
     there is nothing to place)."""
-    if layout not in PROTECTED_LAYOUTS:
-        raise ValueError(f"unknown protected_layout {layout!r}; choose one of {', '.join(PROTECTED_LAYOUTS)}")
+    check_choice(layout, "protected_layout", PROTECTED_LAYOUTS)
     if layout == "none" and count:
         raise ValueError(f"protected_layout 'none' declares no protected tokens, but there are {count}: choose "
                          "'middle', 'first' or 'spread'")

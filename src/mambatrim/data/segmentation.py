@@ -31,6 +31,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..validation import check_choice
 from .datasets import DataError
 
 IGNORE_INDEX = 255
@@ -53,8 +54,7 @@ class SegmentationFolder(Dataset):
     def __init__(self, root: str | os.PathLike, split: str,
                  transform: Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]] | None = None,
                  reduce_zero: bool = True) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        check_choice(split, "split", SPLITS)
         self.root, self.split = Path(root), SPLITS[split]
         image_dir, label_dir = self.root / "images" / self.split, self.root / "annotations" / self.split
         if not image_dir.is_dir() or not label_dir.is_dir():

@@ -31,6 +31,7 @@ from ..analysis.flops import example_input
 from ..models import create_model
 from ..ops import policy
 from ..reduce import apply_method, dyvm, method_spec
+from ..validation import check_choice
 from .benchmark import DTYPES, interleaved_times_ms, resolve_device, run_environment
 from .cuda_graph import capture_graph
 from .dyvm_selectors import set_selector_policy
@@ -181,8 +182,7 @@ def compare(model_name: str, configs: list[Configuration], *, img_size: int = 22
     dev = resolve_device(device)
     modes = list(modes or (["cuda_graph"] if dev.type == "cuda" else ["eager"]))
     check_run(batch_size, rounds, iters, warmup, modes, dev)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_choice(dtype, "dtype", DTYPES)
     amp_dtype = DTYPES[dtype]
     if not any(c.name == DENSE and c.method is None for c in configs):
         configs = [Configuration(DENSE), *configs]

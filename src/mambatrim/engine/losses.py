@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..contract import TokenState, token_mse
+from ..validation import check_choice
 
 
 class StudentForward(nn.Module):
@@ -55,8 +56,7 @@ class LogitsForward(nn.Module):
 
 def check_teacher(student: nn.Module, teacher: nn.Module, token_distill: bool, mode: str = "kl") -> None:
     """Refuse a teacher the losses cannot be computed against, naming the difference."""
-    if mode not in DISTILL_MODES:
-        raise ValueError(f"unknown distillation mode {mode!r}; choose one of {', '.join(DISTILL_MODES)}")
+    check_choice(mode, "distillation mode", DISTILL_MODES)
     if mode == "hard":
         check_hard_student(student)
         if token_distill:

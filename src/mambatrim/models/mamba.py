@@ -25,6 +25,7 @@ from ..contract import REVERSED, SEQUENCE, MixerContext, MixerPlan, ScanOrder
 from ..ops import causal_conv1d, get_backend, policy, scan_paths, selective_scan
 from ..ops.scan_paths import put_tokens as _put
 from ..ops.scan_paths import take_tokens as _take
+from ..validation import check_choice
 
 COMBINES = ("mean", "sum", "concat")
 
@@ -100,8 +101,7 @@ class MultiPathMixer(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        if combine not in COMBINES:
-            raise ValueError(f"unknown combine {combine!r}; choose one of {', '.join(COMBINES)}")
+        check_choice(combine, "combine", COMBINES)
         if not orders:
             raise ValueError("a mixer needs at least one scan order")
         self.orders, self.combine = tuple(orders), combine

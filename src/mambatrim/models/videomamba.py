@@ -30,6 +30,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
 from ..contract import TokenState
+from ..validation import check_choice
 from .mamba import RMSNorm
 from .vim import VisionMamba
 
@@ -70,8 +71,7 @@ class VideoMamba(VisionMamba):
                              "configuration (bimamba=True) is implemented")
         if not kwargs.get("if_cls_token", True):
             raise ValueError("VideoMamba: if_cls_token=False is not supported; its head reads the class token")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        check_choice(model_type, "model_type", MODEL_TYPES)
         kwargs.setdefault("if_divide_out", False)
         if distill:  # the official distillation class uses timm's PatchEmbed: stride = patch size
             kwargs["stride"] = kwargs.get("patch_size", 16)

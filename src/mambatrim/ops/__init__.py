@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..validation import check_choice
+
 from . import policy
 from .conv import causal_conv1d
 from .scan_ref import selective_scan_ref
@@ -75,9 +77,7 @@ def available_backends() -> dict[str, str]:
 
 
 def _check_name(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown scan backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return name
+    return check_choice(name, "scan backend", BACKENDS)
 
 
 def set_backend(name: str | None) -> None:

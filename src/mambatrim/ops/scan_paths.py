@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..validation import check_choice
+
 __all__ = ["scan_paths", "take_tokens", "put_tokens", "PLACES", "PATH_COMBINES"]
 
 PLACES = ("token", "step")
@@ -60,12 +62,6 @@ def per_path(t: Tensor | None, paths: int, width: int, name: str) -> Tensor | No
         return t.unflatten(1, (paths, width)).transpose(0, 1)
     raise ValueError(f"scan_paths: {name} has {t.shape[1]} channels; expected {width} (shared by the paths) or "
                      f"{paths} x {width} (one slice per path)")
-
-
-def _choice(value: str, options: tuple[str, ...], name: str) -> str:
-    if value not in options:
-        raise ValueError(f"scan_paths: unknown {name} {value!r}; choose one of {', '.join(options)}")
-    return value
 
 
 def _batched(t: Tensor | None, bsz: int, name: str, rows: int) -> Tensor | None:
@@ -110,7 +106,9 @@ def scan_paths(
     if A.dim() != 3:
         raise ValueError(f"scan_paths: A must be (paths, channels, d_state), got shape {tuple(A.shape)}")
     paths, width, _ = A.shape
-    _choice(u_at, PLACES, "u_at"), _choice(bc_at, PLACES, "bc_at"), _choice(combine, PATH_COMBINES, "combine")
+    check_choice(u_at, "u_at", PLACES, "scan_paths")
+    check_choice(bc_at, "bc_at", PLACES, "scan_paths")
+    check_choice(combine, "combine", PATH_COMBINES, "scan_paths")
     u4, delta4, z4 = (per_path(t, paths, width, name) for t, name in ((u, "u"), (delta, "delta"), (z, "z")))
     B4, C4 = (per_path(t, paths, t.shape[-2], name) for t, name in ((B, "B"), (C, "C")))
     bsz, length = u4.shape[1], u4.shape[-1]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import get_backend, policy
-from ..validation import check
+from ..validation import check, check_choice
 from .options import method_options
 from .registry import MethodSpec, register_method
 from ..contract import Reducer, TokenState, free_slots, insert_at, take_rows, unprotected_index
@@ -41,13 +41,6 @@ from .rmeeto_temporal import frame_layout, temporal_pairs
 CLS_POSITIONS = ("official", "middle", "boundary")
 PAIRINGS = ("sequence", "temporal")  # alternate sequence neighbours (the paper); same location, adjacent frames
 DEFAULT_RATIO = 0.31  # the paper's Vim-S / Vim-B setting (r = 11)
-
-
-def check_choice(value: str, option: str, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else a one-line ValueError naming them."""
-    if value not in choices:
-        raise ValueError(f"rmeeto: unknown {option} {value!r}; choose one of {', '.join(choices)}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -123,8 +116,8 @@ def merge_tokens(state: TokenState, r: int, cls_position: str = "official",
     ``merge_fn``: the tensor function doing the work (:func:`merge_arrays`, a ``torch.compile`` of it, or for
     ``pairing='temporal'`` :func:`temporal_merge_arrays`, called with the state's grid as its last argument).
     """
-    check_choice(cls_position, "cls_position", CLS_POSITIONS)
-    check_choice(pairing, "pairing", PAIRINGS)
+    check_choice(cls_position, "cls_position", CLS_POSITIONS, "rmeeto")
+    check_choice(pairing, "pairing", PAIRINGS, "rmeeto")
     if state.mask is not None:
         raise ValueError("R-MeeTo merging cannot follow a masked (training-time) pruning method: the state "
                          "carries a token mask")
@@ -233,8 +226,8 @@ class RMeeToReducer(Reducer):
         super().__init__()
         if int(r) != r or r < 0:
             raise ValueError(f"r (tokens merged per event) must be a non-negative integer, got {r!r}")
-        check_choice(cls_position, "cls_position", CLS_POSITIONS)
-        self.pairing = check_choice(pairing, "pairing", PAIRINGS)
+        check_choice(cls_position, "cls_position", CLS_POSITIONS, "rmeeto")
+        self.pairing = check_choice(pairing, "pairing", PAIRINGS, "rmeeto")
         bad = [layer for layer in layers if int(layer) != layer or layer < 0]
         if bad:
             raise ValueError(f"merge layers must be non-negative block indices, got {bad}")
@@ -322,8 +315,8 @@ def apply(model: nn.Module, keep: float | None = None, ratio: float | None = Non
         ratio = check(ratio, "rmeeto: ratio (the reduction ratio, 1 - keep)", "fraction_below_one")
     elif r is None:
         ratio = DEFAULT_RATIO
-    check_choice(cls_position, "cls_position", CLS_POSITIONS)
-    floor = temporal_floor(model) if check_choice(pairing, "pairing", PAIRINGS) == "temporal" else 0
+    check_choice(cls_position, "cls_position", CLS_POSITIONS, "rmeeto")
+    floor = temporal_floor(model) if check_choice(pairing, "pairing", PAIRINGS, "rmeeto") == "temporal" else 0
     depth = int(model.depth)
     layers = merge_layers(depth, interval) if layers is None else tuple(layers)
     out_of_range = [layer for layer in layers if not 0 <= layer < depth]
