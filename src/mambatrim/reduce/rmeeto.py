@@ -347,6 +347,6 @@ register_method(MethodSpec(
     apply=apply,
     description="R-MeeTo: order-preserving bipartite token merging every 2nd block (keep=, ratio= or r=; "
                 "pairing=temporal on video)",
-    demo_options={"ratio": 0.35, "layers": [1, 2, 3]},  # the demo model: 64 patch tokens, 4 blocks
+    demo_options={"ratio": 0.3, "layers": [2, 3]},  # the demo's setting (engine/demo.py): 64 patch tokens, 4 blocks
     trainable=True,
 ))
