@@ -88,15 +88,20 @@ def mean_time_ms(fn: Callable[[], object], iters: int, device: torch.device) -> 
     return start.elapsed_time(end) / iters
 
 
-def best_time_ms(fn: Callable[[], object], iters: int) -> float:
-    """Fastest of ``iters`` calls of ``fn`` in ms (host clock). On a shared CPU other processes only ever add
-    time to a call, so the fastest call is the one least disturbed: the CPU estimate of interleaved rounds."""
-    best = float("inf")
+def host_times_ms(fn: Callable[[], object], iters: int) -> list[float]:
+    """ms of each of ``iters`` calls of ``fn`` on the host clock (CPU work; a GPU needs events)."""
+    times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def best_time_ms(fn: Callable[[], object], iters: int) -> float:
+    """Fastest of ``iters`` calls of ``fn`` in ms (host clock). On a shared CPU other processes only ever add
+    time to a call, so the fastest call is the one least disturbed: the CPU estimate of interleaved rounds."""
+    return min(host_times_ms(fn, iters))
 
 
 def cuda_time(fn: Callable[[], object], iters: int = 30, warmup: int = 5) -> dict[str, float]:
@@ -207,7 +212,6 @@ def measure_throughput(
             step()
         if cuda:
             torch.cuda.synchronize(device)
-        times_ms: list[float] = []
         if cuda:
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(iters)]
@@ -218,10 +222,7 @@ def measure_throughput(
             torch.cuda.synchronize(device)
             times_ms = [start.elapsed_time(end) for start, end in events]
         else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                step()
-                times_ms.append((time.perf_counter() - t0) * 1e3)
+            times_ms = host_times_ms(step, iters)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     finally:
         model.train(was_training)
