@@ -3,7 +3,8 @@
 One process, one model per configuration (the same weights; each method attached once); the backbone step
 (embedding, 24 blocks, the dense restoration of pruned / merged tokens at the four taps) and the head step
 (neck + UperNet on those maps, logits upsampled to 512x512) are each captured as a CUDA graph and timed in
-interleaved rounds (every configuration once per round). Peak memory: ``max_memory_allocated`` over one eager
+interleaved rounds (every configuration once per round). Each configuration's replayed feature maps are
+compared with its first eager forward's (``max abs diff vs eager``: 0 for a deterministic forward). Peak memory: ``max_memory_allocated`` over one eager
 forward of the whole model per configuration. bf16 autocast, inference.
 
 DyVM here is untrained: rho 0.8 token pruning before blocks 6 / 12 / 18 (top-k of the predictor's score, so
@@ -83,6 +84,7 @@ def main() -> None:
     amp = lambda: autocast_to(device, dtype, cache_enabled=False)  # noqa: E731
     runners: dict[str, Callable[[], object]] = {}
     memory: dict[str, float] = {}
+    drift: dict[str, float] = {}  # max |replayed - eager| over the four feature maps
     models: dict[str, torch.nn.Module] = {}
     for name, (method, opts) in configs.items():
         weights = None if not models else models["dense"].state_dict()
@@ -90,10 +92,11 @@ def main() -> None:
         with torch.no_grad(), amp():
             maps, _ = model.forward_backbone(images)
         static_maps = [m.clone() for m in maps]
+        replayed: dict[str, list[torch.Tensor]] = {}
 
-        def backbone(model=model) -> None:
+        def backbone(model=model, replayed=replayed) -> None:
             with torch.no_grad(), amp():
-                model.forward_backbone(images)
+                replayed["maps"] = model.forward_backbone(images)[0]
 
         def head(model=model, maps=static_maps) -> None:
             with torch.no_grad(), amp():
@@ -102,6 +105,8 @@ def main() -> None:
         memory[name] = peak_memory_gib(lambda: model(images), amp, device)
         runners[f"{name}/backbone"] = backbone if args.eager else capture_graph(backbone)
         runners[f"{name}/head"] = head if args.eager else capture_graph(head)
+        runners[f"{name}/backbone"]()  # the replay (eager: a second forward) must give the first forward's maps
+        drift[name] = max((a.float() - b.float()).abs().max().item() for a, b in zip(replayed["maps"], static_maps))
         print(f"{name}: ready ({'eager' if args.eager else 'captured'})", flush=True)
 
     times = interleaved_times_ms(runners, args.rounds, args.iters, device)
@@ -111,6 +116,7 @@ def main() -> None:
         rows[name] = {"backbone_ms": b, "head_ms": h, "total_ms": b + h,
                       "backbone_img_s": args.batch * 1e3 / b, "head_img_s": args.batch * 1e3 / h,
                       "img_s": args.batch * 1e3 / (b + h), "peak_memory_gib": memory[name],
+                      "max_abs_diff_vs_eager": drift[name],
                       "method": configs[name][0], "method_opts": configs[name][1],
                       "rounds_ms": {"backbone": times[f"{name}/backbone"], "head": times[f"{name}/head"]}}
     record = {"device": device_name(device), "torch": torch.__version__, "backbone": args.backbone,
@@ -144,13 +150,14 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"taps; head = neck + UperNet + upsampling. torch {r['torch']}.",
         "",
         "| model | backbone img/s | head img/s | total img/s | speed-up (total) | backbone speed-up | "
-        "peak memory GiB |",
-        "|---|---|---|---|---|---|---|",
+        "peak memory GiB | max abs diff vs eager |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in r["rows"].items():
         lines.append(f"| {name} {row['method_opts'] or ''} | {row['backbone_img_s']:.1f} | {row['head_img_s']:.1f} | "
                      f"{row['img_s']:.1f} | {row['img_s'] / dense['img_s']:.3f}x | "
-                     f"{row['backbone_img_s'] / dense['backbone_img_s']:.3f}x | {row['peak_memory_gib']:.2f} |")
+                     f"{row['backbone_img_s'] / dense['backbone_img_s']:.3f}x | {row['peak_memory_gib']:.2f} | "
+                     f"{row.get('max_abs_diff_vs_eager', float('nan')):.3g} |")
     return "\n".join(lines) + "\n"
 
 
