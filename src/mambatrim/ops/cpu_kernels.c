@@ -4,7 +4,7 @@
  * Scan: one work item = one sample x a group of channel blocks (all of them unless the threads need more
  * items). Its state, (blocks x d_state) vectors, stays in L1 for the whole sequence; each step reads whole rows
  * of delta, u, z (what the prefetcher follows) and B, C once, and computes softplus(delta + bias), the gap
- * decay, exp(delta * A), the state update, <h, C>, the D skip and the silu(z) gate in one pass. A channel block
+ * decay, exp(delta * A) as 2^(delta * A log2 e), the state update, <h, C>, the D skip and the silu(z) gate in one pass. A channel block
  * is one native vector (GCC/Clang vector extensions: AVX-512, AVX2, SSE or NEON); exp and log are polynomials
  * (Cephes coefficients) on those vectors. Inputs may have any strides (Vim's mixer hands in transposed views);
  * all tensors are fp32.
@@ -45,6 +45,24 @@ static inline vf vexp(vf x) {
     e = e & ~(e >> 31);                                  /* max(e, 0) */
     e = e - ((e - 255) & ~((e - 255) >> 31));            /* min(e, 255) */
     return p * (vf)(e << 23);
+}
+
+/* 2^y to ~2 ulp (Cephes exp2f's polynomial on [-0.5, 0.5]); 0 below -127, inf above 128. The scan's decay
+ * exp(delta * A) = 2^(delta * A log2 e) with log2 e folded into A once: no range reduction in two parts, and
+ * with y clamped to [-127, 128] the biased exponent k + 127 stays in [0, 255] without integer clamps. */
+static inline vf vexp2(vf y) {
+    y = sel(y < -127.0f, splat(-127.0f), y);
+    y = sel(y > 128.0f, splat(128.0f), y);
+    vf k = (y + 12582912.0f) - 12582912.0f; /* round to nearest */
+    vf f = y - k;
+    vf p = splat(1.535336188319500e-4f);
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    return p * (vf)((__builtin_convertvector(k, vi) + 127) << 23);
 }
 
 /* log(m) for normal m > 0 */
@@ -111,7 +129,7 @@ static inline void store_block(float *p, int64_t stride, int nd, vf v) {
 /* One sample, channel blocks [k0, k1): all steps, every block per step, so that each step reads whole rows of
  * the inputs (what the hardware prefetcher follows) and B, C once. h holds (k1 - k0) x nst state vectors. */
 static void scan_item(int64_t b, int64_t k0, int64_t k1, int64_t dim, int64_t len, int64_t nst, const float *u,
-                      const float *dt, const float *At, const float *B, const float *C, const float *D,
+                      const float *dt, const float *At2, const float *B, const float *C, const float *D,
                       const float *z, const float *bias, const float *gap, float *y, const int64_t *s,
                       int32_t softplus, int32_t reverse, vf *h, vf *prev) {
     for (int64_t i = 0; i < (k1 - k0) * nst; i++)
@@ -134,7 +152,7 @@ static void scan_item(int64_t b, int64_t k0, int64_t k1, int64_t dim, int64_t le
             prev[k - k0] = x;
             vf du = x * uv, yv = splat(0.0f);
             for (int64_t n = 0; n < nst; n++) {
-                hk[n] = vexp(dec * load_block(At + n * dim + d0, 1, nd)) * hk[n] + du * bt[n * s[S_B + 1]];
+                hk[n] = vexp2(dec * load_block(At2 + n * dim + d0, 1, nd)) * hk[n] + du * bt[n * s[S_B + 1]];
                 yv += hk[n] * ct[n * s[S_C + 1]];
             }
             if (D)
@@ -148,9 +166,9 @@ static void scan_item(int64_t b, int64_t k0, int64_t k1, int64_t dim, int64_t le
     }
 }
 
-/* At is A transposed, (nst, dim) contiguous. Returns 0, or -1 when a state buffer cannot be allocated. */
+/* At2 is A * log2(e) transposed, (nst, dim) contiguous. Returns 0, or -1 when a state buffer cannot be allocated. */
 int32_t mambatrim_scan_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t nst, const float *u, const float *dt,
-                           const float *At, const float *B, const float *C, const float *D, const float *z,
+                           const float *At2, const float *B, const float *C, const float *D, const float *z,
                            const float *bias, const float *gap, float *y, const int64_t *s, int32_t softplus,
                            int32_t reverse, int32_t nthreads) {
     int64_t nblk = (dim + BLOCK_D - 1) / BLOCK_D, group = nblk;
@@ -170,7 +188,7 @@ int32_t mambatrim_scan_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t nst, c
             failed = 1;
             continue;
         }
-        scan_item(it / per, k0, k1, dim, len, nst, u, dt, At, B, C, D, z, bias, gap, y, s, softplus, reverse, h,
+        scan_item(it / per, k0, k1, dim, len, nst, u, dt, At2, B, C, D, z, bias, gap, y, s, softplus, reverse, h,
                   h + (k1 - k0) * nst);
         free(h);
     }
