@@ -27,26 +27,6 @@ typedef int32_t vi __attribute__((vector_size(BLOCK_D * 4)));
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
-/* exp(x) to ~2 ulp; 0 below about -87.3 (2^-126), +inf above about 88.7 */
-static inline vf vexp(vf x) {
-    vf xc = sel(x < -88.0f, splat(-88.0f), x);
-    xc = sel(xc > 89.0f, splat(89.0f), xc);
-    vf k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    vf r = xc - k * 0.693359375f + k * 2.12194440e-4f;
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    /* 2^k from its biased exponent, clamped to [0, 255]: 0 underflows to 0.0, 255 overflows to inf */
-    vi e = __builtin_convertvector(k, vi) + 127;
-    e = e & ~(e >> 31);                                  /* max(e, 0) */
-    e = e - ((e - 255) & ~((e - 255) >> 31));            /* min(e, 255) */
-    return p * (vf)(e << 23);
-}
-
 /* 2^y to ~2 ulp (Cephes exp2f's polynomial on [-0.5, 0.5]); 0 below -127, inf above 128. The scan's decay
  * exp(delta * A) = 2^(delta * A log2 e) with log2 e folded into A once: no range reduction in two parts, and
  * with y clamped to [-127, 128] the biased exponent k + 127 stays in [0, 255] without integer clamps. */
@@ -64,6 +44,9 @@ static inline vf vexp2(vf y) {
     p = p * f + 1.0f;
     return p * (vf)((__builtin_convertvector(k, vi) + 127) << 23);
 }
+
+/* exp(x) = 2^(x log2 e): 0 below about -88, inf above about 88.7 */
+static inline vf vexp(vf x) { return vexp2(x * 1.44269504088896341f); }
 
 /* log(m) for normal m > 0 */
 static inline vf vlog(vf m) {
