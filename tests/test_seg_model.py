@@ -219,3 +219,31 @@ def test_bad_out_indices() -> None:
     with pytest.raises(ValueError, match="out_indices must be 4 increasing block indices in 0..3"):
         create_segmentation_model("vim_tiny_patch16_224", img_size=32, out_indices=(0, 1, 2, 9),
                                   class_token=CLASS_TOKEN, **TINY)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name,opts", [("rmeeto", {"ratio": 0.31}), ("dyvm", {"keep": 0.8, "layers": [6, 12, 18]})])
+def test_reduced_backbone_replays_its_eager_maps(name: str, opts: dict) -> None:
+    """UperNet-Vim-S at 512x512, batch 16 (the speed benchmark's shape): the backbone forward captured as a CUDA
+    graph and replayed gives the eager forward's feature maps bit for bit."""
+    from mambatrim.engine.cuda_graph import capture_graph  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = create_segmentation_model("vim_small_patch16_224", num_classes=150, img_size=512)
+    apply_method(model.backbone, name, **opts)
+    model = model.cuda().eval()
+    images = torch.randn(16, 3, 512, 512, device="cuda")
+    out: dict[str, list[torch.Tensor]] = {}
+
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            out["maps"] = model.forward_backbone(images)[0]
+
+    forward()
+    eager = [m.clone() for m in out["maps"]]
+    replay = capture_graph(forward)
+    for _ in range(3):
+        replay()
+    torch.cuda.synchronize()
+    for got, want in zip(out["maps"], eager):
+        assert torch.equal(got, want)
