@@ -10,6 +10,7 @@ from torch import Tensor
 import mambatrim  # noqa: F401  (registers the models)
 from mambatrim.models.registry import create_model
 from mambatrim.reduce import METHODS, Reducer, TokenState, apply_method
+from mambatrim.contract import tokens
 from mambatrim.reduce import rmeeto
 from mambatrim.reduce.rmeeto import RMeeToReducer, merge_tokens, r_for_ratio, ratio_for_r
 
@@ -135,7 +136,7 @@ def test_group_sums_make_the_fold_order_free():
     length, r, dim = 6, 40, 16
     slot = torch.randint(0, length, (1, r), generator=g)
     delta = torch.randn(1, r, dim, generator=g) * torch.logspace(-3, 1, r)[None, :, None]
-    folded_slot, folded = rmeeto.group_sums(slot, delta)
+    folded_slot, folded = tokens.group_sums(slot, delta)
     ref = torch.zeros(1, length, dim).scatter_add_(1, slot[..., None].expand(-1, -1, dim), delta)
     got = torch.zeros(1, length, dim).scatter_add_(1, folded_slot[..., None].expand(-1, -1, dim), folded)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
@@ -150,7 +151,7 @@ def test_group_sums_make_the_fold_order_free():
 @pytest.mark.parametrize("length,r", [(17, 3), (16, 7), (33, 16)])
 def test_merge_with_group_sums_matches_per_sample_reference(length, r, monkeypatch):
     """The CUDA fold (grouped deltas), run here on the CPU, gives the paper's merge."""
-    monkeypatch.setattr(rmeeto, "atomic_scatter", lambda t: True)
+    monkeypatch.setattr(tokens, "atomic_scatter", lambda t: True)
     state = random_state(3, length, 8, cls=[length // 2, 0, length - 1])
     out = merge_tokens(state, r)
     for b in range(3):
@@ -167,7 +168,7 @@ def test_group_sums_pass_gradients():
     weight = torch.randn(1, 4, 3, dtype=torch.float64)
 
     def fold(d):
-        s, f = rmeeto.group_sums(slot, d)
+        s, f = tokens.group_sums(slot, d)
         return torch.zeros(1, 4, 3, dtype=d.dtype).scatter_add(1, s[..., None].expand(-1, -1, 3), f)
 
     fold(delta).mul(weight).sum().backward()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..contract import LinearDirectionGate, MixerContext, Reducer, TokenState, batch_arange, take_rows
+from ..contract import LinearDirectionGate, MixerContext, Reducer, TokenState, add_rows_, batch_arange, take_rows
 from ..models.groupmamba import GROUPS, GroupMamba
 from ..validation import check
 from .dyvm import BlockSelector, block_ratio_loss, gumbel_sigmoid_hard
@@ -197,8 +197,7 @@ def bipartite_merge(state: TokenState, r: int, sources: Tensor) -> tuple[TokenSt
     merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
     dst = match.gather(1, merged_a)  # (B, r) index into B
     w = sizes[..., None].to(x.dtype)
-    b_sum = (x * w)[:, b_idx].scatter_add(1, dst[..., None].expand(-1, -1, x.shape[-1]),
-                                         take_rows((x * w)[:, a_idx], merged_a))
+    b_sum = add_rows_((x * w)[:, b_idx], dst, take_rows((x * w)[:, a_idx], merged_a))
     b_size = sizes[:, b_idx].scatter_add(1, dst, sizes[:, a_idx].gather(1, merged_a))
     keep_a = a_idx[kept_a]  # (B, A - r) current indices
     hidden = torch.cat([take_rows(x, keep_a), b_sum / b_size[..., None].to(x.dtype)], 1)

@@ -35,7 +35,7 @@ from ..ops import get_backend, policy
 from ..validation import check, check_choice
 from .options import method_options
 from .registry import MethodSpec, register_method
-from ..contract import Reducer, TokenState, free_slots, insert_at, take_rows, unprotected_index
+from ..contract import Reducer, TokenState, add_rows_, free_slots, insert_at, take_rows, unprotected_index
 from .rmeeto_temporal import frame_layout, temporal_pairs
 
 CLS_POSITIONS = ("official", "middle", "boundary")
@@ -106,37 +106,7 @@ def _merge_rows(t: Tensor, out_seq: Tensor, src_seq: Tensor, dst_seq: Tensor, ds
     out = take_rows(t, out_seq)
     work = torch.promote_types(t.dtype, torch.float32)
     delta = (take_rows(t, src_seq).to(work) - take_rows(t, dst_seq).to(work)) * weight[..., None]
-    if atomic_scatter(t):
-        dst_slot, delta = group_sums(dst_slot, delta)
-    return out.scatter_add_(1, dst_slot[..., None].expand(-1, -1, t.shape[-1]), delta.to(t.dtype))
-
-
-def atomic_scatter(t: Tensor) -> bool:
-    """Whether ``scatter_add_`` on ``t``'s device adds duplicates in a run-dependent order (CUDA's atomics; the
-    CPU kernel adds in index order)."""
-    return t.is_cuda
-
-
-def group_sums(slot: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-    """``(slot', delta')`` that ``scatter_add_`` into the same result in any order: each run of equal ``slot``
-    (B, r) entries gets its ``delta`` (B, r, D) rows' sum on its last entry and exact zeros elsewhere.
-
-    Why: several merged tokens can fold into one destination, and on a GPU the order of scatter_add_'s atomic
-    adds varies from run to run, so the rounded sums (bf16 hidden states) did too, and later merges, which
-    pick partners by similarity, then diverged: two eager forwards of the same segmentation batch differed by
-    more than 0.1 in 46 % of the last tap's features. Adding exact zeros is order-free. The sums are
-    float64 prefix sums along the slot-sorted rows (a deterministic scan), differenced at run boundaries."""
-    slot, order = torch.sort(slot, dim=1, stable=True)
-    prefix = delta.gather(1, order[..., None].expand_as(delta)).double().cumsum(1)
-    steps = torch.arange(slot.shape[1], device=slot.device)
-    first = torch.ones_like(slot, dtype=torch.bool)
-    first[:, 1:] = slot[:, 1:] != slot[:, :-1]
-    last = torch.ones_like(slot, dtype=torch.bool)
-    last[:, :-1] = first[:, 1:]
-    start = torch.where(first, steps, 0).cummax(1).values  # index of the first entry of each entry's run
-    before = prefix.gather(1, (start - 1).clamp_min(0)[..., None].expand_as(prefix))
-    sums = prefix - torch.where((start > 0)[..., None], before, 0.0)
-    return slot, torch.where(last[..., None], sums, 0.0).to(delta.dtype)
+    return add_rows_(out, dst_slot, delta)
 
 
 def merge_tokens(state: TokenState, r: int, cls_position: str = "official",
