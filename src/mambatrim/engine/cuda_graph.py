@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from .precision import autocast_to
 
 
-def capture_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+def capture_graph(fn: Callable[[], object], warmup: int = 3) -> GraphReplay:
     """Capture ``fn`` (after ``warmup`` calls on a side stream: autotuning, lazy init) as a CUDA graph; returns
-    its replay. ``fn`` must read and write the same tensors on every call."""
+    its replay. ``fn`` must read and write the same tensors on every call; the replay keeps ``fn`` (and so the
+    tensors it closes over) alive."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -35,7 +36,23 @@ def capture_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], Non
             "this forward cannot be captured in a CUDA graph (it synchronises with the host, e.g. per-sample "
             "scan-direction skipping off the fused Triton mixer, or position-aligned pruning without a known dense "
             f"length); run it eagerly. Cause: {err}") from err
-    return graph.replay
+    return GraphReplay(graph, fn)
+
+
+class GraphReplay:
+    """A captured graph's replay that keeps the captured function, and so whatever it closes over, alive.
+
+    The graph reads and writes fixed addresses. A caller that kept only ``graph.replay`` could free the static
+    tensors the function closed over (a loop rebinding them, say); the next capture's ``empty_cache`` then hands
+    their memory back to the driver, and the replay reads unmapped memory (an illegal access) or, short of that,
+    another tensor's values."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, fn: Callable[[], object]) -> None:
+        self.graph = graph
+        self.fn = fn
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 class GraphedForward:
