@@ -4,8 +4,9 @@ One process, one model per configuration (the same weights; each method attached
 (embedding, 24 blocks, the dense restoration of pruned / merged tokens at the four taps) and the head step
 (neck + UperNet on those maps, logits upsampled to 512x512) are each captured as a CUDA graph and timed in
 interleaved rounds (every configuration once per round). Each configuration's replayed feature maps are
-compared with its first eager forward's (``max abs diff vs eager``: 0 for a deterministic forward). Peak memory: ``max_memory_allocated`` over one eager
-forward of the whole model per configuration. bf16 autocast, inference.
+compared with its first eager forward's (``max abs diff vs eager``: 0 for a deterministic forward). Peak memory:
+the configuration's own weights plus the most one eager forward of the whole model allocates (the other
+configurations' models and graphs, alive in the same process, are not counted). bf16 autocast, inference.
 
 DyVM here is untrained: rho 0.8 token pruning before blocks 6 / 12 / 18 (top-k of the predictor's score, so
 the token counts are the trained model's); its direction selectors start at a bias that runs every direction,
@@ -102,7 +103,7 @@ def main() -> None:
             with torch.no_grad(), amp():
                 model.forward_head(maps, images.shape[2:])
 
-        memory[name] = peak_memory_gib(lambda: model(images), amp, device)
+        memory[name] = peak_memory_gib(model, lambda: model(images), amp, device)
         runners[f"{name}/backbone"] = backbone if args.eager else capture_graph(backbone)
         runners[f"{name}/head"] = head if args.eager else capture_graph(head)
         runners[f"{name}/backbone"]()  # the replay (eager: a second forward) must give the first forward's maps
@@ -128,16 +129,21 @@ def main() -> None:
     print(markdown)
 
 
-def peak_memory_gib(fn: Callable[[], object], amp: Callable[[], Any], device: torch.device) -> float:
-    """Peak allocated GiB over one eager forward (NaN off CUDA)."""
+def peak_memory_gib(model: torch.nn.Module, fn: Callable[[], object], amp: Callable[[], Any],
+                    device: torch.device) -> float:
+    """GiB one configuration needs on its own (NaN off CUDA): its weights and buffers, plus the most that one
+    eager forward allocates on top of what is already held. The models and graph pools of the configurations
+    built before it stay allocated in this process, so the raw ``max_memory_allocated`` would count them too."""
     if device.type != "cuda":
         return float("nan")
+    own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
+    held = torch.cuda.memory_allocated(device)
     with torch.no_grad(), amp():
         fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated(device) / 2**30
+    return (torch.cuda.max_memory_allocated(device) - held + own) / 2**30
 
 
 def to_markdown(r: dict[str, Any]) -> str:
