@@ -53,6 +53,17 @@ def test_rows_from_runs_and_eval_outputs(tmp_path: Path, monkeypatch: pytest.Mon
     assert "none (training-free)" in table and table.rstrip().endswith("n1")
 
 
+def test_a_run_without_recipe_fields_still_renders(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "bare", 70.0, 1.0, finetune=False)
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["lr"], summary["epochs_done"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    script = load_script()
+    row = script.load_row(run)
+    row.update(drop=0.0, flops_ratio=1.0)
+    assert "| bare | 70.00 | +0.00 | 1.000 | 1.000x | - | 2.00 |" in script.to_markdown("T", {"bare": row}, [])
+
+
 def test_bad_rows_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     dense = fake_run(tmp_path / "dense", 80.0, 1.0, finetune=False)
     script = load_script()

@@ -67,7 +67,10 @@ def to_markdown(title: str, rows: dict[str, dict[str, Any]], notes: list[str]) -
         if r["kind"] == "eval":
             training = "none (training-free)"
         else:
-            training = f"{r['epochs']} ep, lr {r['lr']:g}" + (", fine-tuned from dense" if r["finetune"] else "")
+            parts = [f"{r['epochs']} ep" if r["epochs"] is not None else "",
+                     f"lr {r['lr']:g}" if r["lr"] is not None else "",
+                     "fine-tuned from dense" if r["finetune"] else ""]
+            training = ", ".join(p for p in parts if p) or "-"
         lines.append(f"| {label} | {r['top1']:.2f} | {r['drop']:+.2f} | {r['gflops']:.3f} | {r['flops_ratio']:.3f}x | "
                      f"{training} | {r['params'] / 1e6:.2f} |")
     return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes) + "\n"
