@@ -23,7 +23,8 @@ def fake_run(folder: Path, top1: float, gflops: float, finetune: bool) -> Path:
     (folder / "summary.json").write_text(json.dumps(
         {"top1": top1, "gflops": gflops, "params": 2_000_000, "model": "m", "method": None, "epochs_done": 4,
          "lr": 2e-4}))
-    (folder / "config.yaml").write_text("model: m\nmethod_opts: {keep: 0.5}\n" + ("finetune: x.pth\n" if finetune else ""))
+    config = "model: m\nmethod_opts: {keep: 0.5}\n" + ("finetune: x.pth\n" if finetune else "")
+    (folder / "config.yaml").write_text(config)
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"kind": "train", "epoch": 0, "loss": 1.0}, {"kind": "eval", "epoch": 2, "top1": top1 - 3},
         {"kind": "eval", "epoch": 4, "top1": top1}]))

@@ -6,8 +6,8 @@
  * of delta, u, z (what the prefetcher follows) and B, C once, and computes softplus(delta + bias), the gap
  * decay, exp(delta * A) as 2^(delta * A log2 e), the state update, <h, C>, the D skip and the silu(z) gate in
  * one pass. A channel block is one native vector (GCC/Clang vector extensions: AVX-512, AVX2, SSE or NEON);
- * exp2 and log are polynomials (Cephes coefficients) on those vectors. Inputs may have any strides (Vim's mixer hands in transposed views);
- * all tensors are fp32.
+ * exp2 and log are polynomials (Cephes coefficients) on those vectors. Inputs may have any strides (Vim's
+ * mixer hands in transposed views); all tensors are fp32.
  */
 #include <stdint.h>
 #include <stdlib.h>

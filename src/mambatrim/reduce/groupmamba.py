@@ -196,8 +196,8 @@ def bipartite_merge(state: TokenState, r: int, sources: Tensor) -> tuple[TokenSt
     order = best.argsort(dim=-1, descending=True)
     merged_a, kept_a = order[:, :r], order[:, r:].sort(dim=-1).values
     dst = match.gather(1, merged_a)  # (B, r) index into B
-    w = sizes[..., None].to(x.dtype)
-    b_sum = add_rows_((x * w)[:, b_idx], dst, take_rows((x * w)[:, a_idx], merged_a))
+    weighted = x * sizes[..., None].to(x.dtype)
+    b_sum = add_rows_(weighted[:, b_idx], dst, take_rows(weighted[:, a_idx], merged_a))
     b_size = sizes[:, b_idx].scatter_add(1, dst, sizes[:, a_idx].gather(1, merged_a))
     keep_a = a_idx[kept_a]  # (B, A - r) current indices
     hidden = torch.cat([take_rows(x, keep_a), b_sum / b_size[..., None].to(x.dtype)], 1)
