@@ -6,7 +6,8 @@ One process, one model per configuration (the same weights; each method attached
 interleaved rounds (every configuration once per round). Each configuration's replayed feature maps are
 compared with its first eager forward's (``max abs diff vs eager``: 0 for a deterministic forward). Peak memory:
 the configuration's own weights plus the most one eager forward of the whole model allocates (the other
-configurations' models and graphs, alive in the same process, are not counted). bf16 autocast, inference.
+configurations' models and graphs, alive in the same process, are not counted). Backbone and head GFLOPs per
+image by ``segmentation_flops`` (what ran, method included). bf16 autocast, inference.
 
 DyVM here is untrained: rho 0.8 token pruning before blocks 6 / 12 / 18 (top-k of the predictor's score, so
 the token counts are the trained model's); its direction selectors start at a bias that runs every direction,
@@ -29,6 +30,7 @@ from mambatrim.engine.benchmark import device_name, interleaved_times_ms
 from mambatrim.engine.cuda_graph import capture_graph
 from mambatrim.engine.precision import autocast_to
 from mambatrim.engine.report import write_result
+from mambatrim.engine.segmentation import segmentation_flops
 from mambatrim.models.segmentation import create_segmentation_model
 from mambatrim.ops import policy
 from mambatrim.reduce import apply_method, parse_method_options
@@ -86,10 +88,12 @@ def main() -> None:
     runners: dict[str, Callable[[], object]] = {}
     memory: dict[str, float] = {}
     drift: dict[str, float] = {}  # max |replayed - eager| over the four feature maps
+    flops: dict[str, dict[str, float]] = {}  # backbone / head GFLOPs per image (what ran, method included)
     models: dict[str, torch.nn.Module] = {}
     for name, (method, opts) in configs.items():
         weights = None if not models else models["dense"].state_dict()
         model = models[name] = build(args, device, method, opts, weights)
+        flops[name] = segmentation_flops(model, images[:1])
         with torch.no_grad(), amp():
             maps, _ = model.forward_backbone(images)
         static_maps = [m.clone() for m in maps]
@@ -117,7 +121,7 @@ def main() -> None:
         rows[name] = {"backbone_ms": b, "head_ms": h, "total_ms": b + h,
                       "backbone_img_s": args.batch * 1e3 / b, "head_img_s": args.batch * 1e3 / h,
                       "img_s": args.batch * 1e3 / (b + h), "peak_memory_gib": memory[name],
-                      "max_abs_diff_vs_eager": drift[name],
+                      "max_abs_diff_vs_eager": drift[name], **flops[name],
                       "method": configs[name][0], "method_opts": configs[name][1],
                       "rounds_ms": {"backbone": times[f"{name}/backbone"], "head": times[f"{name}/head"]}}
     record = {"device": device_name(device), "torch": torch.__version__, "backbone": args.backbone,
@@ -146,6 +150,13 @@ def peak_memory_gib(model: torch.nn.Module, fn: Callable[[], object], amp: Calla
     return (torch.cuda.max_memory_allocated(device) - held + own) / 2**30
 
 
+def _gflops(row: dict[str, Any], dense: dict[str, Any]) -> str:
+    """Backbone GFLOPs per image and dense's over this row's ('-' in records from before they were counted)."""
+    if "backbone_gflops" not in row:
+        return "-"
+    return f"{row['backbone_gflops']:.1f} ({dense['backbone_gflops'] / row['backbone_gflops']:.2f}x)"
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     dense = r["rows"]["dense"]
     lines = [
@@ -156,14 +167,14 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"taps; head = neck + UperNet + upsampling. torch {r['torch']}.",
         "",
         "| model | backbone img/s | head img/s | total img/s | speed-up (total) | backbone speed-up | "
-        "peak memory GiB | max abs diff vs eager |",
-        "|---|---|---|---|---|---|---|---|",
+        "peak memory GiB | max abs diff vs eager | backbone GFLOPs (ratio) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in r["rows"].items():
         lines.append(f"| {name} {row['method_opts'] or ''} | {row['backbone_img_s']:.1f} | {row['head_img_s']:.1f} | "
                      f"{row['img_s']:.1f} | {row['img_s'] / dense['img_s']:.3f}x | "
                      f"{row['backbone_img_s'] / dense['backbone_img_s']:.3f}x | {row['peak_memory_gib']:.2f} | "
-                     f"{row.get('max_abs_diff_vs_eager', float('nan')):.3g} |")
+                     f"{row.get('max_abs_diff_vs_eager', float('nan')):.3g} | {_gflops(row, dense)} |")
     return "\n".join(lines) + "\n"
 
 
