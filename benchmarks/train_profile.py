@@ -11,8 +11,14 @@ of the step the GPU is busy (the rest is host overhead: launches, Python); kerne
 be missing from the profile, so that share is meaningful for the eager rows. Random weights and inputs.
 
     python benchmarks/train_profile.py --out benchmarks/results
+    python benchmarks/train_profile.py --model plainmamba_l1 --model-opt depth=12 --model-opt patch_size=2 \
+        --model-opt num_classes=10 --img-size 32 --batch-size 256 --configs "dense_finetune, eager" \
+        "dense_finetune, eager, indexing backward" dense_finetune "dense_finetune, indexing backward" \
+        --stem train_profile_plainmamba
 
-Writes ``train_profile.json`` / ``train_profile.md`` into ``--out``.
+(the second: the CIFAR-10 protocol's PlainMamba step, with the direction terms' gradient summed by PyTorch's
+indexing backward as before :func:`mambatrim.ops.table_lookup.lookup_rows`, against the default).
+Writes ``<stem>.json`` / ``<stem>.md`` into ``--out``.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ from mambatrim.engine.losses import LossWeights, StudentForward, TrainingLoss
 from mambatrim.engine.optim import build_optimizer
 from mambatrim.engine.report import write_result
 from mambatrim.models.registry import create_model
+from mambatrim.ops import policy
 from mambatrim.reduce import apply_method
+from mambatrim.reduce.registry import parse_method_options
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 RMEETO = dict(method="rmeeto", opts={"ratio": 0.31}, teacher=True)
@@ -46,13 +54,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "rmeeto_0.31_kd": RMEETO,
     "dyvm_0.7_0.8_kd, eager": dict(DYVM, step_graph=False, teacher_graph=False),
     "dyvm_0.7_0.8_kd": DYVM,
+    # fast-path settings changed for one row only (mambatrim.ops.policy)
+    "dense_finetune, indexing backward": dict(method=None, opts={}, teacher=False,
+                                              policy={"table_lookup_grad": "index"}),
+    "dense_finetune, eager, indexing backward": dict(method=None, opts={}, teacher=False, step_graph=False,
+                                                     policy={"table_lookup_grad": "index"}),
 }
 
 
-def build_step(name: str, model_name: str, bsz: int) -> tuple[Any, torch.nn.Module]:
+def build_step(name: str, model_name: str, bsz: int, img_size: int,
+               model_opts: dict[str, Any]) -> tuple[Any, torch.nn.Module]:
     spec = CONFIGS[name]
     torch.manual_seed(0)
-    student = create_model(model_name).cuda()
+    student = create_model(model_name, **model_opts).cuda()
     teacher = copy.deepcopy(student).eval().requires_grad_(False) if spec["teacher"] else None
     if spec["method"]:
         apply_method(student, spec["method"], **spec["opts"])
@@ -63,7 +77,7 @@ def build_step(name: str, model_name: str, bsz: int) -> tuple[Any, torch.nn.Modu
     loss_fn = TrainingLoss(torch.nn.CrossEntropyLoss(), LossWeights(distill=0.5), teacher,
                            cuda_graph=spec.get("teacher_graph", True), autocast_dtype=torch.bfloat16)
     optimizer = build_optimizer(student, 1e-5, 0.05, ["1d", "bias", "model"])
-    images = torch.randn(bsz, 3, 224, 224, device="cuda")
+    images = torch.randn(bsz, 3, img_size, img_size, device="cuda")
     labels = torch.randint(0, student.num_classes, (bsz,), device="cuda")
 
     def step() -> None:
@@ -95,6 +109,9 @@ def kernel_ms_by_op(step: Any, reps: int = 3) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vim_small_patch16_224")
+    parser.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                        help="model constructor option (repeatable), e.g. depth=12")
+    parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--iters", type=int, default=10)
@@ -103,15 +120,20 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("train_profile.py measures GPU training steps: no CUDA device found")
+    model_opts = parse_method_options(args.model_opt)
+    if "img_size" in model_opts:
+        raise SystemExit("train_profile.py: give the input size with --img-size, not --model-opt img_size=...")
+    model_opts["img_size"] = args.img_size
     rows: dict[str, Any] = {}
     for name in args.configs:
         torch.cuda.reset_peak_memory_stats()  # peak over the whole run: warm-up and graph capture included
-        step, forward = build_step(name, args.model, args.batch_size)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        ms = mean_time_ms(step, args.iters, torch.device("cuda"))
-        ops = kernel_ms_by_op(step)
+        with policy.override(**CONFIGS[name].get("policy", {})):
+            step, forward = build_step(name, args.model, args.batch_size, args.img_size, model_opts)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            ms = mean_time_ms(step, args.iters, torch.device("cuda"))
+            ops = kernel_ms_by_op(step)
         busy = sum(ops.values())
         ips = args.batch_size / ms * 1000.0
         graphed = getattr(forward, "failed", "off")
@@ -126,15 +148,18 @@ def main() -> int:
         torch.cuda.empty_cache()
     import triton
 
-    result = dict(model=args.model, batch_size=args.batch_size, precision="bf16 autocast",
+    result = dict(model=args.model, model_options=model_opts, batch_size=args.batch_size, precision="bf16 autocast",
+                  policies={n: CONFIGS[n].get("policy", {}) for n in args.configs},
                   device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   rows=rows)
-    lines = [f"# Training-step cost: {args.model}, batch {args.batch_size}, bf16 autocast", "",
+    options = ", ".join(f"{k}={v}" for k, v in model_opts.items())
+    lines = [f"# Training-step cost: {args.model} ({options}), batch {args.batch_size}, bf16 autocast", "",
              f"{result['device']}; torch {result['torch']}, triton {result['triton']}. The engine's step "
              "(StudentForward + TrainingLoss + backward + AdamW); teacher = frozen dense model; data loading "
              "excluded. Rows without `eager` replay the student's forward+backward and the teacher's forward "
              "from CUDA graphs (the engine's default). `GPU busy` = profiled kernel time / wall time of a step "
-             "(graph-replayed kernels may be missing from the profile).", "",
+             "(graph-replayed kernels may be missing from the profile). Fast-path settings changed for a row only: "
+             + (", ".join(f"{n}: {p}" for n, p in result["policies"].items() if p) or "none") + ".", "",
              "| step | img/s | ms/step | kernel ms (profiled) | GPU busy | GPU-minutes, 3 ImageNet epochs | peak GiB |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():

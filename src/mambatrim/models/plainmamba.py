@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..contract import MixerContext, MixerPlan, Reducer, TokenState, zigzag_orders
 from ..ops import scan_paths
+from ..ops.table_lookup import lookup_rows
 
 # Which orders of zigzag_orders() run along rows (the row snake and its reverse) and which along columns.
 ROW_RUNS = (True, True, False, False)
@@ -155,7 +156,7 @@ class PlainMamba2D(nn.Module):
         D, bias = (p.float()[None].repeat(paths, 1) for p in (self.D, self.dt_proj.bias))
         y = scan_paths(xc.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), index,
                        D=D, delta_bias=bias, delta_softplus=True, u_at="token", bc_at="step",
-                       B_add=self.direction_Bs[labels], gap=gap, weight=gate)
+                       B_add=lookup_rows(self.direction_Bs, labels), gap=gap, weight=gate)
         return y.transpose(1, 2)
 
 

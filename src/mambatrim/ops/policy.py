@@ -71,6 +71,10 @@ SETTINGS: dict[str, Setting] = {
     "conv_bwd_block_e": Setting(64, "channels per program of the pair conv's backward"),
     "conv_bwd_warps": Setting(1, "warps per program of the pair conv's backward"),
     "conv_bwd_segments": Setting(4, "sequence segments per sample of the pair conv's backward"),
+    "table_lookup_grad": Setting("onehot", "backward of a small table's rows picked by many labels (PlainMamba's "
+                                 "direction terms): 'onehot' sums each row's gradient as one matrix product, "
+                                 "'index' is PyTorch's indexing backward (one thread adds a label's duplicates "
+                                 "in sequence)", ("onehot", "index")),
     "cpu_kernels": Setting("auto", "scan and conv of the torch backend at CPU inference: 'compiled' (cpu_kernels.c "
                            "built with the system C compiler, cached), 'torch' (PyTorch ops); 'auto' = compiled "
                            "where a C compiler builds it, else torch", ("auto", "compiled", "torch")),
