@@ -3,9 +3,8 @@
 ``table[labels]`` is a gather; its PyTorch backward (advanced indexing) sorts the labels, then one thread per
 feature adds up every duplicate of a label in sequence. PlainMamba picks its direction terms (5 rows) for every
 scan step of every order and image: at batch 256 on a 16x16 grid that is about 65,000 duplicates per label and
-layer, added one after another, which made its training steps several times slower than its forward
-(``benchmarks/results/train_profile_plainmamba.md``). :func:`lookup_rows` gathers the same way and sums each
-row's gradient as one product of the one-hot labels with the incoming gradient, all positions in parallel.
+layer, added one after another. :func:`lookup_rows` gathers the same way and sums each row's gradient as one
+product of the one-hot labels with the incoming gradient, all positions in parallel.
 """
 from __future__ import annotations
 
