@@ -4,9 +4,10 @@ One process, one model per configuration (the same weights; each method attached
 (embedding, 24 blocks, the dense restoration of pruned / merged tokens at the four taps) and the head step
 (neck + UperNet on those maps, logits upsampled to 512x512) are each captured as a CUDA graph and timed in
 interleaved rounds (every configuration once per round). Each configuration's replayed feature maps are
-compared with its first eager forward's (``max abs diff vs eager``: 0 for a deterministic forward). Peak memory:
-the configuration's own weights plus the most one eager forward of the whole model allocates (the other
-configurations' models and graphs, alive in the same process, are not counted). Backbone and head GFLOPs per
+compared with its first eager forward's (``max abs diff vs eager``: 0 for a deterministic forward). Peak memory,
+for the whole model and for the backbone and the head on their own: the part's weights (and, for the head, its
+input maps) plus the most one eager forward of that part allocates (the other configurations' models and graphs,
+alive in the same process, are not counted). Backbone and head GFLOPs per
 image by ``segmentation_flops`` (what ran, method included). bf16 autocast, inference.
 
 DyVM here is untrained: rho 0.8 token pruning before blocks 6 / 12 / 18 (top-k of the predictor's score, so
@@ -107,7 +108,12 @@ def main() -> None:
             with torch.no_grad(), amp():
                 model.forward_head(maps, images.shape[2:])
 
-        memory[name] = peak_memory_gib(model, lambda: model(images), amp, device)
+        head_modules = [m for n, m in model.named_children() if n != "backbone"]
+        memory[name] = {
+            "peak_memory_gib": peak_memory_gib([model], lambda: model(images), amp, device),
+            "backbone_peak_memory_gib": peak_memory_gib([model.backbone], lambda: model.forward_backbone(images),
+                                                        amp, device),
+            "head_peak_memory_gib": peak_memory_gib(head_modules, head, amp, device, static_maps)}
         runners[f"{name}/backbone"] = backbone if args.eager else capture_graph(backbone)
         runners[f"{name}/head"] = head if args.eager else capture_graph(head)
         runners[f"{name}/backbone"]()  # the replay (eager: a second forward) must give the first forward's maps
@@ -120,7 +126,7 @@ def main() -> None:
         b, h = statistics.median(times[f"{name}/backbone"]), statistics.median(times[f"{name}/head"])
         rows[name] = {"backbone_ms": b, "head_ms": h, "total_ms": b + h,
                       "backbone_img_s": args.batch * 1e3 / b, "head_img_s": args.batch * 1e3 / h,
-                      "img_s": args.batch * 1e3 / (b + h), "peak_memory_gib": memory[name],
+                      "img_s": args.batch * 1e3 / (b + h), **memory[name],
                       "max_abs_diff_vs_eager": drift[name], **flops[name],
                       "method": configs[name][0], "method_opts": configs[name][1],
                       "rounds_ms": {"backbone": times[f"{name}/backbone"], "head": times[f"{name}/head"]}}
@@ -133,14 +139,16 @@ def main() -> None:
     print(markdown)
 
 
-def peak_memory_gib(model: torch.nn.Module, fn: Callable[[], object], amp: Callable[[], Any],
-                    device: torch.device) -> float:
-    """GiB one configuration needs on its own (NaN off CUDA): its weights and buffers, plus the most that one
-    eager forward allocates on top of what is already held. The models and graph pools of the configurations
-    built before it stay allocated in this process, so the raw ``max_memory_allocated`` would count them too."""
+def peak_memory_gib(modules: list[torch.nn.Module], fn: Callable[[], object], amp: Callable[[], Any],
+                    device: torch.device, inputs: list[torch.Tensor] = ()) -> float:
+    """GiB one configuration's ``fn`` needs on its own (NaN off CUDA): the weights and buffers of ``modules``
+    and the ``inputs`` it reads, plus the most that one eager call allocates on top of what is already held. The
+    models and graph pools of the configurations built before it stay allocated in this process, so the raw
+    ``max_memory_allocated`` would count them too."""
     if device.type != "cuda":
         return float("nan")
-    own = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    tensors = [*inputs, *(t for m in modules for t in (*m.parameters(), *m.buffers()))]
+    own = sum(t.numel() * t.element_size() for t in tensors)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     held = torch.cuda.memory_allocated(device)
@@ -157,6 +165,12 @@ def _gflops(row: dict[str, Any], dense: dict[str, Any]) -> str:
     return f"{row['backbone_gflops']:.1f} ({dense['backbone_gflops'] / row['backbone_gflops']:.2f}x)"
 
 
+def _memory(row: dict[str, Any]) -> str:
+    """'backbone / head / whole' GiB ('-' for parts that records from before the split lack)."""
+    parts = [row.get(k) for k in ("backbone_peak_memory_gib", "head_peak_memory_gib", "peak_memory_gib")]
+    return " / ".join("-" if v is None else f"{v:.2f}" for v in parts)
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     dense = r["rows"]["dense"]
     lines = [
@@ -167,13 +181,13 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"taps; head = neck + UperNet + upsampling. torch {r['torch']}.",
         "",
         "| model | backbone img/s | head img/s | total img/s | speed-up (total) | backbone speed-up | "
-        "peak memory GiB | max abs diff vs eager | backbone GFLOPs (ratio) |",
+        "peak memory GiB (backbone / head / whole) | max abs diff vs eager | backbone GFLOPs (ratio) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in r["rows"].items():
         lines.append(f"| {name} {row['method_opts'] or ''} | {row['backbone_img_s']:.1f} | {row['head_img_s']:.1f} | "
                      f"{row['img_s']:.1f} | {row['img_s'] / dense['img_s']:.3f}x | "
-                     f"{row['backbone_img_s'] / dense['backbone_img_s']:.3f}x | {row['peak_memory_gib']:.2f} | "
+                     f"{row['backbone_img_s'] / dense['backbone_img_s']:.3f}x | {_memory(row)} | "
                      f"{row.get('max_abs_diff_vs_eager', float('nan')):.3g} | {_gflops(row, dense)} |")
     return "\n".join(lines) + "\n"
 
