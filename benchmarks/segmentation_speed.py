@@ -132,7 +132,8 @@ def main() -> None:
                       "rounds_ms": {"backbone": times[f"{name}/backbone"], "head": times[f"{name}/head"]}}
     record = {"device": device_name(device), "torch": torch.__version__, "backbone": args.backbone,
               "backbone_opts": parse_method_options(args.backbone_opt),
-              "batch": args.batch, "size": args.size, "dtype": "bf16" if dtype else "fp32", "cuda_graph": not args.eager,
+              "batch": args.batch, "size": args.size, "dtype": "bf16" if dtype else "fp32",
+              "cuda_graph": not args.eager,
               "policy": policy.current(), "rows": rows}
     markdown = to_markdown(record)
     write_result(args.out, args.stem, record, markdown)

@@ -4,11 +4,12 @@ For each configuration (dense fine-tune, R-MeeTo re-training with the frozen den
 with the teacher) one step is exactly what ``mambatrim train`` runs: the engine's ``StudentForward`` and
 ``TrainingLoss`` (classification + 0.5 KL to the teacher + the method's own terms) under bf16 autocast, the
 backward, and the engine's AdamW. By default, as in the engine, the student's forward+backward and the
-teacher's forward are replayed from CUDA graphs; rows marked ``eager`` run them as plain launches. Reported: images/s (mean over ``--iters`` back-to-back steps), the
-GPU-minutes 3 ImageNet-1K epochs would take at that rate (data loading excluded), and, under
-``torch.profiler``, the summed CUDA kernel time of one step by op -- against the wall time it shows how much
-of the step the GPU is busy (the rest is host overhead: launches, Python); kernels replayed from a graph may
-be missing from the profile, so that share is meaningful for the eager rows. Random weights and inputs.
+teacher's forward are replayed from CUDA graphs; rows marked ``eager`` run them as plain launches. Reported:
+images/s (mean over ``--iters`` back-to-back steps), the GPU-minutes 3 ImageNet-1K epochs would take at that
+rate (data loading excluded), and, under ``torch.profiler``, the summed CUDA kernel time of one step by op --
+against the wall time it shows how much of the step the GPU is busy (the rest is host overhead: launches,
+Python); kernels replayed from a graph may be missing from the profile, so that share is meaningful for the
+eager rows. Random weights and inputs.
 
     python benchmarks/train_profile.py --out benchmarks/results
     python benchmarks/train_profile.py --model plainmamba_l1 --model-opt depth=12 --model-opt patch_size=2 \

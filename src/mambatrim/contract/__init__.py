@@ -18,5 +18,5 @@ from .tokens import TokenState, add_rows_, batch_arange, take_rows, token_mse
 __all__ = ["DirectionGate", "LinearDirectionGate", "MixerContext", "MixerPlan", "PROTECTED_LAYOUTS", "REVERSED",
            "Reducer", "SEQUENCE", "ScanOrder", "TokenState", "add_rows_", "batch_arange", "free_slots",
            "gate_feature", "grid_order", "insert_at", "layout_slots", "masked_mean", "order_gaps", "protected_mask",
-           "raster_orders",
-           "scan_gap_pair", "scan_gaps", "take_rows", "token_mse", "unprotected_index", "zigzag_orders"]
+           "raster_orders", "scan_gap_pair", "scan_gaps", "take_rows", "token_mse", "unprotected_index",
+           "zigzag_orders"]

@@ -109,9 +109,10 @@ def group_sums(slot: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
 
     Why: several merged tokens (R-MeeTo, ToMe) can fold into one destination, and on a GPU the order of
     scatter_add_'s atomic adds varies from run to run, so the rounded sums (bf16 hidden states) did too, and
-    later merges, which pick partners by similarity, then diverged: two eager forwards of the same segmentation batch differed by
-    more than 0.1 in 46 % of the last tap's features. Adding exact zeros is order-free. The sums are
-    float64 prefix sums along the slot-sorted rows (a deterministic scan), differenced at run boundaries."""
+    later merges, which pick partners by similarity, then diverged: two eager forwards of the same segmentation
+    batch differed by more than 0.1 in 46 % of the last tap's features. Adding exact zeros is order-free. The
+    sums are float64 prefix sums along the slot-sorted rows (a deterministic scan), differenced at run
+    boundaries."""
     slot, order = torch.sort(slot, dim=1, stable=True)
     prefix = delta.gather(1, order[..., None].expand_as(delta)).double().cumsum(1)
     steps = torch.arange(slot.shape[1], device=slot.device)
