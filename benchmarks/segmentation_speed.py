@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -141,7 +141,7 @@ def main() -> None:
 
 
 def peak_memory_gib(modules: list[torch.nn.Module], fn: Callable[[], object], amp: Callable[[], Any],
-                    device: torch.device, inputs: list[torch.Tensor] = ()) -> float:
+                    device: torch.device, inputs: Sequence[torch.Tensor] = ()) -> float:
     """GiB one configuration's ``fn`` needs on its own (NaN off CUDA): the weights and buffers of ``modules``
     and the ``inputs`` it reads, plus the most that one eager call allocates on top of what is already held. The
     models and graph pools of the configurations built before it stay allocated in this process, so the raw
