@@ -2,6 +2,8 @@
 and the fall-back to PyTorch ops where no C compiler is found."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,9 +24,9 @@ def token_major(gen: torch.Generator, batch: int, channels: int, length: int) ->
     return torch.randn(batch, length, channels, generator=gen).transpose(1, 2)
 
 
-def scan_inputs(length: int, dim: int, seed: int, layout: str, extras: bool, gap: bool) -> dict:
+def scan_inputs(length: int, dim: int, seed: int, layout: str, extras: bool, gap: bool, state: int = 5) -> dict:
     g = torch.Generator().manual_seed(seed)
-    state, batch = 5, 2
+    batch = 2
     make = (lambda c: token_major(g, batch, c, length)) if layout == "token_major" else (
         lambda c: torch.randn(batch, c, length, generator=g))
     inputs = dict(u=make(dim), delta=make(dim) * 0.5, A=-torch.exp(torch.randn(dim, state, generator=g)),
@@ -68,6 +70,100 @@ def test_compiled_scan_extreme_values_match_ref():
     y = cpu_kernels.selective_scan_cpu(**inputs)
     assert torch.isfinite(y).all()
     assert rel_err(y, y_ref) < 1e-5
+
+
+# Builds of the kernels to test: the machine's own (-march=native) and portable ones, so that the vector width
+# and the exp2 / reciprocal code of other CPUs (no AVX-512: clamped exp2, divisions) run here too.
+BUILDS = {"native": ("-O3", "-march=native", "-fopenmp"), "avx2": ("-O3", "-mavx2", "-mfma", "-fopenmp"),
+          "sse": ("-O3", "-fopenmp")}
+
+
+@pytest.fixture(params=list(BUILDS))
+def build(request, monkeypatch):
+    """The compiled kernels as built with one of BUILDS (skipped where it cannot be built or run here)."""
+    flags = BUILDS[request.param]
+    if request.param == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    path, why = cpu_kernels._build(compiler, (flags,)) if compiler else (None, "no C compiler")
+    if path is None:
+        pytest.skip(why)
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: (cpu_kernels._load(path), ""))
+    return request.param
+
+
+@needs_compiler
+@pytest.mark.parametrize("length", [1, 33])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dim,layout,extras,gap", [
+    (48, "token_major", True, True),     # the specialised d_state-16 loop on every vector width
+    (40, "token_major", True, False),    # 40 channels: specialised with 8- and 4-wide vectors, general with 16
+    (32, "token_major", False, True),    # no D, z, delta_bias, softplus
+    (32, "contiguous", True, True),      # strided channels: the general loop
+])
+def test_compiled_scan_state16_matches_ref(build, length, reverse, dim, layout, extras, gap):
+    inputs = scan_inputs(length, dim, seed=length + dim, layout=layout, extras=extras, gap=gap, state=16)
+    y_ref = selective_scan_ref(**inputs, reverse=reverse)
+    y = cpu_kernels.selective_scan_cpu(**inputs, reverse=reverse)
+    assert rel_err(y, y_ref) < 1e-5
+
+
+@needs_compiler
+def test_compiled_scan_state16_extreme_values_match_ref(build):
+    """The specialised loop's exp2, softplus and silu at their edges: softplus past 20 and far below 0, silu of
+    |z| up to ~200 (its exp saturates), decays that underflow to 0."""
+    inputs = scan_inputs(64, 48, seed=1, layout="token_major", extras=True, gap=True, state=16)
+    inputs["delta"] = inputs["delta"] * 40.0
+    inputs["z"] = inputs["z"] * 60.0
+    inputs["A"] = inputs["A"] * 20.0
+    y_ref = selective_scan_ref(**inputs)
+    y = cpu_kernels.selective_scan_cpu(**inputs)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, y_ref) < 1e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("dim,gap", [(48, True), (37, False)])  # the specialised loop and the general one
+def test_compiled_scan_low_rank_delta_and_summed_paths(build, dim, gap):
+    """dt_proj folded in (delta from its rank-R input, read through the strided view the mixer's x_proj split
+    gives) and two directions averaged into one buffer (scale, add_to): equal to the reference on the full delta,
+    (forward + reverse) / 2."""
+    inputs = scan_inputs(29, dim, seed=dim, layout="token_major", extras=True, gap=gap, state=16)
+    g = torch.Generator().manual_seed(7)
+    rank = 3
+    x_dbl = torch.randn(2, 29, rank + 32, generator=g)  # (b, L, R + 2N), as x_proj writes it
+    low = x_dbl[..., :rank].transpose(1, 2)  # (b, R, L), channel stride R + 2N
+    weight = torch.randn(dim, rank, generator=g) * 0.5
+    full = dict(inputs, delta=torch.einsum("dr,brl->bdl", weight, low))
+    low_rank = dict(inputs, delta=low, dt_weight=weight)
+    y = cpu_kernels.selective_scan_cpu(**low_rank, scale=0.5)
+    out = cpu_kernels.selective_scan_cpu(**low_rank, reverse=True, scale=0.5, add_to=y)
+    assert out is y
+    expect = (selective_scan_ref(**full) + selective_scan_ref(**full, reverse=True)) / 2
+    assert rel_err(out, expect) < 1e-5
+
+
+@needs_compiler
+def test_compiled_scan_rejects_mismatched_extras():
+    inputs = scan_inputs(9, 16, seed=0, layout="token_major", extras=True, gap=False, state=16)
+    with pytest.raises(ValueError, match="dt_weight .* must be"):
+        cpu_kernels.selective_scan_cpu(**inputs, dt_weight=torch.randn(16, 3))  # delta is not (b, 3, L)
+    with pytest.raises(ValueError, match="add_to must be a float32"):
+        cpu_kernels.selective_scan_cpu(**inputs, add_to=torch.zeros(2, 16, 8))
+
+
+@needs_compiler
+@pytest.mark.parametrize("dim,reverse", [(48, False), (48, True), (37, False)])
+def test_compiled_conv_builds_match_conv1d(build, dim, reverse):
+    """The conv's whole-vector loop (48 channels) and its general one (37), per build, with silu."""
+    g = torch.Generator().manual_seed(dim)
+    x = token_major(g, 2, dim, 21) * 30.0  # silu far into both tails
+    weight, bias = torch.randn(dim, 1, 4, generator=g), torch.randn(dim, generator=g)
+    xs = x.flip(-1) if reverse else x
+    expect = F.silu(F.conv1d(F.pad(xs, (3, 0)), weight, bias, groups=dim))
+    expect = expect.flip(-1) if reverse else expect
+    out = cpu_kernels.causal_conv1d_cpu(x, weight, bias, silu=True, reverse=reverse)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
 
 
 @needs_compiler
@@ -145,3 +241,38 @@ def test_without_a_compiler_auto_falls_back_and_compiled_explains(no_compiler):
 def test_cpu_kernels_setting_is_validated():
     with pytest.raises(ValueError, match="one of auto, compiled, torch"):
         policy.set(cpu_kernels="numba")
+
+
+@needs_compiler
+@pytest.mark.parametrize("name,extra", [
+    ("vim_tiny_patch16_224", {}),
+    ("mambar_tiny_patch16_224", {}),
+    ("vim_tiny_patch16_224", {"if_divide_out": False}),  # the paths summed, not averaged
+])
+def test_compiled_cpu_executor_matches_pytorch_ops(monkeypatch, name, extra):
+    """At CPU inference the sequence paths run on CompiledCpuPaths (low-rank delta and the paths' sum inside the
+    scan); its logits equal the PyTorch-ops executor's and the sequential reference backend's."""
+    import mambatrim
+    from mambatrim.models import mamba
+    from mambatrim.ops import use_backend
+
+    try:
+        model = mambatrim.create_model(name, depth=2, embed_dim=64, img_size=64, num_classes=7, **extra).eval()
+    except TypeError as err:  # an option this family does not take
+        pytest.skip(str(err))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    calls = []
+    run = mamba.CompiledCpuPaths.run
+    monkeypatch.setattr(mamba.CompiledCpuPaths, "run", staticmethod(lambda *a: calls.append(1) or run(*a)))
+    with torch.no_grad():
+        with use_backend("torch"):
+            compiled = model(x)
+            assert calls, "the compiled CPU executor did not run"
+            n = len(calls)
+            with policy.override(cpu_kernels="torch"):
+                pytorch_ops = model(x)
+            assert len(calls) == n  # the setting 'torch' keeps PyTorch ops
+        with use_backend("ref"):
+            reference = model(x)
+    assert rel_err(compiled, pytorch_ops) < 1e-4
+    assert rel_err(compiled, reference) < 1e-4

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..contract import REVERSED, SEQUENCE, MixerContext, MixerPlan, ScanOrder
 from ..ops import causal_conv1d, get_backend, policy, scan_paths, selective_scan
+from ..ops.cpu_kernels import compiled_applies, selective_scan_cpu
 from ..ops.scan_paths import put_tokens as _put
 from ..ops.scan_paths import take_tokens as _take
 from ..validation import check_choice
@@ -191,8 +192,15 @@ class MultiPathMixer(nn.Module):
         """Path k's scan inputs in its visiting order: u (conv output), delta (without its bias), B, C
         ((B, E, L), (B, E, L), (B, N, L), (B, N, L)). x (B, E, L) in sequence order; mask (B, 1, L) in visiting
         order or None."""
+        u, dt, Bm, Cm = self.path_projections(k, x, plan, mask)
+        delta = F.linear(dt.transpose(1, 2), self.path_params(k)[2].weight).transpose(1, 2)
+        return u, delta, Bm, Cm
+
+    def path_projections(self, k: int, x: Tensor, plan: MixerPlan, mask: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`path_inputs` before dt_proj: u, dt_proj's low-rank input (B, R, L), B, C."""
         path = plan.paths[k]
-        conv, x_proj, dt_proj, _, _ = self.path_params(k)
+        conv, x_proj, _, _, _ = self.path_params(k)
         if path.index is not None:
             x = _take(x, path.index)
         if mask is not None:
@@ -206,8 +214,7 @@ class MultiPathMixer(nn.Module):
             u = u * mask
         x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, R + 2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added inside the scan
-        return u, delta, Bm.transpose(1, 2), Cm.transpose(1, 2)
+        return u, dt.transpose(1, 2), Bm.transpose(1, 2), Cm.transpose(1, 2)
 
     def combine_paths(self, outs: list[Tensor]) -> Tensor:
         if self.combine == "concat":
@@ -345,7 +352,39 @@ class TritonPaths:
         return mixer.project_out(y.transpose(1, 2), plan)
 
 
-EXECUTORS = (FusedTritonPair, TritonPaths, TorchPaths)  # the first that supports a plan runs it
+class CompiledCpuPaths:
+    """Executor: sequence-order paths (Vim's pair, MambaReg's, VideoMamba's) at CPU inference on the compiled
+    kernels of :mod:`mambatrim.ops.cpu_kernels`: per path the compiled conv, x_proj, then one scan pass that
+    forms delta from dt_proj's low-rank input in registers and adds its scaled output into the paths' shared
+    buffer (no (B, E, L) delta, no thin dt_proj matmul, no separate combine: each of those was a pass over
+    (B, E, L) memory and a fresh allocation per layer). Declares support for: the 'torch' backend on a CPU with
+    the compiled kernels available and chosen (the ``cpu_kernels`` setting), no autograd, every path a sequence
+    order, no token mask, gates or alignment, paths averaged or summed."""
+
+    @staticmethod
+    def supports(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> bool:
+        return (mixer.combine in ("mean", "sum") and plan.mask is None and plan.gate is None and plan.align is None
+                and all(p.index is None for p in plan.paths) and get_backend(hidden.device.type) == "torch"
+                and compiled_applies(hidden.device, plan.grad))
+
+    @staticmethod
+    def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:
+        xz = mixer.in_proj(hidden)  # (B, L, 2E)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each, token-major memory
+        scale = 1 / mixer.num_paths if mixer.combine == "mean" else 1.0
+        y = None
+        for k, path in enumerate(plan.paths):
+            u, dt, Bm, Cm = mixer.path_projections(k, x, plan)
+            _, _, dt_proj, A_log, D = mixer.path_params(k)
+            y = selective_scan_cpu(u, dt, -torch.exp(A_log.float()), Bm, Cm, D.float(), z,
+                                   delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=path.reverse,
+                                   gap=path.gap, dt_weight=dt_proj.weight, scale=scale, add_to=y,
+                                   out_dtype=torch.float32)
+        mixer.last_stats = {"tokens": hidden.shape[1], "gate": None}
+        return mixer.project_out(y.transpose(1, 2).to(hidden.dtype), plan)
+
+
+EXECUTORS = (FusedTritonPair, TritonPaths, CompiledCpuPaths, TorchPaths)  # the first that supports a plan runs it
 
 
 class BiMambaMixer(MultiPathMixer):

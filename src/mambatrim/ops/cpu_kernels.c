@@ -8,6 +8,12 @@
  * one pass. A channel block is one native vector (GCC/Clang vector extensions: AVX-512, AVX2, SSE or NEON);
  * exp2 and log are polynomials (Cephes coefficients) on those vectors. Inputs may have any strides (Vim's
  * mixer hands in transposed views); all tensors are fp32.
+ *
+ * The common case (d_state 16, whole channel vectors, channels contiguous: every Vim-family model) runs a
+ * specialised item: the 16 states unrolled with B and C of the step in registers, and each step in three
+ * passes over the blocks (step sizes, state update, gate), so that the long softplus and silu chains of
+ * different blocks overlap instead of stalling each block's 16 exponentials. On AVX-512, 2^y scales by
+ * vscalefps (no clamps) and reciprocals are rcp14 plus a Newton step (no divisions).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,23 +33,57 @@ typedef int32_t vi __attribute__((vector_size(BLOCK_D * 4)));
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
-/* 2^y to ~2 ulp (Cephes exp2f's polynomial on [-0.5, 0.5]); 0 below -127, inf above 128. The scan's decay
- * exp(delta * A) = 2^(delta * A log2 e) with log2 e folded into A once: no range reduction in two parts, and
- * with y clamped to [-127, 128] the biased exponent k + 127 stays in [0, 255] without integer clamps. */
+#define EXP2_C5 1.535336188319500e-4f /* Cephes exp2f's polynomial on [-0.5, 0.5], highest degree first */
+#define EXP2_C4 1.339887440266574e-3f
+#define EXP2_C3 9.618437357674640e-3f
+#define EXP2_C2 5.550332471162809e-2f
+#define EXP2_C1 2.402264791363012e-1f
+#define EXP2_C0 6.931472028550421e-1f
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* 2^y to ~2 ulp: k = round(y) (by the 1.5 * 2^23 trick), 2^(y - k) by the polynomial, times 2^k by vscalefps,
+ * which saturates to 0 or inf by itself for any y (k exact or not), so no clamps are needed. */
+static inline vf vexp2(vf y) {
+    vf k = (y + 12582912.0f) - 12582912.0f;
+    vf f = y - k;
+    vf p = splat(EXP2_C5);
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + EXP2_C0;
+    p = p * f + 1.0f;
+    return (vf)_mm512_scalef_ps((__m512)p, (__m512)k);
+}
+
+/* 1 / x to about 1 ulp without a division: the 14-bit estimate and one Newton step */
+static inline vf vrcp(vf x) {
+    vf r = (vf)_mm512_rcp14_ps((__m512)x);
+    return r * (2.0f - x * r);
+}
+#else
+/* 2^y to ~2 ulp; 0 below -127, inf above 128. The scan's decay exp(delta * A) = 2^(delta * A log2 e) with
+ * log2 e folded into A once: no range reduction in two parts, and with y clamped to [-127, 128] the biased
+ * exponent k + 127 stays in [0, 255] without integer clamps. */
 static inline vf vexp2(vf y) {
     y = sel(y < -127.0f, splat(-127.0f), y);
     y = sel(y > 128.0f, splat(128.0f), y);
     vf k = (y + 12582912.0f) - 12582912.0f; /* round to nearest */
     vf f = y - k;
-    vf p = splat(1.535336188319500e-4f);
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
+    vf p = splat(EXP2_C5);
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + EXP2_C0;
     p = p * f + 1.0f;
     return p * (vf)((__builtin_convertvector(k, vi) + 127) << 23);
 }
+
+static inline vf vrcp(vf x) { return 1.0f / x; }
+#endif
 
 /* exp(x) = 2^(x log2 e): 0 below about -88, inf above about 88.7 */
 static inline vf vexp(vf x) { return vexp2(x * 1.44269504088896341f); }
@@ -72,17 +112,35 @@ static inline vf vlog(vf m) {
     return x + y + 0.693359375f * e;
 }
 
-/* torch's softplus (beta 1, threshold 20): log1p(exp(x)), with log1p(w) = log(1 + w) * w / ((1 + w) - 1) */
+/* torch's softplus (beta 1, threshold 20): log1p(exp(x)), with log1p(w) = log(m) + (w - (m - 1)) / m for
+ * m = 1 + w (the second term restores what rounding m lost, so small w keep their full relative precision) */
 static inline vf vsoftplus(vf x) {
     vf w = vexp(sel(x < 20.0f, x, splat(20.0f)));
     vf m = 1.0f + w;
-    vf d = m - 1.0f;
-    vf l = sel(d == 0.0f, w, vlog(m) * (w / sel(d == 0.0f, splat(1.0f), d)));
+    vf l = vlog(m) + (w - (m - 1.0f)) * vrcp(m);
     return sel(x > 20.0f, x, l);
+}
+
+/* silu(x) = x / (1 + exp(-x)); below -80 the result is ~0 either way */
+static inline vf vsilu(vf x) {
+    vf e = vexp(-sel(x < -80.0f, splat(-80.0f), x)); /* finite, so that vrcp's Newton step never sees inf */
+    return x * vrcp(1.0f + e);
 }
 
 /* strides (in elements), 3 per tensor in the order u, delta, z, B, C, y and 2 for gap */
 enum { S_U = 0, S_DT = 3, S_Z = 6, S_B = 9, S_C = 12, S_Y = 15, S_G = 18 };
+
+/* One scan call. delta is (bsz, dim, len), or with rank > 0 the low-rank (bsz, rank, len) input of dt_proj,
+ * whose weight Wdt is given transposed, (rank, dim) contiguous: delta = Wdt^T dt, formed per step in registers.
+ * The output is y = scale * scan, plus the y already there when accumulate is set (several paths summed into one
+ * buffer). At2 is A * log2(e) transposed, (nst, dim) contiguous. */
+typedef struct {
+    int64_t dim, len, nst, rank;
+    const float *u, *dt, *At2, *B, *C, *D, *z, *bias, *gap, *Wdt;
+    float *y, scale;
+    const int64_t *s;
+    int32_t softplus, reverse, accumulate;
+} scan_args;
 
 /* BLOCK_D channels from p with the given stride; lanes from nd on are 0 */
 static inline vf load_block(const float *p, int64_t stride, int nd) {
@@ -109,73 +167,192 @@ static inline void store_block(float *p, int64_t stride, int nd, vf v) {
         p[j * stride] = buf[j];
 }
 
+/* delta + bias of sample b, step t, channels [d0, d0 + nd) */
+static inline vf step_size(const scan_args *a, int64_t b, int64_t t, int64_t d0, int nd) {
+    const int64_t *s = a->s;
+    const float *row = a->dt + b * s[S_DT] + t * s[S_DT + 2];
+    vf x = a->bias ? load_block(a->bias + d0, 1, nd) : splat(0.0f);
+    if (!a->rank)
+        return x + load_block(row + d0 * s[S_DT + 1], s[S_DT + 1], nd);
+    for (int64_t r = 0; r < a->rank; r++)
+        x += row[r * s[S_DT + 1]] * load_block(a->Wdt + r * a->dim + d0, 1, nd);
+    return x;
+}
+
+/* the output of sample b, step t, channels [d0, d0 + nd): scale * yv, plus what is there with accumulate */
+static inline void put_output(const scan_args *a, int64_t b, int64_t t, int64_t d0, int nd, vf yv) {
+    const int64_t *s = a->s;
+    float *p = a->y + b * s[S_Y] + d0 * s[S_Y + 1] + t * s[S_Y + 2];
+    yv *= a->scale;
+    if (a->accumulate)
+        yv += load_block(p, s[S_Y + 1], nd);
+    store_block(p, s[S_Y + 1], nd, yv);
+}
+
 /* One sample, channel blocks [k0, k1): all steps, every block per step, so that each step reads whole rows of
- * the inputs (what the hardware prefetcher follows) and B, C once. h holds (k1 - k0) x nst state vectors. */
-static void scan_item(int64_t b, int64_t k0, int64_t k1, int64_t dim, int64_t len, int64_t nst, const float *u,
-                      const float *dt, const float *At2, const float *B, const float *C, const float *D,
-                      const float *z, const float *bias, const float *gap, float *y, const int64_t *s,
-                      int32_t softplus, int32_t reverse, vf *h, vf *prev) {
+ * the inputs (what the hardware prefetcher follows) and B, C once. h holds (k1 - k0) x nst state vectors, then
+ * (k1 - k0) for the previous step sizes. */
+static void scan_item(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf *h) {
+    const int64_t *s = a->s, dim = a->dim, nst = a->nst;
+    vf *prev = h + (k1 - k0) * nst;
     for (int64_t i = 0; i < (k1 - k0) * nst; i++)
         h[i] = splat(0.0f);
-    for (int64_t step = 0; step < len; step++) {
-        int64_t t = reverse ? len - 1 - step : step;
-        float g = gap && step > 0 ? gap[b * s[S_G] + t * s[S_G + 1]] : 0.0f;
-        const float *bt = B + b * s[S_B] + t * s[S_B + 2], *ct = C + b * s[S_C] + t * s[S_C + 2];
+    for (int64_t step = 0; step < a->len; step++) {
+        int64_t t = a->reverse ? a->len - 1 - step : step;
+        float g = a->gap && step > 0 ? a->gap[b * s[S_G] + t * s[S_G + 1]] : 0.0f;
+        const float *bt = a->B + b * s[S_B] + t * s[S_B + 2], *ct = a->C + b * s[S_C] + t * s[S_C + 2];
         for (int64_t k = k0; k < k1; k++) {
             int64_t d0 = k * BLOCK_D;
             int nd = dim - d0 < BLOCK_D ? (int)(dim - d0) : BLOCK_D;
             vf *hk = h + (k - k0) * nst;
-            vf uv = load_block(u + b * s[S_U] + d0 * s[S_U + 1] + t * s[S_U + 2], s[S_U + 1], nd);
-            vf x = load_block(dt + b * s[S_DT] + d0 * s[S_DT + 1] + t * s[S_DT + 2], s[S_DT + 1], nd);
-            if (bias)
-                x += load_block(bias + d0, 1, nd);
-            if (softplus)
+            vf uv = load_block(a->u + b * s[S_U] + d0 * s[S_U + 1] + t * s[S_U + 2], s[S_U + 1], nd);
+            vf x = step_size(a, b, t, d0, nd);
+            if (a->softplus)
                 x = vsoftplus(x);
             vf dec = step > 0 ? x + g * prev[k - k0] : x;
             prev[k - k0] = x;
             vf du = x * uv, yv = splat(0.0f);
             for (int64_t n = 0; n < nst; n++) {
-                hk[n] = vexp2(dec * load_block(At2 + n * dim + d0, 1, nd)) * hk[n] + du * bt[n * s[S_B + 1]];
+                hk[n] = vexp2(dec * load_block(a->At2 + n * dim + d0, 1, nd)) * hk[n] + du * bt[n * s[S_B + 1]];
                 yv += hk[n] * ct[n * s[S_C + 1]];
             }
-            if (D)
-                yv += load_block(D + d0, 1, nd) * uv;
-            if (z) {
-                vf zv = load_block(z + b * s[S_Z] + d0 * s[S_Z + 1] + t * s[S_Z + 2], s[S_Z + 1], nd);
-                yv *= zv / (1.0f + vexp(-zv));
-            }
-            store_block(y + b * s[S_Y] + d0 * s[S_Y + 1] + t * s[S_Y + 2], s[S_Y + 1], nd, yv);
+            if (a->D)
+                yv += load_block(a->D + d0, 1, nd) * uv;
+            if (a->z)
+                yv *= vsilu(load_block(a->z + b * s[S_Z] + d0 * s[S_Z + 1] + t * s[S_Z + 2], s[S_Z + 1], nd));
+            put_output(a, b, t, d0, nd, yv);
         }
     }
 }
 
-/* At2 is A * log2(e) transposed, (nst, dim) contiguous. Returns 0, or -1 when a state buffer cannot be allocated. */
-int32_t mambatrim_scan_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t nst, const float *u, const float *dt,
-                           const float *At2, const float *B, const float *C, const float *D, const float *z,
-                           const float *bias, const float *gap, float *y, const int64_t *s, int32_t softplus,
-                           int32_t reverse, int32_t nthreads) {
+/* scan_item for d_state 16, whole channel blocks and unit channel strides of u, z, y and (when given in full)
+ * delta: the layout of every Vim-family mixer. Each step runs three passes over the blocks: (1) the step sizes,
+ * softplus and gap decay; (2) the 16 unrolled state updates and <h, C> with B and C of the step in registers;
+ * (3) the D skip, the silu(z) gate and the output. Passes 1 and 3 are independent across blocks, so their long
+ * chains overlap. h holds (k1 - k0) x 16 state vectors, then prev, dec, du and acc (k1 - k0 each). */
+static void scan_item_s16(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf *h) {
+    const int64_t *s = a->s, dim = a->dim, nk = k1 - k0, sb = s[S_B + 1], sc = s[S_C + 1];
+    vf *prev = h + nk * 16, *dec = prev + nk, *du = dec + nk, *acc = du + nk;
+    for (int64_t i = 0; i < nk * 16; i++)
+        h[i] = splat(0.0f);
+    for (int64_t step = 0; step < a->len; step++) {
+        int64_t t = a->reverse ? a->len - 1 - step : step;
+        float g = a->gap && step > 0 ? a->gap[b * s[S_G] + t * s[S_G + 1]] : 0.0f;
+        const float *bt = a->B + b * s[S_B] + t * s[S_B + 2], *ct = a->C + b * s[S_C] + t * s[S_C + 2];
+        float bn[16], cn[16];
+        for (int n = 0; n < 16; n++) {
+            bn[n] = bt[n * sb];
+            cn[n] = ct[n * sc];
+        }
+        const float *urow = a->u + b * s[S_U] + t * s[S_U + 2];
+        for (int64_t k = 0; k < nk; k++) {
+            int64_t d0 = (k0 + k) * BLOCK_D;
+            vf uv, x = step_size(a, b, t, d0, BLOCK_D);
+            memcpy(&uv, urow + d0, sizeof uv);
+            if (a->softplus)
+                x = vsoftplus(x);
+            dec[k] = step > 0 ? x + g * prev[k] : x;
+            prev[k] = x;
+            du[k] = x * uv;
+        }
+        for (int64_t k = 0; k < nk; k++) {
+            vf *hk = h + k * 16, dk = dec[k], uk = du[k], y0 = splat(0.0f), y1 = splat(0.0f);
+            const float *ak = a->At2 + (k0 + k) * BLOCK_D;
+#pragma GCC unroll 16
+            for (int n = 0; n < 16; n += 2) { /* two accumulators: half the dependent chain of <h, C> */
+                vf a0, a1;
+                memcpy(&a0, ak + n * dim, sizeof a0);
+                memcpy(&a1, ak + (n + 1) * dim, sizeof a1);
+                hk[n] = vexp2(dk * a0) * hk[n] + uk * bn[n];
+                hk[n + 1] = vexp2(dk * a1) * hk[n + 1] + uk * bn[n + 1];
+                y0 += hk[n] * cn[n];
+                y1 += hk[n + 1] * cn[n + 1];
+            }
+            acc[k] = y0 + y1;
+        }
+        const float *zrow = a->z ? a->z + b * s[S_Z] + t * s[S_Z + 2] : 0;
+        for (int64_t k = 0; k < nk; k++) {
+            int64_t d0 = (k0 + k) * BLOCK_D;
+            vf yv = acc[k];
+            if (a->D) {
+                vf dv, uv;
+                memcpy(&dv, a->D + d0, sizeof dv);
+                memcpy(&uv, urow + d0, sizeof uv);
+                yv += dv * uv;
+            }
+            if (zrow) {
+                vf zv;
+                memcpy(&zv, zrow + d0, sizeof zv);
+                yv *= vsilu(zv);
+            }
+            put_output(a, b, t, d0, BLOCK_D, yv);
+        }
+    }
+}
+
+/* Returns 0, or -1 when a state buffer cannot be allocated. Strides s: see S_U ... S_G. */
+int32_t mambatrim_scan_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t nst, int64_t rank, const float *u,
+                           const float *dt, const float *Wdt, const float *At2, const float *B, const float *C,
+                           const float *D, const float *z, const float *bias, const float *gap, float *y,
+                           const int64_t *s, int32_t softplus, int32_t reverse, float scale, int32_t accumulate,
+                           int32_t nthreads) {
+    const scan_args a = {dim, len, nst, rank, u, dt, At2, B, C, D, z, bias, gap, Wdt, y, scale, s, softplus,
+                         reverse, accumulate};
     int64_t nblk = (dim + BLOCK_D - 1) / BLOCK_D, group = nblk;
     /* blocks per work item: all of a sample's (rows read whole) unless the state outgrows ~32 KB or there are
      * too few items to balance the threads */
     while (group > 1 && (group * nst * BLOCK_D > 8192 || bsz * ((nblk + group - 1) / group) < 4 * nthreads))
         group = (group + 1) / 2;
     int64_t per = (nblk + group - 1) / group, items = bsz * per;
-    int32_t failed = 0;
+    int32_t failed = 0, fast = nst == 16 && dim % BLOCK_D == 0 && s[S_U + 1] == 1 && s[S_Y + 1] == 1 &&
+                               (rank || s[S_DT + 1] == 1) && (!z || s[S_Z + 1] == 1);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads)
 #endif
     for (int64_t it = 0; it < items; it++) {
         int64_t k0 = (it % per) * group, k1 = k0 + group < nblk ? k0 + group : nblk;
-        vf *h = aligned_alloc(sizeof(vf), (size_t)((k1 - k0) * (nst + 1)) * sizeof(vf));
+        vf *h = aligned_alloc(sizeof(vf), (size_t)((k1 - k0) * (nst + 4)) * sizeof(vf));
         if (!h) {
             failed = 1;
             continue;
         }
-        scan_item(it / per, k0, k1, dim, len, nst, u, dt, At2, B, C, D, z, bias, gap, y, s, softplus, reverse, h,
-                  h + (k1 - k0) * nst);
+        if (fast)
+            scan_item_s16(&a, it / per, k0, k1, h);
+        else
+            scan_item(&a, it / per, k0, k1, h);
         free(h);
     }
     return failed ? -1 : 0;
+}
+
+/* One sample's steps [t0, t1) of the conv with whole channel vectors and unit channel strides: a block's k
+ * weights stay in registers. */
+static void conv_span_unit(int64_t b, int64_t t0, int64_t t1, int64_t dim, int64_t len, int64_t k, const float *x,
+                           const float *Wt, const float *bias, float *y, const int64_t *s, int32_t reverse,
+                           int32_t silu) {
+    for (int64_t d0 = 0; d0 < dim; d0 += BLOCK_D) {
+        vf w[8], bv = splat(0.0f);
+        for (int64_t i = 0; i < k; i++)
+            memcpy(&w[i], Wt + i * dim + d0, sizeof(vf));
+        if (bias)
+            memcpy(&bv, bias + d0, sizeof bv);
+        const float *xb = x + b * s[0] + d0;
+        float *yb = y + b * s[3] + d0;
+        for (int64_t t = t0; t < t1; t++) {
+            vf acc = bv;
+            for (int64_t i = 0; i < k; i++) {
+                int64_t src = reverse ? t + (k - 1) - i : t - (k - 1) + i;
+                if (src >= 0 && src < len) {
+                    vf xv;
+                    memcpy(&xv, xb + src * s[2], sizeof xv);
+                    acc += w[i] * xv;
+                }
+            }
+            if (silu)
+                acc = vsilu(acc);
+            memcpy(yb + t * s[5], &acc, sizeof acc);
+        }
+    }
 }
 
 /* Depthwise causal conv1d (+ bias, + silu) over channel vectors: y[t] = sum_i w[i] x[t - (k-1) + i], or with
@@ -190,6 +367,10 @@ void mambatrim_conv_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t k, const 
 #endif
     for (int64_t it = 0; it < items; it++) {
         int64_t b = it / per, t0 = (it % per) * span, t1 = t0 + span < len ? t0 + span : len;
+        if (k <= 8 && dim % BLOCK_D == 0 && s[1] == 1 && s[4] == 1) {
+            conv_span_unit(b, t0, t1, dim, len, k, x, Wt, bias, y, s, reverse, silu);
+            continue;
+        }
         for (int64_t t = t0; t < t1; t++)
             for (int64_t d0 = 0; d0 < dim; d0 += BLOCK_D) {
                 int nd = dim - d0 < BLOCK_D ? (int)(dim - d0) : BLOCK_D;
@@ -201,7 +382,7 @@ void mambatrim_conv_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t k, const 
                                load_block(x + b * s[0] + d0 * s[1] + src * s[2], s[1], nd);
                 }
                 if (silu)
-                    acc *= 1.0f / (1.0f + vexp(-acc));
+                    acc = vsilu(acc);
                 store_block(y + b * s[3] + d0 * s[4] + t * s[5], s[4], nd, acc);
             }
     }

@@ -2,7 +2,8 @@
 
 Why: the blocked PyTorch scan spends most of its time in per-step dispatch and in passes over (b, d, n)
 tensors in memory; one fused C loop keeps a sample's state in L1 and does softplus, exp, the update, the
-C contraction, the D skip and the silu(z) gate in one pass. The conv kernel reads Vim's transposed views in
+C contraction, the D skip and the silu(z) gate in one pass (with d_state 16, the Vim family's, a specialised
+loop: see the comment at the top of ``cpu_kernels.c``). The conv kernel reads Vim's transposed views in
 place and writes token-major output, which the next projection reads without a copy (Vim-Ti forward on 2
 cores: see ``benchmarks/results/cpu_forward.md``). The library needs no PyTorch headers, so it builds in about a
 second; it is cached under ``$XDG_CACHE_HOME/mambatrim`` (or ``~/.cache/mambatrim``), keyed by the source, the flags
@@ -51,10 +52,11 @@ def _cache_dir() -> Path:
     return Path(root) / "mambatrim"
 
 
-def _build(compiler: str) -> tuple[Path | None, str]:
+def _build(compiler: str, flag_sets: tuple[tuple[str, ...], ...] = _FLAG_SETS) -> tuple[Path | None, str]:
+    """The cached library built with the first flag set that compiles, or (None, why)."""
     source = _SOURCE.read_bytes()
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(source + " ".join((compiler, *flags)).encode() + _cpu_id().encode()).hexdigest()[:16]
         target = _cache_dir() / f"cpu_kernels_{key}.so"
         if target.exists():
@@ -83,15 +85,21 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         path, why = _build(compiler)
         if path is None:
             return None, why
-        lib = ctypes.CDLL(str(path))
+        return _load(path), ""
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"building or loading the compiled CPU kernels failed: {err}"
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """The built library with its functions' argument types declared."""
+    lib = ctypes.CDLL(str(path))
     lib.mambatrim_scan_fwd.restype = ctypes.c_int32
     strides = ctypes.POINTER(ctypes.c_int64)
-    lib.mambatrim_scan_fwd.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 10 + [strides] + [ctypes.c_int32] * 3
+    lib.mambatrim_scan_fwd.argtypes = ([ctypes.c_int64] * 5 + [ctypes.c_void_p] * 11 + [strides] + [ctypes.c_int32] * 2
+                                       + [ctypes.c_float] + [ctypes.c_int32] * 2)
     lib.mambatrim_conv_fwd.restype = None
     lib.mambatrim_conv_fwd.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [strides] + [ctypes.c_int32] * 3
-    return lib, ""
+    return lib
 
 
 def unavailable_reason() -> str:
@@ -144,29 +152,57 @@ def selective_scan_cpu(
     delta_softplus: bool = False,
     reverse: bool = False,
     gap: Tensor | None = None,
+    *,
+    dt_weight: Tensor | None = None,
+    scale: float = 1.0,
+    add_to: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Same contract as :func:`mambatrim.ops.scan_ref.selective_scan_ref`; CPU tensors, no autograd.
 
     The output is (b, d, L) viewed on (b, L, d) memory: the token-major layout the mixer's ``out_proj`` reads.
+    Extras for a mixer's paths, all folded into the one pass over the sequence:
+
+    * ``dt_weight`` (d, R): ``delta`` is then dt_proj's low-rank input (b, R, L) and the kernel forms
+      ``delta = dt_weight @ delta`` per step (no (b, d, L) delta in memory, no thin matmul);
+    * ``scale``: the output is ``scale * y``;
+    * ``add_to``: a previous output of this function (fp32, same shape), into which ``scale * y`` is added in
+      place and which is returned: several paths summed or averaged without a separate combine;
+    * ``out_dtype``: the output's dtype (default u's; fp32 to pass it on as ``add_to``).
     """
     lib = _lib()
     if u.device.type != "cpu":
         raise ValueError(f"selective_scan_cpu runs on CPU tensors, got device {u.device}")
     bsz, dim, length = u.shape
     nst = A.shape[1]
+    rank = 0
+    if dt_weight is not None:
+        rank = dt_weight.shape[1]
+        if dt_weight.shape != (dim, rank) or delta.shape != (bsz, rank, length):
+            raise ValueError(f"selective_scan_cpu: dt_weight {tuple(dt_weight.shape)} must be (d, R) = ({dim}, R) "
+                             f"and delta then the low-rank input (b, R, L) = ({bsz}, {rank}, {length}), got "
+                             f"{tuple(delta.shape)}")
     uf, dt, Bf, Cf, zf, gf = (_fp32(t) for t in (u, delta, B, C, z, gap))
     # (d_state, dim): one vector load per state and channel block; log2(e) folded in (the kernel takes 2^x)
     At2 = (A.detach().float() * LOG2E).t().contiguous()
     Df = None if D is None else D.detach().float().contiguous()
     bias = None if delta_bias is None else delta_bias.detach().float().contiguous()
-    y = u.new_empty(bsz, length, dim, dtype=torch.float32).transpose(1, 2)
+    wdt = None if dt_weight is None else dt_weight.detach().float().t().contiguous()  # (R, dim)
+    if add_to is None:
+        y = u.new_empty(bsz, length, dim, dtype=torch.float32).transpose(1, 2)
+    elif add_to.shape != u.shape or add_to.dtype != torch.float32 or add_to.device.type != "cpu":
+        raise ValueError(f"selective_scan_cpu: add_to must be a float32 CPU tensor of shape {tuple(u.shape)}, got "
+                         f"{add_to.dtype} {tuple(add_to.shape)} on {add_to.device}")
+    else:
+        y = add_to
     s = _strides(uf, dt, zf, Bf, Cf, y, gf)  # the order cpu_kernels.c reads them in
-    status = lib.mambatrim_scan_fwd(bsz, dim, length, nst, _ptr(uf), _ptr(dt), _ptr(At2), _ptr(Bf), _ptr(Cf),
-                                    _ptr(Df), _ptr(zf), _ptr(bias), _ptr(gf), _ptr(y), s, int(delta_softplus),
-                                    int(reverse), torch.get_num_threads())
+    status = lib.mambatrim_scan_fwd(bsz, dim, length, nst, rank, _ptr(uf), _ptr(dt), _ptr(wdt), _ptr(At2),
+                                    _ptr(Bf), _ptr(Cf), _ptr(Df), _ptr(zf), _ptr(bias), _ptr(gf), _ptr(y), s,
+                                    int(delta_softplus), int(reverse), float(scale), int(add_to is not None),
+                                    torch.get_num_threads())
     if status != 0:
         raise MemoryError("selective_scan_cpu: could not allocate the scan state")
-    return y.to(u.dtype)
+    return y if add_to is not None else y.to(out_dtype or u.dtype)
 
 
 def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, reverse: bool) -> Tensor:
