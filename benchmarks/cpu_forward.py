@@ -4,7 +4,9 @@ Every variant runs in ONE process, interleaved in rounds (DeiT-Ti, Vim-Ti compil
 ops, DeiT-Ti, ...) so that clock drift and load from other processes on the shared cores hit all alike; each
 variant's images/s is batch / median of all its timed forwards (``measure_throughput``), and the ratio Vim-Ti /
 DeiT-Ti is also taken per round (median and range reported). Vim-Ti runs on the ``torch`` backend with the
-``cpu_kernels`` setting 'compiled' (cpu_kernels.c) and 'torch' (PyTorch ops). A scan-only comparison (one
+``cpu_kernels`` setting 'compiled' (cpu_kernels.c; with ``fused_mixer`` on, the default, the CompiledCpuPaths
+executor folds dt_proj and the paths' combine into the scan; with it off they run in PyTorch) and 'torch'
+(PyTorch ops). A scan-only comparison (one
 direction, b=8, d_inner=384, L=197, d_state=16, token-major inputs as the mixer hands them over) times the
 compiled scan, the blocked PyTorch scan and the sequential ``ref`` the same way; the compiled kernels' one-off
 build time is reported separately. Writes ``cpu_forward.json`` and ``cpu_forward.md`` into ``--out``.
@@ -27,7 +29,11 @@ from mambatrim.engine.benchmark import measure_throughput
 from mambatrim.engine.report import write_result
 from mambatrim.ops import cpu_kernels, policy, selective_scan, use_backend
 
-VIM = {"vim_compiled": "compiled", "vim_pytorch_ops": "torch"}  # variant -> cpu_kernels setting
+# variant -> policy settings: the compiled kernels with the fused CPU executor (default), the compiled scan and
+# conv with dt_proj and the paths' combine in PyTorch (fused_mixer off), and PyTorch ops only
+VIM = {"vim_compiled": dict(cpu_kernels="compiled"),
+       "vim_compiled_unfused": dict(cpu_kernels="compiled", fused_mixer=False),
+       "vim_pytorch_ops": dict(cpu_kernels="torch")}
 SCANS = {"compiled": ("torch", "compiled"), "torch_blocked": ("torch", "torch"), "ref": ("ref", "torch")}
 
 
@@ -44,7 +50,7 @@ def forward_rounds(batch: int, rounds: int, iters: int, warmup: int, slow_iters:
         for variant in times:
             model = models["deit" if variant == "deit" else "vim"]
             n = slow_iters if variant == "vim_pytorch_ops" else iters
-            with use_backend("torch"), policy.override(cpu_kernels=VIM.get(variant, "auto")):
+            with use_backend("torch"), policy.override(**VIM.get(variant, {})):
                 res = measure_throughput(model, batch, 224, "cpu", "fp32", warmup=warmup, iters=n)
             times[variant] += res["times_ms"]
             medians[variant] = statistics.median(res["times_ms"])
@@ -113,6 +119,7 @@ def main() -> None:
     }
     f, s = forward, scan
     names = {"deit": "DeiT-Ti", "vim_compiled": "Vim-Ti, compiled CPU kernels",
+             "vim_compiled_unfused": "Vim-Ti, compiled scan and conv, dt_proj and combine in PyTorch",
              "vim_pytorch_ops": "Vim-Ti, PyTorch ops (no compiler)"}
     rows = []
     for k, label in names.items():

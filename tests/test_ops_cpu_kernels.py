@@ -271,8 +271,11 @@ def test_compiled_cpu_executor_matches_pytorch_ops(monkeypatch, name, extra):
             n = len(calls)
             with policy.override(cpu_kernels="torch"):
                 pytorch_ops = model(x)
-            assert len(calls) == n  # the setting 'torch' keeps PyTorch ops
+            with policy.override(fused_mixer=False):
+                unfused = model(x)  # compiled scan and conv, PyTorch dt_proj and combine
+            assert len(calls) == n  # either setting keeps the executor off
         with use_backend("ref"):
             reference = model(x)
     assert rel_err(compiled, pytorch_ops) < 1e-4
+    assert rel_err(compiled, unfused) < 1e-4
     assert rel_err(compiled, reference) < 1e-4

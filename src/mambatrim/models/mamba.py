@@ -357,15 +357,15 @@ class CompiledCpuPaths:
     kernels of :mod:`mambatrim.ops.cpu_kernels`: per path the compiled conv, x_proj, then one scan pass that
     forms delta from dt_proj's low-rank input in registers and adds its scaled output into the paths' shared
     buffer (no (B, E, L) delta, no thin dt_proj matmul, no separate combine: each of those was a pass over
-    (B, E, L) memory and a fresh allocation per layer). Declares support for: the 'torch' backend on a CPU with
-    the compiled kernels available and chosen (the ``cpu_kernels`` setting), no autograd, every path a sequence
+    (B, E, L) memory and a fresh allocation per layer). Declares support for: the policy's ``fused_mixer`` on,
+    the 'torch' backend on a CPU with the compiled kernels available and chosen (``cpu_kernels``), no autograd, every path a sequence
     order, no token mask, gates or alignment, paths averaged or summed."""
 
     @staticmethod
     def supports(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> bool:
         return (mixer.combine in ("mean", "sum") and plan.mask is None and plan.gate is None and plan.align is None
-                and all(p.index is None for p in plan.paths) and get_backend(hidden.device.type) == "torch"
-                and compiled_applies(hidden.device, plan.grad))
+                and all(p.index is None for p in plan.paths) and policy.get("fused_mixer")
+                and get_backend(hidden.device.type) == "torch" and compiled_applies(hidden.device, plan.grad))
 
     @staticmethod
     def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:

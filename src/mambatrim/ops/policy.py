@@ -29,8 +29,9 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     "backend": Setting("auto", "scan / conv backend: 'auto' picks 'triton' on a CUDA device where triton imports, "
                        "else 'torch'", ("auto", "ref", "torch", "triton")),
-    "fused_mixer": Setting(True, "the fused Triton mixer (one conv kernel, batched projections, one scan launch "
-                           "for every scan path) wherever its plan is supported"),
+    "fused_mixer": Setting(True, "the fused mixer executors wherever their plan is supported: on the GPU the "
+                           "Triton pair (one conv kernel, batched projections, one scan launch for every scan "
+                           "path); on the CPU the compiled paths (dt_proj and the paths' sum inside the scan)"),
     "fused_row_gather": Setting(True, "token gathers through the Triton row-copy kernel at inference (+2.6-3.0 % "
                                 "on DyVM, dyvm_speed results)"),
     "fused_predictor_norm": Setting(True, "DyVM predictor's add + LayerNorm as one Triton pass at inference"),
