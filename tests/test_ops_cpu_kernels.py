@@ -279,3 +279,36 @@ def test_compiled_cpu_executor_matches_pytorch_ops(monkeypatch, name, extra):
     assert rel_err(compiled, pytorch_ops) < 1e-4
     assert rel_err(compiled, unfused) < 1e-4
     assert rel_err(compiled, reference) < 1e-4
+
+
+@needs_compiler
+@pytest.mark.parametrize("dim,with_residual", [(192, True), (37, True), (48, False)])
+def test_compiled_add_rms_norm_matches_pytorch(build, dim, with_residual):
+    """The fused add-norm against Mamba's rule written out: r = hidden + residual; r / sqrt(mean(r^2) + eps) * w."""
+    g = torch.Generator().manual_seed(dim)
+    hidden, residual = torch.randn(3, 5, dim, generator=g) * 3, torch.randn(3, 5, dim, generator=g)
+    weight = torch.randn(dim, generator=g)
+    out, res = cpu_kernels.add_rms_norm_cpu(hidden, residual if with_residual else None, weight, 1e-5)
+    r = hidden + residual if with_residual else hidden
+    torch.testing.assert_close(res, r)
+    torch.testing.assert_close(out, r / torch.sqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5) * weight)
+
+
+@needs_compiler
+def test_add_and_norm_uses_the_compiled_pass_only_without_autograd(monkeypatch):
+    from mambatrim.models.mamba import RMSNorm
+    from mambatrim.ops import use_backend
+
+    calls = []
+    real = cpu_kernels.add_rms_norm_cpu
+    monkeypatch.setattr("mambatrim.models.mamba.add_rms_norm_cpu", lambda *a: calls.append(1) or real(*a))
+    norm = RMSNorm(16)
+    hidden, residual = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    with use_backend("torch"):
+        with torch.no_grad():
+            fast, fast_res = norm.add_and_norm(hidden, residual)
+        assert calls == [1]
+        slow, slow_res = norm.add_and_norm(hidden, residual)  # the weight has a gradient: PyTorch ops
+        assert calls == [1] and slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach())
+    torch.testing.assert_close(fast_res, slow_res)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..contract import REVERSED, SEQUENCE, MixerContext, MixerPlan, ScanOrder
 from ..ops import causal_conv1d, get_backend, policy, scan_paths, selective_scan
-from ..ops.cpu_kernels import compiled_applies, selective_scan_cpu
+from ..ops.cpu_kernels import add_rms_norm_cpu, compiled_applies, selective_scan_cpu
 from ..ops.scan_paths import put_tokens as _put
 from ..ops.scan_paths import take_tokens as _take
 from ..validation import check_choice
@@ -47,12 +47,18 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         """Vim's fused add-norm: ``residual += hidden`` in fp32, then (norm(residual) in hidden's dtype, residual).
 
-        On the 'triton' backend this is one fused kernel per call instead of ~8 elementwise ones.
+        On the 'triton' backend this is one fused kernel per call instead of ~8 elementwise ones; at fp32 CPU
+        inference on the compiled kernels, one compiled pass.
         """
         if hidden.is_cuda and get_backend("cuda") == "triton":
             from ..ops.triton_norm import add_rms_norm_triton  # noqa: PLC0415 (needs triton)
 
             return add_rms_norm_triton(hidden, residual, self.weight, self.eps)
+        if (hidden.dtype == torch.float32 and get_backend(hidden.device.type) == "torch"
+                and compiled_applies(hidden.device, torch.is_grad_enabled() and (
+                    hidden.requires_grad or self.weight.requires_grad
+                    or (residual is not None and residual.requires_grad)))):
+            return add_rms_norm_cpu(hidden, residual, self.weight, self.eps)
         residual = hidden.float() if residual is None else residual + hidden.float()
         return self(residual).to(hidden.dtype), residual
 

@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #if defined(__AVX512F__)
 #define BLOCK_D 16 /* channels per work item: one native vector */
@@ -385,5 +386,35 @@ void mambatrim_conv_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t k, const 
                     acc = vsilu(acc);
                 store_block(y + b * s[3] + d0 * s[4] + t * s[5], s[4], nd, acc);
             }
+    }
+}
+
+/* Vim's fused add-norm on contiguous fp32 rows: r = hidden + residual (residual may be NULL), then
+ * out = r / sqrt(mean(r^2) + eps) * weight; writes r to res_out and the normed rows to out. */
+void mambatrim_add_rms_norm(int64_t rows, int64_t dim, const float *hidden, const float *residual,
+                            const float *weight, float eps, float *out, float *res_out, int32_t nthreads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (int64_t i = 0; i < rows; i++) {
+        const float *h = hidden + i * dim, *r = residual ? residual + i * dim : 0;
+        float *o = out + i * dim, *ro = res_out + i * dim;
+        vf ss = splat(0.0f);
+        for (int64_t d0 = 0; d0 < dim; d0 += BLOCK_D) {
+            int nd = dim - d0 < BLOCK_D ? (int)(dim - d0) : BLOCK_D;
+            vf v = load_block(h + d0, 1, nd);
+            if (r)
+                v += load_block(r + d0, 1, nd);
+            store_block(ro + d0, 1, nd, v);
+            ss += v * v;
+        }
+        float total = 0.0f;
+        for (int j = 0; j < BLOCK_D; j++)
+            total += ss[j];
+        vf inv = splat(1.0f / sqrtf(total / (float)dim + eps));
+        for (int64_t d0 = 0; d0 < dim; d0 += BLOCK_D) {
+            int nd = dim - d0 < BLOCK_D ? (int)(dim - d0) : BLOCK_D;
+            store_block(o + d0, 1, nd, load_block(ro + d0, 1, nd) * inv * load_block(weight + d0, 1, nd));
+        }
     }
 }

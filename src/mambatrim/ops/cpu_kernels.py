@@ -64,7 +64,7 @@ def _build(compiler: str, flag_sets: tuple[tuple[str, ...], ...] = _FLAG_SETS) -
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            cmd = [compiler, *flags, "-std=gnu11", "-shared", "-fPIC", str(_SOURCE), "-o", str(out)]
+            cmd = [compiler, *flags, "-std=gnu11", "-shared", "-fPIC", str(_SOURCE), "-o", str(out), "-lm"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(out, target)  # atomic: concurrent builders never load a half-written file
@@ -99,6 +99,9 @@ def _load(path: Path) -> ctypes.CDLL:
                                        + [ctypes.c_float] + [ctypes.c_int32] * 2)
     lib.mambatrim_conv_fwd.restype = None
     lib.mambatrim_conv_fwd.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [strides] + [ctypes.c_int32] * 3
+    lib.mambatrim_add_rms_norm.restype = None
+    lib.mambatrim_add_rms_norm.argtypes = ([ctypes.c_int64] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
+                                           + [ctypes.c_void_p] * 2 + [ctypes.c_int32])
     return lib
 
 
@@ -219,3 +222,20 @@ def causal_conv1d_cpu(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool
     lib.mambatrim_conv_fwd(bsz, dim, length, wt.shape[0], _ptr(xf), _ptr(wt), _ptr(bf), _ptr(y),
                            _strides(xf, y), int(reverse), int(silu), torch.get_num_threads())
     return y.to(x.dtype)
+
+
+def add_rms_norm_cpu(hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Vim's fused add-norm in one pass over the rows: ``r = hidden + residual`` (or ``hidden``), returns
+    ``(rms_norm(r) * weight, r)``. fp32 CPU tensors, contiguous rows, no autograd (see ``RMSNorm.add_and_norm``)."""
+    lib = _lib()
+    dim = hidden.shape[-1]
+    h = hidden.detach().contiguous()
+    r = None if residual is None else residual.detach().contiguous()
+    if h.dtype != torch.float32 or (r is not None and (r.dtype != torch.float32 or r.shape != h.shape)):
+        raise ValueError(f"add_rms_norm_cpu takes fp32 hidden and residual of one shape, got {h.dtype} "
+                         f"{tuple(h.shape)} and {None if r is None else (r.dtype, tuple(r.shape))}")
+    w = weight.detach().float().contiguous()
+    out, res = torch.empty_like(h), torch.empty_like(h)
+    lib.mambatrim_add_rms_norm(h.numel() // dim, dim, _ptr(h), _ptr(r), _ptr(w), float(eps), _ptr(out), _ptr(res),
+                               torch.get_num_threads())
+    return out, res
