@@ -364,8 +364,8 @@ class CompiledCpuPaths:
     forms delta from dt_proj's low-rank input in registers and adds its scaled output into the paths' shared
     buffer (no (B, E, L) delta, no thin dt_proj matmul, no separate combine: each of those was a pass over
     (B, E, L) memory and a fresh allocation per layer). Declares support for: the policy's ``fused_mixer`` on,
-    the 'torch' backend on a CPU with the compiled kernels available and chosen (``cpu_kernels``), no autograd, every path a sequence
-    order, no token mask, gates or alignment, paths averaged or summed."""
+    the 'torch' backend on a CPU with the compiled kernels available and chosen (``cpu_kernels``), no autograd,
+    every path a sequence order, no token mask, gates or alignment, paths averaged or summed."""
 
     @staticmethod
     def supports(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> bool:
