@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mambatrim.ops import causal_conv1d, cpu_kernels, policy, selective_scan
 from mambatrim.ops.scan_ref import selective_scan_ref
+from mambatrim.reduce import dyvm, rmeeto, top
 
 needs_compiler = pytest.mark.skipif(cpu_kernels.unavailable_reason() != "",
                                     reason=f"compiled CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
@@ -243,23 +244,39 @@ def test_cpu_kernels_setting_is_validated():
         policy.set(cpu_kernels="numba")
 
 
+METHODS = {
+    "dense": lambda m: m,
+    "rmeeto": lambda m: rmeeto.apply(m, r=3),
+    "top_hold": lambda m: top.apply(m, keep=0.7, align="hold", layers=[1, 2]),
+    "top_decay": lambda m: top.apply(m, keep=0.7, align="decay", layers=[1, 2]),
+    "dyvm_blocks": lambda m: dyvm.deploy(dyvm.apply(m, keep=0.7, block_ratio=0.5)),  # its callable gate
+}
+
+
 @needs_compiler
-@pytest.mark.parametrize("name,extra", [
-    ("vim_tiny_patch16_224", {}),
-    ("mambar_tiny_patch16_224", {}),
-    ("vim_tiny_patch16_224", {"if_divide_out": False}),  # the paths summed, not averaged
+@pytest.mark.parametrize("name,extra,method", [
+    ("vim_tiny_patch16_224", {}, "dense"),
+    ("mambar_tiny_patch16_224", {}, "dense"),
+    ("vim_tiny_patch16_224", {"if_divide_out": False}, "dense"),  # the paths summed, not averaged
+    ("vim_tiny_patch16_224", {}, "rmeeto"),
+    ("vim_tiny_patch16_224", {}, "top_hold"),  # alignment: position-mapped conv
+    ("vim_tiny_patch16_224", {}, "top_decay"),  # alignment: gaps in the scan
+    ("vim_tiny_patch16_224", {}, "dyvm_blocks"),
 ])
-def test_compiled_cpu_executor_matches_pytorch_ops(monkeypatch, name, extra):
-    """At CPU inference the sequence paths run on CompiledCpuPaths (low-rank delta and the paths' sum inside the
-    scan); its logits equal the PyTorch-ops executor's and the sequential reference backend's."""
+def test_compiled_cpu_executor_matches_pytorch_ops(monkeypatch, name, extra, method):
+    """At CPU inference the sequence paths run on CompiledCpuPaths (low-rank delta, gates and the paths' sum
+    inside the scan); its logits equal the PyTorch-ops executor's and the sequential reference backend's, dense
+    and under the methods whose plans it takes (merging, alignment, skipped direction gates)."""
     import mambatrim
     from mambatrim.models import mamba
     from mambatrim.ops import use_backend
 
+    torch.manual_seed(0)
     try:
-        model = mambatrim.create_model(name, depth=2, embed_dim=64, img_size=64, num_classes=7, **extra).eval()
+        model = mambatrim.create_model(name, depth=4, embed_dim=64, img_size=64, num_classes=7, **extra)
     except TypeError as err:  # an option this family does not take
         pytest.skip(str(err))
+    model = METHODS[method](model).eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     calls = []
     run = mamba.CompiledCpuPaths.run
@@ -312,3 +329,32 @@ def test_add_and_norm_uses_the_compiled_pass_only_without_autograd(monkeypatch):
         assert calls == [1] and slow.requires_grad
     torch.testing.assert_close(fast, slow.detach())
     torch.testing.assert_close(fast_res, slow_res)
+
+
+@needs_compiler
+@pytest.mark.parametrize("skip", [True, False])
+def test_compiled_cpu_executor_gates_paths_per_sample(monkeypatch, skip):
+    """Per-sample direction gates on the compiled executor: skipped (a gate read as on above 0.5, off below: that
+    sample's path not scanned) or multiplying the path's output; equal to PyTorch ops and the reference."""
+    from mambatrim.contract import MixerContext
+    from mambatrim.models import mamba
+    from mambatrim.ops import use_backend
+
+    torch.manual_seed(0)
+    mixer = mamba.BiMambaMixer(32).eval()
+    hidden = torch.randn(4, 11, 32)
+    ctx = MixerContext(direction_gate=torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.8], [0.0, 0.0]]),
+                       skip_gated=skip)
+    calls = []
+    run = mamba.CompiledCpuPaths.run
+    monkeypatch.setattr(mamba.CompiledCpuPaths, "run", staticmethod(lambda *a: calls.append(1) or run(*a)))
+    with torch.no_grad():
+        with use_backend("torch"):
+            compiled = mixer(hidden, ctx)
+            with policy.override(cpu_kernels="torch"):
+                pytorch_ops = mixer(hidden, ctx)
+        with use_backend("ref"):
+            reference = mixer(hidden, ctx)
+    assert calls == [1]
+    assert rel_err(compiled, pytorch_ops) < 1e-5 and rel_err(compiled, reference) < 1e-5
+    assert compiled[3].abs().max() == 0  # both paths off: nothing but out_proj of zeros (no bias)

@@ -360,23 +360,27 @@ class TritonPaths:
 
 class CompiledCpuPaths:
     """Executor: sequence-order paths (Vim's pair, MambaReg's, VideoMamba's) at CPU inference on the compiled
-    kernels of :mod:`mambatrim.ops.cpu_kernels`: per path the compiled conv, x_proj, then one scan pass that
-    forms delta from dt_proj's low-rank input in registers and adds its scaled output into the paths' shared
-    buffer (no (B, E, L) delta, no thin dt_proj matmul, no separate combine: each of those was a pass over
-    (B, E, L) memory and a fresh allocation per layer). Declares support for: the policy's ``fused_mixer`` on,
-    the 'torch' backend on a CPU with the compiled kernels available and chosen (``cpu_kernels``), no autograd,
-    every path a sequence order, no token mask, gates or alignment, paths averaged or summed."""
+    kernels of :mod:`mambatrim.ops.cpu_kernels`: per path the compiled conv (the position-mapped one under
+    alignment), x_proj, then one scan pass that forms delta from dt_proj's low-rank input in registers and adds
+    its output, times the path's per-sample gate, into the paths' shared buffer (no (B, E, L) delta, no thin
+    dt_proj matmul, no separate gating or combine: each of those was a pass over (B, E, L) memory and a fresh
+    allocation per layer; a sample gated 0 is not scanned). Declares support for: the policy's ``fused_mixer``
+    on, the 'torch' backend on a CPU with the compiled kernels available and chosen (``cpu_kernels``), no
+    autograd, every path a sequence order, no token mask, paths averaged or summed."""
 
     @staticmethod
     def supports(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> bool:
-        return (mixer.combine in ("mean", "sum") and plan.mask is None and plan.gate is None and plan.align is None
-                and all(p.index is None for p in plan.paths) and policy.get("fused_mixer")
-                and get_backend(hidden.device.type) == "torch" and compiled_applies(hidden.device, plan.grad))
+        return (mixer.combine in ("mean", "sum") and plan.mask is None and all(p.index is None for p in plan.paths)
+                and policy.get("fused_mixer") and get_backend(hidden.device.type) == "torch"
+                and compiled_applies(hidden.device, plan.grad))
 
     @staticmethod
     def run(mixer: MultiPathMixer, hidden: Tensor, plan: MixerPlan) -> Tensor:
         xz = mixer.in_proj(hidden)  # (B, L, 2E)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each, token-major memory
+        gate = plan.gate(plan.gate_feature(xz)) if plan.callable_gate else plan.gate
+        # skipping reads a gate as on (> 0.5) or off, as TorchPaths does; otherwise it multiplies the output
+        weight = None if gate is None else (gate > 0.5).float() if plan.skip_gated else gate.float()
         scale = 1 / mixer.num_paths if mixer.combine == "mean" else 1.0
         y = None
         for k, path in enumerate(plan.paths):
@@ -385,8 +389,8 @@ class CompiledCpuPaths:
             y = selective_scan_cpu(u, dt, -torch.exp(A_log.float()), Bm, Cm, D.float(), z,
                                    delta_bias=dt_proj.bias.float(), delta_softplus=True, reverse=path.reverse,
                                    gap=path.gap, dt_weight=dt_proj.weight, scale=scale, add_to=y,
-                                   out_dtype=torch.float32)
-        mixer.last_stats = {"tokens": hidden.shape[1], "gate": None}
+                                   weight=None if weight is None else weight[:, k], out_dtype=torch.float32)
+        mixer.last_stats = {"tokens": hidden.shape[1], "gate": None if gate is None else gate.detach()}
         return mixer.project_out(y.transpose(1, 2).to(hidden.dtype), plan)
 
 

@@ -133,11 +133,12 @@ enum { S_U = 0, S_DT = 3, S_Z = 6, S_B = 9, S_C = 12, S_Y = 15, S_G = 18 };
 
 /* One scan call. delta is (bsz, dim, len), or with rank > 0 the low-rank (bsz, rank, len) input of dt_proj,
  * whose weight Wdt is given transposed, (rank, dim) contiguous: delta = Wdt^T dt, formed per step in registers.
- * The output is y = scale * scan, plus the y already there when accumulate is set (several paths summed into one
- * buffer). At2 is A * log2(e) transposed, (nst, dim) contiguous. */
+ * The output is y = scale * weight[b] * scan (weight: per-sample path gates, NULL for all 1), plus the y already
+ * there when accumulate is set (several paths summed into one buffer); a sample whose weight is 0 is not scanned.
+ * At2 is A * log2(e) transposed, (nst, dim) contiguous. */
 typedef struct {
     int64_t dim, len, nst, rank;
-    const float *u, *dt, *At2, *B, *C, *D, *z, *bias, *gap, *Wdt;
+    const float *u, *dt, *At2, *B, *C, *D, *z, *bias, *gap, *Wdt, *weight;
     float *y, scale;
     const int64_t *s;
     int32_t softplus, reverse, accumulate;
@@ -181,10 +182,10 @@ static inline vf step_size(const scan_args *a, int64_t b, int64_t t, int64_t d0,
 }
 
 /* the output of sample b, step t, channels [d0, d0 + nd): scale * yv, plus what is there with accumulate */
-static inline void put_output(const scan_args *a, int64_t b, int64_t t, int64_t d0, int nd, vf yv) {
+static inline void put_output(const scan_args *a, int64_t b, int64_t t, int64_t d0, int nd, vf yv, float scale) {
     const int64_t *s = a->s;
     float *p = a->y + b * s[S_Y] + d0 * s[S_Y + 1] + t * s[S_Y + 2];
-    yv *= a->scale;
+    yv *= scale;
     if (a->accumulate)
         yv += load_block(p, s[S_Y + 1], nd);
     store_block(p, s[S_Y + 1], nd, yv);
@@ -193,7 +194,7 @@ static inline void put_output(const scan_args *a, int64_t b, int64_t t, int64_t 
 /* One sample, channel blocks [k0, k1): all steps, every block per step, so that each step reads whole rows of
  * the inputs (what the hardware prefetcher follows) and B, C once. h holds (k1 - k0) x nst state vectors, then
  * (k1 - k0) for the previous step sizes. */
-static void scan_item(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf *h) {
+static void scan_item(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf *h, float scale) {
     const int64_t *s = a->s, dim = a->dim, nst = a->nst;
     vf *prev = h + (k1 - k0) * nst;
     for (int64_t i = 0; i < (k1 - k0) * nst; i++)
@@ -221,7 +222,7 @@ static void scan_item(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf 
                 yv += load_block(a->D + d0, 1, nd) * uv;
             if (a->z)
                 yv *= vsilu(load_block(a->z + b * s[S_Z] + d0 * s[S_Z + 1] + t * s[S_Z + 2], s[S_Z + 1], nd));
-            put_output(a, b, t, d0, nd, yv);
+            put_output(a, b, t, d0, nd, yv, scale);
         }
     }
 }
@@ -231,7 +232,7 @@ static void scan_item(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf 
  * softplus and gap decay; (2) the 16 unrolled state updates and <h, C> with B and C of the step in registers;
  * (3) the D skip, the silu(z) gate and the output. Passes 1 and 3 are independent across blocks, so their long
  * chains overlap. h holds (k1 - k0) x 16 state vectors, then prev, dec, du and acc (k1 - k0 each). */
-static void scan_item_s16(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf *h) {
+static void scan_item_s16(const scan_args *a, int64_t b, int64_t k0, int64_t k1, vf *h, float scale) {
     const int64_t *s = a->s, dim = a->dim, nk = k1 - k0, sb = s[S_B + 1], sc = s[S_C + 1];
     vf *prev = h + nk * 16, *dec = prev + nk, *du = dec + nk, *acc = du + nk;
     for (int64_t i = 0; i < nk * 16; i++)
@@ -286,7 +287,7 @@ static void scan_item_s16(const scan_args *a, int64_t b, int64_t k0, int64_t k1,
                 memcpy(&zv, zrow + d0, sizeof zv);
                 yv *= vsilu(zv);
             }
-            put_output(a, b, t, d0, BLOCK_D, yv);
+            put_output(a, b, t, d0, BLOCK_D, yv, scale);
         }
     }
 }
@@ -294,11 +295,11 @@ static void scan_item_s16(const scan_args *a, int64_t b, int64_t k0, int64_t k1,
 /* Returns 0, or -1 when a state buffer cannot be allocated. Strides s: see S_U ... S_G. */
 int32_t mambatrim_scan_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t nst, int64_t rank, const float *u,
                            const float *dt, const float *Wdt, const float *At2, const float *B, const float *C,
-                           const float *D, const float *z, const float *bias, const float *gap, float *y,
-                           const int64_t *s, int32_t softplus, int32_t reverse, float scale, int32_t accumulate,
-                           int32_t nthreads) {
-    const scan_args a = {dim, len, nst, rank, u, dt, At2, B, C, D, z, bias, gap, Wdt, y, scale, s, softplus,
-                         reverse, accumulate};
+                           const float *D, const float *z, const float *bias, const float *gap,
+                           const float *weight, float *y, const int64_t *s, int32_t softplus, int32_t reverse,
+                           float scale, int32_t accumulate, int32_t nthreads) {
+    const scan_args a = {dim, len, nst, rank, u, dt, At2, B, C, D, z, bias, gap, Wdt, weight, y, scale, s,
+                         softplus, reverse, accumulate};
     int64_t nblk = (dim + BLOCK_D - 1) / BLOCK_D, group = nblk;
     /* blocks per work item: all of a sample's (rows read whole) unless the state outgrows ~32 KB or there are
      * too few items to balance the threads */
@@ -311,16 +312,27 @@ int32_t mambatrim_scan_fwd(int64_t bsz, int64_t dim, int64_t len, int64_t nst, i
 #pragma omp parallel for schedule(static) num_threads(nthreads)
 #endif
     for (int64_t it = 0; it < items; it++) {
-        int64_t k0 = (it % per) * group, k1 = k0 + group < nblk ? k0 + group : nblk;
+        int64_t b = it / per, k0 = (it % per) * group, k1 = k0 + group < nblk ? k0 + group : nblk;
+        float wb = weight ? weight[b] : 1.0f;
+        if (wb == 0.0f) { /* a gated-off path of this sample: no scan; zeros unless adding */
+            if (!accumulate)
+                for (int64_t t = 0; t < len; t++)
+                    for (int64_t k = k0; k < k1; k++) {
+                        int64_t d0 = k * BLOCK_D;
+                        int nd = dim - d0 < BLOCK_D ? (int)(dim - d0) : BLOCK_D;
+                        store_block(y + b * s[S_Y] + d0 * s[S_Y + 1] + t * s[S_Y + 2], s[S_Y + 1], nd, splat(0.0f));
+                    }
+            continue;
+        }
         vf *h = aligned_alloc(sizeof(vf), (size_t)((k1 - k0) * (nst + 4)) * sizeof(vf));
         if (!h) {
             failed = 1;
             continue;
         }
         if (fast)
-            scan_item_s16(&a, it / per, k0, k1, h);
+            scan_item_s16(&a, b, k0, k1, h, scale * wb);
         else
-            scan_item(&a, it / per, k0, k1, h);
+            scan_item(&a, b, k0, k1, h, scale * wb);
         free(h);
     }
     return failed ? -1 : 0;

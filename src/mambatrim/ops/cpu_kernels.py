@@ -95,7 +95,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.mambatrim_scan_fwd.restype = ctypes.c_int32
     strides = ctypes.POINTER(ctypes.c_int64)
-    lib.mambatrim_scan_fwd.argtypes = ([ctypes.c_int64] * 5 + [ctypes.c_void_p] * 11 + [strides] + [ctypes.c_int32] * 2
+    lib.mambatrim_scan_fwd.argtypes = ([ctypes.c_int64] * 5 + [ctypes.c_void_p] * 12 + [strides] + [ctypes.c_int32] * 2
                                        + [ctypes.c_float] + [ctypes.c_int32] * 2)
     lib.mambatrim_conv_fwd.restype = None
     lib.mambatrim_conv_fwd.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4 + [strides] + [ctypes.c_int32] * 3
@@ -159,6 +159,7 @@ def selective_scan_cpu(
     dt_weight: Tensor | None = None,
     scale: float = 1.0,
     add_to: Tensor | None = None,
+    weight: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Same contract as :func:`mambatrim.ops.scan_ref.selective_scan_ref`; CPU tensors, no autograd.
@@ -171,6 +172,7 @@ def selective_scan_cpu(
     * ``scale``: the output is ``scale * y``;
     * ``add_to``: a previous output of this function (fp32, same shape), into which ``scale * y`` is added in
       place and which is returned: several paths summed or averaged without a separate combine;
+    * ``weight`` (b,): per-sample multipliers of the output (a path's gates); a sample weighted 0 is not scanned;
     * ``out_dtype``: the output's dtype (default u's; fp32 to pass it on as ``add_to``).
     """
     lib = _lib()
@@ -191,6 +193,9 @@ def selective_scan_cpu(
     Df = None if D is None else D.detach().float().contiguous()
     bias = None if delta_bias is None else delta_bias.detach().float().contiguous()
     wdt = None if dt_weight is None else dt_weight.detach().float().t().contiguous()  # (R, dim)
+    if weight is not None and weight.shape != (bsz,):
+        raise ValueError(f"selective_scan_cpu: weight must be per sample, ({bsz},), got {tuple(weight.shape)}")
+    wf = None if weight is None else weight.detach().float().contiguous()
     if add_to is None:
         y = u.new_empty(bsz, length, dim, dtype=torch.float32).transpose(1, 2)
     elif add_to.shape != u.shape or add_to.dtype != torch.float32 or add_to.device.type != "cpu":
@@ -200,7 +205,7 @@ def selective_scan_cpu(
         y = add_to
     s = _strides(uf, dt, zf, Bf, Cf, y, gf)  # the order cpu_kernels.c reads them in
     status = lib.mambatrim_scan_fwd(bsz, dim, length, nst, rank, _ptr(uf), _ptr(dt), _ptr(wdt), _ptr(At2),
-                                    _ptr(Bf), _ptr(Cf), _ptr(Df), _ptr(zf), _ptr(bias), _ptr(gf), _ptr(y), s,
+                                    _ptr(Bf), _ptr(Cf), _ptr(Df), _ptr(zf), _ptr(bias), _ptr(gf), _ptr(wf), _ptr(y), s,
                                     int(delta_softplus), int(reverse), float(scale), int(add_to is not None),
                                     torch.get_num_threads())
     if status != 0:
