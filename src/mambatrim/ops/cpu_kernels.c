@@ -41,14 +41,8 @@ static inline vf sel(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask 
 #define EXP2_C1 2.402264791363012e-1f
 #define EXP2_C0 6.931472028550421e-1f
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-
-/* 2^y to ~2 ulp: k = round(y) (by the 1.5 * 2^23 trick), 2^(y - k) by the polynomial, times 2^k by vscalefps,
- * which saturates to 0 or inf by itself for any y (k exact or not), so no clamps are needed. */
-static inline vf vexp2(vf y) {
-    vf k = (y + 12582912.0f) - 12582912.0f;
-    vf f = y - k;
+/* 2^f for f in [-0.5, 0.5] */
+static inline vf exp2_poly(vf f) {
     vf p = splat(EXP2_C5);
     p = p * f + EXP2_C4;
     p = p * f + EXP2_C3;
@@ -56,7 +50,17 @@ static inline vf vexp2(vf y) {
     p = p * f + EXP2_C1;
     p = p * f + EXP2_C0;
     p = p * f + 1.0f;
-    return (vf)_mm512_scalef_ps((__m512)p, (__m512)k);
+    return p;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* 2^y to ~2 ulp: k = round(y) (by the 1.5 * 2^23 trick), 2^(y - k) by the polynomial, times 2^k by vscalefps,
+ * which saturates to 0 or inf by itself for any y (k exact or not), so no clamps are needed. */
+static inline vf vexp2(vf y) {
+    vf k = (y + 12582912.0f) - 12582912.0f;
+    return (vf)_mm512_scalef_ps((__m512)exp2_poly(y - k), (__m512)k);
 }
 
 /* 1 / x to about 1 ulp without a division: the 14-bit estimate and one Newton step */
@@ -72,15 +76,7 @@ static inline vf vexp2(vf y) {
     y = sel(y < -127.0f, splat(-127.0f), y);
     y = sel(y > 128.0f, splat(128.0f), y);
     vf k = (y + 12582912.0f) - 12582912.0f; /* round to nearest */
-    vf f = y - k;
-    vf p = splat(EXP2_C5);
-    p = p * f + EXP2_C4;
-    p = p * f + EXP2_C3;
-    p = p * f + EXP2_C2;
-    p = p * f + EXP2_C1;
-    p = p * f + EXP2_C0;
-    p = p * f + 1.0f;
-    return p * (vf)((__builtin_convertvector(k, vi) + 127) << 23);
+    return exp2_poly(y - k) * (vf)((__builtin_convertvector(k, vi) + 127) << 23);
 }
 
 static inline vf vrcp(vf x) { return 1.0f / x; }
