@@ -1,4 +1,5 @@
-"""Vim-Ti against DeiT-Ti forward on the CPU (batch 8, 224, fp32), and the scan backends at Vim-Ti's shapes.
+"""Vim-Ti against DeiT-Ti forward on the CPU (batch 8, 224, fp32; --img-size for longer sequences), and the scan
+backends at Vim-Ti's shapes.
 
 Every variant runs in ONE process, interleaved in rounds (DeiT-Ti, Vim-Ti compiled kernels, Vim-Ti PyTorch
 ops, DeiT-Ti, ...) so that clock drift and load from other processes on the shared cores hit all alike; each
@@ -7,11 +8,13 @@ DeiT-Ti is also taken per round (median and range reported). Vim-Ti runs on the 
 ``cpu_kernels`` setting 'compiled' (cpu_kernels.c; with ``fused_mixer`` on, the default, the CompiledCpuPaths
 executor folds dt_proj and the paths' combine into the scan; with it off they run in PyTorch) and 'torch'
 (PyTorch ops). A scan-only comparison (one
-direction, b=8, d_inner=384, L=197, d_state=16, token-major inputs as the mixer hands them over) times the
+direction, b=batch, d_inner=384, L=tokens, d_state=16, token-major inputs as the mixer hands them over) times the
 compiled scan, the blocked PyTorch scan and the sequential ``ref`` the same way; the compiled kernels' one-off
-build time is reported separately. Writes ``cpu_forward.json`` and ``cpu_forward.md`` into ``--out``.
+build time is reported separately. Writes ``NAME.json`` and ``NAME.md`` (``--name``, default ``cpu_forward``)
+into ``--out``.
 
     python benchmarks/cpu_forward.py --out benchmarks/results
+    python benchmarks/cpu_forward.py --img-size 512 --batch-size 2 --name cpu_forward_512 --out benchmarks/results
 """
 from __future__ import annotations
 
@@ -41,8 +44,9 @@ def _spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def forward_rounds(batch: int, rounds: int, iters: int, warmup: int, slow_iters: int) -> dict:
-    models = {"deit": timm.create_model("deit_tiny_patch16_224"), "vim": timm.create_model("vim_tiny_patch16_224")}
+def forward_rounds(batch: int, img: int, rounds: int, iters: int, warmup: int, slow_iters: int) -> dict:
+    models = {"deit": timm.create_model("deit_tiny_patch16_224", img_size=img),
+              "vim": timm.create_model("vim_tiny_patch16_224", img_size=img)}
     times: dict[str, list[float]] = {k: [] for k in ("deit", *VIM)}
     ratios: dict[str, list[float]] = {k: [] for k in VIM}
     for _ in range(rounds):
@@ -51,7 +55,7 @@ def forward_rounds(batch: int, rounds: int, iters: int, warmup: int, slow_iters:
             model = models["deit" if variant == "deit" else "vim"]
             n = slow_iters if variant == "vim_pytorch_ops" else iters
             with use_backend("torch"), policy.override(**VIM.get(variant, {})):
-                res = measure_throughput(model, batch, 224, "cpu", "fp32", warmup=warmup, iters=n)
+                res = measure_throughput(model, batch, img, "cpu", "fp32", warmup=warmup, iters=n)
             times[variant] += res["times_ms"]
             medians[variant] = statistics.median(res["times_ms"])
         for variant in VIM:
@@ -63,9 +67,9 @@ def forward_rounds(batch: int, rounds: int, iters: int, warmup: int, slow_iters:
     return out
 
 
-def scan_rounds(rounds: int, iters: int) -> dict[str, dict]:
+def scan_rounds(batch: int, length: int, rounds: int, iters: int) -> dict[str, dict]:
     gen = torch.Generator().manual_seed(0)
-    b, d, length, n = 8, 384, 197, 16
+    b, d, n = batch, 384, 16
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)
@@ -91,6 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224, help="image size (tokens: (size / 16)^2 + 1)")
+    parser.add_argument("--name", default="cpu_forward", help="file stem of the result")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--iters", type=int, default=4, help="timed forwards per variant per round")
     parser.add_argument("--slow-iters", type=int, default=1, help="timed forwards of Vim-Ti on PyTorch ops per round")
@@ -106,11 +112,13 @@ def main() -> None:
     if why:
         raise SystemExit(f"this benchmark compares the compiled CPU kernels, which are unavailable: {why}")
     load_before = os.getloadavg()
-    scan = scan_rounds(args.rounds, args.iters * 5)
-    forward = forward_rounds(args.batch_size, args.rounds, args.iters, args.warmup, args.slow_iters)
+    tokens = (args.img_size // 16) ** 2 + 1
+    scan = scan_rounds(args.batch_size, tokens, args.rounds, args.iters * 5)
+    forward = forward_rounds(args.batch_size, args.img_size, args.rounds, args.iters, args.warmup, args.slow_iters)
     load_after = os.getloadavg()
     result = {
-        "models": ["vim_tiny_patch16_224", "deit_tiny_patch16_224"], "img_size": 224, "batch_size": args.batch_size,
+        "models": ["vim_tiny_patch16_224", "deit_tiny_patch16_224"], "img_size": args.img_size, "tokens": tokens,
+        "batch_size": args.batch_size,
         "dtype": "fp32", "forward": forward, "scan_one_direction": scan,
         "kernel_build_or_cache_load_s": build_s,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -129,14 +137,14 @@ def main() -> None:
         rows.append(f"| {label} | {f[k]['img_per_s']:.2f} | {f[k]['ms']['median']:.0f} "
                     f"({f[k]['ms']['min']:.0f}-{f[k]['ms']['max']:.0f}) | {f[k]['ms']['n']} | {ratio} |")
     md = [
-        f"# Vim-Ti vs DeiT-Ti CPU forward, batch {args.batch_size}, fp32, 224x224 ({result['cpu_count']} CPU cores, "
-        f"{result['threads']} threads, torch {result['torch']})",
+        f"# Vim-Ti vs DeiT-Ti CPU forward, batch {args.batch_size}, fp32, {args.img_size}x{args.img_size} "
+        f"({tokens} tokens; {result['cpu_count']} CPU cores, {result['threads']} threads, torch {result['torch']})",
         "",
         "| model | img/s | median ms (range) | forwards | / DeiT-Ti img/s |",
         "|---|---|---|---|---|",
         *rows,
         "",
-        "| one-direction scan (8 x 384 x 197 x 16) | median ms |",
+        f"| one-direction scan ({args.batch_size} x 384 x {tokens} x 16) | median ms |",
         "|---|---|",
         *(f"| {k} | {v['median_ms']:.1f} |" for k, v in s.items()),
         "",
@@ -146,7 +154,7 @@ def main() -> None:
         f"{build_s:.2f} s, not in the timings.",
         "",
     ]
-    write_result(args.out, "cpu_forward", result, "\n".join(md))
+    write_result(args.out, args.name, result, "\n".join(md))
     print("\n".join(md))
 
 
