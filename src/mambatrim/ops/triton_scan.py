@@ -32,10 +32,34 @@ __all__ = ["selective_scan_triton", "selective_scan_pair_triton", "seq_chunk"]
 LOG2E = 1.4426950408889634
 
 
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (decided when the kernels are defined, as Triton does)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# log2 as the GPU's approximate instruction (MUFU.LG2, relative error ~1e-7): the libdevice log2 is ~30 dependent
+# instructions at the head of every scan step; the interpreter cannot run inline PTX and keeps tl.log2
+FAST_LOG2 = tl.constexpr(not _interpreting())
+
+
+@triton.jit
+def _log2(x):
+    if FAST_LOG2:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
 @triton.jit
 def _softplus(x):
     # log(1 + e^x) with the usual threshold (torch uses 20): exp2/log2 forms
-    return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(x * 1.4426950408889634)) * 0.6931471805599453)
+    return tl.where(x > 20.0, x, _log2(1.0 + tl.exp2(x * 1.4426950408889634)) * 0.6931471805599453)
 
 
 @triton.jit
@@ -92,7 +116,7 @@ def _scan_fwd_kernel(
     G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
-    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr,
+    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, UNROLL: tl.constexpr, EXP_AHEAD: tl.constexpr,
 ):
     """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
     Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
@@ -159,22 +183,33 @@ def _scan_fwd_kernel(
         u1, r1, B1, C1, z1, g1, p1v = _fwd_loads(s0 + 1, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
                                                  sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
                                                  dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
-        for j in range(steps):
+        # the step size runs one step ahead too: its softplus (independent of the state) then overlaps the
+        # previous step's state update instead of heading every step's dependent chain
+        dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
+        ex = dt  # the decay exponent: with gaps, a skipped position's step size too (dt_prev is 0 at the start)
+        if HAS_GAP:
+            ex = dt + g0 * dt_prev
+        if EXP_AHEAD:
+            dA = tl.exp2(ex[None, :] * A2)
+        for j in tl.range(steps, loop_unroll_factor=UNROLL):
             s = s0 + j
             u2, r2, B2, C2, z2, g2, p2v = _fwd_loads(s + 2, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
                                                      sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
                                                      sg_t, dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+            dt_next = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
+            ex_next = dt_next
+            if HAS_GAP:
+                ex_next = dt_next + g1 * dt
             t = _time_index(s, L, rev)
             u = u0.to(tl.float32)
-            dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
-            ex = dt
-            if HAS_GAP:
-                ex = dt + g0 * dt_prev  # dt_prev is 0 at the first step
-                dt_prev = dt
             if STATE_ONLY:
                 ex_sum += ex
-            dA = tl.exp2(ex[None, :] * A2)
-            h = dA * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
+            if EXP_AHEAD:  # the next step's decays as well (more registers, shorter dependent chain)
+                dA_now = dA
+                dA = tl.exp2(ex_next[None, :] * A2)
+            else:
+                dA_now = tl.exp2(ex[None, :] * A2)
+            h = dA_now * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
             if not STATE_ONLY:
                 y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
                 if HAS_D:
@@ -192,6 +227,8 @@ def _scan_fwd_kernel(
                         tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
             u0, r0, B0, C0, z0, g0, p0v = u1, r1, B1, C1, z1, g1, p1v
             u1, r1, B1, C1, z1, g1, p1v = u2, r2, B2, C2, z2, g2, p2v
+            dt = dt_next
+            ex = ex_next
         if STATE_ONLY:
             tl.store(st_base + pid_c * (N * E), h, mask=mask2)
             tl.store(sm_base + pid_c * E, ex_sum, mask=dmask)
@@ -205,9 +242,11 @@ def _scan_fwd_kernel(
 @triton.jit
 def _chunk_bases(st_ptr, sum_ptr, g, pid_b, bsz, NS, N: tl.constexpr, E, n, d):
     """Where chunk 0's (N, channels) state and (channels,) exponent sum of (direction g, sample) live in the
-    (G, b, NS, N, E) and (G, b, NS, E) fp32 buffers."""
+    (G, b, NS, E, N) and (G, b, NS, E) fp32 buffers. The states lie like A, (channels, states): loads of
+    another order would make the compiler pick another register layout for the whole scan loop (at sm_90:
+    238 instead of 157 registers a thread and 431 instead of 357 instructions a step)."""
     row = (g * bsz + pid_b).to(tl.int64) * NS
-    return st_ptr + row * (N * E) + n[:, None] * E + d[None, :], sum_ptr + row * E + d
+    return st_ptr + row * (N * E) + d[None, :] * N + n[:, None], sum_ptr + row * E + d
 
 
 @triton.jit
@@ -674,7 +713,9 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
             *(tuple(gap.stride()) if gap is not None else (0, 0, 0)))
     flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-                 HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=policy.get("scan_fwd_warps"))
+                 HAS_GAP=gap is not None, HAS_ON=on is not None, UNROLL=policy.get("scan_fwd_unroll"),
+                 EXP_AHEAD=policy.get("scan_fwd_exp_ahead"),
+                 num_warps=policy.get("scan_fwd_warps"))
     grid = (n_blocks, bsz, n_seq)
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
@@ -684,10 +725,10 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
 
 
 def _chunk_buffers(ref: Tensor, G: int, bsz: int, n: int, N: int, E: int) -> tuple[Tensor, Tensor]:
-    """Per-chunk (N, E) states and (E,) exponent sums of a split scan (fp32); placeholders when not split."""
+    """Per-chunk (E, N) states and (E,) exponent sums of a split scan (fp32); placeholders when not split."""
     if n == 1:
         return ref, ref
-    return (torch.empty(G, bsz, n, N, E, device=ref.device, dtype=torch.float32),
+    return (torch.empty(G, bsz, n, E, N, device=ref.device, dtype=torch.float32),
             torch.empty(G, bsz, n, E, device=ref.device, dtype=torch.float32))
 
 

@@ -130,12 +130,13 @@ def _paths_fwd_kernel(
         t1, u1, r1, B1, C1, z1, g1, q1 = _path_loads(p0 + 1, p1, i_base, si_t, u_base, su_t, d_base, sd_t, B_base,
                 sB_t, C_base, sC_t, a_base, sa_t, z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask, acc_on,
                 U_TOKEN, BC_TOKEN, HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
+        dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)  # one step ahead, as in the single-order scan
         for s in range(p0, p1):
             t2, u2, r2, B2, C2, z2, g2, q2 = _path_loads(s + 2, p1, i_base, si_t, u_base, su_t, d_base, sd_t,
                     B_base, sB_t, C_base, sC_t, a_base, sa_t, z_base, sz_t, g_base, sg_t, o_base, so_t, dmask, nmask,
                     acc_on, U_TOKEN, BC_TOKEN, HAS_BADD, HAS_Z, HAS_GAP, ACCUM)
+            dt_next = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
             u = u0.to(tl.float32)
-            dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
             ex = dt
             if HAS_GAP:
                 ex = dt + g0 * dt_prev
@@ -158,6 +159,7 @@ def _paths_fwd_kernel(
                         tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
             t0, u0, r0, B0, C0, z0, g0, q0 = t1, u1, r1, B1, C1, z1, g1, q1
             t1, u1, r1, B1, C1, z1, g1, q1 = t2, u2, r2, B2, C2, z2, g2, q2
+            dt = dt_next
         if STATE_ONLY:
             tl.store(st_base + c * (N * E), h, mask=mask2)
             tl.store(sm_base + c * E, ex_sum, mask=dmask)

@@ -1,0 +1,296 @@
+"""The scan kernels of a baseline ``triton_scan.py`` against the current ones, in one process.
+
+    git show COMMIT:src/mambatrim/ops/triton_scan.py > BASE.py
+    python benchmarks/scan_compare.py --baseline BASE.py --variant "unroll 2:scan_fwd_unroll=2" --out DIR
+
+Sections (``--sections``, comma-separated):
+
+* ``kernel``: the fused two-direction forward (bf16, inference) at Vim-S layer shapes from 224 px at batch 128 to
+  1024 px at batch 8 (sequence-split there): baseline, current defaults, and each ``--variant`` (current kernels
+  under other fast-path settings), interleaved rounds, with the relative difference of the outputs;
+* ``fwd_bwd``: forward + backward (the training forward stores states for the backward);
+* ``sass``: the forward kernel's loop as compiled on this GPU (instructions per scan step by opcode, registers),
+  baseline and current;
+* ``models``: Vim-S with the baseline and the current scan against timm DeiT-S (SDPA attention) at the
+  sequence-parallel targets' configurations: inference replayed from a CUDA graph, an AdamW training step.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resolution_sweep import build, pair_inputs  # noqa: E402
+
+from mambatrim.engine.benchmark import cuda_time, measure_throughput  # noqa: E402
+
+KERNEL_SHAPES = [(128, 768, 197), (8, 768, 4097), (8, 768, 2305), (16, 768, 2305), (8, 768, 1025), (64, 768, 577)]
+FWD_BWD_SHAPES = [(128, 768, 197), (8, 768, 1025)]
+MODEL_CONFIGS = [(224, 128, "infer"), (1024, 8, "infer"), (768, 8, "infer"), (768, 16, "infer"), (1248, 8, "infer"),
+                 (224, 128, "train")]
+
+
+def log(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+def load_baseline(path: Path):
+    """The baseline module, loaded inside ``mambatrim.ops`` so that its relative imports resolve."""
+    spec = importlib.util.spec_from_file_location("mambatrim.ops._scan_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:setting=value,setting=value"`` -> (NAME, checked settings)."""
+    from mambatrim.ops import policy
+
+    name, _, body = text.partition(":")
+    if not name or not body:
+        raise SystemExit(f"--variant {text!r}: expected NAME:setting=value[,setting=value]")
+    settings = {}
+    for item in body.split(","):
+        key, _, value = item.partition("=")
+        kind = type(policy.SETTINGS[key].default) if key in policy.SETTINGS else str
+        settings[key] = (value.lower() in ("1", "true", "on")) if kind is bool else kind(value)
+    return name, policy.validate(**settings)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def section_kernel(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
+    from mambatrim.ops import policy, triton_scan
+
+    rows = []
+    for bsz, dim, length in KERNEL_SHAPES:
+        ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16)
+        runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
+        runners.update({name: (triton_scan.selective_scan_pair_triton, s) for name, s in variants.items()})
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        errs = {}
+        with torch.no_grad():
+            ref = base.selective_scan_pair_triton(*ins[:8], True, 0.5)
+            for rnd in range(rounds):
+                for name, (fn, settings) in runners.items():
+                    with policy.override(**settings):
+                        call = lambda: fn(*ins[:8], True, 0.5)  # noqa: E731
+                        if rnd == 0:
+                            errs[name] = rel(call(), ref)
+                        times[name].append(cuda_time(call, iters=15, warmup=3)["median_ms"] * 1e3)
+        for name in runners:
+            row = dict(batch=bsz, dim=dim, length=length, variant=name, us=[round(t, 1) for t in times[name]],
+                       rel_diff=errs[name])
+            rows.append(row)
+            log(row)
+        ins = ref = None  # free before the next shape
+        torch.cuda.empty_cache()
+    out["kernel"] = rows
+
+
+def section_fwd_bwd(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
+    from mambatrim.ops import policy, triton_scan
+
+    rows = []
+    for bsz, dim, length in FWD_BWD_SHAPES:
+        ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16)
+        xs = [x.detach().clone().requires_grad_() for x in ins[:8]]
+        grad = torch.randn(bsz, dim, length, device="cuda", dtype=torch.bfloat16)
+        runners = {"baseline": (base.selective_scan_pair_triton, {}), "current": (
+            triton_scan.selective_scan_pair_triton, variants.get("current", {}))}
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        for _ in range(rounds):
+            for name, (fn, settings) in runners.items():
+                def step() -> None:
+                    torch.autograd.grad(fn(*xs, True, 0.5), xs, grad)
+                with policy.override(**settings):
+                    times[name].append(round(cuda_time(step, iters=5, warmup=2)["median_ms"] * 1e3, 1))
+        for name, ts in times.items():
+            rows.append(dict(batch=bsz, dim=dim, length=length, variant=name, us=ts))
+            log(rows[-1])
+        ins = xs = None
+        torch.cuda.empty_cache()
+    out["fwd_bwd"] = rows
+
+
+def loop_profile(kernel) -> dict[str, Any]:
+    """Registers and the per-iteration opcode counts of every loop of a compiled kernel's SASS."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if m:
+            ins.append(m.group(1).strip())
+    loops = []
+    for i, text in enumerate(ins):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
+        if m and labels.get(m.group(1), len(ins)) < i:
+            body = ins[labels[m.group(1)]:i + 1]
+            ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
+            loops.append(dict(instructions=len(body), ops=dict(ops.most_common(12))))
+    return dict(registers=getattr(kernel, "n_regs", None), spills=getattr(kernel, "n_spills", None), loops=loops)
+
+
+def section_sass(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
+    from mambatrim.ops import policy, triton_scan
+
+    ins = pair_inputs(8, 768, 197, 16, torch.bfloat16)
+    rows = {}
+    with torch.no_grad():
+        base.selective_scan_pair_triton(*ins[:8], True, 0.5)
+        rows["baseline"] = loop_profile(base.LAST_FWD)
+        for name, settings in variants.items():
+            with policy.override(**settings):
+                triton_scan.selective_scan_pair_triton(*ins[:8], True, 0.5)
+            rows[name] = loop_profile(triton_scan.LAST_FWD)
+    for name, row in rows.items():
+        log(name, row)
+    out["sass"] = rows
+
+
+def section_models(base, variants: dict[str, dict], rounds: int, out: dict, save: Callable[[], None]) -> None:
+    from mambatrim.ops import policy, triton_scan, use_backend
+
+    current = triton_scan._ScanFn, triton_scan._launch_fwd
+    rows = []
+    for img, bsz, mode in MODEL_CONFIGS:
+        for name in ("deit_small", "vim_small"):
+            model = build(name, img).cuda()
+            for scan in (("baseline", "current") * rounds if name == "vim_small" else ("-",)):
+                # the scan entry points look their autograd function and launcher up in their module at call
+                # time: swapping those two swaps forward and backward kernels together
+                if scan == "baseline":
+                    triton_scan._ScanFn, triton_scan._launch_fwd = base._ScanFn, base._launch_fwd
+                try:
+                    with use_backend("triton"), policy.override(**(variants.get("current", {}) if scan == "current"
+                                                                   else {})):
+                        r = measure_throughput(model, bsz, img, "cuda", "bf16", warmup=3, iters=10,
+                                               train=mode == "train", cuda_graph=mode == "infer")
+                finally:
+                    triton_scan._ScanFn, triton_scan._launch_fwd = current
+                row = dict(model=name, img=img, batch=bsz, mode=mode, scan=scan, img_per_s=r["img_per_s"],
+                           peak_mem_mib=r["peak_mem_mib"])
+                rows.append(row)
+                log(row)
+                out["models"] = rows
+                save()  # every row kept if a time limit ends the run
+            model = None
+            torch.cuda.empty_cache()
+    out["models"] = rows
+
+
+def write_markdown(out: dict, path: Path) -> None:
+    lines = [f"# Scan kernels: baseline vs current ({out['device']})", "",
+             f"torch {out['torch']}, triton {out['triton']}; baseline: {out['baseline']}; variants (current kernels "
+             f"under these fast-path settings): {out['variants']}. Interleaved rounds (µs or img/s per round).", ""]
+    if out.get("kernel"):
+        lines += ["## Fused two-direction forward, bf16, d_state 16 (µs)", "",
+                  "| batch x dim x L | variant | µs (rounds) | vs baseline | rel. diff of outputs |",
+                  "|---|---|---|---|---|"]
+        base = {(r["batch"], r["length"]): min(r["us"]) for r in out["kernel"] if r["variant"] == "baseline"}
+        for r in out["kernel"]:
+            b = base[r["batch"], r["length"]]
+            lines.append(f"| {r['batch']} x {r['dim']} x {r['length']} | {r['variant']} | "
+                         f"{', '.join(f'{t:.0f}' for t in r['us'])} | {b / min(r['us']):.2f}x | {r['rel_diff']:.1e} |")
+        lines.append("")
+    if out.get("fwd_bwd"):
+        lines += ["## Forward + backward, bf16 (µs)", "", "| batch x dim x L | variant | µs (rounds) |",
+                  "|---|---|---|"]
+        lines += [f"| {r['batch']} x {r['dim']} x {r['length']} | {r['variant']} | "
+                  f"{', '.join(f'{t:.0f}' for t in r['us'])} |" for r in out["fwd_bwd"]] + [""]
+    if out.get("sass"):
+        lines += ["## Forward kernel as compiled here (fused pair, bf16, inference)", "",
+                  "| kernel | registers | instructions per loop iteration (top opcodes) |", "|---|---|---|"]
+        for name, r in out["sass"].items():
+            body = "; ".join(f"{lp['instructions']} ({', '.join(f'{k} {v}' for k, v in list(lp['ops'].items())[:6])})"
+                             for lp in r["loops"])
+            lines.append(f"| {name} | {r['registers']} | {body} |")
+        lines.append("")
+    if out.get("models"):
+        lines += ["## Vim-S (baseline / current scan) against DeiT-S, bf16 (inference: CUDA graph; training: AdamW "
+                  "step)", "",
+                  "| res | batch | mode | DeiT-S img/s | Vim-S baseline img/s | Vim-S current img/s | "
+                  "Vim / DeiT baseline | Vim / DeiT current |", "|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["img"], r["batch"], r["mode"]) for r in out["models"]},
+                      key=lambda k: [tuple(c) for c in MODEL_CONFIGS].index(k))
+        for img, bsz, mode in keys:
+            sel = [r for r in out["models"] if (r["img"], r["batch"], r["mode"]) == (img, bsz, mode)]
+            parts = [[r["img_per_s"] for r in sel if r["model"] == "deit_small"],
+                     [r["img_per_s"] for r in sel if r["scan"] == "baseline"],
+                     [r["img_per_s"] for r in sel if r["scan"] == "current"]]
+            if not all(parts):  # a configuration the run did not finish
+                continue
+            deit, vb, vc = (max(p) for p in parts)
+            lines.append(f"| {img} | {bsz} | {mode} | {deit:,.0f} | {vb:,.0f} | {vc:,.0f} | {vb / deit:.2f} | "
+                         f"{vc / deit:.2f} |")
+        lines += ["", "img/s: the best round (Vim-S); DeiT-S measured once per configuration."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", required=True, type=Path, help="a triton_scan.py to compare against")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:setting=value[,...]: the current kernels under other fast-path settings "
+                         "(repeatable; 'current:...' changes the current row itself)")
+    ap.add_argument("--sections", default="sass,kernel,fwd_bwd,models")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="scan_compare")
+    args = ap.parse_args(argv)
+    if not args.baseline.is_file():
+        ap.error(f"--baseline {args.baseline}: no such file")
+    sections = args.sections.split(",")
+    unknown = set(sections) - {"kernel", "fwd_bwd", "sass", "models"}
+    if unknown:
+        ap.error(f"--sections: unknown {', '.join(sorted(unknown))}; valid: kernel, fwd_bwd, sass, models")
+    import triton
+
+    variants = dict([("current", {})] + [parse_variant(v) for v in args.variant])
+    base = load_baseline(args.baseline)
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
+                           "baseline": args.baseline.name, "variants": variants}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+        write_markdown(out, out_dir / f"{args.name}.md")
+
+    for section in sections:
+        if section == "models":
+            section_models(base, variants, args.rounds, out, save)
+        else:
+            {"kernel": section_kernel, "fwd_bwd": section_fwd_bwd, "sass": section_sass}[section](
+                base, variants, args.rounds, out)
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
