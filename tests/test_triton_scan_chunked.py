@@ -76,29 +76,20 @@ def values_and_grads(fn, tensors, gap, grad_out):
     return [y.detach().cpu()] + [x.grad.cpu() for x in xs]
 
 
-UNROLLED = dict(scan_fwd_unroll=2)  # two steps per loop iteration: odd chunks and L leave a remainder step
-AHEAD = dict(scan_fwd_exp_ahead=True)  # the next step's decays computed during the current step
-
-
-@pytest.mark.parametrize("length,chunk,with_gap,is_pair,loop", [
-    (13, 4, False, True, {}),   # 4 chunks, the last one partial; 4 backward segments of one checkpoint chunk
-    (13, 8, True, True, {}),    # 2 chunks with gaps across the chunk boundary (both directions)
-    (10, 4, True, False, {}),   # one reversed direction, gaps, the last chunk partial
-    (1, 4, False, True, {}),    # L = 1: one chunk of one step
-    (13, 4, True, True, UNROLLED),
-    (11, 8, True, False, UNROLLED),
-    (13, 4, True, True, AHEAD),
-    (11, 8, True, False, dict(UNROLLED, **AHEAD)),
+@pytest.mark.parametrize("length,chunk,with_gap,is_pair", [
+    (13, 4, False, True),   # 4 chunks, the last one partial; 4 backward segments of one checkpoint chunk
+    (13, 8, True, True),    # 2 chunks with gaps across the chunk boundary (both directions)
+    (10, 4, True, False),   # one reversed direction, gaps, the last chunk partial
+    (1, 4, False, True),    # L = 1: one chunk of one step
 ])
-def test_split_equals_single_pass_and_reference(length: int, chunk: int, with_gap: bool, is_pair: bool,
-                                                loop: dict) -> None:
+def test_split_equals_single_pass_and_reference(length: int, chunk: int, with_gap: bool, is_pair: bool) -> None:
     tensors, gap, r = inputs(length + chunk, 2, 5, length, 3, is_pair)
     gap = gap if with_gap else None
     grad_out = r(2, 5, length)
     fn, ref_fn = (pair, pair_ref) if is_pair else (single, single_ref)
-    with policy.override(scan_seq_split="on", scan_seq_chunk=chunk, **loop, **SMALL):
+    with policy.override(scan_seq_split="on", scan_seq_chunk=chunk, **SMALL):
         split = values_and_grads(fn, tensors, gap, grad_out)
-    with policy.override(scan_seq_split="off", **loop, **SMALL):
+    with policy.override(scan_seq_split="off", **SMALL):
         one = values_and_grads(fn, tensors, gap, grad_out)
     ref = values_and_grads(ref_fn, tensors, gap, grad_out)
     for name, a, b, c in zip(NAMES, split, one, ref):

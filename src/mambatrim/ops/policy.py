@@ -48,10 +48,6 @@ SETTINGS: dict[str, Setting] = {
                                 "power of two)"),
     "scan_fwd_block_d": Setting(64, "channels per program of the forward scan (H100 sweep)"),
     "scan_fwd_warps": Setting(1, "warps per program of the forward scan"),
-    "scan_fwd_unroll": Setting(1, "scan steps per iteration of the forward scan's loop (2: the compiler may overlap "
-                               "one step's output with the next step's state update)"),
-    "scan_fwd_exp_ahead": Setting(False, "the forward scan computes the next step's decays during the current step "
-                                  "(a shorter dependent chain per step, 32 more registers a thread)"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_ckpt_chunk": Setting(8, "scan steps per stored state (training forward) and per backward chunk"),

@@ -116,7 +116,7 @@ def _scan_fwd_kernel(
     G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
-    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, UNROLL: tl.constexpr, EXP_AHEAD: tl.constexpr,
+    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr,
 ):
     """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
     Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
@@ -189,9 +189,7 @@ def _scan_fwd_kernel(
         ex = dt  # the decay exponent: with gaps, a skipped position's step size too (dt_prev is 0 at the start)
         if HAS_GAP:
             ex = dt + g0 * dt_prev
-        if EXP_AHEAD:
-            dA = tl.exp2(ex[None, :] * A2)
-        for j in tl.range(steps, loop_unroll_factor=UNROLL):
+        for j in range(steps):
             s = s0 + j
             u2, r2, B2, C2, z2, g2, p2v = _fwd_loads(s + 2, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
                                                      sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
@@ -204,12 +202,7 @@ def _scan_fwd_kernel(
             u = u0.to(tl.float32)
             if STATE_ONLY:
                 ex_sum += ex
-            if EXP_AHEAD:  # the next step's decays as well (more registers, shorter dependent chain)
-                dA_now = dA
-                dA = tl.exp2(ex_next[None, :] * A2)
-            else:
-                dA_now = tl.exp2(ex[None, :] * A2)
-            h = dA_now * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
+            h = tl.exp2(ex[None, :] * A2) * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
             if not STATE_ONLY:
                 y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
                 if HAS_D:
@@ -243,8 +236,8 @@ def _scan_fwd_kernel(
 def _chunk_bases(st_ptr, sum_ptr, g, pid_b, bsz, NS, N: tl.constexpr, E, n, d):
     """Where chunk 0's (N, channels) state and (channels,) exponent sum of (direction g, sample) live in the
     (G, b, NS, E, N) and (G, b, NS, E) fp32 buffers. The states lie like A, (channels, states): loads of
-    another order would make the compiler pick another register layout for the whole scan loop (at sm_90:
-    238 instead of 157 registers a thread and 431 instead of 357 instructions a step)."""
+    another order make the compiler pick another register layout for the whole scan loop (H100, Triton 3.6:
+    241 instead of 159 registers a thread, 463 instead of 363 instructions a step; scan_compare results)."""
     row = (g * bsz + pid_b).to(tl.int64) * NS
     return st_ptr + row * (N * E) + d[None, :] * N + n[:, None], sum_ptr + row * E + d
 
@@ -713,9 +706,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
             *(tuple(gap.stride()) if gap is not None else (0, 0, 0)))
     flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-                 HAS_GAP=gap is not None, HAS_ON=on is not None, UNROLL=policy.get("scan_fwd_unroll"),
-                 EXP_AHEAD=policy.get("scan_fwd_exp_ahead"),
-                 num_warps=policy.get("scan_fwd_warps"))
+                 HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=policy.get("scan_fwd_warps"))
     grid = (n_blocks, bsz, n_seq)
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
