@@ -172,12 +172,13 @@ def section_sass(base, variants: dict[str, dict], rounds: int, out: dict) -> Non
     out["sass"] = rows
 
 
-def section_models(base, variants: dict[str, dict], rounds: int, out: dict, save: Callable[[], None]) -> None:
+def section_models(base, variants: dict[str, dict], rounds: int, out: dict, save: Callable[[], None],
+                   configs: list[tuple[int, int, str]]) -> None:
     from mambatrim.ops import policy, triton_scan, use_backend
 
     current = triton_scan._ScanFn, triton_scan._launch_fwd
     rows = []
-    for img, bsz, mode in MODEL_CONFIGS:
+    for img, bsz, mode in configs:
         for name in ("deit_small", "vim_small"):
             model = build(name, img).cuda()
             for scan in (("baseline", "current") * rounds if name == "vim_small" else ("-",)):
@@ -235,8 +236,7 @@ def write_markdown(out: dict, path: Path) -> None:
                   "step)", "",
                   "| res | batch | mode | DeiT-S img/s | Vim-S baseline img/s | Vim-S current img/s | "
                   "Vim / DeiT baseline | Vim / DeiT current |", "|---|---|---|---|---|---|---|---|"]
-        keys = sorted({(r["img"], r["batch"], r["mode"]) for r in out["models"]},
-                      key=lambda k: [tuple(c) for c in MODEL_CONFIGS].index(k))
+        keys = list(dict.fromkeys((r["img"], r["batch"], r["mode"]) for r in out["models"]))
         for img, bsz, mode in keys:
             sel = [r for r in out["models"] if (r["img"], r["batch"], r["mode"]) == (img, bsz, mode)]
             parts = [[r["img_per_s"] for r in sel if r["model"] == "deit_small"],
@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(repeatable; 'current:...' changes the current row itself)")
     ap.add_argument("--sections", default="sass,kernel,fwd_bwd,models")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--model-configs", help="IMG:BATCH:MODE items, comma-separated (MODE infer or train; default: "
+                    + ",".join(f"{i}:{b}:{m}" for i, b, m in MODEL_CONFIGS) + ")")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="scan_compare")
     args = ap.parse_args(argv)
@@ -268,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - {"kernel", "fwd_bwd", "sass", "models"}
     if unknown:
         ap.error(f"--sections: unknown {', '.join(sorted(unknown))}; valid: kernel, fwd_bwd, sass, models")
+    configs = MODEL_CONFIGS
+    if args.model_configs:
+        try:
+            configs = [(int(i), int(b), m) for i, b, m in (c.split(":") for c in args.model_configs.split(","))]
+        except ValueError:
+            ap.error(f"--model-configs {args.model_configs!r}: expected IMG:BATCH:MODE[,...]")
+        if any(m not in ("infer", "train") for _, _, m in configs):
+            ap.error("--model-configs: MODE must be infer or train")
     import triton
 
     variants = dict([("current", {})] + [parse_variant(v) for v in args.variant])
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for section in sections:
         if section == "models":
-            section_models(base, variants, args.rounds, out, save)
+            section_models(base, variants, args.rounds, out, save, configs)
         else:
             {"kernel": section_kernel, "fwd_bwd": section_fwd_bwd, "sass": section_sass}[section](
                 base, variants, args.rounds, out)
