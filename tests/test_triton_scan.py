@@ -137,24 +137,6 @@ def test_pair_matches_two_reference_scans() -> None:
         assert rel(a, b) < 1e-5, f"{name}: rel err {rel(a, b):.2e}"
 
 
-@pytest.mark.parametrize("length,with_gap", [(1, False), (2, True), (8, False), (13, True)])
-def test_interleaved_pair_matches_two_reference_scans(length: int, with_gap: bool, monkeypatch) -> None:
-    """Inference with both directions in one loop (policy ``scan_fwd_interleave``): the two terms of every
-    position meet, at the middle of an odd L in registers, elsewhere through the output; with ToP's gaps. The
-    one-direction kernel is removed, so only the interleaved one can have produced the output."""
-    (u, delta, A, B, C, D, z, bias), r = pair_inputs(7 + length, 3, 6, length, 4)
-    gap = (torch.rand(2, 3, length, generator=torch.Generator().manual_seed(length)) * 3).floor() if with_gap \
-        else None
-    refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1,
-                               gap=None if gap is None else gap[i]) for i in range(2)]
-    args = [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
-    monkeypatch.setattr(triton_scan, "_scan_fwd_kernel", None)
-    with torch.no_grad(), policy.override(scan_fwd_interleave=True, scan_fwd_interleave_block_d=4):
-        y = selective_scan_pair_triton(*args, delta_softplus=True, scale=0.5,
-                                       gap=None if gap is None else gap.to(DEVICE)).cpu()
-    assert rel(y, (refs[0] + refs[1]) / 2) < 1e-5
-
-
 @pytest.mark.parametrize("policy", ["each kind once", "random"])
 def test_pair_direction_switch_skips_per_sample(policy: str) -> None:
     """``direction_on`` (inference): each sample gets 0.5 * (on_f * fwd + on_b * bwd) -- both, one or neither

@@ -48,9 +48,6 @@ SETTINGS: dict[str, Setting] = {
                                 "power of two)"),
     "scan_fwd_block_d": Setting(64, "channels per program of the forward scan (H100 sweep)"),
     "scan_fwd_warps": Setting(1, "warps per program of the forward scan"),
-    "scan_fwd_interleave": Setting(False, "inference: both directions of a one-pass pair scan advance in one loop "
-                                   "(two independent chains a warp)"),
-    "scan_fwd_interleave_block_d": Setting(32, "channels per program of the interleaved pair scan"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_ckpt_chunk": Setting(8, "scan steps per stored state (training forward) and per backward chunk"),

@@ -233,129 +233,6 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _direction_setup(g, A_ptr, D_ptr, bias_ptr, u_ptr, dl_ptr, B_ptr, C_ptr, z_ptr, gap_ptr, pid_b, E, d, n, dmask,
-                     mask2, su_g, su_b, su_d, sd_g, sd_b, sd_d, sB_g, sB_b, sB_n, sC_g, sC_b, sC_n, sz_g, sz_b, sz_d,
-                     sg_g, sg_b, N: tl.constexpr, BD: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Direction ``g``'s parameters (A in exp2 units, D, delta bias) and the bases of its inputs."""
-    A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
-    A2 = A2 * 1.4426950408889634
-    Dv = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-    bias = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-    return (A2, Dv, bias, u_ptr + g * su_g + pid_b * su_b + d * su_d, dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d,
-            B_ptr + g * sB_g + pid_b * sB_b + n * sB_n, C_ptr + g * sC_g + pid_b * sC_b + n * sC_n,
-            z_ptr + g * sz_g + pid_b * sz_b + d * sz_d, gap_ptr + g * sg_g + pid_b * sg_b)
-
-
-@triton.jit
-def _output(h, C, u, zz, Dv, scale, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
-    """``scale * (C . h + D u) * silu(z)`` of one step, fp32."""
-    y = tl.sum(h * C.to(tl.float32)[:, None], axis=0)
-    if HAS_D:
-        y = y + Dv * u
-    if HAS_Z:
-        zf = zz.to(tl.float32)
-        y = y * zf / (1.0 + tl.exp2(-zf * 1.4426950408889634))
-    return y * scale
-
-
-@triton.jit
-def _scan_pair_interleaved_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr,
-    L, E, scale,
-    su_g, su_b, su_d, su_t,
-    sd_g, sd_b, sd_d, sd_t,
-    sB_g, sB_b, sB_n, sB_t,
-    sC_g, sC_b, sC_n, sC_t,
-    sz_g, sz_b, sz_d, sz_t,
-    so_b, so_d, so_t,
-    sg_g, sg_b, sg_t,
-    N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr,
-):
-    """Both directions of a pair in one loop (inference, one pass): step s advances the left-to-right scan at
-    position s and the right-to-left one at L-1-s, two independent dependent chains per warp instead of one.
-    Each output position gets its two terms at steps p and L-1-p: the earlier one is stored, the later one
-    reads it back (issued at the head of its step, at least one step after the store, by the same thread) and
-    stores the sum; at the middle of an odd L both terms meet in registers."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
-    dmask = d < E
-    nmask = n < N
-    mask2 = nmask[:, None] & dmask[None, :]
-    A2f, Df, bf, uf_b, df_b, Bf_b, Cf_b, zf_b, gf_b = _direction_setup(
-        0, A_ptr, D_ptr, bias_ptr, u_ptr, dl_ptr, B_ptr, C_ptr, z_ptr, gap_ptr, pid_b, E, d, n, dmask, mask2,
-        su_g, su_b, su_d, sd_g, sd_b, sd_d, sB_g, sB_b, sB_n, sC_g, sC_b, sC_n, sz_g, sz_b, sz_d, sg_g, sg_b,
-        N, BD, HAS_D, HAS_BIAS)
-    A2r, Dr, br, ur_b, dr_b, Br_b, Cr_b, zr_b, gr_b = _direction_setup(
-        1, A_ptr, D_ptr, bias_ptr, u_ptr, dl_ptr, B_ptr, C_ptr, z_ptr, gap_ptr, pid_b, E, d, n, dmask, mask2,
-        su_g, su_b, su_d, sd_g, sd_b, sd_d, sB_g, sB_b, sB_n, sC_g, sC_b, sC_n, sz_g, sz_b, sz_d, sg_g, sg_b,
-        N, BD, HAS_D, HAS_BIAS)
-    o_base = out_ptr + pid_b * so_b + d * so_d
-    hf = tl.zeros((NP, BD), dtype=tl.float32)
-    hr = tl.zeros((NP, BD), dtype=tl.float32)
-    # loads two steps ahead, step sizes one step ahead, as in the one-direction loop
-    uf0, rf0, Bf0, Cf0, zf0, _, _ = _fwd_loads(0, L, L, False, uf_b, su_t, df_b, sd_t, Bf_b, sB_t, Cf_b, sC_t,
-                                                 zf_b, sz_t, o_base, so_t, gf_b, sg_t, dmask, nmask, HAS_Z, HAS_GAP,
-                                                 False, 0, False)
-    uf1, rf1, Bf1, Cf1, zf1, gf1, _ = _fwd_loads(1, L, L, False, uf_b, su_t, df_b, sd_t, Bf_b, sB_t, Cf_b, sC_t,
-                                                 zf_b, sz_t, o_base, so_t, gf_b, sg_t, dmask, nmask, HAS_Z, HAS_GAP,
-                                                 False, 0, False)
-    ur0, rr0, Br0, Cr0, zr0, _, _ = _fwd_loads(0, L, L, True, ur_b, su_t, dr_b, sd_t, Br_b, sB_t, Cr_b, sC_t,
-                                                 zr_b, sz_t, o_base, so_t, gr_b, sg_t, dmask, nmask, HAS_Z, HAS_GAP,
-                                                 False, 0, False)
-    ur1, rr1, Br1, Cr1, zr1, gr1, _ = _fwd_loads(1, L, L, True, ur_b, su_t, dr_b, sd_t, Br_b, sB_t, Cr_b, sC_t,
-                                                 zr_b, sz_t, o_base, so_t, gr_b, sg_t, dmask, nmask, HAS_Z, HAS_GAP,
-                                                 False, 0, False)
-    dtf = _delta(rf0, bf, HAS_BIAS, SOFTPLUS)  # no step before the first: its gap term is zero
-    dtr = _delta(rr0, br, HAS_BIAS, SOFTPLUS)
-    exf = dtf
-    exr = dtr
-    for s in range(L):
-        uf2, rf2, Bf2, Cf2, zf2, gf2, _ = _fwd_loads(s + 2, L, L, False, uf_b, su_t, df_b, sd_t, Bf_b, sB_t, Cf_b,
-                                                     sC_t, zf_b, sz_t, o_base, so_t, gf_b, sg_t, dmask, nmask, HAS_Z,
-                                                     HAS_GAP, False, 0, False)
-        ur2, rr2, Br2, Cr2, zr2, gr2, _ = _fwd_loads(s + 2, L, L, True, ur_b, su_t, dr_b, sd_t, Br_b, sB_t, Cr_b,
-                                                     sC_t, zr_b, sz_t, o_base, so_t, gr_b, sg_t, dmask, nmask, HAS_Z,
-                                                     HAS_GAP, False, 0, False)
-        tf = s
-        tr = L - 1 - s
-        late = tr < tf  # both positions already hold the other direction's term
-        prev_f = tl.load(o_base + tf * so_t, mask=dmask & late, other=0.0).to(tl.float32)
-        prev_r = tl.load(o_base + tr * so_t, mask=dmask & late, other=0.0).to(tl.float32)
-        dtf_next = _delta(rf1, bf, HAS_BIAS, SOFTPLUS)
-        dtr_next = _delta(rr1, br, HAS_BIAS, SOFTPLUS)
-        exf_next = dtf_next
-        exr_next = dtr_next
-        if HAS_GAP:
-            exf_next = dtf_next + gf1 * dtf
-            exr_next = dtr_next + gr1 * dtr
-        uf = uf0.to(tl.float32)
-        ur = ur0.to(tl.float32)
-        hf = tl.exp2(exf[None, :] * A2f) * hf + Bf0.to(tl.float32)[:, None] * (dtf * uf)[None, :]
-        hr = tl.exp2(exr[None, :] * A2r) * hr + Br0.to(tl.float32)[:, None] * (dtr * ur)[None, :]
-        yf = _output(hf, Cf0, uf, zf0, Df, scale, HAS_D, HAS_Z) + prev_f
-        yr = _output(hr, Cr0, ur, zr0, Dr, scale, HAS_D, HAS_Z) + prev_r
-        mid = tf == tr
-        yf = tl.where(mid, yf + yr, yf)
-        tl.store(o_base + tf * so_t, yf.to(out_ptr.dtype.element_ty), mask=dmask)
-        tl.store(o_base + tr * so_t, yr.to(out_ptr.dtype.element_ty), mask=dmask & (tr != tf))
-        uf0, rf0, Bf0, Cf0, zf0 = uf1, rf1, Bf1, Cf1, zf1
-        uf1, rf1, Bf1, Cf1, zf1, gf1 = uf2, rf2, Bf2, Cf2, zf2, gf2
-        ur0, rr0, Br0, Cr0, zr0 = ur1, rr1, Br1, Cr1, zr1
-        ur1, rr1, Br1, Cr1, zr1, gr1 = ur2, rr2, Br2, Cr2, zr2, gr2
-        dtf = dtf_next
-        dtr = dtr_next
-        exf = exf_next
-        exr = exr_next
-
-
-@triton.jit
 def _chunk_bases(st_ptr, sum_ptr, g, pid_b, bsz, NS, N: tl.constexpr, E, n, d):
     """Where chunk 0's (N, channels) state and (channels,) exponent sum of (direction g, sample) live in the
     (G, b, NS, E, N) and (G, b, NS, E) fp32 buffers. The states lie like A, (channels, states): loads of
@@ -831,16 +708,9 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
                  HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=policy.get("scan_fwd_warps"))
     grid = (n_blocks, bsz, n_seq)
-    global LAST_FWD
-    if pair and n_seq == 1 and on is None and not store_ckpt and policy.get("scan_fwd_interleave"):
-        block_i = policy.get("scan_fwd_interleave_block_d")
-        LAST_FWD = _scan_pair_interleaved_kernel[(triton.cdiv(E, block_i), bsz)](
-            u, delta, A, B, C, args[5], args[6], args[7], args[8], out, L, E, scale, *args[20:],
-            N=N, NP=flags["NP"], BD=block_i, SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=bias is not None, HAS_GAP=gap is not None, num_warps=policy.get("scan_fwd_warps"))
-        return
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
+    global LAST_FWD
     LAST_FWD = _scan_fwd_kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1,
                                       **flags)
 
