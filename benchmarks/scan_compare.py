@@ -9,8 +9,10 @@ Sections (``--sections``, comma-separated):
   1024 px at batch 8 (sequence-split there): baseline, current defaults, and each ``--variant`` (current kernels
   under other fast-path settings), interleaved rounds, with the relative difference of the outputs;
 * ``fwd_bwd``: forward + backward (the training forward stores states for the backward);
-* ``sass``: the forward kernel's loop as compiled on this GPU (instructions per scan step by opcode, registers),
-  baseline and current;
+* ``sass``: the forward kernel's loops as compiled on this GPU (instructions per scan step by opcode, registers),
+  baseline and current, for the pair at 8 x 768 x 197: the default policy splits that sequence, so the profiled
+  kernel is the split's output pass (chunk states carried in); its loops are the states' fold, then the scan,
+  per direction;
 * ``models``: Vim-S with the baseline and the current scan against timm DeiT-S (SDPA attention) at the
   sequence-parallel targets' configurations: inference replayed from a CUDA graph, an AdamW training step.
 """
@@ -31,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from resolution_sweep import build, pair_inputs  # noqa: E402
+from resolution_sweep import build, log, pair_inputs, rel  # noqa: E402
 
 from mambatrim.engine.benchmark import cuda_time, measure_throughput  # noqa: E402
 
@@ -39,10 +41,6 @@ KERNEL_SHAPES = [(128, 768, 197), (8, 768, 4097), (8, 768, 2305), (16, 768, 2305
 FWD_BWD_SHAPES = [(128, 768, 197), (8, 768, 1025)]
 MODEL_CONFIGS = [(224, 128, "infer"), (1024, 8, "infer"), (768, 8, "infer"), (768, 16, "infer"), (1248, 8, "infer"),
                  (224, 128, "train")]
-
-
-def log(*a: Any) -> None:
-    print(*a, flush=True)
 
 
 def load_baseline(path: Path):
@@ -67,10 +65,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
         kind = type(policy.SETTINGS[key].default) if key in policy.SETTINGS else str
         settings[key] = (value.lower() in ("1", "true", "on")) if kind is bool else kind(value)
     return name, policy.validate(**settings)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def section_kernel(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
@@ -224,7 +218,8 @@ def write_markdown(out: dict, path: Path) -> None:
         lines += [f"| {r['batch']} x {r['dim']} x {r['length']} | {r['variant']} | "
                   f"{', '.join(f'{t:.0f}' for t in r['us'])} |" for r in out["fwd_bwd"]] + [""]
     if out.get("sass"):
-        lines += ["## Forward kernel as compiled here (fused pair, bf16, inference)", "",
+        lines += ["## Forward kernel as compiled here (fused pair, bf16, inference, 8 x 768 x 197: the split's "
+                  "output pass; per direction, the chunk states' fold loop, then the scan loop)", "",
                   "| kernel | registers | instructions per loop iteration (top opcodes) |", "|---|---|---|"]
         for name, r in out["sass"].items():
             body = "; ".join(f"{lp['instructions']} ({', '.join(f'{k} {v}' for k, v in list(lp['ops'].items())[:6])})"
