@@ -48,6 +48,12 @@ SETTINGS: dict[str, Setting] = {
                                 "power of two)"),
     "scan_fwd_block_d": Setting(64, "channels per program of the forward scan (H100 sweep)"),
     "scan_fwd_warps": Setting(1, "warps per program of the forward scan"),
+    "scan_fwd_tile": Setting(0, "forward scan schedule: 0 walks the sequence one step at a time (a warp holds "
+                             "scan_fwd_block_d channels, 4 states a thread); T > 0 takes T steps at a time, one "
+                             "thread holding all states of a channel (a power of two)"),
+    "scan_fwd_tile_warps": Setting(1, "warps per program of the tiled forward scan (32 channels each)"),
+    "scan_fwd_tile_stages": Setting(1, "software-pipelining stages of the tiled forward scan's loop over tiles "
+                                    "(1: none; more prefetch the next tiles' loads asynchronously)"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_ckpt_chunk": Setting(8, "scan steps per stored state (training forward) and per backward chunk"),

@@ -233,6 +233,147 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _combine_decay(a1, b1, a2, b2):
+    """(decay, value) pairs of consecutive steps: applying the first, then the second."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _tile_delta(s, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr):
+    """Step sizes of scan steps ``s`` (a (T,) vector), (T, channels), zero from ``s_end`` on and before 0."""
+    ok = (s < s_end) & (s >= 0)
+    m = ok[:, None] & dmask[None, :]
+    t = _time_index(s, L, rev)
+    raw = tl.load(d_base + t[:, None] * sd_t, mask=m, other=0.0)
+    return tl.where(m, _delta(raw, bias[None, :], HAS_BIAS, SOFTPLUS), 0.0), m, t
+
+
+@triton.jit
+def _scan_fwd_tile_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
+    st_ptr, sum_ptr,
+    L, E, n_chunks, scale, TC, NS,
+    su_g, su_b, su_d, su_t,
+    sd_g, sd_b, sd_d, sd_t,
+    sB_g, sB_b, sB_n, sB_t,
+    sC_g, sC_b, sC_n, sC_t,
+    sz_g, sz_b, sz_d, sz_t,
+    so_b, so_d, so_t,
+    sg_g, sg_b, sg_t,
+    G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+    BD: tl.constexpr, T: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr,
+    HAS_ON: tl.constexpr, STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, STAGES: tl.constexpr,
+):
+    """The forward of ``_scan_fwd_kernel`` (same arguments and passes), ``T`` steps at a time: the step's
+    exponentials of a (T, states, channels) tile are independent of each other and are issued together, the
+    state recurrence runs inside each thread (one thread holds all states of its channel: BD = 32 x warps), so
+    no step waits for the one before it except through one FMA a state, and the C-contraction needs no shuffle."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    k = tl.arange(0, T)
+    dmask = d < E
+    nmask = n < N
+    mask2 = nmask[:, None] & dmask[None, :]
+    first = (k == 0)[:, None, None]
+    last = (k == T - 1)[:, None, None]
+    p0 = pid_c * TC
+    p1 = tl.minimum(p0 + TC, L)
+    n_on = 0
+    for g in tl.static_range(G):
+        if PAIR:
+            rev = g == 1
+            acc = g == 1
+        else:
+            rev = REVERSE
+            acc = False
+        if STATE_ONLY:
+            acc = False
+        s0 = p0
+        if rev:
+            s0 = L - p1
+        steps = p1 - p0
+        acc_on = 1
+        if HAS_ON:
+            on_g = (tl.load(on_ptr + pid_b * G + g) != 0).to(tl.int32)
+            steps = steps * on_g
+            acc_on = n_on
+            n_on = n_on + on_g
+        s_end = s0 + steps
+        A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
+        A2 = A2 * 1.4426950408889634
+        if HAS_D:
+            Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+        bias = tl.zeros((BD,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+        u_base = u_ptr + g * su_g + pid_b * su_b + d[None, :] * su_d
+        d_base = dl_ptr + g * sd_g + pid_b * sd_b + d[None, :] * sd_d
+        z_base = z_ptr + g * sz_g + pid_b * sz_b + d[None, :] * sz_d
+        o_base = out_ptr + pid_b * so_b + d[None, :] * so_d
+        B_base = B_ptr + g * sB_g + pid_b * sB_b + n[None, :] * sB_n
+        C_base = C_ptr + g * sC_g + pid_b * sC_b + n[None, :] * sC_n
+        ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, None, :]) * (n_chunks * N) \
+            + n[None, :, None]
+        gp_base = gap_ptr + g * sg_g + pid_b * sg_b
+        st_base, sm_base = _chunk_bases(st_ptr, sum_ptr, g, pid_b, tl.num_programs(1), NS, N, E, n, d)
+        h = tl.zeros((NP, BD), dtype=tl.float32)
+        if CARRY_IN:
+            h = _carry_in(st_base, sm_base, A2, pid_c, NS, rev, (steps > 0).to(tl.int32), N, E, mask2,
+                          dmask, NP, BD)
+        ex_sum = tl.zeros((BD,), dtype=tl.float32)
+        for c in tl.range(tl.cdiv(steps, T), num_stages=STAGES):
+            s = s0 + c * T + k
+            dt, m, t = _tile_delta(s, s_end, L, rev, d_base, sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
+            ok = s < s_end
+            u = tl.load(u_base + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
+            Bt = tl.load(B_base + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+            ex = dt
+            if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step)
+                dtp, _, _ = _tile_delta(s - 1, s_end, L, rev, d_base, sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
+                gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
+                ex = dt + gp[:, None] * dtp
+            if STATE_ONLY:
+                ex_sum += tl.sum(ex, axis=0)
+            dA = tl.exp2(ex[:, None, :] * A2[None, :, :])
+            bx = Bt[:, :, None] * (dt * u)[:, None, :]
+            bx = tl.where(first, dA * h[None, :, :] + bx, bx)  # the carried state enters at the first step
+            # the recurrence h_s = dA_s h_(s-1) + bx_s; within a thread only, so the decay products are unused
+            _, hs = tl.associative_scan((dA, bx), 0, _combine_decay)
+            # the state after the tile's last step (-0.0 + x is x: the masked sum folds to a copy)
+            h = tl.sum(tl.where(last, hs, -0.0), axis=0)
+            if not STATE_ONLY:
+                Ct = tl.load(C_base + t[:, None] * sC_t, mask=ok[:, None] & nmask[None, :], other=0.0)
+                y = tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1)
+                if HAS_D:
+                    y = y + Dv[None, :] * u
+                if HAS_Z:
+                    zz = tl.load(z_base + t[:, None] * sz_t, mask=m, other=0.0).to(tl.float32)
+                    y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+                y = y * scale
+                if acc:
+                    y = y + tl.load(o_base + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
+                tl.store(o_base + t[:, None] * so_t, y.to(out_ptr.dtype.element_ty), mask=m)
+            if STORE_CKPT:
+                nxt = s + 1
+                keep = ok & (nxt % CHUNK_T == 0) & (nxt < L)
+                tl.store(ck_base + (nxt // CHUNK_T)[:, None, None] * N, hs,
+                         mask=keep[:, None, None] & mask2[None, :, :])
+        if STATE_ONLY:
+            tl.store(st_base + pid_c * (N * E), h, mask=mask2)
+            tl.store(sm_base + pid_c * E, ex_sum, mask=dmask)
+    if HAS_ON:  # every direction switched off: the output is zero
+        if not STATE_ONLY:
+            o_base = out_ptr + pid_b * so_b + d * so_d
+            for t in range(p0, p0 + (p1 - p0) * (n_on == 0).to(tl.int32)):
+                tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
 def _chunk_bases(st_ptr, sum_ptr, g, pid_b, bsz, NS, N: tl.constexpr, E, n, d):
     """Where chunk 0's (N, channels) state and (channels,) exponent sum of (direction g, sample) live in the
     (G, b, NS, E, N) and (G, b, NS, E) fp32 buffers. The states lie like A, (channels, states): loads of
@@ -691,7 +832,9 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     G, bsz, E, L = u.shape
     N = A.shape[-1]
     dummy = u
-    block_d = policy.get("scan_fwd_block_d")
+    tile = policy.get("scan_fwd_tile")
+    warps = policy.get("scan_fwd_tile_warps") if tile else policy.get("scan_fwd_warps")
+    block_d = 32 * warps if tile else policy.get("scan_fwd_block_d")
     chunk = chunk or policy.get("scan_ckpt_chunk")
     n_blocks = triton.cdiv(E, block_d)
     tc = seq_chunk(L, n_blocks * bsz, _sm_count(u.device))
@@ -706,13 +849,15 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
             *(tuple(gap.stride()) if gap is not None else (0, 0, 0)))
     flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-                 HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=policy.get("scan_fwd_warps"))
+                 HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=warps)
+    kernel = _scan_fwd_kernel
+    if tile:
+        kernel, flags["T"], flags["STAGES"] = _scan_fwd_tile_kernel, tile, policy.get("scan_fwd_tile_stages")
     grid = (n_blocks, bsz, n_seq)
     if n_seq > 1:
-        _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
+        kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
     global LAST_FWD
-    LAST_FWD = _scan_fwd_kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1,
-                                      **flags)
+    LAST_FWD = kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1, **flags)
 
 
 def _chunk_buffers(ref: Tensor, G: int, bsz: int, n: int, N: int, E: int) -> tuple[Tensor, Tensor]:
