@@ -102,7 +102,7 @@ SCAN_VARIANTS = {"single": dict(scan_seq_split="off"), "auto (defaults)": {},
 
 def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
     from mambatrim.ops import policy
-    from mambatrim.ops.triton_scan import selective_scan_pair_triton, seq_chunk
+    from mambatrim.ops.triton_scan import fwd_block, selective_scan_pair_triton, seq_chunk
 
     rows = []
     for bsz, dim, length in SCAN_SHAPES:
@@ -121,7 +121,7 @@ def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
                 continue
             with policy.override(**settings):
                 sms = torch.cuda.get_device_properties(0).multi_processor_count
-                chunk = seq_chunk(length, bsz * -(-dim // policy.get("scan_fwd_block_d")), sms)
+                chunk = seq_chunk(length, bsz * -(-dim // fwd_block()[0]), sms)
                 bwd_chunk = seq_chunk(length, 2 * bsz * -(-dim // policy.get("scan_bwd_block_d")), sms,
                                       multiple=policy.get("scan_ckpt_chunk"), backward=True)
                 if (chunk, bwd_chunk) in seen:  # same launches as an earlier variant
@@ -135,7 +135,7 @@ def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
             seen[chunk, bwd_chunk] = row
             rows.append(row)
             log(row)
-        del ins, xs
+        ins = xs = None  # free before the next shape
         torch.cuda.empty_cache()
     out["scan"] = rows
 

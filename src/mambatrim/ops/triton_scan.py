@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import policy
 
-__all__ = ["selective_scan_triton", "selective_scan_pair_triton", "seq_chunk"]
+__all__ = ["selective_scan_triton", "selective_scan_pair_triton", "seq_chunk", "fwd_block"]
 
 LOG2E = 1.4426950408889634
 
@@ -833,8 +833,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     N = A.shape[-1]
     dummy = u
     tile = policy.get("scan_fwd_tile")
-    warps = policy.get("scan_fwd_tile_warps") if tile else policy.get("scan_fwd_warps")
-    block_d = 32 * warps if tile else policy.get("scan_fwd_block_d")
+    block_d, warps = fwd_block()
     chunk = chunk or policy.get("scan_ckpt_chunk")
     n_blocks = triton.cdiv(E, block_d)
     tc = seq_chunk(L, n_blocks * bsz, _sm_count(u.device))
@@ -858,6 +857,15 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
         kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
     global LAST_FWD
     LAST_FWD = kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1, **flags)
+
+
+def fwd_block() -> tuple[int, int]:
+    """Channels and warps per program of the forward scan under the current policy (the tiled schedule holds
+    32 channels a warp, one per thread)."""
+    if policy.get("scan_fwd_tile"):
+        warps = policy.get("scan_fwd_tile_warps")
+        return 32 * warps, warps
+    return policy.get("scan_fwd_block_d"), policy.get("scan_fwd_warps")
 
 
 def _chunk_buffers(ref: Tensor, G: int, bsz: int, n: int, N: int, E: int) -> tuple[Tensor, Tensor]:
