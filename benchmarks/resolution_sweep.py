@@ -46,15 +46,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if torch.isfinite(a).all() else float("nan")
 
 
-def pair_inputs(bsz: int, dim: int, length: int, n: int, dtype: torch.dtype, gap: bool = False) -> list:
-    """A Vim layer's scan inputs, token-major (the fused mixer's layout), (2, b, d, L) logical."""
+def pair_inputs(bsz: int, dim: int, length: int, n: int, dtype: torch.dtype, gap: bool = False,
+                dt_rank: int | None = None) -> list:
+    """A Vim layer's scan inputs, token-major (the fused mixer's layout), (2, b, d, L) logical. With ``dt_rank``,
+    B and C are columns of an x_proj-like (2, b, L, dt_rank + 2n) output, as the mixer hands them over (row
+    stride 56 at Vim-S: not a multiple of 16); otherwise each is its own (2, b, L, n) tensor."""
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     tm = lambda *s: r(2, bsz, length, s[-1]).permute(0, 1, 3, 2).to(dtype)  # noqa: E731
     A = -torch.exp(torch.log(torch.arange(1, n + 1, device="cuda").float()).repeat(2, dim, 1) + 0.3 * r(2, dim, n))
     delta = (r(2, bsz, length, dim) - 2).permute(0, 1, 3, 2).to(dtype)
     gaps = (torch.rand(2, bsz, length, device="cuda", generator=g) * 3).floor() if gap else None
-    return [tm(dim), delta, A, tm(n), tm(n), r(2, dim), r(bsz, length, dim).transpose(1, 2).to(dtype),
+    if dt_rank is None:
+        B, C = tm(n), tm(n)
+    else:
+        proj = r(2, bsz, length, dt_rank + 2 * n).to(dtype)
+        B = proj[..., dt_rank:dt_rank + n].permute(0, 1, 3, 2)
+        C = proj[..., dt_rank + n:].permute(0, 1, 3, 2)
+    return [tm(dim), delta, A, B, C, r(2, dim), r(bsz, length, dim).transpose(1, 2).to(dtype),
             r(2, dim) * 0.5, gaps]
 
 

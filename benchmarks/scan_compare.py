@@ -6,8 +6,9 @@
 Sections (``--sections``, comma-separated):
 
 * ``kernel``: the fused two-direction forward (bf16, inference) at Vim-S layer shapes from 224 px at batch 128 to
-  1024 px at batch 8 (sequence-split there): baseline, current defaults, and each ``--variant`` (current kernels
-  under other fast-path settings), interleaved rounds, with the relative difference of the outputs;
+  1024 px at batch 8 (sequence-split there), B and C laid out as the mixer hands them over (columns of x_proj's
+  output): baseline, current defaults, and each ``--variant`` (current kernels under other fast-path settings),
+  interleaved rounds, with the relative difference of the outputs;
 * ``fwd_bwd``: forward + backward (the training forward stores states for the backward);
 * ``sass``: the forward kernel's loops as compiled on this GPU (instructions per scan step by opcode, registers),
   baseline and current, for the pair at 8 x 768 x 197: the default policy splits that sequence, so the profiled
@@ -72,7 +73,7 @@ def section_kernel(base, variants: dict[str, dict], rounds: int, out: dict) -> N
 
     rows = []
     for bsz, dim, length in KERNEL_SHAPES:
-        ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16)
+        ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16, dt_rank=-(-dim // 32))  # B, C as Vim's
         runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
         runners.update({name: (triton_scan.selective_scan_pair_triton, s) for name, s in variants.items()})
         times: dict[str, list[float]] = {k: [] for k in runners}

@@ -116,16 +116,17 @@ def test_split_with_per_sample_direction_switch() -> None:
 
 
 
-@pytest.mark.parametrize("tile,length,chunk,is_pair", [
-    (4, 13, 8, True),    # tiles of 4 across 2 sequence chunks, the last tile partial, gaps across boundaries
-    (8, 13, 64, True),   # one pass; a tile holds two stored states (checkpoint every 4 steps)
-    (2, 10, 4, False),   # one reversed direction
+@pytest.mark.parametrize("tile,length,chunk,is_pair,n", [
+    (4, 13, 8, True, 3),    # tiles of 4 across 2 sequence chunks, the last tile partial, gaps across boundaries
+    (8, 13, 64, True, 8),   # one pass; a tile holds two stored states (checkpoint every 4 steps); B and C
+                            # strides multiples of 8 (read as such)
+    (2, 10, 4, False, 3),   # one reversed direction
 ])
-def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_pair: bool) -> None:
+def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_pair: bool, n: int) -> None:
     """The tiled forward (``scan_fwd_tile``: T steps at a time, a channel's states in one thread) gives the
     reference's values, and the states it stores for the backward give the reference's gradients, split along
     the sequence or not; per-sample direction switches hold too."""
-    tensors, gap, r = inputs(length + tile, 2, 5, length, 3, is_pair)
+    tensors, gap, r = inputs(length + tile, 2, 5, length, n, is_pair)
     grad_out = r(2, 5, length)
     fn, ref_fn = (pair, pair_ref) if is_pair else (single, single_ref)
     with policy.override(scan_fwd_tile=tile, scan_seq_split="on", scan_seq_chunk=chunk, **SMALL):

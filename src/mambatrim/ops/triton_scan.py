@@ -102,6 +102,15 @@ def _step_loads(t, ok, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z
 
 
 @triton.jit
+def _eighths(x, BC8: tl.constexpr):
+    """``x`` as a multiple of 8 where the host found it so (``BC8``): Triton specialises only integers divisible
+    by 16, and a Vim layer's B and C are columns of x_proj's output (row stride dt_rank + 2 x d_state = 56 for
+    Vim-S); told, the compiler reads their rows with 16-byte vector loads and can prefetch them asynchronously."""
+    if BC8:
+        x = (x // 8) * 8
+    return x
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
     st_ptr, sum_ptr,
@@ -116,7 +125,7 @@ def _scan_fwd_kernel(
     G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
-    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr,
+    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr,
 ):
     """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
     Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
@@ -125,6 +134,8 @@ def _scan_fwd_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_c = tl.program_id(2)
+    sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
+    sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     dmask = d < E
@@ -265,6 +276,7 @@ def _scan_fwd_tile_kernel(
     BD: tl.constexpr, T: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr,
     HAS_ON: tl.constexpr, STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, STAGES: tl.constexpr,
+    BC8: tl.constexpr,
 ):
     """The forward of ``_scan_fwd_kernel`` (same arguments and passes), ``T`` steps at a time: the step's
     exponentials of a (T, states, channels) tile are independent of each other and are issued together, the
@@ -273,6 +285,8 @@ def _scan_fwd_tile_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_c = tl.program_id(2)
+    sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
+    sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     k = tl.arange(0, T)
@@ -849,6 +863,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
                  HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=warps)
+    flags["BC8"] = all(st % 8 == 0 for t in (B, C) for st in (t.stride(0), t.stride(1), t.stride(3)))
     kernel = _scan_fwd_kernel
     if tile:
         kernel, flags["T"], flags["STAGES"] = _scan_fwd_tile_kernel, tile, policy.get("scan_fwd_tile_stages")
