@@ -46,9 +46,10 @@ def build(kernel, constants):
             sig[name] = "fp32" if name in ("scale", "eps") else "i32"
     triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32))
 
-scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=policy.get("scan_ckpt_chunk"))
+scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=policy.get("scan_ckpt_chunk"),
+            BC8=True)
 bwd = dict(N=16, NP=16, BD=32, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, T=policy.get("scan_ckpt_chunk"),
-           REVERSE=False)
+           REVERSE=False, BC8=True)
 conv = dict(K=4, BL=policy.get("conv_block_l"), BE=policy.get("conv_block_e"), HAS_BIAS=True)
 cases = {
     "scan fwd, pair, per-sample direction switch": (triton_scan._scan_fwd_kernel, dict(
@@ -71,15 +72,15 @@ cases = {
                                                 STAGES=1)),
     "scan bwd split, segment carries, pair": (triton_scan._scan_bwd_carry_kernel, dict(
         {k: bwd[k] for k in ("N", "NP", "BD", "SOFTPLUS", "HAS_Z", "HAS_BIAS", "REVERSE")}, PAIR=True,
-        HAS_GAP=False)),
+        HAS_GAP=False, BC8=True)),
     "scan bwd split, segment carries, one direction with gaps": (triton_scan._scan_bwd_carry_kernel, dict(
         {k: bwd[k] for k in ("N", "NP", "BD", "SOFTPLUS", "HAS_Z", "HAS_BIAS")}, REVERSE=True, PAIR=False,
-        HAS_GAP=True)),
+        HAS_GAP=True, BC8=False)),
     "scan bwd split, pair": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=True, HAS_GAP=False, CARRY_IN=True)),
     "scan fwd, pair, training": (triton_scan._scan_fwd_kernel, dict(
         scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False, CARRY_IN=False)),
     "scan fwd, one direction with gaps": (triton_scan._scan_fwd_kernel, dict(
-        scan, G=1, PAIR=False, REVERSE=True, HAS_GAP=True, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False, CARRY_IN=False)),
+        scan, G=1, PAIR=False, REVERSE=True, HAS_GAP=True, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False, CARRY_IN=False, BC8=False)),
     "scan fwd, pair with gaps (aligned pruning, inference)": (triton_scan._scan_fwd_kernel, dict(
         scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False, STATE_ONLY=False,
         CARRY_IN=False)),

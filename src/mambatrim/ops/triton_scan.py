@@ -544,6 +544,7 @@ def _scan_bwd_carry_kernel(
     sg_g, sg_b, sg_t,
     PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr,
+    BC8: tl.constexpr,
 ):
     """Level one of the split backward, per (channel block, sample, direction, segment of ``SEG`` scan steps):
     the state gradient the segment passes to the one before it (dA_s0 * dh_s0) when nothing enters it from
@@ -552,6 +553,7 @@ def _scan_bwd_carry_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_q = tl.program_id(2)
+    sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
     g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
         A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
     d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
@@ -593,7 +595,7 @@ def _scan_bwd_seq_kernel(
     gx_g, gx_b, gx_d, gx_t,
     PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, CARRY_IN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr,
 ):
     """Sequential backward of one (channel block, sample, direction, segment of ``KS`` checkpoint chunks): per
     chunk (reverse scan order), recompute its states from the stored one into a small per-program scratch
@@ -603,6 +605,8 @@ def _scan_bwd_seq_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_q = tl.program_id(2)
+    sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
+    sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
     g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
         A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
     Dv = tl.zeros((BD,), dtype=tl.float32)
@@ -730,6 +734,11 @@ def _strides4(t: Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())  # type: ignore[return-value]
 
 
+def _strides_of_8(B: Tensor, C: Tensor) -> bool:
+    """Whether B's and C's (group, batch, time) strides are all multiples of 8 (the kernels' ``BC8``)."""
+    return all(st % 8 == 0 for t in (B, C) for st in (t.stride(0), t.stride(1), t.stride(3)))
+
+
 def _alloc_like(ref: Tensor, groups: int, dtype: torch.dtype, zero: bool = False) -> Tensor:
     """(groups, *ref.shape[1:]) buffer whose inner dims have the memory order of ``ref[0]`` (coalesced I/O)."""
     inner = ref[0]
@@ -799,7 +808,8 @@ class _ScanFn(torch.autograd.Function):
         gap_strides = tuple(gap.stride()) if has_gap else (0, 0, 0)
         carries, sums = _chunk_buffers(u, G, bsz, n_seg, N, E)
         shared = dict(PAIR=pair, REVERSE=reverse, N=N, NP=np2, BD=block_d, SOFTPLUS=softplus,
-                      HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_GAP=has_gap, num_warps=warps)
+                      HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_GAP=has_gap, num_warps=warps,
+                      BC8=_strides_of_8(B, C))
         if n_seg > 1:  # level one: each segment's own carry; the main kernel folds those of later segments
             _scan_bwd_carry_kernel[grid](
                 delta, A, C, z_arg, bias if bias is not None else dummy, gp, dout4, carries, sums,
@@ -863,7 +873,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
                  HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=warps)
-    flags["BC8"] = all(st % 8 == 0 for t in (B, C) for st in (t.stride(0), t.stride(1), t.stride(3)))
+    flags["BC8"] = _strides_of_8(B, C)
     kernel = _scan_fwd_kernel
     if tile:
         kernel, flags["T"], flags["STAGES"] = _scan_fwd_tile_kernel, tile, policy.get("scan_fwd_tile_stages")
