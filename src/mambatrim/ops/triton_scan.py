@@ -9,6 +9,9 @@ Design (see docs/gpu.md):
   ``delta + bias``, ``exp2`` discretisation (log2(e) folded into A), C-contraction, D skip and ``silu(z)`` gating
   are fused. ``reverse`` only changes the addresses (no flipped copies). A pair writes both directions into one
   output, ``scale * (y_fwd + y_bwd)``.
+* Tiled forward (opt-in, policy ``scan_fwd_tile``): the same passes, T steps at a time on a (T, states,
+  channels) tile, one thread per channel holding all its states: the tile's exponentials are issued together
+  and the recurrence runs inside each thread. It needs its loop software-pipelined (``scan_fwd_tile_stages``).
 * Training: the forward also stores the state every ``scan_ckpt_chunk`` steps (a policy setting; ``L / chunk``
   states, not L). The backward
   walks the chunks in reverse scan order; inside a chunk it recomputes the states from the stored one into a
