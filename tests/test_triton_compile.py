@@ -47,7 +47,7 @@ def build(kernel, constants):
     triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32))
 
 scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=policy.get("scan_ckpt_chunk"),
-            BC8=True)
+            BC8=True, T=0, STAGES=1)
 bwd = dict(N=16, NP=16, BD=32, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, T=policy.get("scan_ckpt_chunk"),
            REVERSE=False, BC8=True)
 conv = dict(K=4, BL=policy.get("conv_block_l"), BE=policy.get("conv_block_e"), HAS_BIAS=True)
@@ -60,14 +60,14 @@ cases = {
     "scan fwd split, outputs from carried states, training": (triton_scan._scan_fwd_kernel, dict(
         scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False,
         CARRY_IN=True)),
-    "tiled scan fwd, pair, inference": (triton_scan._scan_fwd_tile_kernel, dict(
+    "tiled scan fwd, pair, inference": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True,
         STATE_ONLY=False, CARRY_IN=False, STAGES=3)),
-    "tiled scan fwd split, chunk states, pair with gaps": (triton_scan._scan_fwd_tile_kernel, dict(
+    "tiled scan fwd split, chunk states, pair with gaps": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False,
         STATE_ONLY=True, CARRY_IN=False, STAGES=1)),
     "tiled scan fwd split, outputs from carried states, one direction, training": (
-        triton_scan._scan_fwd_tile_kernel, dict(scan, BD=64, T=2, G=1, PAIR=False, REVERSE=True, HAS_GAP=True,
+        triton_scan._scan_fwd_kernel, dict(scan, BD=64, T=2, G=1, PAIR=False, REVERSE=True, HAS_GAP=True,
                                                 STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False, CARRY_IN=True,
                                                 STAGES=1)),
     "scan bwd split, segment carries, pair": (triton_scan._scan_bwd_carry_kernel, dict(

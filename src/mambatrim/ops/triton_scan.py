@@ -9,7 +9,7 @@ Design (see docs/gpu.md):
   ``delta + bias``, ``exp2`` discretisation (log2(e) folded into A), C-contraction, D skip and ``silu(z)`` gating
   are fused. ``reverse`` only changes the addresses (no flipped copies). A pair writes both directions into one
   output, ``scale * (y_fwd + y_bwd)``.
-* Tiled forward (opt-in, policy ``scan_fwd_tile``): the same passes, T steps at a time on a (T, states,
+* Tiled forward (opt-in, policy ``scan_fwd_tile``): the same kernel and passes, T steps at a time on a (T, states,
   channels) tile, one thread per channel holding all its states: the tile's exponentials are issued together
   and the recurrence runs inside each thread. It needs its loop software-pipelined (``scan_fwd_tile_stages``).
 * Training: the forward also stores the state every ``scan_ckpt_chunk`` steps (a policy setting; ``L / chunk``
@@ -128,12 +128,13 @@ def _scan_fwd_kernel(
     G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
-    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr,
+    STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
     Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
     exponent (per channel: the chunk's total decay is exp2(A2 * sum)); ``CARRY_IN`` then folds the states of
-    the chunks before this one (in scan order) into its true initial state and writes the outputs."""
+    the chunks before this one (in scan order) into its true initial state and writes the outputs. The walk
+    goes one step at a time (``T`` = 0, :func:`_walk_steps`) or ``T`` steps at a time (:func:`_walk_tiles`)."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -169,6 +170,7 @@ def _scan_fwd_kernel(
         s_end = s0 + steps
         A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
         A2 = A2 * 1.4426950408889634
+        Dv = tl.zeros((BD,), dtype=tl.float32)  # read only with HAS_D
         if HAS_D:
             Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
         bias = tl.zeros((BD,), dtype=tl.float32)  # read only with HAS_BIAS
@@ -187,55 +189,16 @@ def _scan_fwd_kernel(
         if CARRY_IN:
             h = _carry_in(st_base, sm_base, A2, pid_c, NS, rev, (steps > 0).to(tl.int32), N, E, mask2,
                           dmask, NP, BD)
-        dt_prev = _delta_before(s0, L, rev, d_base, sd_t, bias, dmask, HAS_GAP, HAS_BIAS, SOFTPLUS, BD)
-        ex_sum = tl.zeros((BD,), dtype=tl.float32)
-        # loads run two steps ahead of the arithmetic (registers as a software pipeline): each step's inputs
-        # sit in other cache lines, so without this every step waits a full memory latency
-        u0, r0, B0, C0, z0, g0, p0v = _fwd_loads(s0, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
-                                                 C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask,
-                                                 nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
-        u1, r1, B1, C1, z1, g1, p1v = _fwd_loads(s0 + 1, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
-                                                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
-                                                 dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
-        # the step size runs one step ahead too: its softplus (independent of the state) then overlaps the
-        # previous step's state update instead of heading every step's dependent chain
-        dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
-        ex = dt  # the decay exponent: with gaps, a skipped position's step size too (dt_prev is 0 at the start)
-        if HAS_GAP:
-            ex = dt + g0 * dt_prev
-        for j in range(steps):
-            s = s0 + j
-            u2, r2, B2, C2, z2, g2, p2v = _fwd_loads(s + 2, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
-                                                     sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
-                                                     sg_t, dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
-            dt_next = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
-            ex_next = dt_next
-            if HAS_GAP:
-                ex_next = dt_next + g1 * dt
-            t = _time_index(s, L, rev)
-            u = u0.to(tl.float32)
-            if STATE_ONLY:
-                ex_sum += ex
-            h = tl.exp2(ex[None, :] * A2) * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
-            if not STATE_ONLY:
-                y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
-                if HAS_D:
-                    y = y + Dv * u
-                if HAS_Z:
-                    zz = z0.to(tl.float32)
-                    y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-                y = y * scale
-                if acc:
-                    y = y + p0v.to(tl.float32)
-                tl.store(o_base + t * so_t, y.to(out_ptr.dtype.element_ty), mask=dmask)
-            if STORE_CKPT:
-                if (s + 1) % CHUNK_T == 0:
-                    if s + 1 < L:
-                        tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
-            u0, r0, B0, C0, z0, g0, p0v = u1, r1, B1, C1, z1, g1, p1v
-            u1, r1, B1, C1, z1, g1, p1v = u2, r2, B2, C2, z2, g2, p2v
-            dt = dt_next
-            ex = ex_next
+        if T == 0:
+            h, ex_sum = _walk_steps(
+                h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
+                sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
+                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY)
+        else:
+            h, ex_sum = _walk_tiles(
+                h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
+                sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
+                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES)
         if STATE_ONLY:
             tl.store(st_base + pid_c * (N * E), h, mask=mask2)
             tl.store(sm_base + pid_c * E, ex_sum, mask=dmask)
@@ -244,6 +207,66 @@ def _scan_fwd_kernel(
             o_base = out_ptr + pid_b * so_b + d * so_d
             for t in range(p0, p0 + (p1 - p0) * (n_on == 0).to(tl.int32)):
                 tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
+                su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
+                dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, STATE_ONLY: tl.constexpr):
+    """One direction's scan steps ``s0 .. s_end`` from state ``h``, one step at a time (a warp holds a block of
+    channels, 4 states a thread); returns the final state and the summed decay exponent."""
+    dt_prev = _delta_before(s0, L, rev, d_base, sd_t, bias, dmask, HAS_GAP, HAS_BIAS, SOFTPLUS, BD)
+    ex_sum = tl.zeros((BD,), dtype=tl.float32)
+    # loads run two steps ahead of the arithmetic (registers as a software pipeline): each step's inputs
+    # sit in other cache lines, so without this every step waits a full memory latency
+    u0, r0, B0, C0, z0, g0, p0v = _fwd_loads(s0, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
+                                             C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask,
+                                             nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+    u1, r1, B1, C1, z1, g1, p1v = _fwd_loads(s0 + 1, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
+                                             sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
+                                             dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+    # the step size runs one step ahead too: its softplus (independent of the state) then overlaps the
+    # previous step's state update instead of heading every step's dependent chain
+    dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
+    ex = dt  # the decay exponent: with gaps, a skipped position's step size too (dt_prev is 0 at the start)
+    if HAS_GAP:
+        ex = dt + g0 * dt_prev
+    for j in range(steps):
+        s = s0 + j
+        u2, r2, B2, C2, z2, g2, p2v = _fwd_loads(s + 2, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
+                                                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
+                                                 sg_t, dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+        dt_next = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
+        ex_next = dt_next
+        if HAS_GAP:
+            ex_next = dt_next + g1 * dt
+        t = _time_index(s, L, rev)
+        u = u0.to(tl.float32)
+        if STATE_ONLY:
+            ex_sum += ex
+        h = tl.exp2(ex[None, :] * A2) * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
+        if not STATE_ONLY:
+            y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
+            if HAS_D:
+                y = y + Dv * u
+            if HAS_Z:
+                zz = z0.to(tl.float32)
+                y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+            y = y * scale
+            if acc:
+                y = y + p0v.to(tl.float32)
+            tl.store(o_base + t * so_t, y.to(o_base.dtype.element_ty), mask=dmask)
+        if STORE_CKPT:
+            if (s + 1) % CHUNK_T == 0:
+                if s + 1 < L:
+                    tl.store(ck_base + ((s + 1) // CHUNK_T) * N, h, mask=mask2)
+        u0, r0, B0, C0, z0, g0, p0v = u1, r1, B1, C1, z1, g1, p1v
+        u1, r1, B1, C1, z1, g1, p1v = u2, r2, B2, C2, z2, g2, p2v
+        dt = dt_next
+        ex = ex_next
+    return h, ex_sum
 
 
 @triton.jit
@@ -264,130 +287,58 @@ def _tile_delta(s, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_B
 
 
 @triton.jit
-def _scan_fwd_tile_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
-    st_ptr, sum_ptr,
-    L, E, n_chunks, scale, TC, NS,
-    su_g, su_b, su_d, su_t,
-    sd_g, sd_b, sd_d, sd_t,
-    sB_g, sB_b, sB_n, sB_t,
-    sC_g, sC_b, sC_n, sC_t,
-    sz_g, sz_b, sz_d, sz_t,
-    so_b, so_d, so_t,
-    sg_g, sg_b, sg_t,
-    G: tl.constexpr, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
-    BD: tl.constexpr, T: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr,
-    HAS_ON: tl.constexpr, STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, STAGES: tl.constexpr,
-    BC8: tl.constexpr,
-):
-    """The forward of ``_scan_fwd_kernel`` (same arguments and passes), ``T`` steps at a time: the step's
-    exponentials of a (T, states, channels) tile are independent of each other and are issued together, the
-    state recurrence runs inside each thread (one thread holds all states of its channel: BD = 32 x warps), so
-    no step waits for the one before it except through one FMA a state, and the C-contraction needs no shuffle."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
-    sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
-    d = pid_d * BD + tl.arange(0, BD)
-    n = tl.arange(0, NP)
+def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
+                su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
+                dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, STATE_ONLY: tl.constexpr, T: tl.constexpr,
+                STAGES: tl.constexpr):
+    """The same walk ``T`` steps at a time (the tiled schedule, ``scan_fwd_tile``): the (T, states, channels)
+    tile's step exponentials do not depend on the state and are issued together; one thread holds all states of
+    its channel (BD = 32 x warps), so the recurrence runs inside each thread (one FMA a state and step) and the
+    C-contraction needs no shuffle. The loop must be software-pipelined (``STAGES`` > 1) to pay."""
     k = tl.arange(0, T)
-    dmask = d < E
-    nmask = n < N
-    mask2 = nmask[:, None] & dmask[None, :]
     first = (k == 0)[:, None, None]
     last = (k == T - 1)[:, None, None]
-    p0 = pid_c * TC
-    p1 = tl.minimum(p0 + TC, L)
-    n_on = 0
-    for g in tl.static_range(G):
-        if PAIR:
-            rev = g == 1
-            acc = g == 1
-        else:
-            rev = REVERSE
-            acc = False
+    ex_sum = tl.zeros((BD,), dtype=tl.float32)
+    for c in tl.range(tl.cdiv(steps, T), num_stages=STAGES):
+        s = s0 + c * T + k
+        dt, m, t = _tile_delta(s, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
+        ok = s < s_end
+        u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
+        Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
+        ex = dt
+        if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step)
+            dtp, _, _ = _tile_delta(s - 1, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
+            gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
+            ex = dt + gp[:, None] * dtp
         if STATE_ONLY:
-            acc = False
-        s0 = p0
-        if rev:
-            s0 = L - p1
-        steps = p1 - p0
-        acc_on = 1
-        if HAS_ON:
-            on_g = (tl.load(on_ptr + pid_b * G + g) != 0).to(tl.int32)
-            steps = steps * on_g
-            acc_on = n_on
-            n_on = n_on + on_g
-        s_end = s0 + steps
-        A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
-        A2 = A2 * 1.4426950408889634
-        if HAS_D:
-            Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-        bias = tl.zeros((BD,), dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-        u_base = u_ptr + g * su_g + pid_b * su_b + d[None, :] * su_d
-        d_base = dl_ptr + g * sd_g + pid_b * sd_b + d[None, :] * sd_d
-        z_base = z_ptr + g * sz_g + pid_b * sz_b + d[None, :] * sz_d
-        o_base = out_ptr + pid_b * so_b + d[None, :] * so_d
-        B_base = B_ptr + g * sB_g + pid_b * sB_b + n[None, :] * sB_n
-        C_base = C_ptr + g * sC_g + pid_b * sC_b + n[None, :] * sC_n
-        ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, None, :]) * (n_chunks * N) \
-            + n[None, :, None]
-        gp_base = gap_ptr + g * sg_g + pid_b * sg_b
-        st_base, sm_base = _chunk_bases(st_ptr, sum_ptr, g, pid_b, tl.num_programs(1), NS, N, E, n, d)
-        h = tl.zeros((NP, BD), dtype=tl.float32)
-        if CARRY_IN:
-            h = _carry_in(st_base, sm_base, A2, pid_c, NS, rev, (steps > 0).to(tl.int32), N, E, mask2,
-                          dmask, NP, BD)
-        ex_sum = tl.zeros((BD,), dtype=tl.float32)
-        for c in tl.range(tl.cdiv(steps, T), num_stages=STAGES):
-            s = s0 + c * T + k
-            dt, m, t = _tile_delta(s, s_end, L, rev, d_base, sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
-            ok = s < s_end
-            u = tl.load(u_base + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
-            Bt = tl.load(B_base + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
-            ex = dt
-            if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step)
-                dtp, _, _ = _tile_delta(s - 1, s_end, L, rev, d_base, sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
-                gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
-                ex = dt + gp[:, None] * dtp
-            if STATE_ONLY:
-                ex_sum += tl.sum(ex, axis=0)
-            dA = tl.exp2(ex[:, None, :] * A2[None, :, :])
-            bx = Bt[:, :, None] * (dt * u)[:, None, :]
-            bx = tl.where(first, dA * h[None, :, :] + bx, bx)  # the carried state enters at the first step
-            # the recurrence h_s = dA_s h_(s-1) + bx_s; within a thread only, so the decay products are unused
-            _, hs = tl.associative_scan((dA, bx), 0, _combine_decay)
-            # the state after the tile's last step (-0.0 + x is x: the masked sum folds to a copy)
-            h = tl.sum(tl.where(last, hs, -0.0), axis=0)
-            if not STATE_ONLY:
-                Ct = tl.load(C_base + t[:, None] * sC_t, mask=ok[:, None] & nmask[None, :], other=0.0)
-                y = tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1)
-                if HAS_D:
-                    y = y + Dv[None, :] * u
-                if HAS_Z:
-                    zz = tl.load(z_base + t[:, None] * sz_t, mask=m, other=0.0).to(tl.float32)
-                    y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-                y = y * scale
-                if acc:
-                    y = y + tl.load(o_base + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
-                tl.store(o_base + t[:, None] * so_t, y.to(out_ptr.dtype.element_ty), mask=m)
-            if STORE_CKPT:
-                nxt = s + 1
-                keep = ok & (nxt % CHUNK_T == 0) & (nxt < L)
-                tl.store(ck_base + (nxt // CHUNK_T)[:, None, None] * N, hs,
-                         mask=keep[:, None, None] & mask2[None, :, :])
-        if STATE_ONLY:
-            tl.store(st_base + pid_c * (N * E), h, mask=mask2)
-            tl.store(sm_base + pid_c * E, ex_sum, mask=dmask)
-    if HAS_ON:  # every direction switched off: the output is zero
+            ex_sum += tl.sum(ex, axis=0)
+        dA = tl.exp2(ex[:, None, :] * A2[None, :, :])
+        bx = Bt[:, :, None] * (dt * u)[:, None, :]
+        bx = tl.where(first, dA * h[None, :, :] + bx, bx)  # the carried state enters at the first step
+        # the recurrence h_s = dA_s h_(s-1) + bx_s; within a thread only, so the decay products are unused
+        _, hs = tl.associative_scan((dA, bx), 0, _combine_decay)
+        # the state after the tile's last step (-0.0 + x is x: the masked sum folds to a copy)
+        h = tl.sum(tl.where(last, hs, -0.0), axis=0)
         if not STATE_ONLY:
-            o_base = out_ptr + pid_b * so_b + d * so_d
-            for t in range(p0, p0 + (p1 - p0) * (n_on == 0).to(tl.int32)):
-                tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+            Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=ok[:, None] & nmask[None, :], other=0.0)
+            y = tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1)
+            if HAS_D:
+                y = y + Dv[None, :] * u
+            if HAS_Z:
+                zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0).to(tl.float32)
+                y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+            y = y * scale
+            if acc:
+                y = y + tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
+            tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
+        if STORE_CKPT:
+            nxt = s + 1
+            keep = ok & (nxt % CHUNK_T == 0) & (nxt < L)
+            tl.store(ck_base[None, :, :] + (nxt // CHUNK_T)[:, None, None] * N, hs,
+                     mask=keep[:, None, None] & mask2[None, :, :])
+    return h, ex_sum
 
 
 @triton.jit
@@ -877,14 +828,13 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
                  HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=warps)
     flags["BC8"] = _strides_of_8(B, C)
-    kernel = _scan_fwd_kernel
-    if tile:
-        kernel, flags["T"], flags["STAGES"] = _scan_fwd_tile_kernel, tile, policy.get("scan_fwd_tile_stages")
+    flags.update(T=tile, STAGES=policy.get("scan_fwd_tile_stages") if tile else 1)
     grid = (n_blocks, bsz, n_seq)
     if n_seq > 1:
-        kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
+        _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
     global LAST_FWD
-    LAST_FWD = kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1, **flags)
+    LAST_FWD = _scan_fwd_kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1,
+                                      **flags)
 
 
 def fwd_block() -> tuple[int, int]:
