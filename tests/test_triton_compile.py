@@ -66,10 +66,9 @@ cases = {
     "tiled scan fwd split, chunk states, pair with gaps": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False,
         STATE_ONLY=True, CARRY_IN=False, STAGES=1)),
-    "tiled scan fwd split, outputs from carried states, one direction, training": (
-        triton_scan._scan_fwd_kernel, dict(scan, BD=64, T=2, G=1, PAIR=False, REVERSE=True, HAS_GAP=True,
-                                                STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False, CARRY_IN=True,
-                                                STAGES=1)),
+    "tiled scan fwd split, outputs from carried states, one direction, training": (triton_scan._scan_fwd_kernel, dict(
+        scan, BD=64, T=2, G=1, PAIR=False, REVERSE=True, HAS_GAP=True, STORE_CKPT=True, HAS_ON=False,
+        STATE_ONLY=False, CARRY_IN=True, STAGES=1)),
     "scan bwd split, segment carries, pair": (triton_scan._scan_bwd_carry_kernel, dict(
         {k: bwd[k] for k in ("N", "NP", "BD", "SOFTPLUS", "HAS_Z", "HAS_BIAS", "REVERSE")}, PAIR=True,
         HAS_GAP=False, BC8=True)),

@@ -113,6 +113,7 @@ def _eighths(x, BC8: tl.constexpr):
         x = (x // 8) * 8
     return x
 
+
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
@@ -210,6 +211,17 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _skip_and_gate(y, u, z, Dv, scale, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """A scan output's tail: ``scale * (y + D u) * silu(z)``, each part optional (fp32; z in its raw dtype)."""
+    if HAS_D:
+        y = y + Dv * u
+    if HAS_Z:
+        zz = z.to(tl.float32)
+        y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+    return y * scale
+
+
+@triton.jit
 def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
                 su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
                 dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
@@ -248,13 +260,7 @@ def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
             ex_sum += ex
         h = tl.exp2(ex[None, :] * A2) * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
         if not STATE_ONLY:
-            y = tl.sum(h * C0.to(tl.float32)[:, None], axis=0)
-            if HAS_D:
-                y = y + Dv * u
-            if HAS_Z:
-                zz = z0.to(tl.float32)
-                y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-            y = y * scale
+            y = _skip_and_gate(tl.sum(h * C0.to(tl.float32)[:, None], axis=0), u, z0, Dv, scale, HAS_D, HAS_Z)
             if acc:
                 y = y + p0v.to(tl.float32)
             tl.store(o_base + t * so_t, y.to(o_base.dtype.element_ty), mask=dmask)
@@ -308,7 +314,8 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
         Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
         ex = dt
-        if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step)
+        if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step); the
+            # previous steps' sizes are loaded and computed again (moving rows inside a tile has no cheap form)
             dtp, _, _ = _tile_delta(s - 1, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
             gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
             ex = dt + gp[:, None] * dtp
@@ -323,13 +330,11 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         h = tl.sum(tl.where(last, hs, -0.0), axis=0)
         if not STATE_ONLY:
             Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=ok[:, None] & nmask[None, :], other=0.0)
-            y = tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1)
-            if HAS_D:
-                y = y + Dv[None, :] * u
+            zz = u
             if HAS_Z:
-                zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0).to(tl.float32)
-                y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
-            y = y * scale
+                zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
+            y = _skip_and_gate(tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1), u, zz, Dv[None, :], scale, HAS_D,
+                               HAS_Z)
             if acc:
                 y = y + tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
             tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
@@ -826,9 +831,8 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
             *(tuple(gap.stride()) if gap is not None else (0, 0, 0)))
     flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-                 HAS_GAP=gap is not None, HAS_ON=on is not None, num_warps=warps)
-    flags["BC8"] = _strides_of_8(B, C)
-    flags.update(T=tile, STAGES=policy.get("scan_fwd_tile_stages") if tile else 1)
+                 HAS_GAP=gap is not None, HAS_ON=on is not None, BC8=_strides_of_8(B, C), T=tile,
+                 STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, num_warps=warps)
     grid = (n_blocks, bsz, n_seq)
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
