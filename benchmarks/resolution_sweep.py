@@ -111,7 +111,7 @@ SCAN_VARIANTS = {"single": dict(scan_seq_split="off"), "auto (defaults)": {},
 
 def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
     from mambatrim.ops import policy
-    from mambatrim.ops.triton_scan import fwd_block, selective_scan_pair_triton, seq_chunk
+    from mambatrim.ops.triton_scan import fwd_chunk, selective_scan_pair_triton, seq_chunk
 
     rows = []
     for bsz, dim, length in SCAN_SHAPES:
@@ -130,7 +130,7 @@ def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
                 continue
             with policy.override(**settings):
                 sms = torch.cuda.get_device_properties(0).multi_processor_count
-                chunk = seq_chunk(length, bsz * -(-dim // fwd_block()[0]), sms)
+                chunk = fwd_chunk(length, bsz, dim, sms)
                 bwd_chunk = seq_chunk(length, 2 * bsz * -(-dim // policy.get("scan_bwd_block_d")), sms,
                                       multiple=policy.get("scan_ckpt_chunk"), backward=True)
                 if (chunk, bwd_chunk) in seen:  # same launches as an earlier variant
@@ -160,7 +160,7 @@ def build(name: str, img: int) -> torch.nn.Module:
     return VisionMamba(img_size=img, patch_size=16, stride=16, num_classes=1000, drop_path_rate=0.0, **spec)
 
 
-def section_models(out: dict, budget_s: float, train: bool) -> None:
+def section_models(out: dict, budget_s: float, train: bool, save: Callable[[], None]) -> None:
     from mambatrim.engine.benchmark import measure_throughput
     from mambatrim.ops import use_backend
 
@@ -191,6 +191,7 @@ def section_models(out: dict, budget_s: float, train: bool) -> None:
                         torch.cuda.empty_cache()
                 log(row)
                 rows.append(row)
+                save()  # every row kept if a time limit ends the run
 
 
 def write_markdown(out: dict, path: Path) -> None:
@@ -303,10 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         section_check(out)
     if "scan" in sections:
         section_scan(out, not args.no_train, args.scan_variants.split(",") if args.scan_variants else None)
+    def save() -> None:
+        (out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+        write_markdown(out, out_dir / f"{args.name}.md")
+
     if "models" in sections:
-        section_models(out, args.budget_s, train=not args.no_train)
-    (out_dir / f"{args.name}.json").write_text(json.dumps(out, indent=1))
-    write_markdown(out, out_dir / f"{args.name}.md")
+        section_models(out, args.budget_s, train=not args.no_train, save=save)
+    save()
     return 0
 
 

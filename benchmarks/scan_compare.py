@@ -9,13 +9,15 @@ Sections (``--sections``, comma-separated):
   1024 px at batch 8 (sequence-split there), B and C laid out as the mixer hands them over (columns of x_proj's
   output): baseline, current defaults, and each ``--variant`` (current kernels under other fast-path settings),
   interleaved rounds, with the relative difference of the outputs;
-* ``fwd_bwd``: forward + backward (the training forward stores states for the backward);
+* ``fwd_bwd``: forward + backward (the training forward stores states for the backward), B and C laid out as in
+  the kernel section; baseline, current and each variant;
 * ``sass``: the forward kernel's loops as compiled on this GPU (instructions per scan step by opcode, registers),
   baseline and current, for the pair at 8 x 768 x 197: the default policy splits that sequence, so the profiled
   kernel is the split's output pass (chunk states carried in); its loops are the states' fold, then the scan,
   per direction;
-* ``models``: Vim-S with the baseline and the current scan against timm DeiT-S (SDPA attention) at the
-  sequence-parallel targets' configurations: inference replayed from a CUDA graph, an AdamW training step.
+* ``models``: Vim-S with the baseline scan, the current one and each ``--variant`` against timm DeiT-S (SDPA
+  attention) at the sequence-parallel targets' configurations: inference replayed from a CUDA graph, an AdamW
+  training step.
 """
 from __future__ import annotations
 
@@ -38,8 +40,9 @@ from resolution_sweep import build, log, pair_inputs, rel  # noqa: E402
 
 from mambatrim.engine.benchmark import cuda_time, measure_throughput  # noqa: E402
 
-KERNEL_SHAPES = [(128, 768, 197), (8, 768, 4097), (8, 768, 2305), (16, 768, 2305), (8, 768, 1025), (64, 768, 577)]
-FWD_BWD_SHAPES = [(128, 768, 197), (8, 768, 1025)]
+KERNEL_SHAPES = [(128, 768, 197), (8, 768, 4097), (8, 768, 2305), (16, 768, 2305), (8, 768, 1025), (64, 768, 577),
+                 (8, 768, 577), (8, 768, 197)]
+FWD_BWD_SHAPES = [(128, 768, 197), (8, 768, 1025), (8, 768, 4097)]
 MODEL_CONFIGS = [(224, 128, "infer"), (1024, 8, "infer"), (768, 8, "infer"), (768, 16, "infer"), (1248, 8, "infer"),
                  (224, 128, "train")]
 
@@ -102,22 +105,28 @@ def section_fwd_bwd(base, variants: dict[str, dict], rounds: int, out: dict) -> 
 
     rows = []
     for bsz, dim, length in FWD_BWD_SHAPES:
-        ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16)
-        xs = [x.detach().clone().requires_grad_() for x in ins[:8]]
+        n, rank = 16, -(-dim // 32)
+        ins = pair_inputs(bsz, dim, length, n, torch.bfloat16)
+        xs = [x.detach().clone().requires_grad_() for x in (ins[0], ins[1], ins[2], ins[5], ins[6], ins[7])]
+        # B and C as the mixer hands them over: columns of x_proj's output (a leaf here, for their gradients)
+        proj = torch.randn(2, bsz, length, rank + 2 * n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         grad = torch.randn(bsz, dim, length, device="cuda", dtype=torch.bfloat16)
-        runners = {"baseline": (base.selective_scan_pair_triton, {}), "current": (
-            triton_scan.selective_scan_pair_triton, variants.get("current", {}))}
+        runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
+        runners.update({name: (triton_scan.selective_scan_pair_triton, s) for name, s in variants.items()})
         times: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(rounds):
             for name, (fn, settings) in runners.items():
                 def step() -> None:
-                    torch.autograd.grad(fn(*xs, True, 0.5), xs, grad)
+                    u, delta, A, D, z, bias = xs
+                    B = proj[..., rank:rank + n].permute(0, 1, 3, 2)
+                    C = proj[..., rank + n:].permute(0, 1, 3, 2)
+                    torch.autograd.grad(fn(u, delta, A, B, C, D, z, bias, True, 0.5), [*xs, proj], grad)
                 with policy.override(**settings):
                     times[name].append(round(cuda_time(step, iters=5, warmup=2)["median_ms"] * 1e3, 1))
         for name, ts in times.items():
             rows.append(dict(batch=bsz, dim=dim, length=length, variant=name, us=ts))
             log(rows[-1])
-        ins = xs = None
+        ins = xs = proj = None
         torch.cuda.empty_cache()
     out["fwd_bwd"] = rows
 
@@ -176,14 +185,13 @@ def section_models(base, variants: dict[str, dict], rounds: int, out: dict, save
     for img, bsz, mode in configs:
         for name in ("deit_small", "vim_small"):
             model = build(name, img).cuda()
-            for scan in (("baseline", "current") * rounds if name == "vim_small" else ("-",)):
+            for scan in (("baseline", *variants) * rounds if name == "vim_small" else ("-",)):
                 # the scan entry points look their autograd function and launcher up in their module at call
                 # time: swapping those two swaps forward and backward kernels together
                 if scan == "baseline":
                     triton_scan._ScanFn, triton_scan._launch_fwd = base._ScanFn, base._launch_fwd
                 try:
-                    with use_backend("triton"), policy.override(**(variants.get("current", {}) if scan == "current"
-                                                                   else {})):
+                    with use_backend("triton"), policy.override(**variants.get(scan, {})):
                         r = measure_throughput(model, bsz, img, "cuda", "bf16", warmup=3, iters=10,
                                                train=mode == "train", cuda_graph=mode == "infer")
                 finally:
@@ -228,22 +236,24 @@ def write_markdown(out: dict, path: Path) -> None:
             lines.append(f"| {name} | {r['registers']} | {body} |")
         lines.append("")
     if out.get("models"):
-        lines += ["## Vim-S (baseline / current scan) against DeiT-S, bf16 (inference: CUDA graph; training: AdamW "
-                  "step)", "",
-                  "| res | batch | mode | DeiT-S img/s | Vim-S baseline img/s | Vim-S current img/s | "
-                  "Vim / DeiT baseline | Vim / DeiT current |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["## Vim-S (baseline scan and the current one under each variant) against DeiT-S, bf16 (inference: "
+                  "CUDA graph; training: AdamW step)", "",
+                  "| res | batch | mode | scan | Vim-S img/s (rounds) | vs baseline | DeiT-S img/s | Vim / DeiT |",
+                  "|---|---|---|---|---|---|---|---|"]
         keys = list(dict.fromkeys((r["img"], r["batch"], r["mode"]) for r in out["models"]))
         for img, bsz, mode in keys:
             sel = [r for r in out["models"] if (r["img"], r["batch"], r["mode"]) == (img, bsz, mode)]
-            parts = [[r["img_per_s"] for r in sel if r["model"] == "deit_small"],
-                     [r["img_per_s"] for r in sel if r["scan"] == "baseline"],
-                     [r["img_per_s"] for r in sel if r["scan"] == "current"]]
-            if not all(parts):  # a configuration the run did not finish
+            deit = max((r["img_per_s"] for r in sel if r["model"] == "deit_small"), default=None)
+            vim = {}
+            for r in sel:
+                if r["model"] == "vim_small":
+                    vim.setdefault(r["scan"], []).append(r["img_per_s"])
+            if deit is None or "baseline" not in vim:  # a configuration the run did not finish
                 continue
-            deit, vb, vc = (max(p) for p in parts)
-            lines.append(f"| {img} | {bsz} | {mode} | {deit:,.0f} | {vb:,.0f} | {vc:,.0f} | {vb / deit:.2f} | "
-                         f"{vc / deit:.2f} |")
-        lines += ["", "img/s: the best round (Vim-S); DeiT-S measured once per configuration."]
+            for scan, ips in vim.items():
+                lines.append(f"| {img} | {bsz} | {mode} | {scan} | {', '.join(f'{v:,.0f}' for v in ips)} | "
+                             f"{max(ips) / max(vim['baseline']):.2f}x | {deit:,.0f} | {max(ips) / deit:.2f} |")
+        lines += ["", "Ratios from the best round; DeiT-S measured once per configuration."]
     path.write_text("\n".join(lines) + "\n")
 
 

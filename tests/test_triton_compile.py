@@ -30,7 +30,7 @@ from mambatrim.reduce import rmeeto_kernels
 LOW = {"oh_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
        "dz_ptr", "g_ptr", "dx_ptr", "ga_ptr", "xz_ptr"}  # activations in bf16 (the model's dtype), the rest fp32
 
-def build(kernel, constants):
+def build(kernel, constants, low=LOW):
     sig = {}
     for name in kernel.arg_names:
         if name in constants:
@@ -41,7 +41,7 @@ def build(kernel, constants):
         elif name in ("pos_ptr", "out_pos_ptr", "cls_ptr", "idx_ptr", "order_ptr"):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
-            sig[name] = "*bf16" if name in LOW else "*fp32"
+            sig[name] = "*bf16" if name in low else "*fp32"
         else:
             sig[name] = "fp32" if name in ("scale", "eps") else "i32"
     triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32))
@@ -63,6 +63,9 @@ cases = {
     "tiled scan fwd, pair, inference": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True,
         STATE_ONLY=False, CARRY_IN=False, STAGES=3)),
+    "tiled scan fwd, pair, training, fp32 B and C (as launched)": (triton_scan._scan_fwd_kernel, dict(
+        scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False,
+        STATE_ONLY=False, CARRY_IN=True, STAGES=3), LOW - {"B_ptr", "C_ptr"}),
     "tiled scan fwd split, chunk states, pair with gaps": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False,
         STATE_ONLY=True, CARRY_IN=False, STAGES=1)),
@@ -112,9 +115,9 @@ cases = {
         BM=triton_head.BLOCK_M // 2, BK=triton_head.BLOCK_K, H1P=512, BC=triton_head.BLOCK_C, PRECISION="ieee")),
 }
 results = {}
-for name, (kernel, constants) in cases.items():
+for name, (kernel, constants, *low) in cases.items():
     try:
-        build(kernel, constants)
+        build(kernel, constants, *low)
         results[name] = "ok"
     except Exception as err:  # noqa: BLE001 (reported by the test)
         results[name] = f"{type(err).__name__}: {str(err)[-2000:]}"
@@ -134,4 +137,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 31
+    assert len(results) == 32

@@ -66,11 +66,13 @@ def run(fn, tensors, gaps, reverse, dtype, grad_out):
     return [y.detach().float().cpu()] + [x.grad.float().cpu() for x in xs]
 
 
-@pytest.mark.parametrize("reverse,gap", [(False, False), (True, True), (False, True)])
-def test_scan_fp32_values_and_grads_match_ref(reverse: bool, gap: bool) -> None:
+@pytest.mark.parametrize("reverse,gap,tile", [(False, False, 4), (True, True, 4), (False, True, 0), (True, True, 0)])
+def test_scan_fp32_values_and_grads_match_ref(reverse: bool, gap: bool, tile: int) -> None:
+    """Both forward schedules: the tiled walk (T = 4, the default) and the step walk (T = 0)."""
     tensors, gaps, r = make_inputs(1 + reverse + 2 * gap, gap=gap)
     grad_out = r(*tensors[0].shape)
-    got = run(selective_scan_triton, tensors, gaps, reverse, torch.float32, grad_out)
+    with policy.override(scan_fwd_tile=tile):
+        got = run(selective_scan_triton, tensors, gaps, reverse, torch.float32, grad_out)
     ref = run(selective_scan_ref, tensors, gaps, reverse, torch.float32, grad_out)
     for name, a, b in zip(NAMES, got, ref):
         assert rel(a, b) < 1e-5, f"{name}: rel err {rel(a, b):.2e}"

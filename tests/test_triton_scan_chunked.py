@@ -17,13 +17,15 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from mambatrim.ops import policy  # noqa: E402
+from mambatrim.ops import policy, triton_scan  # noqa: E402
 from mambatrim.ops.scan_ref import selective_scan_ref  # noqa: E402
-from mambatrim.ops.triton_scan import selective_scan_pair_triton, selective_scan_triton, seq_chunk  # noqa: E402
+from mambatrim.ops.triton_scan import (  # noqa: E402
+    fwd_chunk, selective_scan_pair_triton, selective_scan_triton, seq_chunk)
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 NAMES = ["y", "u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
-SMALL = dict(scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4)
+# the step walk (scan_fwd_tile=0) with small channel blocks; the tiled walk (the default) has its own test below
+SMALL = dict(scan_fwd_tile=0, scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -129,7 +131,7 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
     tensors, gap, r = inputs(length + tile, 2, 5, length, n, is_pair)
     grad_out = r(2, 5, length)
     fn, ref_fn = (pair, pair_ref) if is_pair else (single, single_ref)
-    with policy.override(scan_fwd_tile=tile, scan_seq_split="on", scan_seq_chunk=chunk, **SMALL):
+    with policy.override(**dict(SMALL, scan_fwd_tile=tile), scan_seq_split="on", scan_seq_chunk=chunk):
         got = values_and_grads(fn, tensors, gap, grad_out)
     ref = values_and_grads(ref_fn, tensors, gap, grad_out)
     for name, a, c in zip(NAMES, got, ref):
@@ -144,9 +146,45 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
     u = u.clone()
     u[0, 0] = float("nan")  # sample 0 skips the forward direction: its input is never read
     args = [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
-    with torch.no_grad(), policy.override(scan_fwd_tile=tile, scan_seq_split="on", scan_seq_chunk=chunk, **SMALL):
+    with torch.no_grad(), policy.override(**dict(SMALL, scan_fwd_tile=tile), scan_seq_split="on",
+                                          scan_seq_chunk=chunk):
         y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
+
+@pytest.mark.parametrize("tile,adjacent", [(4, True), (2, False)])
+def test_fp32_copies_of_b_and_c_change_nothing(tile: int, adjacent: bool) -> None:
+    """The forward's fp32 copies of 16-bit B and C (``scan_fwd_bc_fp32``) give bit-identical outputs and
+    gradients, whether B and C are adjacent columns of one tensor (x_proj's output, copied in one go) or not."""
+    bsz, dim, length, n = 2, 5, 11, 3
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u = r(2, bsz, length, dim).transpose(-1, -2).bfloat16()
+    delta = (r(2, bsz, length, dim) * 0.5).transpose(-1, -2).bfloat16()
+    A, D, bias = -torch.rand(2, dim, n, generator=g) - 0.2, r(2, dim), r(2, dim) * 0.3
+    z = r(bsz, dim, length).bfloat16()
+    bc = r(2, bsz, length, 2 + 2 * n).bfloat16() if adjacent else r(2, bsz, n, 2 * length).bfloat16()
+    grad_out = r(bsz, dim, length).bfloat16()
+
+    def split(bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if adjacent:  # (dt | B | C) columns, 2 + 2n wide
+            return bc[..., 2:2 + n].transpose(-1, -2), bc[..., 2 + n:].transpose(-1, -2)
+        return bc[..., :length], bc[..., length:]  # time-contiguous halves
+
+    B, C = split(bc)
+    for got, want in zip(triton_scan._bc_fp32(B, C), (B, C)):
+        assert torch.equal(got, want.float())
+    results = []
+    for copy in (True, False):
+        xs = [t.clone().to(DEVICE).requires_grad_() for t in (u, delta, A, bc, D, z, bias)]
+        with policy.override(**dict(SMALL, scan_fwd_tile=tile), scan_fwd_bc_fp32=copy):
+            y = pair(*xs[:3], *split(xs[3]), *xs[4:], None)
+            (y.float() * grad_out.float().to(DEVICE)).sum().backward()
+        results.append([y.detach().cpu()] + [x.grad.cpu() for x in xs])
+    for name, a, b in zip(["y", "u", "delta", "A", "B and C", "D", "z", "delta_bias"], *results):
+        assert torch.equal(a, b), f"{name}: differs with the fp32 copies of B and C"
+    want = pair_ref(*[t.float() for t in (u, delta, A, B, C, D, z, bias)], None)
+    assert rel(results[0][0].float(), want) < 5e-2
+
 
 def test_chunk_choice_splits_long_sequences_at_small_batch_only() -> None:
     """'auto', with a split below 4 programs per multiprocessor and 16 (backward 32) per multiprocessor when
@@ -170,6 +208,22 @@ def test_chunk_choice_splits_long_sequences_at_small_batch_only() -> None:
         assert seq_chunk(4097, 10_000, 132) == 50
         assert seq_chunk(4097, 10_000, 132, multiple=8) == 56
         assert seq_chunk(30, 10_000, 132) == 30
+
+
+def test_tiled_forward_splits_below_its_own_threshold() -> None:
+    """The tiled forward holds 32 channels a program (twice the step walk's programs for the same work), so its
+    split has its own threshold (``scan_fwd_tile_split_below``, 2 programs per multiprocessor): at 768 channels
+    and 2,305 tokens, batch 8 (192 programs on 132 multiprocessors) splits, batch 16 (384) runs one pass; the
+    step walk (64 channels a program, 4 per multiprocessor) splits both."""
+    with policy.override(scan_seq_split="auto", scan_seq_split_below=4, scan_fwd_tile_split_below=2,
+                         scan_seq_programs=16, scan_seq_chunk=64):
+        with policy.override(scan_fwd_tile=4):
+            assert fwd_chunk(2305, 8, 768, 132) < 2305
+            assert fwd_chunk(2305, 16, 768, 132) == 2305
+        with policy.override(scan_fwd_tile=0):
+            assert fwd_chunk(2305, 8, 768, 132) < 2305
+            assert fwd_chunk(2305, 16, 768, 132) < 2305
+            assert fwd_chunk(2305, 64, 768, 132) == 2305
 
 
 def test_bad_split_setting_is_refused() -> None:

@@ -23,7 +23,7 @@ __all__ = ["SETTINGS", "get", "set", "override", "validate", "current", "reset",
 class Setting:
     default: Any
     doc: str
-    choices: tuple[Any, ...] | None = None  # allowed values for strings; ints must be >= 1
+    choices: tuple[Any, ...] | None = None  # allowed values; without them ints must be >= 1
 
 
 SETTINGS: dict[str, Setting] = {
@@ -48,12 +48,20 @@ SETTINGS: dict[str, Setting] = {
                                 "power of two)"),
     "scan_fwd_block_d": Setting(64, "channels per program of the forward scan (H100 sweep)"),
     "scan_fwd_warps": Setting(1, "warps per program of the forward scan"),
-    "scan_fwd_tile": Setting(0, "forward scan schedule: 0 walks the sequence one step at a time (a warp holds "
-                             "scan_fwd_block_d channels, 4 states a thread); T > 0 takes T steps at a time, one "
-                             "thread holding all states of a channel (a power of two)"),
+    "scan_fwd_tile": Setting(4, "forward scan schedule: T > 0 takes T steps at a time, one thread holding all "
+                             "states of a channel (H100: T 4 with 3 stages 1.13-1.20x the step walk in Vim-S); 0 "
+                             "walks the sequence one step at a time (a warp holds scan_fwd_block_d channels, 4 "
+                             "states a thread)", choices=(0, 2, 4, 8)),
     "scan_fwd_tile_warps": Setting(1, "warps per program of the tiled forward scan (32 channels each)"),
-    "scan_fwd_tile_stages": Setting(1, "software-pipelining stages of the tiled forward scan's loop over tiles "
+    "scan_fwd_tile_stages": Setting(3, "software-pipelining stages of the tiled forward scan's loop over tiles "
                                     "(1: none; more prefetch the next tiles' loads asynchronously)"),
+    "scan_fwd_tile_split_below": Setting(2, "the tiled forward's scan_seq_split_below (32 channels a program: "
+                                               "twice the step walk's programs; H100, 768 channels: batch 16 at "
+                                               "2,305 tokens, 2.9 programs per SM, is 1.12x faster unsplit, batch 8 "
+                                               "at 577-4,097 tokens, 1.5 per SM, 1.1-1.7x faster split)"),
+    "scan_fwd_bc_fp32": Setting(True, "the tiled forward reads 16-bit B and C from fp32 copies made once per call "
+                                      "(otherwise each thread converts every value of its tile: H100, Vim-S 1.02-"
+                                      "1.06x; the step walk loses from them and never uses them)"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_ckpt_chunk": Setting(8, "scan steps per stored state (training forward) and per backward chunk"),
@@ -98,10 +106,10 @@ def _check(name: str, value: Any) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"setting {name!r} takes True or False, got {value!r}")
-    elif kind is int:
+    elif kind is int and spec.choices is None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"setting {name!r} takes a positive integer, got {value!r}")
-    elif spec.choices is not None and value not in spec.choices:
+    elif spec.choices is not None and (value not in spec.choices or isinstance(value, bool)):
         raise ValueError(f"setting {name!r} must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
     return value
 

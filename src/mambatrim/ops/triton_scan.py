@@ -5,13 +5,14 @@ Design (see docs/gpu.md):
   kernels read channel-major ``(B, D, L)`` inputs and Vim's token-major ``(B, L, D)`` activations alike, without
   copies. ``group`` is the scan direction of a fused bidirectional pair (stride 0 for shared tensors).
 * Forward: one program per (batch, block of channels); the fp32 state (channels, N) lives in registers and the
-  program walks the sequence one step at a time (runtime L: no recompilation when L changes). Softplus of
-  ``delta + bias``, ``exp2`` discretisation (log2(e) folded into A), C-contraction, D skip and ``silu(z)`` gating
-  are fused. ``reverse`` only changes the addresses (no flipped copies). A pair writes both directions into one
-  output, ``scale * (y_fwd + y_bwd)``.
-* Tiled forward (opt-in, policy ``scan_fwd_tile``): the same kernel and passes, T steps at a time on a (T, states,
-  channels) tile, one thread per channel holding all its states: the tile's exponentials are issued together
-  and the recurrence runs inside each thread. It needs its loop software-pipelined (``scan_fwd_tile_stages``).
+  program walks the sequence (runtime L: no recompilation when L changes). Softplus of ``delta + bias``,
+  ``exp2`` discretisation (log2(e) folded into A), C-contraction, D skip and ``silu(z)`` gating are fused.
+  ``reverse`` only changes the addresses (no flipped copies). A pair writes both directions into one output,
+  ``scale * (y_fwd + y_bwd)``. Two schedules: the tiled walk (the default, policy ``scan_fwd_tile`` = T) takes
+  T steps at a time on a (T, states, channels) tile, one thread per channel holding all its states: the tile's
+  exponentials are issued together and the recurrence runs inside each thread; its loop is software-pipelined
+  (``scan_fwd_tile_stages``) and it reads 16-bit B and C from fp32 copies (``scan_fwd_bc_fp32``).
+  ``scan_fwd_tile=0`` walks one step at a time, the state spread over a warp's threads.
 * Training: the forward also stores the state every ``scan_ckpt_chunk`` steps (a policy setting; ``L / chunk``
   states, not L). The backward
   walks the chunks in reverse scan order; inside a chunk it recomputes the states from the stored one into a
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from . import policy
 
-__all__ = ["selective_scan_triton", "selective_scan_pair_triton", "seq_chunk", "fwd_block"]
+__all__ = ["selective_scan_triton", "selective_scan_pair_triton", "seq_chunk", "fwd_block", "fwd_chunk"]
 
 LOG2E = 1.4426950408889634
 
@@ -282,10 +283,10 @@ def _combine_decay(a1, b1, a2, b2):
 
 
 @triton.jit
-def _tile_delta(s, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_BIAS: tl.constexpr,
+def _tile_delta(s, lo, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr):
-    """Step sizes of scan steps ``s`` (a (T,) vector), (T, channels), zero from ``s_end`` on and before 0."""
-    ok = (s < s_end) & (s >= 0)
+    """Step sizes of scan steps ``s`` (a (T,) vector), (T, channels), zero from ``s_end`` on and before ``lo``."""
+    ok = (s < s_end) & (s >= lo)
     m = ok[:, None] & dmask[None, :]
     t = _time_index(s, L, rev)
     raw = tl.load(d_base + t[:, None] * sd_t, mask=m, other=0.0)
@@ -307,16 +308,22 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
     first = (k == 0)[:, None, None]
     last = (k == T - 1)[:, None, None]
     ex_sum = tl.zeros((BD,), dtype=tl.float32)
-    for c in tl.range(tl.cdiv(steps, T), num_stages=STAGES):
-        s = s0 + c * T + k
-        dt, m, t = _tile_delta(s, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
-        ok = s < s_end
+    start = s0
+    if STORE_CKPT and CHUNK_T % T == 0:
+        # tiles on multiples of T, so that a stored state (every CHUNK_T steps) is always a tile's last one; the
+        # rows before s0 of the first tile are masked (step size 0: no decay, no input)
+        start = s0 - s0 % T
+    for c in tl.range(tl.cdiv(s_end - start, T) * (steps > 0).to(tl.int32), num_stages=STAGES):
+        s = start + c * T + k
+        dt, m, t = _tile_delta(s, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
+        ok = (s < s_end) & (s >= s0)
         u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
         Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
         ex = dt
         if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step); the
             # previous steps' sizes are loaded and computed again (moving rows inside a tile has no cheap form)
-            dtp, _, _ = _tile_delta(s - 1, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
+            dtp, _, _ = _tile_delta(s - 1, 0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS,
+                                    SOFTPLUS)
             gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
             ex = dt + gp[:, None] * dtp
         if STATE_ONLY:
@@ -339,10 +346,15 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
                 y = y + tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
             tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
         if STORE_CKPT:
-            nxt = s + 1
-            keep = ok & (nxt % CHUNK_T == 0) & (nxt < L)
-            tl.store(ck_base[None, :, :] + (nxt // CHUNK_T)[:, None, None] * N, hs,
-                     mask=keep[:, None, None] & mask2[None, :, :])
+            if CHUNK_T % T == 0:  # the state after the tile, where a checkpoint chunk ends there
+                nxt = start + (c + 1) * T
+                keep = (nxt % CHUNK_T == 0) & (nxt <= s_end) & (nxt < L)
+                tl.store(ck_base + (nxt // CHUNK_T) * N, h, mask=mask2 & keep)
+            else:
+                nxt = s + 1
+                keep = ok & (nxt % CHUNK_T == 0) & (nxt < L)
+                tl.store(ck_base[None, :, :] + (nxt // CHUNK_T)[:, None, None] * N, hs,
+                         mask=keep[:, None, None] & mask2[None, :, :])
     return h, ex_sum
 
 
@@ -698,6 +710,26 @@ def _strides_of_8(B: Tensor, C: Tensor) -> bool:
     return all(st % 8 == 0 for t in (B, C) for st in (t.stride(0), t.stride(1), t.stride(3)))
 
 
+def _bc_fp32(B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 copies of 16-bit B and C (logical (G, b, N, L)), one step's B and C side by side in memory.
+
+    Every program of the forward reads all of B and C (they are shared by the channels), and each thread of the
+    tiled schedule converts every value it reads: from bf16 that is two instructions a state and step, a fifth
+    of the tile loop (sm_90 compile). One conversion per call here is a small fraction of that. B and C that are
+    adjacent columns of one tensor (x_proj's output) are copied in one kernel."""
+    G, bsz, N, L = B.shape
+    both = torch.empty(G, bsz, L, 2, N, device=B.device, dtype=torch.float32)
+    adjacent = (B.stride() == C.stride() and B.stride(2) == 1
+                and C.data_ptr() - B.data_ptr() == N * B.element_size())
+    if adjacent:
+        sg, sb, _, st = B.stride()
+        both.view(G, bsz, L, 2 * N).copy_(B.as_strided((G, bsz, L, 2 * N), (sg, sb, st, 1)))
+    else:
+        both[:, :, :, 0].copy_(B.transpose(2, 3))
+        both[:, :, :, 1].copy_(C.transpose(2, 3))
+    return both[:, :, :, 0].transpose(2, 3), both[:, :, :, 1].transpose(2, 3)
+
+
 def _alloc_like(ref: Tensor, groups: int, dtype: torch.dtype, zero: bool = False) -> Tensor:
     """(groups, *ref.shape[1:]) buffer whose inner dims have the memory order of ``ref[0]`` (coalesced I/O)."""
     inner = ref[0]
@@ -816,10 +848,12 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     N = A.shape[-1]
     dummy = u
     tile = policy.get("scan_fwd_tile")
+    if tile and policy.get("scan_fwd_bc_fp32") and B.dtype != torch.float32:
+        B, C = _bc_fp32(B, C)
     block_d, warps = fwd_block()
     chunk = chunk or policy.get("scan_ckpt_chunk")
     n_blocks = triton.cdiv(E, block_d)
-    tc = seq_chunk(L, n_blocks * bsz, _sm_count(u.device))
+    tc = fwd_chunk(L, bsz, E, _sm_count(u.device))
     n_seq = triton.cdiv(L, tc)
     states, sums = _chunk_buffers(u, G, bsz, n_seq, N, E)
     args = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -850,6 +884,13 @@ def fwd_block() -> tuple[int, int]:
     return policy.get("scan_fwd_block_d"), policy.get("scan_fwd_warps")
 
 
+def fwd_chunk(length: int, bsz: int, dim: int, sms: int) -> int:
+    """Sequence positions per program of the forward scan under the current policy (``length``: one pass)."""
+    tile = policy.get("scan_fwd_tile")
+    return seq_chunk(length, triton.cdiv(dim, fwd_block()[0]) * bsz, sms,
+                     split_below=policy.get("scan_fwd_tile_split_below") if tile else None)
+
+
 def _chunk_buffers(ref: Tensor, G: int, bsz: int, n: int, N: int, E: int) -> tuple[Tensor, Tensor]:
     """Per-chunk (E, N) states and (E,) exponent sums of a split scan (fp32); placeholders when not split."""
     if n == 1:
@@ -865,21 +906,23 @@ def _sm_count(device: torch.device) -> int:
     return 132
 
 
-def seq_chunk(length: int, programs: int, sms: int, multiple: int = 1, backward: bool = False) -> int:
+def seq_chunk(length: int, programs: int, sms: int, multiple: int = 1, backward: bool = False,
+              split_below: int | None = None) -> int:
     """Sequence positions per program of a scan whose single pass runs ``programs`` programs on ``sms``
     multiprocessors; ``length`` means one pass.
 
     Policy ``scan_seq_split``: 'off' never splits; 'on' always splits into ``scan_seq_chunk`` positions;
-    'auto' splits only when a single pass would run fewer than ``scan_seq_split_below`` programs per
-    multiprocessor (a split scans every step twice, so it pays only where it fills an idle GPU), into chunks
-    enough for ``scan_seq_programs`` (``scan_bwd_seq_programs`` for the ``backward``) programs per
-    multiprocessor, each at least ``scan_seq_chunk`` long. Rounded up to a ``multiple``."""
+    'auto' splits only when a single pass would run fewer than ``split_below`` (default
+    ``scan_seq_split_below``) programs per multiprocessor (a split scans every step twice, so it pays only where
+    it fills an idle GPU), into chunks enough for ``scan_seq_programs`` (``scan_bwd_seq_programs`` for the
+    ``backward``) programs per multiprocessor, each at least ``scan_seq_chunk`` long. Rounded up to a
+    ``multiple``."""
     mode = policy.get("scan_seq_split")
     if mode == "off":
         return length
     chunk = policy.get("scan_seq_chunk")
     if mode == "auto":
-        if programs >= policy.get("scan_seq_split_below") * sms:
+        if programs >= (split_below or policy.get("scan_seq_split_below")) * sms:
             return length
         target = policy.get("scan_bwd_seq_programs" if backward else "scan_seq_programs") * sms
         chunk = max(chunk, triton.cdiv(length, triton.cdiv(target, programs)))
