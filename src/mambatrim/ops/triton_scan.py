@@ -285,12 +285,13 @@ def _combine_decay(a1, b1, a2, b2):
 @triton.jit
 def _tile_delta(s, lo, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr):
-    """Step sizes of scan steps ``s`` (a (T,) vector), (T, channels), zero from ``s_end`` on and before ``lo``."""
+    """Step sizes of scan steps ``s`` (a (T,) vector), (T, channels), zero from ``s_end`` on and before ``lo``;
+    also the (T, channels) mask, the steps' time indices and which steps are in range."""
     ok = (s < s_end) & (s >= lo)
     m = ok[:, None] & dmask[None, :]
     t = _time_index(s, L, rev)
     raw = tl.load(d_base + t[:, None] * sd_t, mask=m, other=0.0)
-    return tl.where(m, _delta(raw, bias[None, :], HAS_BIAS, SOFTPLUS), 0.0), m, t
+    return tl.where(m, _delta(raw, bias[None, :], HAS_BIAS, SOFTPLUS), 0.0), m, t, ok
 
 
 @triton.jit
@@ -315,14 +316,13 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         start = s0 - s0 % T
     for c in tl.range(tl.cdiv(s_end - start, T) * (steps > 0).to(tl.int32), num_stages=STAGES):
         s = start + c * T + k
-        dt, m, t = _tile_delta(s, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
-        ok = (s < s_end) & (s >= s0)
+        dt, m, t, ok = _tile_delta(s, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
         Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
         ex = dt
         if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step); the
             # previous steps' sizes are loaded and computed again (moving rows inside a tile has no cheap form)
-            dtp, _, _ = _tile_delta(s - 1, 0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS,
+            dtp, _, _, _ = _tile_delta(s - 1, 0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS,
                                     SOFTPLUS)
             gp = tl.load(gp_base + t * sg_t, mask=ok, other=0.0).to(tl.float32)
             ex = dt + gp[:, None] * dtp
