@@ -87,6 +87,11 @@ cases = {
         scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False, STATE_ONLY=False,
         CARRY_IN=False)),
     "scan bwd, pair": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=True, HAS_GAP=False, CARRY_IN=False)),
+    "tiled scan bwd, pair": (triton_scan._scan_bwd_tile_kernel, dict(
+        {k: v for k, v in bwd.items() if k not in ("T", "HAS_GAP")}, CHUNK_T=8, T=2, PAIR=True, CARRY_IN=False)),
+    "tiled scan bwd split, one direction, 4-step tiles": (triton_scan._scan_bwd_tile_kernel, dict(
+        {k: v for k, v in bwd.items() if k not in ("T", "HAS_GAP")}, BD=16, CHUNK_T=8, T=4, PAIR=False,
+        REVERSE=True, CARRY_IN=True)),
     "scan bwd, one direction with gaps": (triton_scan._scan_bwd_seq_kernel, dict(bwd, PAIR=False, HAS_GAP=True, CARRY_IN=False)),
     "conv pair": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=False, HAS_MAP=False)),
     "conv pair, per-sample direction switch": (triton_vim._conv_pair_kernel, dict(conv, HAS_ON=True, HAS_MAP=False)),
@@ -106,6 +111,7 @@ cases = {
     "R-MeeTo merge rows": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=True, BD=512, RP=32)),
     "R-MeeTo merge rows, no residual": (rmeeto_kernels._merge_rows_kernel, dict(HAS_RES=False, BD=512, RP=16)),
     "add + rms norm": (triton_norm._add_rms_norm_kernel, dict(HAS_RES=True, BLOCK=512)),
+    "rms norm backward": (triton_norm._rms_norm_bwd_kernel, dict(HAS_DRES=True, HAS_DR=False, BM=8, BLOCK=512)),
     "add + layer norm (DyVM predictor)": (triton_norm._add_layer_norm_kernel, dict(BLOCK=512)),
     "class-token direction gate": (triton_vim._class_token_gate_kernel, dict(HAS_BIAS=True, BK=1024)),
     "row gather": (triton_rows._take_rows_kernel, dict(BK=triton_rows.ROWS_PER_PROGRAM, BD=triton_rows.BLOCK_D)),
@@ -137,4 +143,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 32
+    assert len(results) == 35

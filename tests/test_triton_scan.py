@@ -66,12 +66,14 @@ def run(fn, tensors, gaps, reverse, dtype, grad_out):
     return [y.detach().float().cpu()] + [x.grad.float().cpu() for x in xs]
 
 
-@pytest.mark.parametrize("reverse,gap,tile", [(False, False, 4), (True, True, 4), (False, True, 0), (True, True, 0)])
-def test_scan_fp32_values_and_grads_match_ref(reverse: bool, gap: bool, tile: int) -> None:
-    """Both forward schedules: the tiled walk (T = 4, the default) and the step walk (T = 0)."""
+@pytest.mark.parametrize("reverse,gap,tile,bwd_tile", [(False, False, 4, 2), (True, True, 4, 2), (False, True, 0, 0),
+                                                      (True, False, 0, 0)])
+def test_scan_fp32_values_and_grads_match_ref(reverse: bool, gap: bool, tile: int, bwd_tile: int) -> None:
+    """Both forward schedules, the tiled walk (T = 4, the default) and the step walk (T = 0), and both backward
+    ones (tiled, T = 2, the default; the step walk, which also runs wherever there are gaps)."""
     tensors, gaps, r = make_inputs(1 + reverse + 2 * gap, gap=gap)
     grad_out = r(*tensors[0].shape)
-    with policy.override(scan_fwd_tile=tile):
+    with policy.override(scan_fwd_tile=tile, scan_bwd_tile=bwd_tile):
         got = run(selective_scan_triton, tensors, gaps, reverse, torch.float32, grad_out)
     ref = run(selective_scan_ref, tensors, gaps, reverse, torch.float32, grad_out)
     for name, a, b in zip(NAMES, got, ref):
@@ -251,7 +253,8 @@ def test_tiny_vim_triton_matches_torch_backend() -> None:
     (lt, gt), (lr, gr) = results["triton"], results["torch"]
     assert rel(lt.cpu(), lr.cpu()) < 1e-5
     for key in ("layers.0.mixer.conv1d_b.weight", "layers.1.mixer.A_b_log", "layers.0.mixer.x_proj.weight",
-                "layers.1.mixer.dt_proj_b.bias", "patch_embed.proj.weight"):
+                "layers.1.mixer.dt_proj_b.bias", "patch_embed.proj.weight", "layers.0.mixer.in_proj.weight",
+                "layers.1.norm.weight"):
         assert rel(gt[key].cpu(), gr[key].cpu()) < 1e-4, key
     # inference caches the stacked direction weights and the compute-dtype linear weights: an in-place
     # update of any of them must reach the next call
@@ -313,3 +316,22 @@ def test_fused_add_rms_norm_matches_pytorch() -> None:
                                        [h, norm.weight] + ([r] if with_res else []))
             for g, gref in zip(grads, refs):
                 assert rel(g, gref) < tol
+
+
+def test_fused_rms_norm_backward_over_many_row_blocks() -> None:
+    """The backward kernel's programs each walk several 8-row blocks (more rows than 4 programs a
+    multiprocessor hold, the last block partial) and sum their shares of the weight gradient."""
+    from mambatrim.models.mamba import RMSNorm
+    from mambatrim.ops import triton_norm
+
+    torch.manual_seed(1)
+    norm = RMSNorm(20).to(DEVICE)
+    rows = triton_norm.ROWS_PER_BLOCK * triton_norm.BWD_PROGRAMS_PER_SM * 132 * 2 + 3
+    h = torch.randn(rows, 20, device=DEVICE, requires_grad=True)
+    r = torch.randn(rows, 20, device=DEVICE, requires_grad=True)
+    y, res = triton_norm.add_rms_norm_triton(h, r, norm.weight, norm.eps)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad((y * gy).sum() + res.sum(), [h, r, norm.weight])
+    refs = torch.autograd.grad((norm(h + r) * gy).sum() + (h + r).sum(), [h, r, norm.weight])
+    for g, gref in zip(grads, refs):
+        assert rel(g, gref) < 1e-5

@@ -24,8 +24,9 @@ from mambatrim.ops.triton_scan import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 NAMES = ["y", "u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
-# the step walk (scan_fwd_tile=0) with small channel blocks; the tiled walk (the default) has its own test below
-SMALL = dict(scan_fwd_tile=0, scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4)
+# the step walks (scan_fwd_tile=0, scan_bwd_tile=0) with small channel blocks; the tiled walks (the defaults) have
+# their own tests below
+SMALL = dict(scan_fwd_tile=0, scan_bwd_tile=0, scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -150,6 +151,37 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
                                           scan_seq_chunk=chunk):
         y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
+
+@pytest.mark.parametrize("tile,length,ckpt,split,is_pair,with_gap", [
+    (2, 13, 4, True, True, False),    # 2-step tiles, backward segments with carries, the last chunk partial
+    (4, 13, 8, False, False, False),  # one reversed direction, two 4-step tiles a chunk, the last partial
+    (2, 1, 4, False, True, False),    # L = 1
+    (2, 10, 4, True, True, True),     # gaps: the step walk runs instead
+])
+def test_tiled_backward_equals_reference(tile: int, length: int, ckpt: int, split: bool, is_pair: bool,
+                                         with_gap: bool) -> None:
+    """The tiled backward (``scan_bwd_tile``: the states and their gradients scanned T steps at a time inside
+    each thread, dB / dC summed once a tile) gives the reference's gradients, with the sequence split into
+    segments or not."""
+    tensors, gap, r = inputs(length + tile, 2, 5, length, 3, is_pair)
+    gap = gap if with_gap else None
+    grad_out = r(2, 5, length)
+    fn, ref_fn = (pair, pair_ref) if is_pair else (single, single_ref)
+    with policy.override(**dict(SMALL, scan_ckpt_chunk=ckpt, scan_bwd_tile=tile),
+                         scan_seq_split="on" if split else "off", scan_seq_chunk=8):
+        got = values_and_grads(fn, tensors, gap, grad_out)
+    ref = values_and_grads(ref_fn, tensors, gap, grad_out)
+    for name, a, c in zip(NAMES, got, ref):
+        assert rel(a, c) < 1e-5, f"{name}: tiled backward vs reference, rel err {rel(a, c):.2e}"
+
+
+def test_tiled_backward_needs_tiles_that_divide_the_checkpoint_chunk() -> None:
+    tensors, _, r = inputs(0, 1, 4, 6, 2, True)
+    xs = [t.clone().to(DEVICE).requires_grad_() for t in tensors]
+    with policy.override(scan_bwd_tile=4, scan_ckpt_chunk=6):
+        with pytest.raises(ValueError, match="scan_bwd_tile=4 must divide scan_ckpt_chunk=6"):
+            pair(*xs, None)
+
 
 @pytest.mark.parametrize("tile,adjacent", [(4, True), (2, False)])
 def test_fp32_copies_of_b_and_c_change_nothing(tile: int, adjacent: bool) -> None:

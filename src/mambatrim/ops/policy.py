@@ -64,6 +64,12 @@ SETTINGS: dict[str, Setting] = {
                                       "1.06x; the step walk loses from them and never uses them)"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
+    "scan_bwd_tile": Setting(2, "backward scan schedule: T > 0 takes T steps at a time (in-thread scans of the "
+                             "states and their gradients, dB / dC summed once a tile; T must divide "
+                             "scan_ckpt_chunk; with position gaps the step walk runs); 0 walks one step at a time "
+                             "(H100, forward + backward of the pair: T 2 1.38x the step walk at 128 x 768 x 197, "
+                             "1.3x at 8 x 768 x 4,097 split; T 4 spills registers)",
+                             choices=(0, 2, 4, 8)),
     "scan_ckpt_chunk": Setting(8, "scan steps per stored state (training forward) and per backward chunk"),
     "scan_seq_split": Setting("auto", "split the scan along the sequence (chunk states, then outputs from the "
                               "carried states): 'auto' where a single pass would leave the GPU idle, 'on' "

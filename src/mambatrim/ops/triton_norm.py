@@ -3,7 +3,9 @@
 ``residual_out = residual + hidden`` (fp32), ``normed = residual_out * rstd * weight`` (in hidden's dtype), with
 ``rstd = 1 / sqrt(mean(residual_out^2) + eps)``. In eager PyTorch this is about eight elementwise kernels per
 layer (cast, add, square, mean, rsqrt, two products, cast); here it is one, reading each row once.
-The backward is plain PyTorch on the saved fp32 residual (cheap next to the mixer).
+The backward is one pass too (:func:`_rms_norm_bwd_kernel`): it recomputes rstd from the saved fp32 residual,
+writes the input gradient once and sums the weight's gradient per program (PyTorch ops took about a dozen
+full-size fp32 kernels a layer).
 
 ``add_layer_norm_triton``: the same one pass for a LayerNorm with fp32 output and no autograd, for DyVM's keep
 predictor, whose input is the residual stream ``residual + hidden`` (its default at inference on the 'triton'
@@ -17,6 +19,13 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["add_layer_norm_triton", "add_rms_norm_triton"]
+
+ROWS_PER_BLOCK = 8  # rows a step of the backward (a (8, width) tile)
+BWD_PROGRAMS_PER_SM = 4  # the backward's programs (each sums its share of the weight gradient)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 @triton.jit
@@ -32,6 +41,36 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, y_ptr, res_ptr, D, eps,
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * D + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(res_ptr, dy_ptr, dres_ptr, w_ptr, dx_ptr, dr_ptr, dwp_ptr, M, D, eps, blocks,
+                         HAS_DRES: tl.constexpr, HAS_DR: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr):
+    """Gradients of ``y = res * rstd * w`` for ``blocks`` blocks of ``BM`` rows: dx = rstd (g - xhat mean(g xhat))
+    with g = dy w (plus the residual stream's own gradient ``dres``), written in dx's dtype (and dr's, when it
+    differs); the program's share of dw = sum(dy xhat) goes to row ``pid`` of ``dwp``."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    cm = cols < D
+    w = tl.load(w_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b in range(blocks):
+        rows = (pid * blocks + b) * BM + tl.arange(0, BM)
+        m = (rows < M)[:, None] & cm[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(res_ptr + offs, mask=m, other=0.0)
+        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+        xhat = x * rstd[:, None]
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None])
+        if HAS_DRES:
+            dx += tl.load(dres_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+        if HAS_DR:
+            tl.store(dr_ptr + offs, dx.to(dr_ptr.dtype.element_ty), mask=m)
+        dw += tl.sum(dy * xhat, axis=0)
+    tl.store(dwp_ptr + pid * D + cols, dw, mask=cm)
 
 
 class _AddRMSNormFn(torch.autograd.Function):
@@ -53,19 +92,27 @@ class _AddRMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor, dres: Tensor):
         res, weight = ctx.saved_tensors
-        dy = dy.reshape(res.shape)
-        dres = None if dres is None else dres.reshape(res.shape)
-        rstd = torch.rsqrt(res.pow(2).mean(-1, keepdim=True) + ctx.eps)
-        xhat = res * rstd
-        g = dy.float() * weight.float()
-        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
-        if dres is not None:
-            dx = dx + dres.float()
-        dw = (dy.float() * xhat).sum(0).to(weight.dtype)
-        dx = dx.view(ctx.shape)
-        dh = dx.to(ctx.h_dtype)
-        dr = dx.to(ctx.r_dtype) if ctx.has_res else None
-        return dh, dr, dw, None
+        rows, dim = res.shape
+        dy = dy.reshape(res.shape).contiguous()
+        dres = None if dres is None else dres.reshape(res.shape).contiguous()
+        dh = torch.empty(res.shape, device=res.device, dtype=ctx.h_dtype)
+        # the residual's gradient is the same values; a second buffer only where its dtype differs
+        dr = (torch.empty(res.shape, device=res.device, dtype=ctx.r_dtype)
+              if ctx.has_res and ctx.r_dtype != ctx.h_dtype else None)
+        block, bm = triton.next_power_of_2(dim), ROWS_PER_BLOCK
+        n_blocks = triton.cdiv(rows, bm)
+        programs = max(1, min(n_blocks, BWD_PROGRAMS_PER_SM * _sm_count(res.device)))
+        per_program = triton.cdiv(n_blocks, programs)
+        programs = triton.cdiv(n_blocks, per_program)
+        dw_part = torch.empty(programs, dim, device=res.device, dtype=torch.float32)
+        _rms_norm_bwd_kernel[(programs,)](res, dy, dres if dres is not None else dy, weight, dh,
+                                          dr if dr is not None else dh, dw_part, rows, dim, ctx.eps, per_program,
+                                          HAS_DRES=dres is not None, HAS_DR=dr is not None, BM=bm, BLOCK=block,
+                                          num_warps=4 if block <= 1024 else 8)
+        dh = dh.view(ctx.shape)
+        if ctx.has_res:
+            dr = dh if dr is None else dr.view(ctx.shape)
+        return dh, dr, dw_part.sum(0).to(weight.dtype), None
 
 
 def add_rms_norm_triton(hidden: Tensor, residual: Tensor | None, weight: Tensor,

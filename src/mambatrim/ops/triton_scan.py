@@ -14,10 +14,12 @@ Design (see docs/gpu.md):
   (``scan_fwd_tile_stages``) and it reads 16-bit B and C from fp32 copies (``scan_fwd_bc_fp32``).
   ``scan_fwd_tile=0`` walks one step at a time, the state spread over a warp's threads.
 * Training: the forward also stores the state every ``scan_ckpt_chunk`` steps (a policy setting; ``L / chunk``
-  states, not L). The backward
-  walks the chunks in reverse scan order; inside a chunk it recomputes the states from the stored one into a
-  small per-program scratch, then walks back with the state gradient in registers (an associative-scan
-  variant of this backward was 3x slower on an H100 and was dropped).
+  states, not L). The backward walks the chunks in reverse scan order. Two schedules: the tiled one (the
+  default, policy ``scan_bwd_tile`` = T) recomputes the states entering each T-step tile of a chunk, then per
+  tile, last first, scans the tile's states and their gradients inside each thread on a (T, states, channels)
+  tile (4 states x 4 channels a thread) and sums dB / dC over the channels once a tile; ``scan_bwd_tile=0``
+  (and any scan with gaps) recomputes a chunk's states into a small per-program scratch, then walks back one
+  step at a time with the state gradient in registers.
   dB, dC (summed over channel blocks), dA, dD and d(delta_bias) use fp32 atomics (per-block partials of dB
   and dC, summed afterwards, cost two 90 MB buffers and a reduction per Vim-S layer at batch 128).
 """
@@ -694,6 +696,191 @@ def _bwd_loads(s, j, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, s
     return u, r, Bt, Ct, dout, zz, h
 
 
+@triton.jit
+def _reverse_rows(v, dA, k, T: tl.constexpr):
+    """The state gradients of a (T, states, channels) tile, dh_s = v_s + dA_(s+1) dh_(s+1), its last row first.
+    Row by row inside each thread: ``tl.associative_scan(reverse=True)`` lowers to cross-lane shuffles even along
+    an axis that lies within the thread (sm_90, Triton 3.6: 400 more shuffles a 2-step tile)."""
+    x = tl.sum(tl.where((k == T - 1)[:, None, None], v, -0.0), axis=0)
+    dh = v
+    for i in tl.static_range(T - 2, -1, -1):
+        f = tl.sum(tl.where((k == i + 1)[:, None, None], dA, -0.0), axis=0)
+        x = tl.sum(tl.where((k == i)[:, None, None], v, -0.0), axis=0) + f * x
+        dh = tl.where((k == i)[:, None, None], x[None, :, :], dh)
+    return dh
+
+
+@triton.jit
+def _tile_loads(s, lo, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, o_base, so_t,
+                z_base, sz_t, dmask, nmask, HAS_C: tl.constexpr, HAS_Z: tl.constexpr):
+    """Raw inputs of scan steps ``s`` (a (T,) vector) of a backward tile, zero outside [lo, L): step size, u, B,
+    and where asked C, the output gradient and z ((T, channels) or (T, states))."""
+    ok = (s < L) & (s >= lo)
+    t = _time_index(s, L, rev)
+    m = ok[:, None] & dmask[None, :]
+    bn = ok[:, None] & nmask[None, :]
+    raw = tl.load(d_base[None, :] + t[:, None] * sd_t, mask=m, other=0.0)
+    u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0)
+    Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=bn, other=0.0)
+    Ct = Bt
+    dout = u
+    zz = u
+    if HAS_C:
+        Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=bn, other=0.0)
+        dout = tl.load(o_base[None, :] + t[:, None] * so_t, mask=m, other=0.0)
+        if HAS_Z:
+            zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
+    return raw, u, Bt, Ct, dout, zz
+
+
+@triton.jit
+def _tile_step_sizes(raw, m, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """fp32 (raw step size + bias, step size) of a (T, channels) tile; the step size is zero outside ``m``."""
+    raw = raw.to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return raw, tl.where(m, dt, 0.0)
+
+
+@triton.jit
+def _tile_states(h, dt, u, Bt, A3, first):
+    """The states after each step of a (T, states, channels) tile entered with state ``h``, and the tile's decays
+    and inputs (B dt u); ``A3`` is A in log2 units, (1, states, channels)."""
+    dA = tl.exp2(dt[:, None, :] * A3)
+    bx = Bt[:, :, None] * (dt * u)[:, None, :]
+    _, hs = tl.associative_scan((dA, tl.where(first, dA * h[None, :, :] + bx, bx)), 0, _combine_decay)
+    return hs, dA, bx
+
+
+@triton.jit
+def _scan_bwd_tile_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, ckpt_ptr,
+    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, scratch_ptr, cr_ptr, csum_ptr,
+    L, E, n_chunks, scale, KS, NSEG,
+    su_g, su_b, su_d, su_t,
+    sd_g, sd_b, sd_d, sd_t,
+    sB_g, sB_b, sB_n, sB_t,
+    sC_g, sC_b, sC_n, sC_t,
+    sz_g, sz_b, sz_d, sz_t,
+    so_b, so_d, so_t,
+    gx_g, gx_b, gx_d, gx_t,
+    PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr,
+    CHUNK_T: tl.constexpr, T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr,
+):
+    """The backward ``T`` steps at a time (policy ``scan_bwd_tile``; no position gaps), per (channel block,
+    sample, direction, segment of ``KS`` checkpoint chunks), chunks in reverse scan order. Per chunk: the states
+    entering its tiles, from the stored one, into a per-program scratch (one (states, channels) state a tile);
+    then per tile, last first (its loads issued one tile ahead): its states again (an in-tile scan), the state
+    gradients dh_s = C_s gy_s + dA_(s+1) dh_(s+1) (row by row inside each thread), and every gradient of the
+    tile at once: dB and dC as (T, states) sums over the program's channels, one atomic add a tile instead of
+    one a step."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
+    sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
+    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
+        A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
+    Dv = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    R: tl.constexpr = CHUNK_T // T
+    # A as a (1, states, channels) tile: a 3-D load with states contiguous sets the tiles' register layout (4
+    # states x 4 channels a thread, so sums over states and over channels both stay mostly inside the thread)
+    A3 = tl.load(A_ptr + g * E * N + d[None, None, :] * N + n[None, :, None], mask=mask2[None, :, :],
+                 other=0.0).to(tl.float32) * 1.4426950408889634
+    prog = (pid_q * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
+    ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
+    sc_base = scratch_ptr + prog.to(tl.int64) * (R * NP * BD) + tl.arange(0, BD)[None, :] * NP + n[:, None]
+    part = (g * tl.num_programs(1) + pid_b).to(tl.int64) * L * N
+    u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
+    d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
+    z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
+    o_base = dout_ptr + pid_b * so_b + d * so_d
+    B_base = B_ptr + g * sB_g + pid_b * sB_b + n * sB_n
+    C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
+    gx_base = g * gx_g + pid_b * gx_b + d * gx_d
+    k = tl.arange(0, T)
+    first = (k == 0)[:, None, None]
+    last = (k == T - 1)[:, None, None]
+    carry = tl.zeros((NP, BD), dtype=tl.float32)  # dA_(s+1) dh_(s+1) for the step s before the current tile
+    if CARRY_IN:
+        cr_base, cs_base = _chunk_bases(cr_ptr, csum_ptr, g, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
+        carry = _carry_in(cr_base, cs_base, A2, seg_i, NSEG, True, 1, N, E, mask2, dmask, NP, BD)
+    dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
+    dD_acc = tl.zeros((BD,), dtype=tl.float32)
+    db_acc = tl.zeros((BD,), dtype=tl.float32)
+    k_end = tl.minimum((seg_i + 1) * KS, n_chunks)
+    for kk in range(k_end - seg_i * KS):
+        c = k_end - 1 - kk
+        h = tl.load(ck_base + c * N, mask=mask2 & (c > 0), other=0.0)
+        for i in tl.static_range(R - 1):  # the state entering each tile of the chunk
+            tl.store(sc_base + i * (NP * BD), h)
+            si = c * CHUNK_T + i * T + k
+            raw_i, u_i, B_i, _, _, _ = _tile_loads(si, 0, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
+                                                   sC_t, o_base, so_t, z_base, sz_t, dmask, nmask, False, False)
+            _, dt_i = _tile_step_sizes(raw_i, (si < L)[:, None] & dmask[None, :], bias, HAS_BIAS, SOFTPLUS)
+            hs_i, _, _ = _tile_states(h, dt_i, u_i.to(tl.float32), B_i.to(tl.float32), A3, first)
+            h = tl.sum(tl.where(last, hs_i, -0.0), axis=0)
+        tl.store(sc_base + (R - 1) * (NP * BD), h)
+        tl.debug_barrier()  # the scratch is read back in another register layout
+        # the tiles' loads are issued one tile ahead
+        nxt = _tile_loads(c * CHUNK_T + (R - 1) * T + k, 0, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
+                          C_base, sC_t, o_base, so_t, z_base, sz_t, dmask, nmask, True, HAS_Z)
+        for jj in range(R):
+            j = R - 1 - jj
+            s = c * CHUNK_T + j * T + k
+            raw_n, u_n, B_n, C_n, g_n, z_n = nxt
+            nxt = _tile_loads(s - T, c * CHUNK_T, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t,
+                              o_base, so_t, z_base, sz_t, dmask, nmask, True, HAS_Z)
+            ok = s < L
+            t = _time_index(s, L, rev)
+            m = ok[:, None] & dmask[None, :]
+            raw, dt = _tile_step_sizes(raw_n, m, bias, HAS_BIAS, SOFTPLUS)
+            u, Bt, Ct = u_n.to(tl.float32), B_n.to(tl.float32), C_n.to(tl.float32)
+            gy = g_n.to(tl.float32) * scale
+            h = tl.load(sc_base + j * (NP * BD))
+            hs, dA, bx = _tile_states(h, dt, u, Bt, A3, first)
+            if HAS_Z:
+                zz = z_n.to(tl.float32)
+                y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
+                dout = gy
+                gy, sig = _gate_back(dout, zz)
+                dz = dout * y * sig * (1.0 + zz * (1.0 - sig))
+                tl.store(dz_ptr + gx_base[None, :] + t[:, None] * gx_t, dz.to(dz_ptr.dtype.element_ty), mask=m)
+            v = Ct[:, :, None] * gy[:, None, :]
+            v = tl.where(last, v + carry[None, :, :], v)
+            dh = _reverse_rows(v, dA, k, T)
+            carry = tl.sum(tl.where(first, dA * dh, -0.0), axis=0)
+            q = dh * (hs - bx)  # dh_s dA_s h_(s-1)
+            dA_acc += tl.sum(q * dt[:, None, :], axis=0)
+            de = tl.sum(q * A3, axis=1) * 0.6931471805599453
+            dhB = tl.sum(dh * Bt[:, :, None], axis=1)
+            dB_t = tl.sum(dh * (dt * u)[:, None, :], axis=2)
+            dC_t = tl.sum(hs * gy[:, None, :], axis=2)
+            bn = ok[:, None] & nmask[None, :]
+            tl.atomic_add(dB_ptr + part + t[:, None] * N + n[None, :], dB_t, mask=bn, sem="relaxed")
+            tl.atomic_add(dC_ptr + part + t[:, None] * N + n[None, :], dC_t, mask=bn, sem="relaxed")
+            du = dhB * dt + gy * Dv[None, :]
+            dD_acc += tl.sum(gy * u, axis=0)
+            ddt = dhB * u + de
+            if SOFTPLUS:
+                ddt = ddt / (1.0 + tl.exp2(-raw * 1.4426950408889634))
+            ddt = tl.where(m, ddt, 0.0)
+            db_acc += tl.sum(ddt, axis=0)
+            tl.store(du_ptr + gx_base[None, :] + t[:, None] * gx_t, du.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddl_ptr + gx_base[None, :] + t[:, None] * gx_t, ddt.to(ddl_ptr.dtype.element_ty), mask=m)
+    tl.atomic_add(dA_ptr + g * E * N + d[None, :] * N + n[:, None], dA_acc, mask=mask2)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + g * E + d, dD_acc, mask=dmask)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + g * E + d, db_acc, mask=dmask)
+
+
 
 # ----------------------------------------------------------------------------------------------- host side
 LAST_FWD = LAST_BWD = None  # the last compiled kernels (resource reports in benchmarks)
@@ -755,6 +942,9 @@ class _ScanFn(torch.autograd.Function):
         N = A.shape[-1]
         need_grad = any(ctx.needs_input_grad[:9])
         chunk = policy.get("scan_ckpt_chunk")
+        tile = policy.get("scan_bwd_tile")
+        if need_grad and tile and chunk % tile:
+            raise ValueError(f"policy scan_bwd_tile={tile} must divide scan_ckpt_chunk={chunk} (or be 0)")
         n_chunks = triton.cdiv(L, chunk)
         ckpt = (torch.empty(G, bsz, E, n_chunks, N, device=u.device, dtype=torch.float32) if need_grad
                 else u.new_empty(1, dtype=torch.float32))
@@ -762,13 +952,13 @@ class _ScanFn(torch.autograd.Function):
                     chunk=chunk)
         if need_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, bias, gap, ckpt)
-            ctx.flags = (softplus, reverse, pair, scale, chunk)
+            ctx.flags = (softplus, reverse, pair, scale, chunk, tile)  # the backward runs as the forward saw
         return out[0]
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, bias, gap, ckpt = ctx.saved_tensors
-        softplus, reverse, pair, scale, chunk = ctx.flags
+        softplus, reverse, pair, scale, chunk, tile = ctx.flags
         G, bsz, E, L = u.shape
         N = A.shape[-1]
         n_chunks = ckpt.shape[3]
@@ -793,8 +983,6 @@ class _ScanFn(torch.autograd.Function):
         gp = gap if has_gap else dummy
         grid = (n_blocks, bsz, G * n_seg)
         np2 = triton.next_power_of_2(N)
-        scratch = torch.empty(G * bsz * n_seg * n_blocks * chunk * np2 * block_d, device=u.device,
-                              dtype=torch.float32)
         z_arg, z_strides = (z, _strides4(z)) if z is not None else (dummy, (0, 0, 0, 0))
         gap_strides = tuple(gap.stride()) if has_gap else (0, 0, 0)
         carries, sums = _chunk_buffers(u, G, bsz, n_seg, N, E)
@@ -807,6 +995,20 @@ class _ScanFn(torch.autograd.Function):
                 L, E, scale, seg, n_seg, *_strides4(delta), *_strides4(C), *z_strides, *_strides4(dout4)[1:],
                 *gap_strides, **shared)
         global LAST_BWD
+        if tile and not has_gap:
+            scratch = torch.empty(G * bsz * n_seg * n_blocks * chunk // tile * np2 * block_d, device=u.device,
+                                  dtype=torch.float32)
+            LAST_BWD = _scan_bwd_tile_kernel[grid](
+                u, delta, A, B, C, D if D is not None else dummy, z_arg, bias if bias is not None else dummy,
+                dout4, ckpt, du, ddl, dA, dB, dC, dD, dz, dbias, scratch, carries, sums,
+                L, E, n_chunks, scale, per_seg, n_seg,
+                *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C), *z_strides,
+                *_strides4(dout4)[1:], *_strides4(du),
+                CHUNK_T=chunk, T=tile, HAS_D=D is not None, CARRY_IN=n_seg > 1,
+                **{k: v for k, v in shared.items() if k != "HAS_GAP"})
+            return _scan_grads(ctx, du, ddl, dA, dB, dC, dD, dz, dbias, A, B, C, D, z, bias)
+        scratch = torch.empty(G * bsz * n_seg * n_blocks * chunk * np2 * block_d, device=u.device,
+                              dtype=torch.float32)
         LAST_BWD = _scan_bwd_seq_kernel[grid](
             u, delta, A, B, C, D if D is not None else dummy, z_arg,
             bias if bias is not None else dummy, gp, dout4, ckpt,
@@ -831,14 +1033,19 @@ class _ScanFn(torch.autograd.Function):
             if bias is not None:
                 dbias = ddt.sum(dim=(1, 3))
             ddl = ddt.to(delta.dtype)
-        dB = dB.to(B.dtype).transpose(2, 3)  # (G, B, N, L) logical
-        dC = dC.to(C.dtype).transpose(2, 3)
-        grads = [du, ddl, dA.to(A.dtype), dB, dC,
-                 dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
-                 dbias.to(bias.dtype) if bias is not None else None]
-        needs = ctx.needs_input_grad
-        grads = [gr if needs[i] else None for i, gr in enumerate(grads)]
-        return (*grads, None, None, None, None, None)
+        return _scan_grads(ctx, du, ddl, dA, dB, dC, dD, dz, dbias, A, B, C, D, z, bias)
+
+
+def _scan_grads(ctx, du, ddl, dA, dB, dC, dD, dz, dbias, A, B, C, D, z, bias) -> tuple:
+    """The backward's outputs in the inputs' dtypes, None where no gradient is needed."""
+    dB = dB.to(B.dtype).transpose(2, 3)  # (G, B, N, L) logical
+    dC = dC.to(C.dtype).transpose(2, 3)
+    grads = [du, ddl, dA.to(A.dtype), dB, dC,
+             dD.to(D.dtype) if D is not None else None, dz if z is not None else None,
+             dbias.to(bias.dtype) if bias is not None else None]
+    needs = ctx.needs_input_grad
+    grads = [gr if needs[i] else None for i, gr in enumerate(grads)]
+    return (*grads, None, None, None, None, None)
 
 
 def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, store_ckpt,

@@ -305,6 +305,29 @@ def conv_pair_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return _ConvPairFn.apply(x, weight, bias)
 
 
+class _SplitHalves(torch.autograd.Function):
+    """``xz[..., :E], xz[..., E:]`` (views) whose backward writes both gradients into one new tensor. Autograd's
+    slice backward fills a zero tensor of xz's size per slice and adds the two: five full-size passes a layer
+    instead of two copies."""
+
+    @staticmethod
+    def forward(ctx, xz: Tensor, E: int):
+        ctx.E = E
+        return xz[..., :E], xz[..., E:]
+
+    @staticmethod
+    def backward(ctx, dx: Tensor | None, dz: Tensor | None):
+        E = ctx.E
+        ref = dx if dx is not None else dz
+        out = ref.new_empty(*ref.shape[:-1], 2 * E)
+        for part, grad in ((out[..., :E], dx), (out[..., E:], dz)):
+            if grad is None:
+                part.zero_()
+            else:
+                part.copy_(grad)
+        return out, None
+
+
 def _stack(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return None if a is None or b is None else torch.stack([a, b])
 
@@ -452,7 +475,7 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
         dtype = _compute_dtype(hidden)
         w_in, b_in, w_out, b_out, w_x_t, w_dt_t = _inference_linears(mixer, w_x, w_dt, dtype)
         xz = _linear(mixer.in_proj, hidden, w_in, b_in)  # (b, L, 2E)
-    x, z = xz[..., :E], xz[..., E:]
+    x, z = _SplitHalves.apply(xz, E) if torch.is_grad_enabled() else (xz[..., :E], xz[..., E:])
     on = None
     if selector is not None and cls_index is None:
         raise ValueError("a linear selector needs the class-token index")
