@@ -432,11 +432,11 @@ def _direction_reverse(g, PAIR: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _bwd_program(A_ptr, bias_ptr, E, pid_d, pid_q, PAIR: tl.constexpr, REVERSE: tl.constexpr, N: tl.constexpr,
-                 NP: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """What both backward kernels derive from their program ids: the direction ``g`` and segment of grid axis 2
+def _bwd_program(A_ptr, bias_ptr, D_ptr, E, pid_d, pid_q, PAIR: tl.constexpr, REVERSE: tl.constexpr,
+                 N: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr):
+    """What the backward kernels derive from their program ids: the direction ``g`` and segment of grid axis 2
     (a pair interleaves its two directions), whether it scans right to left, the channel / state index vectors
-    and masks, A in log2 units and the delta bias."""
+    and masks, A in log2 units, the delta bias and D (zeros where absent)."""
     if PAIR:
         g = pid_q % 2
         seg_i = pid_q // 2
@@ -454,7 +454,10 @@ def _bwd_program(A_ptr, bias_ptr, E, pid_d, pid_q, PAIR: tl.constexpr, REVERSE: 
     bias = tl.zeros((BD,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
-    return g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias
+    Dv = tl.zeros((BD,), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    return g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias, Dv
 
 
 @triton.jit
@@ -527,8 +530,8 @@ def _scan_bwd_carry_kernel(
     pid_b = tl.program_id(1)
     pid_q = tl.program_id(2)
     sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
-    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
-        A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
+    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias, _ = _bwd_program(
+        A_ptr, bias_ptr, A_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS, False)
     d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
     z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
     o_base = dout_ptr + pid_b * so_b + d * so_d
@@ -580,11 +583,8 @@ def _scan_bwd_seq_kernel(
     pid_q = tl.program_id(2)
     sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
     sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
-    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
-        A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
-    Dv = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias, Dv = _bwd_program(
+        A_ptr, bias_ptr, D_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS, HAS_D)
     prog = (pid_q * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_d
     ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
     sc_base = scratch_ptr + prog.to(tl.int64) * (T * NP * BD) + n[:, None] * BD + tl.arange(0, BD)[None, :]
@@ -783,11 +783,8 @@ def _scan_bwd_tile_kernel(
     pid_q = tl.program_id(2)
     sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
     sC_g, sC_b, sC_t = _eighths(sC_g, BC8), _eighths(sC_b, BC8), _eighths(sC_t, BC8)
-    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias = _bwd_program(
-        A_ptr, bias_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS)
-    Dv = tl.zeros((BD,), dtype=tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + g * E + d, mask=dmask, other=0.0).to(tl.float32)
+    g, seg_i, rev, d, n, dmask, nmask, mask2, A2, bias, Dv = _bwd_program(
+        A_ptr, bias_ptr, D_ptr, E, pid_d, pid_q, PAIR, REVERSE, N, NP, BD, HAS_BIAS, HAS_D)
     R: tl.constexpr = CHUNK_T // T
     # A as a (1, states, channels) tile: a 3-D load with states contiguous sets the tiles' register layout (4
     # states x 4 channels a thread, so sums over states and over channels both stay mostly inside the thread)
