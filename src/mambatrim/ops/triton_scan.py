@@ -389,6 +389,28 @@ def _carry_in(st_base, sm_base, A2, c, NS, rev: tl.constexpr, active, N: tl.cons
 
 
 @triton.jit
+def _bwd_bases(g, pid_b, d, n, u_ptr, su_g, su_b, su_d, dl_ptr, sd_g, sd_b, sd_d, z_ptr, sz_g, sz_b, sz_d, o_ptr,
+               so_b, so_d, B_ptr, sB_g, sB_b, sB_n, C_ptr, sC_g, sC_b, sC_n):
+    """A backward program's row pointers at time 0: u, delta, z and the output gradient per channel ``d``, B and C
+    per state ``n``, of direction ``g`` and sample ``pid_b``."""
+    return (u_ptr + g * su_g + pid_b * su_b + d * su_d, dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d,
+            z_ptr + g * sz_g + pid_b * sz_b + d * sz_d, o_ptr + pid_b * so_b + d * so_d,
+            B_ptr + g * sB_g + pid_b * sB_b + n * sB_n, C_ptr + g * sC_g + pid_b * sC_b + n * sC_n)
+
+
+@triton.jit
+def _segment_carry(cr_ptr, csum_ptr, g, pid_b, seg_i, NSEG, A2, N: tl.constexpr, E, n, d, mask2, dmask,
+                   NP: tl.constexpr, BD: tl.constexpr, CARRY_IN: tl.constexpr):
+    """The state gradient entering a backward segment from the later ones (folded from their local carries,
+    :func:`_scan_bwd_carry_kernel`), or zeros without ``CARRY_IN``."""
+    carry = tl.zeros((NP, BD), dtype=tl.float32)
+    if CARRY_IN:
+        cr_base, cs_base = _chunk_bases(cr_ptr, csum_ptr, g, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
+        carry = _carry_in(cr_base, cs_base, A2, seg_i, NSEG, True, 1, N, E, mask2, dmask, NP, BD)
+    return carry
+
+
+@triton.jit
 def _delta_before(s, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_GAP: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BD: tl.constexpr):
     """The step size of scan step ``s - 1`` (zero at the first step, or without gaps, which alone read it)."""
@@ -589,22 +611,16 @@ def _scan_bwd_seq_kernel(
     ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
     sc_base = scratch_ptr + prog.to(tl.int64) * (T * NP * BD) + n[:, None] * BD + tl.arange(0, BD)[None, :]
     part = (g * tl.num_programs(1) + pid_b).to(tl.int64) * L * N
-    u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
-    d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
-    z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
-    o_base = dout_ptr + pid_b * so_b + d * so_d
-    B_base = B_ptr + g * sB_g + pid_b * sB_b + n * sB_n
-    C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
+    u_base, d_base, z_base, o_base, B_base, C_base = _bwd_bases(
+        g, pid_b, d, n, u_ptr, su_g, su_b, su_d, dl_ptr, sd_g, sd_b, sd_d, z_ptr, sz_g, sz_b, sz_d, dout_ptr, so_b,
+        so_d, B_ptr, sB_g, sB_b, sB_n, C_ptr, sC_g, sC_b, sC_n)
     gp_base = gap_ptr + g * sg_g + pid_b * sg_b
     gx_base = g * gx_g + pid_b * gx_b + d * gx_d
-    carry = tl.zeros((NP, BD), dtype=tl.float32)  # dA_{s+1} * dh_{s+1}
-    if CARRY_IN:
-        cr_base, cs_base = _chunk_bases(cr_ptr, csum_ptr, g, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
-        carry = _carry_in(cr_base, cs_base, A2, seg_i, NSEG, True, 1, N, E, mask2, dmask, NP, BD)
+    # dA_{s+1} * dh_{s+1}
+    carry = _segment_carry(cr_ptr, csum_ptr, g, pid_b, seg_i, NSEG, A2, N, E, n, d, mask2, dmask, NP, BD, CARRY_IN)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
-    dD_acc = tl.zeros((BD,), dtype=tl.float32)
-    db_acc = tl.zeros((BD,), dtype=tl.float32)
-    k_end = tl.minimum((seg_i + 1) * KS, n_chunks)
+    dD_acc, db_acc = tl.zeros((BD,), dtype=tl.float32), tl.zeros((BD,), dtype=tl.float32)
+    k_end = tl.minimum((seg_i + 1) * KS, n_chunks)  # the segment's chunks, walked last first
     for kk in range(k_end - seg_i * KS):
         k = k_end - 1 - kk
         h = tl.load(ck_base + k * N, mask=mask2 & (k > 0), other=0.0)
@@ -794,24 +810,18 @@ def _scan_bwd_tile_kernel(
     ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
     sc_base = scratch_ptr + prog.to(tl.int64) * (R * NP * BD) + tl.arange(0, BD)[None, :] * NP + n[:, None]
     part = (g * tl.num_programs(1) + pid_b).to(tl.int64) * L * N
-    u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
-    d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
-    z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
-    o_base = dout_ptr + pid_b * so_b + d * so_d
-    B_base = B_ptr + g * sB_g + pid_b * sB_b + n * sB_n
-    C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
+    u_base, d_base, z_base, o_base, B_base, C_base = _bwd_bases(
+        g, pid_b, d, n, u_ptr, su_g, su_b, su_d, dl_ptr, sd_g, sd_b, sd_d, z_ptr, sz_g, sz_b, sz_d, dout_ptr, so_b,
+        so_d, B_ptr, sB_g, sB_b, sB_n, C_ptr, sC_g, sC_b, sC_n)
     gx_base = g * gx_g + pid_b * gx_b + d * gx_d
     k = tl.arange(0, T)
     first = (k == 0)[:, None, None]
     last = (k == T - 1)[:, None, None]
-    carry = tl.zeros((NP, BD), dtype=tl.float32)  # dA_(s+1) dh_(s+1) for the step s before the current tile
-    if CARRY_IN:
-        cr_base, cs_base = _chunk_bases(cr_ptr, csum_ptr, g, pid_b, tl.num_programs(1), NSEG, N, E, n, d)
-        carry = _carry_in(cr_base, cs_base, A2, seg_i, NSEG, True, 1, N, E, mask2, dmask, NP, BD)
+    # dA_(s+1) dh_(s+1) for the step s before the current tile
+    carry = _segment_carry(cr_ptr, csum_ptr, g, pid_b, seg_i, NSEG, A2, N, E, n, d, mask2, dmask, NP, BD, CARRY_IN)
     dA_acc = tl.zeros((NP, BD), dtype=tl.float32)
-    dD_acc = tl.zeros((BD,), dtype=tl.float32)
-    db_acc = tl.zeros((BD,), dtype=tl.float32)
-    k_end = tl.minimum((seg_i + 1) * KS, n_chunks)
+    dD_acc, db_acc = tl.zeros((BD,), dtype=tl.float32), tl.zeros((BD,), dtype=tl.float32)
+    k_end = tl.minimum((seg_i + 1) * KS, n_chunks)  # the segment's chunks, walked last first
     for kk in range(k_end - seg_i * KS):
         c = k_end - 1 - kk
         h = tl.load(ck_base + c * N, mask=mask2 & (c > 0), other=0.0)
