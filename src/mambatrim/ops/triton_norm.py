@@ -18,14 +18,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .triton_scan import _sm_count
+
 __all__ = ["add_layer_norm_triton", "add_rms_norm_triton"]
 
 ROWS_PER_BLOCK = 8  # rows a step of the backward (a (8, width) tile)
 BWD_PROGRAMS_PER_SM = 4  # the backward's programs (each sums its share of the weight gradient)
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 @triton.jit

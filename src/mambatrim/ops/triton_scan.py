@@ -285,6 +285,18 @@ def _combine_decay(a1, b1, a2, b2):
 
 
 @triton.jit
+def _tile_states(h, ex, dt, u, Bt, A3, first):
+    """The states after each step of a (T, states, channels) tile entered with state ``h``, and the tile's decays
+    exp2(ex A) and inputs (B dt u); ``ex`` the steps' decay exponents (dt, plus the gaps' share), ``A3`` A in
+    log2 units, (1, states, channels). The carried state enters at the first row; the recurrence
+    h_s = dA_s h_(s-1) + bx_s runs within each thread, so the scan's decay products are unused."""
+    dA = tl.exp2(ex[:, None, :] * A3)
+    bx = Bt[:, :, None] * (dt * u)[:, None, :]
+    _, hs = tl.associative_scan((dA, tl.where(first, dA * h[None, :, :] + bx, bx)), 0, _combine_decay)
+    return hs, dA, bx
+
+
+@triton.jit
 def _tile_delta(s, lo, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr):
     """Step sizes of scan steps ``s`` (a (T,) vector), (T, channels), zero from ``s_end`` on and before ``lo``;
@@ -330,11 +342,7 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
             ex = dt + gp[:, None] * dtp
         if STATE_ONLY:
             ex_sum += tl.sum(ex, axis=0)
-        dA = tl.exp2(ex[:, None, :] * A2[None, :, :])
-        bx = Bt[:, :, None] * (dt * u)[:, None, :]
-        bx = tl.where(first, dA * h[None, :, :] + bx, bx)  # the carried state enters at the first step
-        # the recurrence h_s = dA_s h_(s-1) + bx_s; within a thread only, so the decay products are unused
-        _, hs = tl.associative_scan((dA, bx), 0, _combine_decay)
+        hs, _, _ = _tile_states(h, ex, dt, u, Bt, A2[None, :, :], first)
         # the state after the tile's last step (-0.0 + x is x: the masked sum folds to a copy)
         h = tl.sum(tl.where(last, hs, -0.0), axis=0)
         if not STATE_ONLY:
@@ -752,23 +760,8 @@ def _tile_loads(s, lo, L, rev: tl.constexpr, u_base, su_t, d_base, sd_t, B_base,
 @triton.jit
 def _tile_step_sizes(raw, m, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """fp32 (raw step size + bias, step size) of a (T, channels) tile; the step size is zero outside ``m``."""
-    raw = raw.to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + bias[None, :]
-    dt = raw
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    return raw, tl.where(m, dt, 0.0)
-
-
-@triton.jit
-def _tile_states(h, dt, u, Bt, A3, first):
-    """The states after each step of a (T, states, channels) tile entered with state ``h``, and the tile's decays
-    and inputs (B dt u); ``A3`` is A in log2 units, (1, states, channels)."""
-    dA = tl.exp2(dt[:, None, :] * A3)
-    bx = Bt[:, :, None] * (dt * u)[:, None, :]
-    _, hs = tl.associative_scan((dA, tl.where(first, dA * h[None, :, :] + bx, bx)), 0, _combine_decay)
-    return hs, dA, bx
+    raw = _delta(raw, bias[None, :], HAS_BIAS, False)
+    return raw, tl.where(m, _delta(raw, bias, False, SOFTPLUS), 0.0)
 
 
 @triton.jit
@@ -831,7 +824,7 @@ def _scan_bwd_tile_kernel(
             raw_i, u_i, B_i, _, _, _ = _tile_loads(si, 0, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base,
                                                    sC_t, o_base, so_t, z_base, sz_t, dmask, nmask, False, False)
             _, dt_i = _tile_step_sizes(raw_i, (si < L)[:, None] & dmask[None, :], bias, HAS_BIAS, SOFTPLUS)
-            hs_i, _, _ = _tile_states(h, dt_i, u_i.to(tl.float32), B_i.to(tl.float32), A3, first)
+            hs_i, _, _ = _tile_states(h, dt_i, dt_i, u_i.to(tl.float32), B_i.to(tl.float32), A3, first)
             h = tl.sum(tl.where(last, hs_i, -0.0), axis=0)
         tl.store(sc_base + (R - 1) * (NP * BD), h)
         tl.debug_barrier()  # the scratch is read back in another register layout
@@ -851,7 +844,7 @@ def _scan_bwd_tile_kernel(
             u, Bt, Ct = u_n.to(tl.float32), B_n.to(tl.float32), C_n.to(tl.float32)
             gy = g_n.to(tl.float32) * scale
             h = tl.load(sc_base + j * (NP * BD))
-            hs, dA, bx = _tile_states(h, dt, u, Bt, A3, first)
+            hs, dA, bx = _tile_states(h, dt, dt, u, Bt, A3, first)
             if HAS_Z:
                 zz = z_n.to(tl.float32)
                 y = tl.sum(hs * Ct[:, :, None], axis=1) + Dv[None, :] * u
@@ -994,28 +987,27 @@ class _ScanFn(torch.autograd.Function):
         gap_strides = tuple(gap.stride()) if has_gap else (0, 0, 0)
         carries, sums = _chunk_buffers(u, G, bsz, n_seg, N, E)
         shared = dict(PAIR=pair, REVERSE=reverse, N=N, NP=np2, BD=block_d, SOFTPLUS=softplus,
-                      HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_GAP=has_gap, num_warps=warps,
-                      BC8=_strides_of_8(B, C))
+                      HAS_Z=z is not None, HAS_BIAS=bias is not None, num_warps=warps, BC8=_strides_of_8(B, C))
         if n_seg > 1:  # level one: each segment's own carry; the main kernel folds those of later segments
             _scan_bwd_carry_kernel[grid](
                 delta, A, C, z_arg, bias if bias is not None else dummy, gp, dout4, carries, sums,
                 L, E, scale, seg, n_seg, *_strides4(delta), *_strides4(C), *z_strides, *_strides4(dout4)[1:],
-                *gap_strides, **shared)
+                *gap_strides, HAS_GAP=has_gap, **shared)
         global LAST_BWD
-        if tile and not has_gap:
-            scratch = torch.empty(G * bsz * n_seg * n_blocks * chunk // tile * np2 * block_d, device=u.device,
-                                  dtype=torch.float32)
+        tiled = bool(tile) and not has_gap  # the tiled schedule has no gap path
+        # per program, the states entering each tile of a chunk (tiled) or every state of a chunk (step walk)
+        slots = chunk // tile if tiled else chunk
+        scratch = torch.empty(G * bsz * n_seg * n_blocks * slots * np2 * block_d, device=u.device,
+                              dtype=torch.float32)
+        if tiled:
             LAST_BWD = _scan_bwd_tile_kernel[grid](
                 u, delta, A, B, C, D if D is not None else dummy, z_arg, bias if bias is not None else dummy,
                 dout4, ckpt, du, ddl, dA, dB, dC, dD, dz, dbias, scratch, carries, sums,
                 L, E, n_chunks, scale, per_seg, n_seg,
                 *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C), *z_strides,
                 *_strides4(dout4)[1:], *_strides4(du),
-                CHUNK_T=chunk, T=tile, HAS_D=D is not None, CARRY_IN=n_seg > 1,
-                **{k: v for k, v in shared.items() if k != "HAS_GAP"})
+                CHUNK_T=chunk, T=tile, HAS_D=D is not None, CARRY_IN=n_seg > 1, **shared)
             return _scan_grads(ctx, du, ddl, dA, dB, dC, dD, dz, dbias, A, B, C, D, z, bias)
-        scratch = torch.empty(G * bsz * n_seg * n_blocks * chunk * np2 * block_d, device=u.device,
-                              dtype=torch.float32)
         LAST_BWD = _scan_bwd_seq_kernel[grid](
             u, delta, A, B, C, D if D is not None else dummy, z_arg,
             bias if bias is not None else dummy, gp, dout4, ckpt,
@@ -1023,7 +1015,7 @@ class _ScanFn(torch.autograd.Function):
             L, E, n_chunks, scale, per_seg, n_seg,
             *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C), *z_strides,
             *_strides4(dout4)[1:], *gap_strides, *_strides4(du),
-            T=chunk, HAS_D=D is not None, CARRY_IN=n_seg > 1, **shared,
+            T=chunk, HAS_D=D is not None, HAS_GAP=has_gap, CARRY_IN=n_seg > 1, **shared,
         )
         if has_gap:
             # d(exponent at s)/d(dt at s-1) = gap_s: add each step's term to the previous step in scan order
