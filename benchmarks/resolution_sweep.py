@@ -111,7 +111,7 @@ SCAN_VARIANTS = {"single": dict(scan_seq_split="off"), "auto (defaults)": {},
 
 def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
     from mambatrim.ops import policy
-    from mambatrim.ops.triton_scan import fwd_chunk, selective_scan_pair_triton, seq_chunk
+    from mambatrim.ops.triton_scan import fwd_chunk, pair_split, selective_scan_pair_triton, seq_chunk
 
     rows = []
     for bsz, dim, length in SCAN_SHAPES:
@@ -130,18 +130,19 @@ def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
                 continue
             with policy.override(**settings):
                 sms = torch.cuda.get_device_properties(0).multi_processor_count
-                chunk = fwd_chunk(length, bsz, dim, sms)
+                split_g = pair_split(bsz, dim, sms)  # directions as separate programs
+                chunk = fwd_chunk(length, bsz, dim, sms, split_g)
                 bwd_chunk = seq_chunk(length, 2 * bsz * -(-dim // policy.get("scan_bwd_block_d")), sms,
                                       multiple=policy.get("scan_ckpt_chunk"), backward=True)
-                if (chunk, bwd_chunk) in seen:  # same launches as an earlier variant
-                    rows.append(dict(seen[chunk, bwd_chunk], variant=name))
+                if (chunk, bwd_chunk, split_g) in seen:  # same launches as an earlier variant
+                    rows.append(dict(seen[chunk, bwd_chunk, split_g], variant=name))
                     continue
                 with torch.no_grad():
                     t_f = cuda_time(fwd, iters=20, warmup=3)["median_ms"]
                 t_fb = cuda_time(fwd_bwd, iters=5, warmup=2)["median_ms"] if train and bsz * length <= 128 * 1025 else None
             row = {"batch": bsz, "dim": dim, "length": length, "variant": name, "chunk": chunk, "bwd_chunk": bwd_chunk,
-                   "fwd_us": t_f * 1e3, "fwd_bwd_us": None if t_fb is None else t_fb * 1e3}
-            seen[chunk, bwd_chunk] = row
+                   "pair_split": split_g, "fwd_us": t_f * 1e3, "fwd_bwd_us": None if t_fb is None else t_fb * 1e3}
+            seen[chunk, bwd_chunk, split_g] = row
             rows.append(row)
             log(row)
         ins = xs = None  # free before the next shape
@@ -205,11 +206,13 @@ def write_markdown(out: dict, path: Path) -> None:
                   for k in c["split_vs_ref"]] + [""]
     if "scan" in out:
         lines += ["## Fused two-direction scan, bf16, d_state 16 (µs; forward = inference)", "",
-                  "| batch x dim x L | variant | chunk (fwd / bwd) | forward µs | forward + backward µs |", "|---|---|---|---|---|"]
+                  "| batch x dim x L | variant | chunk (fwd / bwd) | directions (fwd) | forward µs | forward + backward µs |",
+                  "|---|---|---|---|---|---|"]
         for r in out["scan"]:
             fb = "-" if r["fwd_bwd_us"] is None else f"{r['fwd_bwd_us']:.0f}"
-            lines.append(f"| {r['batch']} x {r['dim']} x {r['length']} | {r['variant']} | {r['chunk']} | "
-                         f"{r['fwd_us']:.0f} | {fb} |")
+            dirs = "separate programs" if r.get("pair_split") else "one program"
+            lines.append(f"| {r['batch']} x {r['dim']} x {r['length']} | {r['variant']} | {r['chunk']} / {r['bwd_chunk']} "
+                         f"| {dirs} | {r['fwd_us']:.0f} | {fb} |")
         lines.append("")
     if out.get("models"):
         lines += ["## Models (bf16; inference replayed from a CUDA graph; training: AdamW step)", "",

@@ -27,7 +27,7 @@ except ImportError:
 from mambatrim.ops import policy, triton_head, triton_norm, triton_rows, triton_scan, triton_vim
 from mambatrim.reduce import rmeeto_kernels
 
-LOW = {"oh_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
+LOW = {"oh_ptr", "out2_ptr", "u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "x_ptr", "h_ptr", "y_ptr", "dout_ptr", "du_ptr",
        "dz_ptr", "g_ptr", "dx_ptr", "ga_ptr", "xz_ptr"}  # activations in bf16 (the model's dtype), the rest fp32
 
 def build(kernel, constants, low=LOW):
@@ -47,7 +47,7 @@ def build(kernel, constants, low=LOW):
     triton.compile(ASTSource(kernel, sig, constants), target=GPUTarget("cuda", 90, 32))
 
 scan = dict(N=16, NP=16, BD=64, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, CHUNK_T=policy.get("scan_ckpt_chunk"),
-            BC8=True, T=0, STAGES=1)
+            BC8=True, T=0, STAGES=1, SPLIT_G=False, GATE_LAST=False)
 bwd = dict(N=16, NP=16, BD=32, SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, T=policy.get("scan_ckpt_chunk"),
            REVERSE=False, BC8=True)
 conv = dict(K=4, BL=policy.get("conv_block_l"), BE=policy.get("conv_block_e"), HAS_BIAS=True)
@@ -58,13 +58,22 @@ cases = {
         scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=True, STATE_ONLY=True,
         CARRY_IN=False)),
     "scan fwd split, outputs from carried states, training": (triton_scan._scan_fwd_kernel, dict(
-        scan, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False,
+        scan, GATE_LAST=True, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False,
         CARRY_IN=True)),
     "tiled scan fwd, pair, inference": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True,
         STATE_ONLY=False, CARRY_IN=False, STAGES=3)),
+    "tiled scan fwd, pair, inference, the gate on the sum (as Vim launches it)": (triton_scan._scan_fwd_kernel, dict(
+        scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=False,
+        STATE_ONLY=False, CARRY_IN=False, STAGES=3, GATE_LAST=True), LOW - {"B_ptr", "C_ptr"}),
+    "tiled scan fwd, pair, directions as separate programs, per-sample switch": (triton_scan._scan_fwd_kernel, dict(
+        scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True,
+        STATE_ONLY=False, CARRY_IN=True, STAGES=3, SPLIT_G=True), LOW - {"B_ptr", "C_ptr"}),
+    "tiled scan fwd split, chunk states, directions as separate programs": (triton_scan._scan_fwd_kernel, dict(
+        scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=False,
+        STATE_ONLY=True, CARRY_IN=False, STAGES=3, SPLIT_G=True), LOW - {"B_ptr", "C_ptr"}),
     "tiled scan fwd, pair, training, fp32 B and C (as launched)": (triton_scan._scan_fwd_kernel, dict(
-        scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False,
+        scan, GATE_LAST=True, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False,
         STATE_ONLY=False, CARRY_IN=True, STAGES=3), LOW - {"B_ptr", "C_ptr"}),
     "tiled scan fwd split, chunk states, pair with gaps": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=True, STORE_CKPT=False, HAS_ON=False,
@@ -143,4 +152,4 @@ def test_every_kernel_compiles_for_hopper() -> None:
         pytest.skip(results["skip"])
     failed = {name: r for name, r in results.items() if r != "ok"}
     assert not failed, "\n\n".join(f"{name}: {r}" for name, r in failed.items())
-    assert len(results) == 35
+    assert len(results) == 38

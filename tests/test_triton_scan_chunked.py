@@ -152,6 +152,53 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
         y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
 
+@pytest.mark.parametrize("tile,length,seq_split,with_gap", [
+    (4, 13, True, False),   # tiled, 2 sequence chunks per direction (chunk states stored per direction only)
+    (0, 11, False, True),   # the step walk, one pass, gaps
+])
+def test_pair_directions_as_separate_programs(tile: int, length: int, seq_split: bool, with_gap: bool) -> None:
+    """``scan_pair_split_below``: each direction of the pair runs in its own programs and writes its own output,
+    added after the launch; values and gradients match the reference, with and without the sequence split, and
+    so do per-sample direction switches (a sample with neither direction gets zeros)."""
+    tensors, gap, r = inputs(length + 7, 2, 5, length, 3, True)
+    gap = gap if with_gap else None
+    grad_out = r(2, 5, length)
+    settings = dict(dict(SMALL, scan_fwd_tile=tile), scan_pair_split_below=16,
+                    scan_seq_split="on" if seq_split else "off", scan_seq_chunk=8)
+    with policy.override(**settings):
+        assert triton_scan.pair_split(2, 5, 132)
+        got = values_and_grads(pair, tensors, gap, grad_out)
+    ref = values_and_grads(pair_ref, tensors, gap, grad_out)
+    for name, a, c in zip(NAMES, got, ref):
+        assert rel(a, c) < 1e-5, f"{name}: directions as separate programs vs reference, rel err {rel(a, c):.2e}"
+    on = torch.tensor([[0, 1], [0, 0]])
+    (u, delta, A, B, C, D, z, bias) = tensors
+    expected = 0.5 * selective_scan_ref(u[1], delta[1], A[1], B[1], C[1], D[1], z, bias[1], True, reverse=True,
+                                        gap=None if gap is None else gap[1]) * on[:, 1, None, None]
+    u = u.clone()
+    u[0] = float("nan")  # the forward direction is off for both samples: never read
+    args = [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
+    with torch.no_grad(), policy.override(**settings):
+        y = selective_scan_pair_triton(*args, True, 0.5, gap=None if gap is None else gap.to(DEVICE),
+                                       direction_on=on.to(DEVICE)).cpu()
+    assert rel(y, expected) < 1e-5
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+
+
+def test_pair_split_doubles_the_programs_below_its_threshold() -> None:
+    """The directions split where a pair pass (32 channels a program, tiled) runs fewer programs than
+    ``scan_pair_split_below`` per multiprocessor (Vim-S at 1024 px, batch 8: 192 on 132), and the sequence split
+    then counts the doubled programs; 0 never splits."""
+    with policy.override(scan_fwd_tile=4, scan_pair_split_below=4, scan_seq_split="auto",
+                         scan_fwd_tile_split_below=2, scan_seq_programs=16, scan_seq_chunk=64):
+        assert triton_scan.pair_split(8, 768, 132)
+        assert not triton_scan.pair_split(128, 768, 132)
+        assert fwd_chunk(4097, 8, 768, 132, split_g=True) == 4097  # 384 programs: one pass
+        assert fwd_chunk(4097, 8, 768, 132) < 4097
+    with policy.override(scan_fwd_tile=4, scan_pair_split_below=0):
+        assert not triton_scan.pair_split(1, 768, 132)
+
+
 @pytest.mark.parametrize("tile,length,ckpt,split,is_pair,with_gap", [
     (2, 13, 4, True, True, False),    # 2-step tiles, backward segments with carries, the last chunk partial
     (4, 13, 8, False, False, False),  # one reversed direction, two 4-step tiles a chunk, the last partial

@@ -62,6 +62,10 @@ SETTINGS: dict[str, Setting] = {
     "scan_fwd_bc_fp32": Setting(True, "the tiled forward reads 16-bit B and C from fp32 copies made once per call "
                                       "(otherwise each thread converts every value of its tile: H100, Vim-S 1.02-"
                                       "1.06x; the step walk loses from them and never uses them)"),
+    "scan_pair_split_below": Setting(0, "the fused pair's forward runs its two directions as separate programs "
+                                     "(the second writing its own output, added after) where one program per "
+                                     "channel block and sample would run fewer than this many programs per "
+                                     "multiprocessor (0: never)", choices=(0, 1, 2, 3, 4, 6, 8, 16)),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_bwd_tile": Setting(2, "backward scan schedule: T > 0 takes T steps at a time (in-thread scans of the "

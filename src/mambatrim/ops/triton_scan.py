@@ -119,7 +119,7 @@ def _eighths(x, BC8: tl.constexpr):
 
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, ckpt_ptr, on_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gap_ptr, out_ptr, out2_ptr, ckpt_ptr, on_ptr,
     st_ptr, sum_ptr,
     L, E, n_chunks, scale, TC, NS,
     su_g, su_b, su_d, su_t,
@@ -133,13 +133,23 @@ def _scan_fwd_kernel(
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
     STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr,
+    SPLIT_G: tl.constexpr, GATE_LAST: tl.constexpr,
 ):
     """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
     Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
     exponent (per channel: the chunk's total decay is exp2(A2 * sum)); ``CARRY_IN`` then folds the states of
     the chunks before this one (in scan order) into its true initial state and writes the outputs. The walk
-    goes one step at a time (``T`` = 0, :func:`_walk_steps`) or ``T`` steps at a time (:func:`_walk_tiles`)."""
+    goes one step at a time (``T`` = 0, :func:`_walk_steps`) or ``T`` steps at a time (:func:`_walk_tiles`).
+    ``SPLIT_G`` (pair): the directions run as separate programs (grid axis 0 holds channel blocks x 2), the
+    second writing its own output to ``out2_ptr`` (same strides) for the host to add: twice the programs where
+    a pair pass would leave the GPU idle. ``GATE_LAST`` (pair, one program both directions, no per-sample
+    switches): the gate multiplies the sum of both directions, so the first writes its output ungated and the
+    second gates the sum (one silu a position instead of two)."""
     pid_d = tl.program_id(0)
+    pid_g = 0
+    if SPLIT_G:
+        pid_g = pid_d // tl.cdiv(E, BD)
+        pid_d = pid_d % tl.cdiv(E, BD)
     pid_b = tl.program_id(1)
     pid_c = tl.program_id(2)
     sB_g, sB_b, sB_t = _eighths(sB_g, BC8), _eighths(sB_b, BC8), _eighths(sB_t, BC8)
@@ -159,18 +169,22 @@ def _scan_fwd_kernel(
         else:
             rev = REVERSE
             acc = False
+        mine = 1  # this program runs direction g
+        if SPLIT_G:
+            acc = False
+            mine = (pid_g == g).to(tl.int32)
         if STATE_ONLY:
             acc = False
         s0 = p0  # first scan step of the chunk
         if rev:
             s0 = L - p1
-        steps = p1 - p0
+        steps = (p1 - p0) * mine
         acc_on = 1
         if HAS_ON:  # per-sample direction switch (inference): a switched-off direction costs no scan step
             on_g = (tl.load(on_ptr + pid_b * G + g) != 0).to(tl.int32)
             steps = steps * on_g
             acc_on = n_on  # add to the first direction's output only if it was written
-            n_on = n_on + on_g
+            n_on = n_on + on_g * mine
         s_end = s0 + steps
         A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
         A2 = A2 * 1.4426950408889634
@@ -184,6 +198,9 @@ def _scan_fwd_kernel(
         d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
         z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
         o_base = out_ptr + pid_b * so_b + d * so_d
+        if SPLIT_G:
+            if g == 1:
+                o_base = out2_ptr + pid_b * so_b + d * so_d
         B_base = B_ptr + g * sB_g + pid_b * sB_b + n * sB_n
         C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
         ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
@@ -197,20 +214,30 @@ def _scan_fwd_kernel(
             h, ex_sum = _walk_steps(
                 h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
-                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY)
+                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY)
         else:
             h, ex_sum = _walk_tiles(
                 h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
-                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES)
+                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES)
         if STATE_ONLY:
-            tl.store(st_base + pid_c * (N * E), h, mask=mask2)
-            tl.store(sm_base + pid_c * E, ex_sum, mask=dmask)
-    if HAS_ON:  # every direction switched off: the output is zero
+            tl.store(st_base + pid_c * (N * E), h, mask=mask2 & (mine != 0))
+            tl.store(sm_base + pid_c * E, ex_sum, mask=dmask & (mine != 0))
+    if HAS_ON:  # every direction (of this program) switched off: the output is zero
         if not STATE_ONLY:
-            o_base = out_ptr + pid_b * so_b + d * so_d
-            for t in range(p0, p0 + (p1 - p0) * (n_on == 0).to(tl.int32)):
-                tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+            for g in tl.static_range(1 + SPLIT_G):  # SPLIT_G: the program's own output
+                o_base = out_ptr + pid_b * so_b + d * so_d
+                if g == 1:
+                    o_base = out2_ptr + pid_b * so_b + d * so_d
+                for t in range(p0, p0 + (p1 - p0) * ((n_on == 0) & (pid_g == g)).to(tl.int32)):
+                    tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _gate(y, z):
+    """``y * silu(z)`` (fp32; z in its raw dtype)."""
+    zz = z.to(tl.float32)
+    return y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
 
 
 @triton.jit
@@ -219,8 +246,7 @@ def _skip_and_gate(y, u, z, Dv, scale, HAS_D: tl.constexpr, HAS_Z: tl.constexpr)
     if HAS_D:
         y = y + Dv * u
     if HAS_Z:
-        zz = z.to(tl.float32)
-        y = y * zz / (1.0 + tl.exp2(-zz * 1.4426950408889634))
+        y = _gate(y, z)
     return y * scale
 
 
@@ -228,7 +254,8 @@ def _skip_and_gate(y, u, z, Dv, scale, HAS_D: tl.constexpr, HAS_Z: tl.constexpr)
 def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
                 su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
                 dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
-                SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GATE_AFTER: tl.constexpr,
+                HAS_BIAS: tl.constexpr,
                 HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, STATE_ONLY: tl.constexpr):
     """One direction's scan steps ``s0 .. s_end`` from state ``h``, one step at a time (a warp holds a block of
     channels, 4 states a thread); returns the final state and the summed decay exponent."""
@@ -263,9 +290,12 @@ def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
             ex_sum += ex
         h = tl.exp2(ex[None, :] * A2) * h + B0.to(tl.float32)[:, None] * (dt * u)[None, :]
         if not STATE_ONLY:
-            y = _skip_and_gate(tl.sum(h * C0.to(tl.float32)[:, None], axis=0), u, z0, Dv, scale, HAS_D, HAS_Z)
+            y = _skip_and_gate(tl.sum(h * C0.to(tl.float32)[:, None], axis=0), u, z0, Dv, scale, HAS_D,
+                               HAS_Z and not GATE_AFTER)
             if acc:
                 y = y + p0v.to(tl.float32)
+            if GATE_AFTER:  # the pair's gate on the sum of both directions
+                y = _gate(y, z0)
             tl.store(o_base + t * so_t, y.to(o_base.dtype.element_ty), mask=dmask)
         if STORE_CKPT:
             if (s + 1) % CHUNK_T == 0:
@@ -312,7 +342,8 @@ def _tile_delta(s, lo, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, H
 def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
                 su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
                 dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
-                SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GATE_AFTER: tl.constexpr,
+                HAS_BIAS: tl.constexpr,
                 HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, STATE_ONLY: tl.constexpr, T: tl.constexpr,
                 STAGES: tl.constexpr):
     """The same walk ``T`` steps at a time (the tiled schedule, ``scan_fwd_tile``): the (T, states, channels)
@@ -351,9 +382,11 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
             if HAS_Z:
                 zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
             y = _skip_and_gate(tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1), u, zz, Dv[None, :], scale, HAS_D,
-                               HAS_Z)
+                               HAS_Z and not GATE_AFTER)
             if acc:
                 y = y + tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
+            if GATE_AFTER:  # the pair's gate on the sum of both directions
+                y = _gate(y, zz)
             tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
         if STORE_CKPT:
             if CHUNK_T % T == 0:  # the state after the tile, where a checkpoint chunk ends there
@@ -1059,11 +1092,14 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     block_d, warps = fwd_block()
     chunk = chunk or policy.get("scan_ckpt_chunk")
     n_blocks = triton.cdiv(E, block_d)
-    tc = fwd_chunk(L, bsz, E, _sm_count(u.device))
+    sms = _sm_count(u.device)
+    split_g = pair and pair_split(bsz, E, sms)
+    tc = fwd_chunk(L, bsz, E, sms, split_g)
     n_seq = triton.cdiv(L, tc)
     states, sums = _chunk_buffers(u, G, bsz, n_seq, N, E)
+    out2 = torch.empty_like(out) if split_g else dummy  # the second direction's own output
     args = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-            bias if bias is not None else dummy, gap if gap is not None else dummy, out, ckpt,
+            bias if bias is not None else dummy, gap if gap is not None else dummy, out, out2, ckpt,
             on if on is not None else dummy, states, sums, L, E, triton.cdiv(L, chunk), scale, tc, n_seq,
             *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
             *(_strides4(z) if z is not None else (0, 0, 0, 0)),
@@ -1072,13 +1108,16 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
                  HAS_GAP=gap is not None, HAS_ON=on is not None, BC8=_strides_of_8(B, C), T=tile,
-                 STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, num_warps=warps)
-    grid = (n_blocks, bsz, n_seq)
+                 STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, SPLIT_G=split_g,
+                 GATE_LAST=pair and z is not None and on is None and not split_g, num_warps=warps)
+    grid = (n_blocks * (2 if split_g else 1), bsz, n_seq)
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
     global LAST_FWD
     LAST_FWD = _scan_fwd_kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1,
                                       **flags)
+    if split_g:
+        out.add_(out2)
 
 
 def fwd_block() -> tuple[int, int]:
@@ -1090,10 +1129,18 @@ def fwd_block() -> tuple[int, int]:
     return policy.get("scan_fwd_block_d"), policy.get("scan_fwd_warps")
 
 
-def fwd_chunk(length: int, bsz: int, dim: int, sms: int) -> int:
-    """Sequence positions per program of the forward scan under the current policy (``length``: one pass)."""
+def pair_split(bsz: int, dim: int, sms: int) -> bool:
+    """Whether the fused pair's forward runs its two directions as separate programs (each writing its own
+    output, added on the host): where one program a channel block and sample, walking both directions, would
+    run fewer than ``scan_pair_split_below`` programs per multiprocessor."""
+    return triton.cdiv(dim, fwd_block()[0]) * bsz < policy.get("scan_pair_split_below") * sms
+
+
+def fwd_chunk(length: int, bsz: int, dim: int, sms: int, split_g: bool = False) -> int:
+    """Sequence positions per program of the forward scan under the current policy (``length``: one pass);
+    ``split_g``: the pair's directions run as separate programs (:func:`pair_split`)."""
     tile = policy.get("scan_fwd_tile")
-    return seq_chunk(length, triton.cdiv(dim, fwd_block()[0]) * bsz, sms,
+    return seq_chunk(length, triton.cdiv(dim, fwd_block()[0]) * bsz * (2 if split_g else 1), sms,
                      split_below=policy.get("scan_fwd_tile_split_below") if tile else None)
 
 
