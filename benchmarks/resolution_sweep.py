@@ -130,7 +130,7 @@ def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
                 continue
             with policy.override(**settings):
                 sms = torch.cuda.get_device_properties(0).multi_processor_count
-                split_g = pair_split(bsz, dim, sms)  # directions as separate programs
+                split_g = pair_split(length, bsz, dim, sms)  # directions as separate programs
                 chunk = fwd_chunk(length, bsz, dim, sms, split_g)
                 bwd_chunk = seq_chunk(length, 2 * bsz * -(-dim // policy.get("scan_bwd_block_d")), sms,
                                       multiple=policy.get("scan_ckpt_chunk"), backward=True)

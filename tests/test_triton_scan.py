@@ -117,8 +117,11 @@ def pair_inputs(seed: int, bsz: int, dim: int, length: int, n: int):
     return (u, delta, A, B, C, D, z, bias), r
 
 
-def test_pair_matches_two_reference_scans() -> None:
-    """One launch, both directions, token-major I/O == (ref(fwd) + ref(reverse)) / 2, values and grads."""
+@pytest.mark.parametrize("split", [False, True])
+def test_pair_matches_two_reference_scans(split: bool) -> None:
+    """One launch, both directions, token-major I/O == (ref(fwd) + ref(reverse)) / 2, values and grads; both
+    directions in one program (the gate applied once, to their sum) or in separate programs
+    (``scan_pair_split_below``: each direction its own output, added after)."""
     bsz, dim, length = 2, 6, 23
     (u, delta, A, B, C, D, z, bias), r = pair_inputs(11, bsz, dim, length, 4)
     grad_out = r(bsz, dim, length)
@@ -137,7 +140,9 @@ def test_pair_matches_two_reference_scans() -> None:
               for i in range(2)]
         return (ys[0] + ys[1]) / 2
 
-    for name, a, b in zip(NAMES, grads(pair), grads(two_refs)):
+    with policy.override(scan_pair_split_below=16 if split else 0):
+        got = grads(pair)
+    for name, a, b in zip(NAMES, got, grads(two_refs)):
         assert rel(a, b) < 1e-5, f"{name}: rel err {rel(a, b):.2e}"
 
 

@@ -26,7 +26,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 NAMES = ["y", "u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 # the step walks (scan_fwd_tile=0, scan_bwd_tile=0) with small channel blocks; the tiled walks (the defaults) have
 # their own tests below
-SMALL = dict(scan_fwd_tile=0, scan_bwd_tile=0, scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4)
+SMALL = dict(scan_fwd_tile=0, scan_bwd_tile=0, scan_fwd_block_d=4, scan_bwd_block_d=4, scan_ckpt_chunk=4,
+             scan_pair_split_below=0)  # the pair's directions in one program (separate programs: their own test)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -166,7 +167,7 @@ def test_pair_directions_as_separate_programs(tile: int, length: int, seq_split:
     settings = dict(dict(SMALL, scan_fwd_tile=tile), scan_pair_split_below=16,
                     scan_seq_split="on" if seq_split else "off", scan_seq_chunk=8)
     with policy.override(**settings):
-        assert triton_scan.pair_split(2, 5, 132)
+        assert triton_scan.pair_split(length, 2, 5, 132)
         got = values_and_grads(pair, tensors, gap, grad_out)
     ref = values_and_grads(pair_ref, tensors, gap, grad_out)
     for name, a, c in zip(NAMES, got, ref):
@@ -187,16 +188,20 @@ def test_pair_directions_as_separate_programs(tile: int, length: int, seq_split:
 
 def test_pair_split_doubles_the_programs_below_its_threshold() -> None:
     """The directions split where a pair pass (32 channels a program, tiled) runs fewer programs than
-    ``scan_pair_split_below`` per multiprocessor (Vim-S at 1024 px, batch 8: 192 on 132), and the sequence split
-    then counts the doubled programs; 0 never splits."""
-    with policy.override(scan_fwd_tile=4, scan_pair_split_below=4, scan_seq_split="auto",
-                         scan_fwd_tile_split_below=2, scan_seq_programs=16, scan_seq_chunk=64):
-        assert triton_scan.pair_split(8, 768, 132)
-        assert not triton_scan.pair_split(128, 768, 132)
-        assert fwd_chunk(4097, 8, 768, 132, split_g=True) == 4097  # 384 programs: one pass
-        assert fwd_chunk(4097, 8, 768, 132) < 4097
+    ``scan_pair_split_below`` per multiprocessor (Vim-S, batch 8: 192 on 132; batch 16: 384), and the sequence
+    split then counts the doubled programs. Where the pair pass would split the sequence, sequences longer than
+    ``scan_pair_split_max_len`` keep that split (1024 px, batch 8); batch 16 at 768 px splits no sequence either
+    way; 0 never splits."""
+    with policy.override(scan_fwd_tile=4, scan_pair_split_below=4, scan_pair_split_max_len=2048,
+                         scan_seq_split="auto", scan_fwd_tile_split_below=2, scan_seq_programs=16, scan_seq_chunk=64):
+        assert triton_scan.pair_split(1025, 8, 768, 132)
+        assert fwd_chunk(1025, 8, 768, 132, split_g=True) == 1025  # 384 programs: one pass
+        assert fwd_chunk(1025, 8, 768, 132) < 1025
+        assert not triton_scan.pair_split(4097, 8, 768, 132)
+        assert triton_scan.pair_split(2305, 16, 768, 132)
+        assert not triton_scan.pair_split(197, 128, 768, 132)
     with policy.override(scan_fwd_tile=4, scan_pair_split_below=0):
-        assert not triton_scan.pair_split(1, 768, 132)
+        assert not triton_scan.pair_split(197, 1, 768, 132)
 
 
 @pytest.mark.parametrize("tile,length,ckpt,split,is_pair,with_gap", [

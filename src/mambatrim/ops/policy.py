@@ -62,10 +62,14 @@ SETTINGS: dict[str, Setting] = {
     "scan_fwd_bc_fp32": Setting(True, "the tiled forward reads 16-bit B and C from fp32 copies made once per call "
                                       "(otherwise each thread converts every value of its tile: H100, Vim-S 1.02-"
                                       "1.06x; the step walk loses from them and never uses them)"),
-    "scan_pair_split_below": Setting(0, "the fused pair's forward runs its two directions as separate programs "
+    "scan_pair_split_below": Setting(4, "the fused pair's forward runs its two directions as separate programs "
                                      "(the second writing its own output, added after) where one program per "
                                      "channel block and sample would run fewer than this many programs per "
-                                     "multiprocessor (0: never)", choices=(0, 1, 2, 3, 4, 6, 8, 16)),
+                                     "multiprocessor (0: never; H100, 768 channels, batch 8: 1.11-1.20x at 197-577 "
+                                     "positions, batch 16 at 2,305: 1.13-1.17x)", choices=(0, 1, 2, 3, 4, 6, 8, 16)),
+    "scan_pair_split_max_len": Setting(2048, "where the pair pass would split the sequence instead, the directions "
+                                       "run as separate programs only up to this many positions (H100, batch 8: "
+                                       "0.91-1.00x at 4,097, 1.01-1.02x at 2,305)"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_bwd_tile": Setting(2, "backward scan schedule: T > 0 takes T steps at a time (in-thread scans of the "

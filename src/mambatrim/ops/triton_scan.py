@@ -1093,7 +1093,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     chunk = chunk or policy.get("scan_ckpt_chunk")
     n_blocks = triton.cdiv(E, block_d)
     sms = _sm_count(u.device)
-    split_g = pair and pair_split(bsz, E, sms)
+    split_g = pair and pair_split(L, bsz, E, sms)
     tc = fwd_chunk(L, bsz, E, sms, split_g)
     n_seq = triton.cdiv(L, tc)
     states, sums = _chunk_buffers(u, G, bsz, n_seq, N, E)
@@ -1129,11 +1129,15 @@ def fwd_block() -> tuple[int, int]:
     return policy.get("scan_fwd_block_d"), policy.get("scan_fwd_warps")
 
 
-def pair_split(bsz: int, dim: int, sms: int) -> bool:
+def pair_split(length: int, bsz: int, dim: int, sms: int) -> bool:
     """Whether the fused pair's forward runs its two directions as separate programs (each writing its own
     output, added on the host): where one program a channel block and sample, walking both directions, would
-    run fewer than ``scan_pair_split_below`` programs per multiprocessor."""
-    return triton.cdiv(dim, fwd_block()[0]) * bsz < policy.get("scan_pair_split_below") * sms
+    run fewer than ``scan_pair_split_below`` programs per multiprocessor. Where that pair pass would split the
+    sequence instead (:func:`fwd_chunk`), only up to ``scan_pair_split_max_len`` positions: a longer walk of
+    one direction per program is slower than the split's two passes with many programs."""
+    if triton.cdiv(dim, fwd_block()[0]) * bsz >= policy.get("scan_pair_split_below") * sms:
+        return False
+    return length <= policy.get("scan_pair_split_max_len") or fwd_chunk(length, bsz, dim, sms) == length
 
 
 def fwd_chunk(length: int, bsz: int, dim: int, sms: int, split_g: bool = False) -> int:
