@@ -65,11 +65,11 @@ SETTINGS: dict[str, Setting] = {
     "scan_pair_split_below": Setting(4, "the fused pair's forward runs its two directions as separate programs "
                                      "(the second writing its own output, added after) where one program per "
                                      "channel block and sample would run fewer than this many programs per "
-                                     "multiprocessor (0: never; H100, 768 channels, batch 8: 1.11-1.20x at 197-577 "
-                                     "positions, batch 16 at 2,305: 1.13-1.17x)", choices=(0, 1, 2, 3, 4, 6, 8, 16)),
+                                     "multiprocessor (0: never; H100, 768 channels, batch 8: 1.14-1.20x at 197-577 "
+                                     "positions, batch 16 at 2,305: 1.09-1.14x)", choices=(0, 1, 2, 3, 4, 6, 8, 16)),
     "scan_pair_split_max_len": Setting(2048, "where the pair pass would split the sequence instead, the directions "
                                        "run as separate programs only up to this many positions (H100, batch 8: "
-                                       "0.91-1.00x at 4,097, 1.01-1.02x at 2,305)"),
+                                       "0.88-1.06x at 4,097, 1.02x at 2,305, 1.00-1.09x at 1,025)"),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_bwd_tile": Setting(2, "backward scan schedule: T > 0 takes T steps at a time (in-thread scans of the "
