@@ -210,16 +210,19 @@ def _scan_fwd_kernel(
         if CARRY_IN:
             h = _carry_in(st_base, sm_base, A2, pid_c, NS, rev, (steps > 0).to(tl.int32), N, E, mask2,
                           dmask, NP, BD)
+        # GATE_LAST: the first direction writes ungated (no z), the second gates the sum after adding
         if T == 0:
             h, ex_sum = _walk_steps(
                 h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
-                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY)
+                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS,
+                HAS_GAP, STORE_CKPT, STATE_ONLY)
         else:
             h, ex_sum = _walk_tiles(
                 h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
-                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES)
+                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS,
+                HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES)
         if STATE_ONLY:
             tl.store(st_base + pid_c * (N * E), h, mask=mask2 & (mine != 0))
             tl.store(sm_base + pid_c * E, ex_sum, mask=dmask & (mine != 0))
