@@ -119,20 +119,25 @@ def test_split_with_per_sample_direction_switch() -> None:
 
 
 
-@pytest.mark.parametrize("tile,length,chunk,is_pair,n", [
-    (4, 13, 8, True, 3),    # tiles of 4 across 2 sequence chunks, the last tile partial, gaps across boundaries
-    (8, 13, 64, True, 8),   # one pass; a tile holds two stored states (checkpoint every 4 steps); B and C
-                            # strides multiples of 8 (read as such)
-    (2, 10, 4, False, 3),   # one reversed direction
+@pytest.mark.parametrize("tile,length,chunk,is_pair,n,prefetch", [
+    (4, 13, 8, True, 3, False),   # tiles of 4 across 2 sequence chunks, the last tile partial, gaps across
+                                  # boundaries
+    (4, 13, 8, True, 3, True),    # the same with per-channel inputs loaded one tile ahead
+    (8, 13, 64, True, 8, False),  # one pass; a tile holds two stored states (checkpoint every 4 steps); B and C
+                                  # strides multiples of 8 (read as such)
+    (2, 10, 4, False, 3, True),   # one reversed direction, inputs one tile ahead
 ])
-def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_pair: bool, n: int) -> None:
+def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_pair: bool, n: int,
+                                        prefetch: bool) -> None:
     """The tiled forward (``scan_fwd_tile``: T steps at a time, a channel's states in one thread) gives the
     reference's values, and the states it stores for the backward give the reference's gradients, split along
-    the sequence or not; per-sample direction switches hold too."""
+    the sequence or not, with per-channel inputs loaded one tile ahead (``scan_fwd_prefetch_below``) or not;
+    per-sample direction switches hold too."""
     tensors, gap, r = inputs(length + tile, 2, 5, length, n, is_pair)
     grad_out = r(2, 5, length)
     fn, ref_fn = (pair, pair_ref) if is_pair else (single, single_ref)
-    with policy.override(**dict(SMALL, scan_fwd_tile=tile), scan_seq_split="on", scan_seq_chunk=chunk):
+    fast = dict(scan_fwd_prefetch_below=64 if prefetch else 0)
+    with policy.override(**dict(SMALL, scan_fwd_tile=tile), scan_seq_split="on", scan_seq_chunk=chunk, **fast):
         got = values_and_grads(fn, tensors, gap, grad_out)
     ref = values_and_grads(ref_fn, tensors, gap, grad_out)
     for name, a, c in zip(NAMES, got, ref):
@@ -148,7 +153,7 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
     u[0, 0] = float("nan")  # sample 0 skips the forward direction: its input is never read
     args = [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
     with torch.no_grad(), policy.override(**dict(SMALL, scan_fwd_tile=tile), scan_seq_split="on",
-                                          scan_seq_chunk=chunk):
+                                          scan_seq_chunk=chunk, **fast):
         y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
 
@@ -163,7 +168,7 @@ def test_pair_directions_as_separate_programs(tile: int, length: int, seq_split:
     tensors, gap, r = inputs(length + 7, 2, 5, length, 3, True)
     gap = gap if with_gap else None
     grad_out = r(2, 5, length)
-    settings = dict(dict(SMALL, scan_fwd_tile=tile), scan_pair_split_below=16,
+    settings = dict(dict(SMALL, scan_fwd_tile=tile), scan_pair_split_below=16, scan_fwd_prefetch_below=64,
                     scan_seq_split="on" if seq_split else "off", scan_seq_chunk=8)
     with policy.override(**settings):
         assert triton_scan.pair_split(2, 5, 132)

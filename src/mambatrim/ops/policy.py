@@ -66,6 +66,10 @@ SETTINGS: dict[str, Setting] = {
                                      "(the second writing its own output, added after) where one program per "
                                      "channel block and sample would run fewer than this many programs per "
                                      "multiprocessor (0: never)", choices=(0, 1, 2, 3, 4, 6, 8, 16)),
+    "scan_fwd_prefetch_below": Setting(0, "the tiled forward loads each thread's step sizes, u and z one tile ahead "
+                                       "(16-bit values: no asynchronous copies) where its launch runs fewer than "
+                                       "this many programs per multiprocessor (0: never)",
+                                       choices=(0, 1, 2, 4, 8, 16, 32, 64)),
     "scan_bwd_block_d": Setting(32, "channels per program of the backward scan"),
     "scan_bwd_warps": Setting(1, "warps per program of the backward scan"),
     "scan_bwd_tile": Setting(2, "backward scan schedule: T > 0 takes T steps at a time (in-thread scans of the "

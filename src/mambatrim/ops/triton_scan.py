@@ -133,7 +133,7 @@ def _scan_fwd_kernel(
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
     STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr,
-    SPLIT_G: tl.constexpr, GATE_LAST: tl.constexpr,
+    SPLIT_G: tl.constexpr, GATE_LAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
     Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
@@ -144,7 +144,8 @@ def _scan_fwd_kernel(
     second writing its own output to ``out2_ptr`` (same strides) for the host to add: twice the programs where
     a pair pass would leave the GPU idle. ``GATE_LAST`` (pair, one program both directions, no per-sample
     switches): the gate multiplies the sum of both directions, so the first writes its output ungated and the
-    second gates the sum (one silu a position instead of two)."""
+    second gates the sum (one silu a position instead of two). ``PREFETCH`` (tiled walk): per-channel inputs loaded
+    one tile ahead (:func:`_walk_tiles`)."""
     pid_d = tl.program_id(0)
     pid_g = 0
     if SPLIT_G:
@@ -219,7 +220,8 @@ def _scan_fwd_kernel(
             h, ex_sum = _walk_tiles(
                 h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
                 sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
-                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES)
+                CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS, HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES,
+                PREFETCH)
         if STATE_ONLY:
             tl.store(st_base + pid_c * (N * E), h, mask=mask2 & (mine != 0))
             tl.store(sm_base + pid_c * E, ex_sum, mask=dmask & (mine != 0))
@@ -339,17 +341,41 @@ def _tile_delta(s, lo, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, H
 
 
 @triton.jit
+def _tile_inputs(c, start, s0, s_end, L, rev: tl.constexpr, k, T: tl.constexpr, d_base, sd_t, u_base, su_t, z_base,
+                 sz_t, o_base, so_t, dmask, acc_on, acc: tl.constexpr, HAS_Z: tl.constexpr, STATE_ONLY: tl.constexpr):
+    """Tile ``c``'s per-channel inputs in their raw dtypes, (T, channels): step sizes, u, z (u without a gate or
+    in the state-only pass) and the earlier direction's output (u unless ``acc``); zeros outside ``[s0, s_end)``."""
+    s = start + c * T + k
+    ok = (s < s_end) & (s >= s0)
+    m = ok[:, None] & dmask[None, :]
+    t = _time_index(s, L, rev)
+    raw = tl.load(d_base[None, :] + t[:, None] * sd_t, mask=m, other=0.0)
+    u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0)
+    zz = u
+    if HAS_Z and not STATE_ONLY:
+        zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
+    prev = u
+    if acc:
+        prev = tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0)
+    return raw, u, zz, prev
+
+
+@triton.jit
 def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
                 su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
                 dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GATE_AFTER: tl.constexpr,
                 HAS_BIAS: tl.constexpr,
                 HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, STATE_ONLY: tl.constexpr, T: tl.constexpr,
-                STAGES: tl.constexpr):
+                STAGES: tl.constexpr, PREFETCH: tl.constexpr):
     """The same walk ``T`` steps at a time (the tiled schedule, ``scan_fwd_tile``): the (T, states, channels)
     tile's step exponentials do not depend on the state and are issued together; one thread holds all states of
     its channel (BD = 32 x warps), so the recurrence runs inside each thread (one FMA a state and step) and the
-    C-contraction needs no shuffle. The loop must be software-pipelined (``STAGES`` > 1) to pay."""
+    C-contraction needs no shuffle. The loop must be software-pipelined (``STAGES`` > 1) to pay: that prefetches
+    B and C (asynchronous copies); a thread's 16-bit step sizes, u, z and earlier output are below the copies'
+    4-byte minimum, so with ``PREFETCH`` they are loaded one tile ahead by hand: their latency is otherwise exposed
+    every tile where few warps share a multiprocessor (long sequences at small batch); elsewhere the extra
+    instructions (the carried values' moves) cost more than they hide."""
     k = tl.arange(0, T)
     first = (k == 0)[:, None, None]
     last = (k == T - 1)[:, None, None]
@@ -359,10 +385,23 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         # tiles on multiples of T, so that a stored state (every CHUNK_T steps) is always a tile's last one; the
         # rows before s0 of the first tile are masked (step size 0: no decay, no input)
         start = s0 - s0 % T
+    if PREFETCH:
+        raw, u_in, z_in, prev = _tile_inputs(0, start, s0, s_end, L, rev, k, T, d_base, sd_t, u_base, su_t, z_base,
+                                             sz_t, o_base, so_t, dmask, acc_on, acc, HAS_Z, STATE_ONLY)
     for c in tl.range(tl.cdiv(s_end - start, T) * (steps > 0).to(tl.int32), num_stages=STAGES):
+        if PREFETCH:
+            raw_n, u_n, z_n, prev_n = _tile_inputs(c + 1, start, s0, s_end, L, rev, k, T, d_base, sd_t, u_base,
+                                                   su_t, z_base, sz_t, o_base, so_t, dmask, acc_on, acc, HAS_Z,
+                                                   STATE_ONLY)
+        else:
+            raw, u_in, z_in, prev = _tile_inputs(c, start, s0, s_end, L, rev, k, T, d_base, sd_t, u_base, su_t,
+                                                 z_base, sz_t, o_base, so_t, dmask, acc_on, acc, HAS_Z, STATE_ONLY)
         s = start + c * T + k
-        dt, m, t, ok = _tile_delta(s, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
+        ok = (s < s_end) & (s >= s0)
+        m = ok[:, None] & dmask[None, :]
+        t = _time_index(s, L, rev)
+        dt = tl.where(m, _delta(raw, bias[None, :], HAS_BIAS, SOFTPLUS), 0.0)
+        u = u_in.to(tl.float32)
         Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
         ex = dt
         if HAS_GAP:  # a skipped position's step size decays the state too (zero before the first step); the
@@ -378,15 +417,12 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         h = tl.sum(tl.where(last, hs, -0.0), axis=0)
         if not STATE_ONLY:
             Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=ok[:, None] & nmask[None, :], other=0.0)
-            zz = u
-            if HAS_Z:
-                zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
-            y = _skip_and_gate(tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1), u, zz, Dv[None, :], scale, HAS_D,
+            y = _skip_and_gate(tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1), u, z_in, Dv[None, :], scale, HAS_D,
                                HAS_Z and not GATE_AFTER)
             if acc:
-                y = y + tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
+                y = y + prev.to(tl.float32)
             if GATE_AFTER:  # the pair's gate on the sum of both directions
-                y = _gate(y, zz)
+                y = _gate(y, z_in)
             tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
         if STORE_CKPT:
             if CHUNK_T % T == 0:  # the state after the tile, where a checkpoint chunk ends there
@@ -398,6 +434,8 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
                 keep = ok & (nxt % CHUNK_T == 0) & (nxt < L)
                 tl.store(ck_base[None, :, :] + (nxt // CHUNK_T)[:, None, None] * N, hs,
                          mask=keep[:, None, None] & mask2[None, :, :])
+        if PREFETCH:
+            raw, u_in, z_in, prev = raw_n, u_n, z_n, prev_n
     return h, ex_sum
 
 
@@ -1111,6 +1149,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
                  STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, SPLIT_G=split_g,
                  GATE_LAST=pair and z is not None and on is None and not split_g, num_warps=warps)
     grid = (n_blocks * (2 if split_g else 1), bsz, n_seq)
+    flags["PREFETCH"] = bool(tile) and grid[0] * bsz * n_seq < policy.get("scan_fwd_prefetch_below") * sms
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
     global LAST_FWD
