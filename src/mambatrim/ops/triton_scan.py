@@ -197,10 +197,7 @@ def _scan_fwd_kernel(
         u_base = u_ptr + g * su_g + pid_b * su_b + d * su_d
         d_base = dl_ptr + g * sd_g + pid_b * sd_b + d * sd_d
         z_base = z_ptr + g * sz_g + pid_b * sz_b + d * sz_d
-        o_base = out_ptr + pid_b * so_b + d * so_d
-        if SPLIT_G:
-            if g == 1:
-                o_base = out2_ptr + pid_b * so_b + d * so_d
+        o_base = _out_rows(out_ptr, out2_ptr, g, SPLIT_G, pid_b, so_b, d, so_d)
         B_base = B_ptr + g * sB_g + pid_b * sB_b + n * sB_n
         C_base = C_ptr + g * sC_g + pid_b * sC_b + n * sC_n
         ck_base = ckpt_ptr + ((g * tl.num_programs(1) + pid_b) * E + d[None, :]) * (n_chunks * N) + n[:, None]
@@ -229,11 +226,20 @@ def _scan_fwd_kernel(
     if HAS_ON:  # every direction (of this program) switched off: the output is zero
         if not STATE_ONLY:
             for g in tl.static_range(1 + SPLIT_G):  # SPLIT_G: the program's own output
-                o_base = out_ptr + pid_b * so_b + d * so_d
-                if g == 1:
-                    o_base = out2_ptr + pid_b * so_b + d * so_d
+                o_base = _out_rows(out_ptr, out2_ptr, g, SPLIT_G, pid_b, so_b, d, so_d)
                 for t in range(p0, p0 + (p1 - p0) * ((n_on == 0) & (pid_g == g)).to(tl.int32)):
                     tl.store(o_base + t * so_t, tl.zeros((BD,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _out_rows(out_ptr, out2_ptr, g: tl.constexpr, SPLIT_G: tl.constexpr, pid_b, so_b, d, so_d):
+    """Where direction ``g`` writes sample ``pid_b``'s channels ``d`` (time 0): the shared output, or under
+    ``SPLIT_G`` the second direction's own."""
+    base = out_ptr
+    if SPLIT_G:
+        if g == 1:
+            base = out2_ptr
+    return base + pid_b * so_b + d * so_d
 
 
 @triton.jit
