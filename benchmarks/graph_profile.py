@@ -1,14 +1,15 @@
 """Where a CUDA-graph forward's GPU time goes: kernel time by kernel name, dense Vim-S vs reduced models.
 
-Captures each configuration's whole forward (bf16 autocast, batch 128, random weights) in a CUDA graph, times
-the replay, then profiles a few replays with ``torch.profiler`` and sums the kernels' device time by name. The
+Captures each configuration's whole forward (bf16 autocast, batch 128 at 224 px by default, random weights) in a
+CUDA graph, times the replay, then profiles a few replays with ``torch.profiler`` and sums the kernels' device time by name. The
 fixed costs that token reduction cannot shrink (weight casts, the patch embedding, a method's own kernels)
 show up as kernels whose time does not fall with the token count.
 
     python benchmarks/graph_profile.py --out benchmarks/results
+    python benchmarks/graph_profile.py --img-size 1024 --batch-size 8 --configs dense --stem graph_profile_1024
 
-Writes ``graph_profile.{json,md}``: configurations dense, R-MeeTo at ratio 0.54 (r = 20), DyVM rho 0.7 with a
-static and a per-image block policy at block ratio 0.8 (as in ``benchmarks/compare/dyvm.yaml``).
+Writes ``STEM.{json,md}`` (default ``graph_profile``): configurations dense, R-MeeTo at ratio 0.54 (r = 20), DyVM
+rho 0.7 with a static and a per-image block policy at block ratio 0.8 (as in ``benchmarks/compare/dyvm.yaml``).
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ from mambatrim.models.registry import create_model
 from mambatrim.reduce import dyvm, rmeeto
 
 
+CONFIGS = ("dense", "rmeeto 0.54", "dyvm static policy", "dyvm per-image policy")
+
+
 def build(name: str, state: dict, images: torch.Tensor) -> torch.nn.Module:
-    model = create_model("vim_small_patch16_224").cuda().eval()
+    model = create_model("vim_small_patch16_224", img_size=images.shape[-1]).cuda().eval()
     model.load_state_dict(state)
     if name.startswith("rmeeto"):
         model.set_reducer(rmeeto.RMeeToReducer(20, rmeeto.merge_layers(model.depth)))
@@ -63,17 +67,24 @@ def profile_replay(replay, reps: int) -> tuple[float, int, list[dict]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    parser.add_argument("--stem", default="graph_profile", help="result file name")
     parser.add_argument("--reps", type=int, default=5, help="profiled replays per configuration")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per configuration in the markdown")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    names = [c.strip() for c in args.configs.split(",")]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     if not torch.cuda.is_available():
         raise SystemExit("graph_profile.py profiles CUDA graphs: no CUDA device found")
     torch.manual_seed(0)
-    state = create_model("vim_small_patch16_224").state_dict()
-    images = torch.randn(args.batch_size, 3, 224, 224, device="cuda")
+    state = create_model("vim_small_patch16_224", img_size=args.img_size).state_dict()
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device="cuda")
     configs = {}
-    for name in ("dense", "rmeeto 0.54", "dyvm static policy", "dyvm per-image policy"):
+    for name in names:
         model = build(name, state, images)
 
         def forward(m: torch.nn.Module = model) -> None:
@@ -86,15 +97,17 @@ def main() -> int:
                              kernels_per_forward=count, kernels=rows[:40])
         print(name, configs[name]["wall_ms"], configs[name]["kernel_ms"], count, flush=True)
         del replay, model
-    result = dict(model="vim_small_patch16_224", batch_size=args.batch_size, precision="bf16 autocast",
+    result = dict(model="vim_small_patch16_224", img_size=args.img_size, batch_size=args.batch_size,
+                  precision="bf16 autocast",
                   device=torch.cuda.get_device_name(), torch=torch.__version__, configs=configs)
-    write_result(args.out, "graph_profile", result, to_markdown(result, args.top))
+    write_result(args.out, args.stem, result, to_markdown(result, args.top))
     print(to_markdown(result, args.top))
     return 0
 
 
 def to_markdown(res: dict, top: int) -> str:
-    lines = [f"# CUDA-graph forward, kernel time by kernel: {res['model']}, batch {res['batch_size']}, "
+    lines = [f"# CUDA-graph forward, kernel time by kernel: {res['model']}, {res.get('img_size', 224)} px, "
+             f"batch {res['batch_size']}, "
              f"{res['precision']}, {res['device']}", "",
              "| config | replay wall ms | kernel ms | kernels per forward |", "|---|---|---|---|"]
     for name, c in res["configs"].items():

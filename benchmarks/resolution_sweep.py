@@ -11,8 +11,9 @@ Sections (each adds to ``resolution_sweep.json`` / ``.md``):
   against the split under several ``scan_seq_programs`` / ``scan_seq_chunk`` settings, at Vim-S shapes;
 * ``models``: Vim-Ti / Vim-S (Triton backend) against timm DeiT-Ti / DeiT-S (default SDPA attention), same
   process, resolutions 224-1248, batch 8 and 64 (+128 at 224): inference replayed from a CUDA graph (bf16
-  autocast) and an AdamW training step (bf16 autocast): img/s, tokens/s, peak memory. Configurations that run
-  out of memory or past the time budget are listed as skipped.
+  autocast) and an AdamW training step (bf16 autocast): img/s, tokens/s, peak memory (the whole run's, and for
+  inference one forward's activations). Configurations that run out of memory or past the time budget are listed
+  as skipped.
 
 Timing: CUDA events, median over the timed iterations after warm-up (``mambatrim.engine.benchmark``).
 """
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from mambatrim.engine.benchmark import cuda_time
+from mambatrim.engine.benchmark import cuda_time, graph_time
 
 RESOLUTIONS = (224, 384, 512, 768, 1024, 1248)
 MODELS = {"vim_tiny": dict(embed_dim=192, depth=24), "vim_small": dict(embed_dim=384, depth=24),
@@ -138,10 +139,12 @@ def section_scan(out: dict, train: bool, variants: list[str] | None) -> None:
                     rows.append(dict(seen[chunk, bwd_chunk, split_g], variant=name))
                     continue
                 with torch.no_grad():
-                    t_f = cuda_time(fwd, iters=20, warmup=3)["median_ms"]
+                    t_f = graph_time(fwd)["median_ms"]
+                    t_e = cuda_time(fwd, iters=20, warmup=3)["median_ms"]
                 t_fb = cuda_time(fwd_bwd, iters=5, warmup=2)["median_ms"] if train and bsz * length <= 128 * 1025 else None
             row = {"batch": bsz, "dim": dim, "length": length, "variant": name, "chunk": chunk, "bwd_chunk": bwd_chunk,
-                   "pair_split": split_g, "fwd_us": t_f * 1e3, "fwd_bwd_us": None if t_fb is None else t_fb * 1e3}
+                   "pair_split": split_g, "fwd_us": t_f * 1e3, "fwd_eager_us": t_e * 1e3,
+                   "fwd_bwd_us": None if t_fb is None else t_fb * 1e3}
             seen[chunk, bwd_chunk, split_g] = row
             rows.append(row)
             log(row)
@@ -159,6 +162,22 @@ def build(name: str, img: int) -> torch.nn.Module:
     from mambatrim.models.vim import VisionMamba
 
     return VisionMamba(img_size=img, patch_size=16, stride=16, num_classes=1000, drop_path_rate=0.0, **spec)
+
+
+def forward_peak_mib(model: torch.nn.Module, bsz: int, img: int) -> float:
+    """MiB one eager inference forward (bf16 autocast, no weight-cast cache) allocates at its peak beyond what was
+    allocated before it (weights, input): the activations' working set, free of the whole run's warm-up,
+    graph capture and allocator history."""
+    images = torch.randn(bsz, 3, img, img, device="cuda")
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        model(images)  # kernels compiled, lazy state built
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model(images)
+        torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def section_models(out: dict, budget_s: float, train: bool, save: Callable[[], None]) -> None:
@@ -185,6 +204,9 @@ def section_models(out: dict, budget_s: float, train: bool, save: Callable[[], N
                         row.update(img_per_s=r["img_per_s"], tokens_per_s=r["img_per_s"] * tokens,
                                    median_ms=r["median_ms"], peak_mem_mib=r["peak_mem_mib"],
                                    device=r["device_name"])
+                        if mode == "infer":
+                            with use_backend("triton"):
+                                row["forward_mib"] = forward_peak_mib(model, bsz, img)
                     except torch.cuda.OutOfMemoryError:
                         row["skipped"] = "out of memory"
                     finally:
@@ -206,31 +228,40 @@ def write_markdown(out: dict, path: Path) -> None:
                   for k in c["split_vs_ref"]] + [""]
     if "scan" in out:
         lines += ["## Fused two-direction scan, bf16, d_state 16 (µs; forward = inference)", "",
-                  "| batch x dim x L | variant | chunk (fwd / bwd) | directions (fwd) | forward µs | forward + backward µs |",
-                  "|---|---|---|---|---|---|"]
+                  "Forward: GPU time a call, replayed from a CUDA graph (as in a graphed model); eager: CUDA events "
+                  "around one eager call, which also count the GPU's wait for the host's launches. Forward + "
+                  "backward: eager.", "",
+                  "| batch x dim x L | variant | chunk (fwd / bwd) | directions (fwd) | forward µs | forward eager µs"
+                  " "
+                  "| forward + backward µs |", "|---|---|---|---|---|---|---|"]
         for r in out["scan"]:
             fb = "-" if r["fwd_bwd_us"] is None else f"{r['fwd_bwd_us']:.0f}"
+            fe = f"{r['fwd_eager_us']:.0f}" if "fwd_eager_us" in r else "-"
             dirs = "separate programs" if r.get("pair_split") else "one program"
             lines.append(f"| {r['batch']} x {r['dim']} x {r['length']} | {r['variant']} | {r['chunk']} / {r['bwd_chunk']} "
-                         f"| {dirs} | {r['fwd_us']:.0f} | {fb} |")
+                         f"| {dirs} | {r['fwd_us']:.0f} | {fe} | {fb} |")
         lines.append("")
     if out.get("models"):
         lines += ["## Models (bf16; inference replayed from a CUDA graph; training: AdamW step)", "",
-                  "| res (tokens) | batch | mode | model | img/s | tokens/s | peak MiB | Vim / DeiT (same size) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| res (tokens) | batch | mode | model | img/s | tokens/s | peak MiB | forward MiB | "
+                  "Vim / DeiT (same size): speed, forward MiB |", "|---|---|---|---|---|---|---|---|---|"]
         index = {(r["model"], r["img"], r["batch"], r["mode"]): r for r in out["models"]}
         for r in sorted(out["models"], key=lambda r: (r["img"], r["batch"], r["mode"], r["model"])):
             if "skipped" in r:
                 lines.append(f"| {r['img']} ({r['tokens']}) | {r['batch']} | {r['mode']} | {r['model']} | "
-                             f"skipped: {r['skipped']} | | | |")
+                             f"skipped: {r['skipped']} | | | | |")
                 continue
             ratio = ""
             if r["model"].startswith("vim"):
                 other = index.get((r["model"].replace("vim", "deit"), r["img"], r["batch"], r["mode"]), {})
                 if "img_per_s" in other:
                     ratio = f"{r['img_per_s'] / other['img_per_s']:.2f}"
+                if "forward_mib" in r and "forward_mib" in other:
+                    ratio += f", {r['forward_mib'] / other['forward_mib']:.2f}x"
+            fwd = f"{r['forward_mib']:,.0f}" if "forward_mib" in r else "-"
             lines.append(f"| {r['img']} ({r['tokens']}) | {r['batch']} | {r['mode']} | {r['model']} | "
-                         f"{r['img_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_mib']:,.0f} | {ratio} |")
+                         f"{r['img_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | {r['peak_mem_mib']:,.0f} | {fwd} | "
+                         f"{ratio} |")
     if out.get("targets"):
         lines += ["", "## Targets of the sequence-parallel scan work (H100)", "",
                   "| measure | before | floor | now | met |", "|---|---|---|---|---|"]
@@ -241,7 +272,8 @@ def write_markdown(out: dict, path: Path) -> None:
         lines += [f"- {k}: before {v['old']}, after {v['new']}" for k, v in o.items() if k != "note"]
     lines += ["", "Peak memory is ``max_memory_allocated`` over the whole measurement of one model: weights, "
               "warm-up, the CUDA graph's capture (inference) or the optimizer's first step (training), and the "
-              "timed iterations."]
+              "timed iterations. Forward MiB (inference): the peak one eager forward (bf16 autocast, no weight-cast "
+              "cache) allocates beyond what was allocated before it (weights, input), i.e. its activations."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -255,7 +287,7 @@ def plot(out: dict, path: Path) -> None:
     rows = [r for r in out.get("models", []) if "img_per_s" in r and r["mode"] == "infer"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for (name, bsz) in sorted({(r["model"], r["batch"]) for r in rows}):
-        pts = sorted((r["img"], r["img_per_s"], r["peak_mem_mib"]) for r in rows
+        pts = sorted((r["img"], r["img_per_s"], r.get("forward_mib", r["peak_mem_mib"])) for r in rows
                      if r["model"] == name and r["batch"] == bsz)
         if len(pts) < 2:
             continue
@@ -263,7 +295,9 @@ def plot(out: dict, path: Path) -> None:
                      label=f"{name} b{bsz}")
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
-    for ax, label in zip(axes, ("images / s (bf16, CUDA graph)", "peak memory (MiB)")):
+    fwd = all("forward_mib" in r for r in rows)
+    for ax, label in zip(axes, ("images / s (bf16, CUDA graph)",
+                                "forward peak above weights and input (MiB)" if fwd else "peak memory (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(RESOLUTIONS)

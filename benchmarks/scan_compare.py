@@ -8,7 +8,10 @@ Sections (``--sections``, comma-separated):
 * ``kernel``: the fused two-direction forward (bf16, inference) at Vim-S layer shapes from 224 px at batch 128 to
   1024 px at batch 8 (sequence-split there), B and C laid out as the mixer hands them over (columns of x_proj's
   output): baseline, current defaults, and each ``--variant`` (current kernels under other fast-path settings),
-  interleaved rounds, with the relative difference of the outputs;
+  interleaved rounds, with the relative difference of the outputs. GPU time from CUDA-graph replays (as in a
+  graphed model), with the eager call's event time and the host's time a call beside it;
+* ``switches``: the same forward with per-sample direction switches (DyVM's block selection): both directions,
+  only the first, only the second, or each on for 80 % of the samples, at 224 px batch 128 and 1024 px batch 8;
 * ``fwd_bwd``: forward + backward (the training forward stores states for the backward), B and C laid out as in
   the kernel section; baseline, current and each variant;
 * ``sass``: the forward kernel's loops as compiled on this GPU (instructions per scan step by opcode, registers),
@@ -26,6 +29,7 @@ import collections
 import importlib.util
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resolution_sweep import build, log, pair_inputs, rel  # noqa: E402
 
-from mambatrim.engine.benchmark import cuda_time, measure_throughput  # noqa: E402
+from mambatrim.engine.benchmark import cuda_time, graph_time, host_times_ms, measure_throughput  # noqa: E402
 
 KERNEL_SHAPES = [(128, 768, 197), (8, 768, 4097), (8, 768, 2305), (16, 768, 2305), (8, 768, 1025), (64, 768, 577),
                  (8, 768, 577), (8, 768, 197)]
@@ -80,6 +84,8 @@ def section_kernel(base, variants: dict[str, dict], rounds: int, out: dict) -> N
         runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
         runners.update({name: (triton_scan.selective_scan_pair_triton, s) for name, s in variants.items()})
         times: dict[str, list[float]] = {k: [] for k in runners}
+        eager: dict[str, list[float]] = {k: [] for k in runners}
+        host: dict[str, list[float]] = {k: [] for k in runners}
         errs = {}
         with torch.no_grad():
             ref = base.selective_scan_pair_triton(*ins[:8], True, 0.5)
@@ -89,15 +95,64 @@ def section_kernel(base, variants: dict[str, dict], rounds: int, out: dict) -> N
                         call = lambda: fn(*ins[:8], True, 0.5)  # noqa: E731
                         if rnd == 0:
                             errs[name] = rel(call(), ref)
-                        times[name].append(cuda_time(call, iters=15, warmup=3)["median_ms"] * 1e3)
+                        times[name].append(graph_time(call)["median_ms"] * 1e3)
+                        eager[name].append(cuda_time(call, iters=15, warmup=3)["median_ms"] * 1e3)
+                        torch.cuda.synchronize()
+                        host[name].append(statistics.median(host_times_ms(call, 15)) * 1e3)
+                        torch.cuda.synchronize()
         for name in runners:
             row = dict(batch=bsz, dim=dim, length=length, variant=name, us=[round(t, 1) for t in times[name]],
+                       eager_us=[round(t, 1) for t in eager[name]], host_us=[round(t, 1) for t in host[name]],
                        rel_diff=errs[name])
             rows.append(row)
             log(row)
         ins = ref = None  # free before the next shape
         torch.cuda.empty_cache()
     out["kernel"] = rows
+
+
+SWITCH_SHAPES = [(128, 768, 197), (8, 768, 4097)]
+SWITCH_PATTERNS = ("all on", "second off", "first off", "80% on")
+
+
+def section_switches(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
+    """The fused pair forward with per-sample direction switches (DyVM's block selection), GPU time from CUDA-graph
+    replays: every sample runs both directions, only the first, only the second, or each direction is on for a
+    random 80 % of the samples."""
+    from mambatrim.ops import policy, triton_scan
+
+    rows = []
+    for bsz, dim, length in SWITCH_SHAPES:
+        ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16, dt_rank=-(-dim // 32))
+        for pattern in SWITCH_PATTERNS:
+            on = torch.ones(bsz, 2, dtype=torch.int32, device="cuda")
+            if pattern == "second off":
+                on[:, 1] = 0
+            elif pattern == "first off":
+                on[:, 0] = 0
+            elif pattern == "80% on":
+                g = torch.Generator(device="cuda").manual_seed(1)
+                on = (torch.rand(bsz, 2, device="cuda", generator=g) < 0.8).to(torch.int32)
+            runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
+            runners.update({name: (triton_scan.selective_scan_pair_triton, st) for name, st in variants.items()})
+            times: dict[str, list[float]] = {k: [] for k in runners}
+            errs = {}
+            with torch.no_grad():
+                ref = base.selective_scan_pair_triton(*ins[:8], True, 0.5, direction_on=on)
+                for rnd in range(rounds):
+                    for name, (fn, settings) in runners.items():
+                        with policy.override(**settings):
+                            call = lambda: fn(*ins[:8], True, 0.5, direction_on=on)  # noqa: E731
+                            if rnd == 0:
+                                errs[name] = rel(call(), ref)
+                            times[name].append(round(graph_time(call)["median_ms"] * 1e3, 1))
+            for name in runners:
+                rows.append(dict(batch=bsz, dim=dim, length=length, pattern=pattern, variant=name, us=times[name],
+                                 rel_diff=errs[name]))
+                log(rows[-1])
+        ins = None
+        torch.cuda.empty_cache()
+    out["switches"] = rows
 
 
 def section_fwd_bwd(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
@@ -213,12 +268,30 @@ def write_markdown(out: dict, path: Path) -> None:
              f"under these fast-path settings): {out['variants']}. Interleaved rounds (µs or img/s per round).", ""]
     if out.get("kernel"):
         lines += ["## Fused two-direction forward, bf16, d_state 16 (µs)", "",
-                  "| batch x dim x L | variant | µs (rounds) | vs baseline | rel. diff of outputs |",
-                  "|---|---|---|---|---|"]
+                  "GPU time a call: 10 calls replayed from one CUDA graph (the launches cost no host time, as in a "
+                  "graphed model). Eager: CUDA events around one eager call, which also count the GPU's wait for "
+                  "the host between the call's launches; host: the host's time a call (launches queued, no "
+                  "synchronisation). Rows from before these columns timed the eager way only.", "",
+                  "| batch x dim x L | variant | GPU µs (rounds) | vs baseline | eager µs | host µs | rel. diff of "
+                  "outputs |", "|---|---|---|---|---|---|---|"]
         base = {(r["batch"], r["length"]): min(r["us"]) for r in out["kernel"] if r["variant"] == "baseline"}
         for r in out["kernel"]:
             b = base[r["batch"], r["length"]]
+            extra = [", ".join(f"{t:.0f}" for t in r[k]) if k in r else "-" for k in ("eager_us", "host_us")]
             lines.append(f"| {r['batch']} x {r['dim']} x {r['length']} | {r['variant']} | "
+                         f"{', '.join(f'{t:.0f}' for t in r['us'])} | {b / min(r['us']):.2f}x | {extra[0]} | "
+                         f"{extra[1]} | {r['rel_diff']:.1e} |")
+        lines.append("")
+    if out.get("switches"):
+        lines += ["## Fused pair forward with per-sample direction switches, bf16 (GPU µs, CUDA-graph replays)", "",
+                  "| batch x dim x L | directions on | variant | GPU µs (rounds) | vs baseline | rel. diff of "
+                  "outputs |",
+                  "|---|---|---|---|---|---|"]
+        base = {(r["batch"], r["length"], r["pattern"]): min(r["us"]) for r in out["switches"]
+                if r["variant"] == "baseline"}
+        for r in out["switches"]:
+            b = base[r["batch"], r["length"], r["pattern"]]
+            lines.append(f"| {r['batch']} x {r['dim']} x {r['length']} | {r['pattern']} | {r['variant']} | "
                          f"{', '.join(f'{t:.0f}' for t in r['us'])} | {b / min(r['us']):.2f}x | {r['rel_diff']:.1e} |")
         lines.append("")
     if out.get("fwd_bwd"):
@@ -273,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.baseline.is_file():
         ap.error(f"--baseline {args.baseline}: no such file")
     sections = args.sections.split(",")
-    unknown = set(sections) - {"kernel", "fwd_bwd", "sass", "models"}
+    unknown = set(sections) - {"kernel", "switches", "fwd_bwd", "sass", "models"}
     if unknown:
-        ap.error(f"--sections: unknown {', '.join(sorted(unknown))}; valid: kernel, fwd_bwd, sass, models")
+        ap.error(f"--sections: unknown {', '.join(sorted(unknown))}; valid: kernel, switches, fwd_bwd, sass, models")
     configs = MODEL_CONFIGS
     if args.model_configs:
         try:
@@ -302,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         if section == "models":
             section_models(base, variants, args.rounds, out, save, configs)
         else:
-            {"kernel": section_kernel, "fwd_bwd": section_fwd_bwd, "sass": section_sass}[section](
+            {"kernel": section_kernel, "switches": section_switches, "fwd_bwd": section_fwd_bwd,
+             "sass": section_sass}[section](
                 base, variants, args.rounds, out)
         save()
     return 0

@@ -60,9 +60,9 @@ cases = {
     "scan fwd split, outputs from carried states, training": (triton_scan._scan_fwd_kernel, dict(
         scan, GATE_LAST=True, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=True, HAS_ON=False, STATE_ONLY=False,
         CARRY_IN=True)),
-    "tiled scan fwd, pair, inference": (triton_scan._scan_fwd_kernel, dict(
+    "tiled scan fwd, pair, inference, per-sample switch, the gate on the sum": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=True,
-        STATE_ONLY=False, CARRY_IN=False, STAGES=3)),
+        STATE_ONLY=False, CARRY_IN=False, STAGES=3, GATE_LAST=True)),
     "tiled scan fwd, pair, inference, the gate on the sum (as Vim launches it)": (triton_scan._scan_fwd_kernel, dict(
         scan, BD=32, T=4, G=2, PAIR=True, REVERSE=False, HAS_GAP=False, STORE_CKPT=False, HAS_ON=False,
         STATE_ONLY=False, CARRY_IN=False, STAGES=3, GATE_LAST=True), LOW - {"B_ptr", "C_ptr"}),

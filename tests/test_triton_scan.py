@@ -146,12 +146,14 @@ def test_pair_matches_two_reference_scans(split: bool) -> None:
         assert rel(a, b) < 1e-5, f"{name}: rel err {rel(a, b):.2e}"
 
 
-@pytest.mark.parametrize("policy", ["each kind once", "random"])
-def test_pair_direction_switch_skips_per_sample(policy: str) -> None:
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("kinds", ["each kind once", "random"])
+def test_pair_direction_switch_skips_per_sample(kinds: str, split: bool) -> None:
     """``direction_on`` (inference): each sample gets 0.5 * (on_f * fwd + on_b * bwd) -- both, one or neither
     direction -- from outputs the switched-off pairs never wrote (the conv leaves them undefined: NaN here);
-    'random' has several samples of each kind."""
-    if policy == "each kind once":
+    'random' has several samples of each kind. Both layouts: one program walks both directions (the second
+    gates the sum, or a pass gates the first's output where the second is off), or each its own."""
+    if kinds == "each kind once":
         on = torch.tensor([[0, 0], [1, 0], [1, 1], [0, 1]])
     else:
         on = torch.tensor([[1, 1], [0, 1], [1, 1], [0, 0], [1, 0], [1, 1], [0, 0], [1, 1], [0, 1]])
@@ -165,7 +167,7 @@ def test_pair_direction_switch_skips_per_sample(policy: str) -> None:
     u_off[0, on[:, 0] == 0] = float("nan")  # what a skipped direction's conv output may hold
     u_off[1, on[:, 1] == 0] = float("nan")
     args = [t.to(DEVICE) for t in (u_off, delta, A, B, C, D, z, bias)]
-    with torch.no_grad():
+    with torch.no_grad(), policy.override(scan_pair_split_below=16 if split else 0):
         y = selective_scan_pair_triton(*args, delta_softplus=True, scale=0.5, direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
     idle = on.sum(1) == 0

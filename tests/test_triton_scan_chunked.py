@@ -140,13 +140,14 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
         assert rel(a, c) < 1e-5, f"{name}: tiled vs reference, rel err {rel(a, c):.2e}"
     if not is_pair:
         return
-    on = torch.tensor([[0, 1], [1, 1]])
+    on = torch.tensor([[0, 1], [1, 0]])
     (u, delta, A, B, C, D, z, bias) = tensors
     refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1,
                                gap=gap[i]) for i in range(2)]
     expected = 0.5 * (refs[0] * on[:, 0, None, None] + refs[1] * on[:, 1, None, None])
     u = u.clone()
     u[0, 0] = float("nan")  # sample 0 skips the forward direction: its input is never read
+    u[1, 1] = float("nan")  # sample 1 the backward one: a pass gates the forward direction's output
     args = [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
     with torch.no_grad(), policy.override(**dict(SMALL, scan_fwd_tile=tile), scan_seq_split="on",
                                           scan_seq_chunk=chunk):

@@ -120,6 +120,32 @@ def cuda_time(fn: Callable[[], object], iters: int = 30, warmup: int = 5) -> dic
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
 
 
+def graph_time(fn: Callable[[], object], calls: int = 10, replays: int = 10,
+               warmup: int = 3) -> dict[str, float]:
+    """Median / min / max milliseconds a call of ``fn`` keeps the GPU busy: ``calls`` calls captured in one CUDA
+    graph, each of ``replays`` replays timed with CUDA events and divided by ``calls``.
+
+    :func:`cuda_time` brackets one eager call with events, so the GPU's wait for the host between the call's
+    launches (argument checks, allocations, Triton's launcher) counts too: for a kernel of a few hundred
+    microseconds that wait can be a third of the figure. Replayed from a graph the launches cost no host time,
+    as in a graphed model. ``fn`` must be capturable (no host synchronisation)."""
+    from .cuda_graph import capture_graph
+
+    replay = capture_graph(lambda: [fn() for _ in range(calls)], warmup)
+    replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls": calls,
+            "replays": replays}
+
+
 def interleaved_times_ms(runners: Mapping[K, Callable[[], object]], rounds: int, iters: int, device: torch.device,
                          switch: Callable[[K], None] | None = None,
                          log: Callable[[int, K, float], None] | None = None) -> dict[K, list[float]]:

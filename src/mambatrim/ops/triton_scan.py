@@ -142,9 +142,9 @@ def _scan_fwd_kernel(
     goes one step at a time (``T`` = 0, :func:`_walk_steps`) or ``T`` steps at a time (:func:`_walk_tiles`).
     ``SPLIT_G`` (pair): the directions run as separate programs (grid axis 0 holds channel blocks x 2), the
     second writing its own output to ``out2_ptr`` (same strides) for the host to add: twice the programs where
-    a pair pass would leave the GPU idle. ``GATE_LAST`` (pair, one program both directions, no per-sample
-    switches): the gate multiplies the sum of both directions, so the first writes its output ungated and the
-    second gates the sum (one silu a position instead of two)."""
+    a pair pass would leave the GPU idle. ``GATE_LAST`` (pair, one program both directions): the gate multiplies
+    the sum of both directions, so the first writes its output ungated and the second gates the sum (one silu a
+    position instead of two); where a per-sample switch turned the second off, the first gates its own."""
     pid_d = tl.program_id(0)
     pid_g = 0
     if SPLIT_G:
@@ -186,6 +186,9 @@ def _scan_fwd_kernel(
             acc_on = n_on  # add to the first direction's output only if it was written
             n_on = n_on + on_g * mine
         s_end = s0 + steps
+        gate_on = 0  # GATE_LAST with switches: whether the first direction gates its own (the second is off)
+        if GATE_LAST and HAS_ON and g == 0:
+            gate_on = (tl.load(on_ptr + pid_b * G + 1) == 0).to(tl.int32)
         A2 = tl.load(A_ptr + g * E * N + d[None, :] * N + n[:, None], mask=mask2, other=0.0).to(tl.float32)
         A2 = A2 * 1.4426950408889634
         Dv = tl.zeros((BD,), dtype=tl.float32)  # read only with HAS_D
@@ -207,17 +210,20 @@ def _scan_fwd_kernel(
         if CARRY_IN:
             h = _carry_in(st_base, sm_base, A2, pid_c, NS, rev, (steps > 0).to(tl.int32), N, E, mask2,
                           dmask, NP, BD)
-        # GATE_LAST: the first direction writes ungated (no z), the second gates the sum after adding
+        # GATE_LAST: the first direction writes ungated (no z; with switches, gated where the second is off),
+        # the second gates the sum after adding
         if T == 0:
             h, ex_sum = _walk_steps(
-                h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
-                sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
+                h, s0, s_end, steps, L, rev, acc, acc_on, GATE_LAST and HAS_ON and g == 0, gate_on, A2, Dv, bias,
+                scale, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
+                sg_t, ck_base, dmask, nmask, mask2, N, BD,
                 CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS,
                 HAS_GAP, STORE_CKPT, STATE_ONLY)
         else:
             h, ex_sum = _walk_tiles(
-                h, s0, s_end, steps, L, rev, acc, acc_on, A2, Dv, bias, scale, u_base, su_t, d_base, sd_t, B_base,
-                sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base, dmask, nmask, mask2, N, BD,
+                h, s0, s_end, steps, L, rev, acc, acc_on, GATE_LAST and HAS_ON and g == 0, gate_on, A2, Dv, bias,
+                scale, u_base, su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
+                sg_t, ck_base, dmask, nmask, mask2, N, BD,
                 CHUNK_T, SOFTPLUS, HAS_D, HAS_Z and not (GATE_LAST and g == 0), GATE_LAST and g == 1, HAS_BIAS,
                 HAS_GAP, STORE_CKPT, STATE_ONLY, T, STAGES)
         if STATE_ONLY:
@@ -260,7 +266,8 @@ def _skip_and_gate(y, u, z, Dv, scale, HAS_D: tl.constexpr, HAS_Z: tl.constexpr)
 
 
 @triton.jit
-def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
+def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, GATE_IF: tl.constexpr,
+                gate_on, A2, Dv, bias, scale, u_base,
                 su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
                 dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GATE_AFTER: tl.constexpr,
@@ -274,10 +281,10 @@ def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
     # sit in other cache lines, so without this every step waits a full memory latency
     u0, r0, B0, C0, z0, g0, p0v = _fwd_loads(s0, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base, sB_t,
                                              C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, dmask,
-                                             nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+                                             nmask, HAS_Z or GATE_IF, HAS_GAP, acc, acc_on, STATE_ONLY)
     u1, r1, B1, C1, z1, g1, p1v = _fwd_loads(s0 + 1, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
                                              sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t,
-                                             dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+                                             dmask, nmask, HAS_Z or GATE_IF, HAS_GAP, acc, acc_on, STATE_ONLY)
     # the step size runs one step ahead too: its softplus (independent of the state) then overlaps the
     # previous step's state update instead of heading every step's dependent chain
     dt = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
@@ -288,7 +295,7 @@ def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         s = s0 + j
         u2, r2, B2, C2, z2, g2, p2v = _fwd_loads(s + 2, s_end, L, rev, u_base, su_t, d_base, sd_t, B_base,
                                                  sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base,
-                                                 sg_t, dmask, nmask, HAS_Z, HAS_GAP, acc, acc_on, STATE_ONLY)
+                                                 sg_t, dmask, nmask, HAS_Z or GATE_IF, HAS_GAP, acc, acc_on, STATE_ONLY)
         dt_next = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
         ex_next = dt_next
         if HAS_GAP:
@@ -305,6 +312,9 @@ def _walk_steps(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
                 y = y + p0v.to(tl.float32)
             if GATE_AFTER:  # the pair's gate on the sum of both directions
                 y = _gate(y, z0)
+            if GATE_IF:  # the pair's first direction, where the second is off for this sample (z loaded ahead)
+                if gate_on != 0:
+                    y = _gate(y, z0)
             tl.store(o_base + t * so_t, y.to(o_base.dtype.element_ty), mask=dmask)
         if STORE_CKPT:
             if (s + 1) % CHUNK_T == 0:
@@ -348,7 +358,8 @@ def _tile_delta(s, lo, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, H
 
 
 @triton.jit
-def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, A2, Dv, bias, scale, u_base,
+def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, GATE_IF: tl.constexpr,
+                gate_on, A2, Dv, bias, scale, u_base,
                 su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
                 dmask, nmask, mask2, N: tl.constexpr, BD: tl.constexpr, CHUNK_T: tl.constexpr,
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GATE_AFTER: tl.constexpr,
@@ -390,12 +401,17 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
             zz = u
             if HAS_Z:
                 zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
+            if GATE_IF:  # loaded every tile, so that it issues early (not inside the branch below)
+                zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
             y = _skip_and_gate(tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1), u, zz, Dv[None, :], scale, HAS_D,
                                HAS_Z and not GATE_AFTER)
             if acc:
                 y = y + tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
             if GATE_AFTER:  # the pair's gate on the sum of both directions
                 y = _gate(y, zz)
+            if GATE_IF:  # the pair's first direction, where the second is off for this sample
+                if gate_on != 0:
+                    y = _gate(y, zz)
             tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
         if STORE_CKPT:
             if CHUNK_T % T == 0:  # the state after the tile, where a checkpoint chunk ends there
@@ -1118,7 +1134,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
                  HAS_GAP=gap is not None, HAS_ON=on is not None, BC8=_strides_of_8(B, C), T=tile,
                  STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, SPLIT_G=split_g,
-                 GATE_LAST=pair and z is not None and on is None and not split_g, num_warps=warps)
+                 GATE_LAST=pair and z is not None and not split_g, num_warps=warps)
     grid = (n_blocks * (2 if split_g else 1), bsz, n_seq)
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
