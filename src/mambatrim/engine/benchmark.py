@@ -104,11 +104,8 @@ def best_time_ms(fn: Callable[[], object], iters: int) -> float:
     return min(host_times_ms(fn, iters))
 
 
-def cuda_time(fn: Callable[[], object], iters: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median / min / max milliseconds of ``fn`` over ``iters`` timed calls (CUDA events), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+def _event_times_ms(fn: Callable[[], object], iters: int) -> list[float]:
+    """ms of each of ``iters`` calls of ``fn`` between two CUDA events (synchronised after each call)."""
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -117,6 +114,15 @@ def cuda_time(fn: Callable[[], object], iters: int = 30, warmup: int = 5) -> dic
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
+    return times
+
+
+def cuda_time(fn: Callable[[], object], iters: int = 30, warmup: int = 5) -> dict[str, float]:
+    """Median / min / max milliseconds of ``fn`` over ``iters`` timed calls (CUDA events), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = _event_times_ms(fn, iters)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
 
 
@@ -126,22 +132,15 @@ def graph_time(fn: Callable[[], object], calls: int = 10, replays: int = 10,
     graph, each of ``replays`` replays timed with CUDA events and divided by ``calls``.
 
     :func:`cuda_time` brackets one eager call with events, so the GPU's wait for the host between the call's
-    launches (argument checks, allocations, Triton's launcher) counts too: for a kernel of a few hundred
-    microseconds that wait can be a third of the figure. Replayed from a graph the launches cost no host time,
-    as in a graphed model. ``fn`` must be capturable (no host synchronisation)."""
+    launches (argument checks, allocations, Triton's launcher) counts too: for the fused scan of a Vim-S layer
+    that wait was more than half of the figure (H100, ``scan_graph_timed.md``). Replayed from a graph the
+    launches cost no host time, as in a graphed model. ``fn`` must be capturable (no host synchronisation)."""
     from .cuda_graph import capture_graph
 
     replay = capture_graph(lambda: [fn() for _ in range(calls)], warmup)
     replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / calls)
+    times = [t / calls for t in _event_times_ms(replay, replays)]
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls": calls,
             "replays": replays}
 
