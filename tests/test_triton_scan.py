@@ -147,6 +147,32 @@ def test_pair_matches_two_reference_scans(split: bool) -> None:
 
 
 @pytest.mark.parametrize("split", [False, True])
+def test_pair_writes_into_a_given_strided_output(split: bool) -> None:
+    """``out`` (inference): the pair writes into the x half of an in_proj-like (b, L, 2E) buffer, as the fused
+    mixer does, with the values of the two reference scans and the z half untouched; both layouts (the separate
+    programs' second output takes out's strides). Wrong shapes, dtypes and autograd are refused."""
+    bsz, dim, length = 3, 6, 17
+    (u, delta, A, B, C, D, _, bias), r = pair_inputs(5, bsz, dim, length, 4)
+    xz = r(bsz, length, 2 * dim)
+    z = xz[..., dim:].transpose(1, 2)
+    refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1)
+            for i in range(2)]
+    expected = 0.5 * (refs[0] + refs[1])
+    buf = xz.to(DEVICE)
+    args = [t.to(DEVICE) for t in (u, delta, A, B, C, D)] + [buf[..., dim:].transpose(1, 2), bias.to(DEVICE)]
+    out = buf[..., :dim].transpose(1, 2)
+    with torch.no_grad(), policy.override(scan_pair_split_below=16 if split else 0):
+        y = selective_scan_pair_triton(*args, True, 0.5, out=out)
+    assert y.data_ptr() == buf.data_ptr() and y.stride() == out.stride()
+    assert rel(buf[..., :dim].transpose(1, 2).cpu(), expected) < 1e-5
+    assert torch.equal(buf[..., dim:].cpu(), xz[..., dim:])
+    with pytest.raises(ValueError, match=r"out must be \(batch, dim, length\)"):
+        selective_scan_pair_triton(*args, True, 0.5, out=out[:, :, 1:])
+    with pytest.raises(ValueError, match="inference-only"):
+        selective_scan_pair_triton(*[a.clone().requires_grad_() for a in args], True, 0.5, out=out)
+
+
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kinds", ["each kind once", "random"])
 def test_pair_direction_switch_skips_per_sample(kinds: str, split: bool) -> None:
     """``direction_on`` (inference): each sample gets 0.5 * (on_f * fwd + on_b * bwd) -- both, one or neither
@@ -289,6 +315,12 @@ def test_tiny_vim_triton_matches_torch_backend() -> None:
         inferred = model(images)
     assert rel(inferred.cpu(), want.cpu()) < 1e-5
     assert rel(low.float().cpu(), low_ref.float().cpu()) < 3e-2
+    # the scan's output written into in_proj's x half (policy mixer_out_in_place), in both pair layouts
+    for split in (0, 16):
+        with torch.no_grad(), use_backend("triton"), policy.override(mixer_out_in_place=True,
+                                                                     scan_pair_split_below=split):
+            in_place = model(images)
+        assert rel(in_place.cpu(), want.cpu()) < 1e-5
 
 
 def test_pair_rejects_bad_shape() -> None:

@@ -1122,6 +1122,11 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     tc = fwd_chunk(L, bsz, E, sms, split_g)
     n_seq = triton.cdiv(L, tc)
     states, sums = _chunk_buffers(u, G, bsz, n_seq, N, E)
+    target = out
+    if split_g and not out.transpose(-1, -2).is_contiguous():
+        # a strided output (the fused mixer's in_proj x half): both directions write token-major buffers, whose
+        # sum goes there (the kernel writes its two outputs with one set of strides)
+        out = torch.empty(out.shape[:2] + (L, E), device=u.device, dtype=out.dtype).transpose(-1, -2)
     out2 = torch.empty_like(out) if split_g else dummy  # the second direction's own output
     args = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             bias if bias is not None else dummy, gap if gap is not None else dummy, out, out2, ckpt,
@@ -1142,7 +1147,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     LAST_FWD = _scan_fwd_kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1,
                                       **flags)
     if split_g:
-        out.add_(out2)
+        torch.add(out, out2, out=target) if target is not out else out.add_(out2)
 
 
 def fwd_block() -> tuple[int, int]:
@@ -1261,6 +1266,7 @@ def selective_scan_pair_triton(
     scale: float = 0.5,
     gap: Tensor | None = None,
     direction_on: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Both Vim directions in one launch: ``scale * (scan(g=0) + reverse_scan(g=1))``.
 
@@ -1270,25 +1276,34 @@ def selective_scan_pair_triton(
 
     ``direction_on`` (b, 2), inference only: sample i runs direction g only where ``direction_on[i, g]`` is
     nonzero; a switched-off direction contributes zero and costs no scan step (no host sync, graph-capturable).
+
+    ``out`` (b, d, L) in u's dtype, any strides, inference only: written in place and returned instead of a new
+    tensor (the fused Vim mixer passes in_proj's x half, dead once the conv has read it). It must not overlap
+    the inputs.
     """
-    _check_device(u, delta, A, B, C, D, z, delta_bias, gap, direction_on)
+    _check_device(u, delta, A, B, C, D, z, delta_bias, gap, direction_on, out)
     if u.dim() != 4 or u.shape[0] != 2:
         raise ValueError(f"selective_scan_pair_triton: u must be (2, batch, dim, length), got {tuple(u.shape)}")
     z4 = None if z is None else z[None].expand(2, -1, -1, -1)
     A, D = A.float().contiguous(), None if D is None else D.float().contiguous()
     delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
     gap = None if gap is None else gap.float()
-    if direction_on is None:
+    if direction_on is None and out is None:
         return _ScanFn.apply(u, delta, A, B, C, D, z4, delta_bias, gap, delta_softplus, False, True, scale)
-    if direction_on.shape != (u.shape[1], 2):
-        raise ValueError(f"selective_scan_pair_triton: direction_on must be (batch, 2) = ({u.shape[1]}, 2), "
-                         f"got {tuple(direction_on.shape)}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, B, C, z)):
-        raise ValueError("selective_scan_pair_triton: direction_on is inference-only (no backward); run under "
-                         "torch.no_grad() or gate the outputs instead")
     bsz, E, L = u.shape[1:]
-    out = torch.empty(bsz, L, E, device=u.device, dtype=u.dtype).transpose(1, 2)[None]
-    _launch_fwd(u, delta, A, B, C, D, z4, delta_bias, gap, out, u.new_empty(1, dtype=torch.float32),
-                delta_softplus, False, True, scale, False, on=direction_on.to(torch.int32).contiguous())
-    return out[0]
+    if direction_on is not None and direction_on.shape != (bsz, 2):
+        raise ValueError(f"selective_scan_pair_triton: direction_on must be (batch, 2) = ({bsz}, 2), "
+                         f"got {tuple(direction_on.shape)}")
+    if out is not None and (out.shape != (bsz, E, L) or out.dtype != u.dtype):
+        raise ValueError(f"selective_scan_pair_triton: out must be (batch, dim, length) = ({bsz}, {E}, {L}) in "
+                         f"{u.dtype}, got {tuple(out.shape)} in {out.dtype}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, B, C, z)):
+        raise ValueError("selective_scan_pair_triton: direction_on and out are inference-only (no backward); run "
+                         "under torch.no_grad() or gate the outputs instead")
+    if out is None:
+        out = torch.empty(bsz, L, E, device=u.device, dtype=u.dtype).transpose(1, 2)
+    on = None if direction_on is None else direction_on.to(torch.int32).contiguous()
+    _launch_fwd(u, delta, A, B, C, D, z4, delta_bias, gap, out[None], u.new_empty(1, dtype=torch.float32),
+                delta_softplus, False, True, scale, False, on=on)
+    return out
 

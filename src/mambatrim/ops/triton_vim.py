@@ -494,11 +494,15 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     delta = torch.bmm(x_dbl[..., :R], w_dt_t.to(x_dbl.dtype))
     Bm = x_dbl[..., R:R + N].view(2, bsz, L, N).permute(0, 1, 3, 2)
     Cm = x_dbl[..., R + N:].view(2, bsz, L, N).permute(0, 1, 3, 2)
+    # inference: the output goes into in_proj's x half, which nothing reads once the conv has (policy
+    # mixer_out_in_place)
     y = selective_scan_pair_triton(
         u2.permute(0, 1, 3, 2), delta.view(2, bsz, L, E).permute(0, 1, 3, 2), A, Bm, Cm, D, z.transpose(1, 2),
         dt_bias, delta_softplus=True,
         scale=0.5 if mixer.combine == "mean" else 1.0, gap=gap, direction_on=on,
+        out=None if torch.is_grad_enabled() or not policy.get("mixer_out_in_place") else x.transpose(1, 2),
     )  # (b, E, L) logical, (b, L, E) memory
+    del u2, u_flat, x_dbl, delta, Bm, Cm  # not needed by out_proj: freed before its output is allocated
     mixer.last_stats = {"tokens": L, "gate": None if direction_gate is None else direction_gate.detach()}
     if tap is not None:
         tap(y.transpose(1, 2))
