@@ -75,38 +75,52 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, policy.validate(**settings)
 
 
-def section_kernel(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
+def forward_rounds(base, variants: dict[str, dict], ins: list, rounds: int,
+                   timers: dict[str, Callable[[Callable], float]], **kwargs: Any) -> tuple[dict, dict]:
+    """Interleaved rounds of the fused pair forward (inference) on ``ins``, the baseline and each variant (current
+    kernels under its settings): ``{runner: {timer: [µs per round]}}`` and each runner's relative difference from
+    the baseline's output."""
     from mambatrim.ops import policy, triton_scan
 
+    runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
+    runners.update({name: (triton_scan.selective_scan_pair_triton, s) for name, s in variants.items()})
+    times = {name: {timer: [] for timer in timers} for name in runners}
+    errs = {}
+    with torch.no_grad():
+        ref = base.selective_scan_pair_triton(*ins[:8], True, 0.5, **kwargs)
+        for rnd in range(rounds):
+            for name, (fn, settings) in runners.items():
+                with policy.override(**settings):
+                    call = lambda: fn(*ins[:8], True, 0.5, **kwargs)  # noqa: E731
+                    if rnd == 0:
+                        errs[name] = rel(call(), ref)
+                    for timer, time_us in timers.items():
+                        times[name][timer].append(round(time_us(call), 1))
+    return times, errs
+
+
+def _host_us(call: Callable) -> float:
+    """Median host time of a call, launches queued (synchronised before and after)."""
+    torch.cuda.synchronize()
+    t = statistics.median(host_times_ms(call, 15)) * 1e3
+    torch.cuda.synchronize()
+    return t
+
+
+KERNEL_TIMERS = {"us": lambda call: graph_time(call)["median_ms"] * 1e3,
+                 "eager_us": lambda call: cuda_time(call, iters=15, warmup=3)["median_ms"] * 1e3,
+                 "host_us": _host_us}
+
+
+def section_kernel(base, variants: dict[str, dict], rounds: int, out: dict) -> None:
     rows = []
     for bsz, dim, length in KERNEL_SHAPES:
         ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16, dt_rank=-(-dim // 32))  # B, C as Vim's
-        runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
-        runners.update({name: (triton_scan.selective_scan_pair_triton, s) for name, s in variants.items()})
-        times: dict[str, list[float]] = {k: [] for k in runners}
-        eager: dict[str, list[float]] = {k: [] for k in runners}
-        host: dict[str, list[float]] = {k: [] for k in runners}
-        errs = {}
-        with torch.no_grad():
-            ref = base.selective_scan_pair_triton(*ins[:8], True, 0.5)
-            for rnd in range(rounds):
-                for name, (fn, settings) in runners.items():
-                    with policy.override(**settings):
-                        call = lambda: fn(*ins[:8], True, 0.5)  # noqa: E731
-                        if rnd == 0:
-                            errs[name] = rel(call(), ref)
-                        times[name].append(graph_time(call)["median_ms"] * 1e3)
-                        eager[name].append(cuda_time(call, iters=15, warmup=3)["median_ms"] * 1e3)
-                        torch.cuda.synchronize()
-                        host[name].append(statistics.median(host_times_ms(call, 15)) * 1e3)
-                        torch.cuda.synchronize()
-        for name in runners:
-            row = dict(batch=bsz, dim=dim, length=length, variant=name, us=[round(t, 1) for t in times[name]],
-                       eager_us=[round(t, 1) for t in eager[name]], host_us=[round(t, 1) for t in host[name]],
-                       rel_diff=errs[name])
-            rows.append(row)
-            log(row)
-        ins = ref = None  # free before the next shape
+        times, errs = forward_rounds(base, variants, ins, rounds, KERNEL_TIMERS)
+        for name, t in times.items():
+            rows.append(dict(batch=bsz, dim=dim, length=length, variant=name, **t, rel_diff=errs[name]))
+            log(rows[-1])
+        ins = None  # free before the next shape
         torch.cuda.empty_cache()
     out["kernel"] = rows
 
@@ -119,8 +133,6 @@ def section_switches(base, variants: dict[str, dict], rounds: int, out: dict) ->
     """The fused pair forward with per-sample direction switches (DyVM's block selection), GPU time from CUDA-graph
     replays: every sample runs both directions, only the first, only the second, or each direction is on for a
     random 80 % of the samples."""
-    from mambatrim.ops import policy, triton_scan
-
     rows = []
     for bsz, dim, length in SWITCH_SHAPES:
         ins = pair_inputs(bsz, dim, length, 16, torch.bfloat16, dt_rank=-(-dim // 32))
@@ -133,21 +145,9 @@ def section_switches(base, variants: dict[str, dict], rounds: int, out: dict) ->
             elif pattern == "80% on":
                 g = torch.Generator(device="cuda").manual_seed(1)
                 on = (torch.rand(bsz, 2, device="cuda", generator=g) < 0.8).to(torch.int32)
-            runners: dict[str, tuple[Callable, dict]] = {"baseline": (base.selective_scan_pair_triton, {})}
-            runners.update({name: (triton_scan.selective_scan_pair_triton, st) for name, st in variants.items()})
-            times: dict[str, list[float]] = {k: [] for k in runners}
-            errs = {}
-            with torch.no_grad():
-                ref = base.selective_scan_pair_triton(*ins[:8], True, 0.5, direction_on=on)
-                for rnd in range(rounds):
-                    for name, (fn, settings) in runners.items():
-                        with policy.override(**settings):
-                            call = lambda: fn(*ins[:8], True, 0.5, direction_on=on)  # noqa: E731
-                            if rnd == 0:
-                                errs[name] = rel(call(), ref)
-                            times[name].append(round(graph_time(call)["median_ms"] * 1e3, 1))
-            for name in runners:
-                rows.append(dict(batch=bsz, dim=dim, length=length, pattern=pattern, variant=name, us=times[name],
+            times, errs = forward_rounds(base, variants, ins, rounds, {"us": KERNEL_TIMERS["us"]}, direction_on=on)
+            for name, t in times.items():
+                rows.append(dict(batch=bsz, dim=dim, length=length, pattern=pattern, variant=name, **t,
                                  rel_diff=errs[name]))
                 log(rows[-1])
         ins = None

@@ -399,9 +399,7 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         if not STATE_ONLY:
             Ct = tl.load(C_base[None, :] + t[:, None] * sC_t, mask=ok[:, None] & nmask[None, :], other=0.0)
             zz = u
-            if HAS_Z:
-                zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
-            if GATE_IF:  # loaded every tile, so that it issues early (not inside the branch below)
+            if HAS_Z or GATE_IF:  # GATE_IF: loaded every tile, so that it issues early (not inside the branch below)
                 zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
             y = _skip_and_gate(tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1), u, zz, Dv[None, :], scale, HAS_D,
                                HAS_Z and not GATE_AFTER)
@@ -993,8 +991,8 @@ class _ScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, bias, gap, softplus: bool, reverse: bool, pair: bool,
                 scale: float):
         G, bsz, E, L = u.shape
-        if pair:  # token-major output: feeds out_proj without a transpose copy
-            out = torch.empty(bsz, L, E, device=u.device, dtype=u.dtype).transpose(1, 2)[None]
+        if pair:
+            out = _token_major(bsz, E, L, u)[None]
         else:
             out = torch.empty(1, bsz, E, L, device=u.device, dtype=u.dtype)
         N = A.shape[-1]
@@ -1126,7 +1124,7 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     if split_g and not out.transpose(-1, -2).is_contiguous():
         # a strided output (the fused mixer's in_proj x half): both directions write token-major buffers, whose
         # sum goes there (the kernel writes its two outputs with one set of strides)
-        out = torch.empty(out.shape[:2] + (L, E), device=u.device, dtype=out.dtype).transpose(-1, -2)
+        out = _token_major(bsz, E, L, out)[None]
     out2 = torch.empty_like(out) if split_g else dummy  # the second direction's own output
     args = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             bias if bias is not None else dummy, gap if gap is not None else dummy, out, out2, ckpt,
@@ -1147,7 +1145,13 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     LAST_FWD = _scan_fwd_kernel[grid](*args, STORE_CKPT=store_ckpt, STATE_ONLY=False, CARRY_IN=n_seq > 1,
                                       **flags)
     if split_g:
-        torch.add(out, out2, out=target) if target is not out else out.add_(out2)
+        torch.add(out, out2, out=target)
+
+
+def _token_major(bsz: int, E: int, L: int, like: Tensor) -> Tensor:
+    """A new (b, E, L) tensor laid out token-major ((b, L, E) memory), like ``like``'s device and dtype: the
+    pair's output layout, which feeds out_proj without a transpose copy."""
+    return torch.empty(bsz, L, E, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
 def fwd_block() -> tuple[int, int]:
@@ -1301,7 +1305,7 @@ def selective_scan_pair_triton(
         raise ValueError("selective_scan_pair_triton: direction_on and out are inference-only (no backward); run "
                          "under torch.no_grad() or gate the outputs instead")
     if out is None:
-        out = torch.empty(bsz, L, E, device=u.device, dtype=u.dtype).transpose(1, 2)
+        out = _token_major(bsz, E, L, u)
     on = None if direction_on is None else direction_on.to(torch.int32).contiguous()
     _launch_fwd(u, delta, A, B, C, D, z4, delta_bias, gap, out[None], u.new_empty(1, dtype=torch.float32),
                 delta_softplus, False, True, scale, False, on=on)
