@@ -1,9 +1,9 @@
 """Where a CUDA-graph forward's GPU time goes: kernel time by kernel name, dense Vim-S vs reduced models.
 
 Captures each configuration's whole forward (bf16 autocast, batch 128 at 224 px by default, random weights) in a
-CUDA graph, times the replay, then profiles a few replays with ``torch.profiler`` and sums the kernels' device time by name. The
-fixed costs that token reduction cannot shrink (weight casts, the patch embedding, a method's own kernels)
-show up as kernels whose time does not fall with the token count.
+CUDA graph, times the replay, then profiles a few replays with ``torch.profiler`` and sums the kernels' device
+time by name. The fixed costs that token reduction cannot shrink (weight casts, the patch embedding, a method's
+own kernels) show up as kernels whose time does not fall with the token count.
 
     python benchmarks/graph_profile.py --out benchmarks/results
     python benchmarks/graph_profile.py --img-size 1024 --batch-size 8 --configs dense --stem graph_profile_1024

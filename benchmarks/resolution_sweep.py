@@ -231,9 +231,8 @@ def write_markdown(out: dict, path: Path) -> None:
                   "Forward: GPU time a call, replayed from a CUDA graph (as in a graphed model); eager: CUDA events "
                   "around one eager call, which also count the GPU's wait for the host's launches. Forward + "
                   "backward: eager.", "",
-                  "| batch x dim x L | variant | chunk (fwd / bwd) | directions (fwd) | forward µs | forward eager µs"
-                  " "
-                  "| forward + backward µs |", "|---|---|---|---|---|---|---|"]
+                  "| batch x dim x L | variant | chunk (fwd / bwd) | directions (fwd) | forward µs | "
+                  "forward eager µs | forward + backward µs |", "|---|---|---|---|---|---|---|"]
         for r in out["scan"]:
             fb = "-" if r["fwd_bwd_us"] is None else f"{r['fwd_bwd_us']:.0f}"
             fe = f"{r['fwd_eager_us']:.0f}" if "fwd_eager_us" in r else "-"
