@@ -125,6 +125,38 @@ def test_noop_reducer_gives_identical_logits(tiny_kwargs):
     assert torch.equal(dense, reduced)
 
 
+def test_add_norm_overwrites_the_stream_only_where_nothing_else_holds_it(tiny_kwargs):
+    """Dense inference lets each layer after the first overwrite its input stream (``in_place``); a reducer, a
+    forward hook or autograd could hold those tensors, so then no layer may; a hooked layer sees its input
+    unchanged after the forward."""
+    model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    flags = []
+    for layer in model.layers:
+        layer.norm.add_and_norm = lambda h, r, in_place=False, norm=layer.norm: (
+            flags.append(in_place), type(norm).add_and_norm(norm, h, r, in_place))[1]
+
+    def run(*, grad=False, reducer=None):
+        flags.clear()
+        with torch.set_grad_enabled(grad):
+            model.forward_tokens(x, reducer)
+        return list(flags)
+
+    depth = len(model.layers)
+    assert run() == [False] + [True] * (depth - 1)
+    assert run(grad=True) == [False] * depth
+    assert run(reducer=Reducer()) == [False] * depth
+    seen = {}
+    handle = model.layers[1].register_forward_pre_hook(
+        lambda mod, args: seen.update(hidden=args[0], copy=args[0].clone()))
+    try:
+        assert run() == [False] * depth
+    finally:
+        handle.remove()
+    assert torch.equal(seen["hidden"], seen["copy"])
+    assert run() == [False] + [True] * (depth - 1)
+
+
 def test_other_input_sizes_run_and_bad_sizes_are_explained(tiny_kwargs):
     model = mambatrim.create_model("vim_tiny_patch16_224", **tiny_kwargs).eval()
     with torch.no_grad():

@@ -172,6 +172,37 @@ def test_pair_writes_into_a_given_strided_output(split: bool) -> None:
         selective_scan_pair_triton(*[a.clone().requires_grad_() for a in args], True, 0.5, out=out)
 
 
+@pytest.mark.parametrize("schedule", [dict(scan_fwd_tile=4), dict(scan_fwd_tile=0),
+                                      dict(scan_fwd_tile=4, scan_seq_split="on", scan_seq_chunk=8),
+                                      dict(scan_fwd_tile=0, scan_seq_split="on", scan_seq_chunk=8),
+                                      dict(scan_fwd_tile=4, scan_pair_split_below=16)])
+def test_pair_writes_over_the_first_directions_step_sizes(schedule: dict) -> None:
+    """``out`` may be the first direction's step sizes (the fused mixer's (b, L, 3E) buffer: x -> those step
+    sizes -> the output | z | the second direction's step sizes): every schedule reads a position's step size
+    before writing its output there, so the result equals the two reference scans (tiled and step walks, with
+    the sequence split, the directions as separate programs). With a gap it is refused."""
+    bsz, dim, length = 2, 6, 19
+    (u, delta, A, B, C, D, _, bias), r = pair_inputs(7, bsz, dim, length, 4)
+    buf = r(bsz, length, 3 * dim)
+    buf[..., :dim] = delta[0].transpose(1, 2)
+    buf[..., 2 * dim:] = delta[1].transpose(1, 2)
+    z = buf[..., dim:2 * dim].transpose(1, 2)
+    refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1)
+            for i in range(2)]
+    dev = buf.to(DEVICE)
+    steps = dev.view(bsz * length, 3, dim)[:, ::2].transpose(0, 1).view(2, bsz, length, dim).permute(0, 1, 3, 2)
+    args = [u.to(DEVICE), steps, A.to(DEVICE), B.to(DEVICE), C.to(DEVICE), D.to(DEVICE),
+            dev[..., dim:2 * dim].transpose(1, 2), bias.to(DEVICE)]
+    with torch.no_grad(), policy.override(**{"scan_pair_split_below": 0, **schedule}):  # 0: one program
+        y = selective_scan_pair_triton(*args, True, 0.5, out=steps[0])
+    assert y.data_ptr() == dev.data_ptr()
+    assert rel(dev[..., :dim].transpose(1, 2).cpu(), 0.5 * (refs[0] + refs[1])) < 1e-5
+    assert torch.equal(dev[..., dim:].cpu(), buf[..., dim:])  # z and the second direction's step sizes kept
+    gap = torch.zeros(2, bsz, length, device=DEVICE)
+    with torch.no_grad(), pytest.raises(ValueError, match="without gap"):
+        selective_scan_pair_triton(*args, True, 0.5, gap=gap, out=steps[0])
+
+
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kinds", ["each kind once", "random"])
 def test_pair_direction_switch_skips_per_sample(kinds: str, split: bool) -> None:
@@ -315,12 +346,14 @@ def test_tiny_vim_triton_matches_torch_backend() -> None:
         inferred = model(images)
     assert rel(inferred.cpu(), want.cpu()) < 1e-5
     assert rel(low.float().cpu(), low_ref.float().cpu()) < 3e-2
-    # the scan's output written into in_proj's x half (policy mixer_out_in_place), in both pair layouts
-    for split in (0, 16):
-        with torch.no_grad(), use_backend("triton"), policy.override(mixer_out_in_place=True,
-                                                                     scan_pair_split_below=split):
-            in_place = model(images)
-        assert rel(in_place.cpu(), want.cpu()) < 1e-5
+    # in_proj's output, the step sizes and the scan's output in one buffer (policy mixer_in_place, the default),
+    # in both pair layouts, and without it
+    for in_place in (True, False):
+        for split in (0, 16):
+            with torch.no_grad(), use_backend("triton"), policy.override(mixer_in_place=in_place,
+                                                                         scan_pair_split_below=split):
+                got = model(images)
+            assert rel(got.cpu(), want.cpu()) < 1e-5, (in_place, split)
 
 
 def test_pair_rejects_bad_shape() -> None:
@@ -355,6 +388,30 @@ def test_fused_add_rms_norm_matches_pytorch() -> None:
                                        [h, norm.weight] + ([r] if with_res else []))
             for g, gref in zip(grads, refs):
                 assert rel(g, gref) < tol
+
+
+def test_fused_add_rms_norm_in_place() -> None:
+    """``in_place`` (inference): the results are written over the inputs (same storage) with the values of the
+    allocating call; a non-fp32 residual falls back to allocating; under autograd it is refused."""
+    from mambatrim.ops.triton_norm import add_rms_norm_triton
+
+    torch.manual_seed(0)
+    w = torch.rand(24, device=DEVICE) + 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        h = torch.randn(3, 5, 24, device=DEVICE).to(dtype)
+        r = torch.randn(3, 5, 24, device=DEVICE)
+        with torch.no_grad():
+            want_y, want_res = add_rms_norm_triton(h, r, w)
+            h2, r2 = h.clone(), r.clone()
+            y, res = add_rms_norm_triton(h2, r2, w, in_place=True)
+        assert y.data_ptr() == h2.data_ptr() and res.data_ptr() == r2.data_ptr()
+        assert torch.equal(y, want_y) and torch.equal(res, want_res)
+    with torch.no_grad():
+        r16 = r.to(torch.bfloat16)
+        _, res = add_rms_norm_triton(h.clone(), r16, w, in_place=True)
+    assert res.dtype == torch.float32 and res.data_ptr() != r16.data_ptr()
+    with pytest.raises(ValueError, match="inference-only"):
+        add_rms_norm_triton(h.clone().float().requires_grad_(), r.clone(), w, in_place=True)
 
 
 def test_fused_rms_norm_backward_over_many_row_blocks() -> None:

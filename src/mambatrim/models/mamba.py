@@ -44,16 +44,18 @@ class RMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
         return y.to(x.dtype)
 
-    def add_and_norm(self, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    def add_and_norm(self, hidden: Tensor, residual: Tensor | None,
+                     in_place: bool = False) -> tuple[Tensor, Tensor]:
         """Vim's fused add-norm: ``residual += hidden`` in fp32, then (norm(residual) in hidden's dtype, residual).
 
         On the 'triton' backend this is one fused kernel per call instead of ~8 elementwise ones; at fp32 CPU
-        inference on the compiled kernels, one compiled pass.
+        inference on the compiled kernels, one compiled pass. ``in_place`` (inference, where the caller gives
+        up both inputs): the Triton kernel writes the results over them (other paths allocate as usual).
         """
         if hidden.is_cuda and get_backend("cuda") == "triton":
             from ..ops.triton_norm import add_rms_norm_triton  # noqa: PLC0415 (needs triton)
 
-            return add_rms_norm_triton(hidden, residual, self.weight, self.eps)
+            return add_rms_norm_triton(hidden, residual, self.weight, self.eps, in_place=in_place)
         if (hidden.dtype == torch.float32 and get_backend(hidden.device.type) == "torch"
                 and compiled_applies(hidden.device, torch.is_grad_enabled() and (
                     hidden.requires_grad or self.weight.requires_grad

@@ -81,6 +81,15 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
+def _hooked(modules: nn.Module) -> bool:
+    """Whether any forward hook (global, or on ``modules`` or their children) could see a layer's tensors."""
+    from torch.nn.modules import module as torch_module  # noqa: PLC0415
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules.modules())
+
+
 class Block(nn.Module):
     """Add -> RMSNorm -> mixer, carrying an fp32 residual stream (Mamba's fused add-norm, prenorm=True)."""
 
@@ -90,10 +99,13 @@ class Block(nn.Module):
         self.norm = RMSNorm(dim, eps=eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, hidden: Tensor, residual: Tensor | None, ctx: Any = None) -> tuple[Tensor, Tensor]:
+    def forward(self, hidden: Tensor, residual: Tensor | None, ctx: Any = None,
+                in_place: bool = False) -> tuple[Tensor, Tensor]:
+        """``in_place`` (inference): the caller gives up ``hidden`` and ``residual``; the add-norm may write its
+        results over them (see :meth:`RMSNorm.add_and_norm`)."""
         if residual is not None:  # the first block gets the embeddings: no drop path
             hidden = self.drop_path(hidden)
-        normed, residual = self.norm.add_and_norm(hidden, residual)
+        normed, residual = self.norm.add_and_norm(hidden, residual, in_place=in_place and residual is not None)
         return self.mixer(normed, ctx), residual
 
 
@@ -252,12 +264,15 @@ class VisionMamba(nn.Module):
         reducer = self.reducer if isinstance(reducer, str) else reducer
         if reducer is not None:
             state = reducer.begin(state)
+        # dense inference: nothing but this loop holds a layer's input stream, so the add-norm may overwrite it
+        # (a reducer or a hook could keep references to it)
+        in_place = reducer is None and not torch.is_grad_enabled() and not _hooked(self.layers)
         for i, layer in enumerate(self.layers):
             ctx = None
             if reducer is not None:
                 state = reducer.before_layer(i, state)
                 ctx = reducer.mixer_context(i, state)
-            hidden, residual = layer(state.hidden, state.residual, ctx)
+            hidden, residual = layer(state.hidden, state.residual, ctx, in_place=in_place)
             state = state.replace(hidden=hidden, residual=residual)
         if reducer is not None:
             state = reducer.finish(state)

@@ -32,10 +32,11 @@ SETTINGS: dict[str, Setting] = {
     "fused_mixer": Setting(True, "the fused mixer executors wherever their plan is supported: on the GPU the "
                            "Triton pair (one conv kernel, batched projections, one scan launch for every scan "
                            "path); on the CPU the compiled paths (dt_proj and the paths' sum inside the scan)"),
-    "mixer_out_in_place": Setting(False, "at inference the fused Vim mixer's scan writes its output into "
-                                  "in_proj's x half, which nothing reads once the conv has: one (b, L, E) tensor "
-                                  "less at the layer's peak (off until its memory and out_proj's speed on a "
-                                  "strided input are measured on a GPU)"),
+    "mixer_in_place": Setting(True, "at inference the fused Vim mixer puts in_proj's output, both directions' "
+                              "step sizes and the scan's output in one (b, L, 3E) buffer: the step sizes of the "
+                              "first direction over in_proj's x half (dead once the conv has read it), the scan's "
+                              "output over them (each read before it is written); two (b, L, E) tensors less at "
+                              "the layer's peak"),
     "fused_row_gather": Setting(True, "token gathers through the Triton row-copy kernel at inference (+2.6-3.0 % "
                                 "on DyVM, dyvm_speed results)"),
     "fused_predictor_norm": Setting(True, "DyVM predictor's add + LayerNorm as one Triton pass at inference"),

@@ -1282,8 +1282,9 @@ def selective_scan_pair_triton(
     nonzero; a switched-off direction contributes zero and costs no scan step (no host sync, graph-capturable).
 
     ``out`` (b, d, L) in u's dtype, any strides, inference only: written in place and returned instead of a new
-    tensor (the fused Vim mixer passes in_proj's x half, dead once the conv has read it). It must not overlap
-    the inputs.
+    tensor. It must not overlap the inputs, except that it may be exactly the first direction's step sizes
+    ``delta[0]`` (same addresses and strides) where there is no ``gap``: each position's step size is read before
+    its output is written, by the same walk (the fused Vim mixer writes its output there).
     """
     _check_device(u, delta, A, B, C, D, z, delta_bias, gap, direction_on, out)
     if u.dim() != 4 or u.shape[0] != 2:
@@ -1301,6 +1302,10 @@ def selective_scan_pair_triton(
     if out is not None and (out.shape != (bsz, E, L) or out.dtype != u.dtype):
         raise ValueError(f"selective_scan_pair_triton: out must be (batch, dim, length) = ({bsz}, {E}, {L}) in "
                          f"{u.dtype}, got {tuple(out.shape)} in {out.dtype}")
+    if (out is not None and gap is not None and out.data_ptr() == delta[0].data_ptr()
+            and out.stride() == delta[0].stride()):
+        raise ValueError("selective_scan_pair_triton: out may take the first direction's step sizes' place only "
+                         "without gap (a gap's decay reads the step size before each position again)")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, B, C, z)):
         raise ValueError("selective_scan_pair_triton: direction_on and out are inference-only (no backward); run "
                          "under torch.no_grad() or gate the outputs instead")

@@ -369,6 +369,18 @@ def _linear(module: nn.Module, x: Tensor, weight: Tensor | None, bias: Tensor | 
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` written into ``out`` (..., out_features), whose rows may be strided (a column
+    range of a wider buffer): cuBLAS writes there directly (leading dimension = the row stride)."""
+    rows = out.view(-1, out.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=rows)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=rows)
+    return out
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a linear layer computes in here: autocast's where it is on, else the input's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -467,6 +479,8 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     E, N, R = mixer.d_inner, mixer.d_state, mixer.dt_rank
     bsz, L, _ = hidden.shape
     conv_w, conv_b, w_x, w_dt, A, D, dt_bias = _direction_params(mixer)
+    buf = None  # inference with policy mixer_in_place: (b, L, 3E) = [x, later the first direction's step
+    # sizes, later the output | z | the second direction's step sizes]
     if torch.is_grad_enabled():  # training: autocast casts (and differentiates through) the fp32 weights
         w_in = b_in = w_out = b_out = None
         w_x_t, w_dt_t = w_x.transpose(1, 2), w_dt.transpose(1, 2)
@@ -474,7 +488,11 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
     else:
         dtype = _compute_dtype(hidden)
         w_in, b_in, w_out, b_out, w_x_t, w_dt_t = _inference_linears(mixer, w_x, w_dt, dtype)
-        xz = _linear(mixer.in_proj, hidden, w_in, b_in)  # (b, L, 2E)
+        if policy.get("mixer_in_place") and gap is None:
+            buf = torch.empty(bsz, L, 3 * E, device=hidden.device, dtype=dtype)
+            xz = _linear_into(buf[..., :2 * E], hidden, w_in, b_in)
+        else:
+            xz = _linear(mixer.in_proj, hidden, w_in, b_in)  # (b, L, 2E)
     x, z = _SplitHalves.apply(xz, E) if torch.is_grad_enabled() else (xz[..., :E], xz[..., E:])
     on = None
     if selector is not None and cls_index is None:
@@ -491,17 +509,18 @@ def bimamba_forward_triton(mixer: nn.Module, hidden: Tensor,
                           full_length=full_length)  # (2, b, L, E)
     u_flat = u2.view(2, bsz * L, E)
     x_dbl = torch.bmm(u_flat, w_x_t.to(u_flat.dtype))  # under autocast: bf16 either way
-    delta = torch.bmm(x_dbl[..., :R], w_dt_t.to(x_dbl.dtype))
+    if buf is None:
+        delta = torch.bmm(x_dbl[..., :R], w_dt_t.to(x_dbl.dtype))
+    else:  # the step sizes go to buf's first third (x: dead once the conv has read it) and its last third
+        delta = torch.bmm(x_dbl[..., :R], w_dt_t, out=buf.view(bsz * L, 3, E)[:, ::2].transpose(0, 1))
     Bm = x_dbl[..., R:R + N].view(2, bsz, L, N).permute(0, 1, 3, 2)
     Cm = x_dbl[..., R + N:].view(2, bsz, L, N).permute(0, 1, 3, 2)
-    # inference: the output goes into in_proj's x half, which nothing reads once the conv has (policy
-    # mixer_out_in_place)
+    delta = delta.view(2, bsz, L, E).permute(0, 1, 3, 2)
     y = selective_scan_pair_triton(
-        u2.permute(0, 1, 3, 2), delta.view(2, bsz, L, E).permute(0, 1, 3, 2), A, Bm, Cm, D, z.transpose(1, 2),
-        dt_bias, delta_softplus=True,
+        u2.permute(0, 1, 3, 2), delta, A, Bm, Cm, D, z.transpose(1, 2), dt_bias, delta_softplus=True,
         scale=0.5 if mixer.combine == "mean" else 1.0, gap=gap, direction_on=on,
-        out=None if torch.is_grad_enabled() or not policy.get("mixer_out_in_place") else x.transpose(1, 2),
-    )  # (b, E, L) logical, (b, L, E) memory
+        out=None if buf is None else delta[0],  # written over the first direction's step sizes, each read first
+    )  # (b, E, L) logical, (b, L, E) memory (row stride 3E with buf)
     del u2, u_flat, x_dbl, delta, Bm, Cm  # not needed by out_proj: freed before its output is allocated
     mixer.last_stats = {"tokens": L, "gate": None if direction_gate is None else direction_gate.detach()}
     if tap is not None:
