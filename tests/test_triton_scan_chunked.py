@@ -238,7 +238,8 @@ def test_pair_split_doubles_the_programs_below_its_threshold() -> None:
     ``scan_pair_split_max_len`` keep that split (1024 px, batch 8); batch 16 at 768 px splits no sequence either
     way; 0 never splits."""
     with policy.override(scan_fwd_tile=4, scan_pair_split_below=4, scan_pair_split_max_len=2048,
-                         scan_seq_split="auto", scan_fwd_tile_split_below=2, scan_seq_programs=16, scan_seq_chunk=64):
+                         scan_seq_split="auto", scan_fwd_tile_split_below=2, scan_seq_programs=16, scan_seq_chunk=64,
+                         scan_fwd_tile_channels=32):
         assert triton_scan.pair_split(1025, 8, 768, 132)
         assert fwd_chunk(1025, 8, 768, 132, split_g=True) == 1025  # 384 programs: one pass
         assert fwd_chunk(1025, 8, 768, 132) < 1025
@@ -346,7 +347,7 @@ def test_tiled_forward_splits_below_its_own_threshold() -> None:
     step walk (64 channels a program, 4 per multiprocessor) splits both."""
     with policy.override(scan_seq_split="auto", scan_seq_split_below=4, scan_fwd_tile_split_below=2,
                          scan_seq_programs=16, scan_seq_chunk=64):
-        with policy.override(scan_fwd_tile=4):
+        with policy.override(scan_fwd_tile=4, scan_fwd_tile_channels=32):
             assert fwd_chunk(2305, 8, 768, 132) < 2305
             assert fwd_chunk(2305, 16, 768, 132) == 2305
         with policy.override(scan_fwd_tile=0):
