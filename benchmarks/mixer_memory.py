@@ -65,9 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--models", default="vim_small,vim_tiny")
+    ap.add_argument("--configs", default=",".join(f"{i}:{b}" for i, b in CONFIGS), help="IMG:BATCH items")
     args = ap.parse_args(argv)
+    try:
+        configs = [(int(i), int(b)) for i, b in (c.split(":") for c in args.configs.split(","))]
+    except ValueError:
+        ap.error(f"--configs {args.configs!r}: expected IMG:BATCH[,...]")
+    unknown = set(args.models.split(",")) - set(PEERS)
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(sorted(unknown))}; valid: {', '.join(PEERS)}")
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    for img, bsz in CONFIGS:
+    for img, bsz in configs:
         for name in args.models.split(","):
             peer = peer_row(PEERS[name], bsz, img)
             model = build(name, img).cuda().eval()

@@ -162,13 +162,17 @@ def random_crop_with_padding(x: Tensor, pad: int) -> Tensor:
 class StreamingLoader:
     """A DataLoader whose batches are moved to the device; worker seeds come from (seed, epoch) only."""
 
+    #: how worker processes start (None: the platform's default, fork on Linux)
+    worker_start: str | None = None
+
     def __init__(self, dataset: Dataset, sampler: Sampler[int], batch_size: int, device: torch.device,
                  num_workers: int, train: bool, seed: int, collate_fn: Any = None) -> None:
         self.sampler, self.device, self.seed, self.epoch = sampler, device, seed, 0
         self.generator = torch.Generator()
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                  drop_last=train, pin_memory=device.type == "cuda", generator=self.generator,
-                                 persistent_workers=False, collate_fn=collate_fn)
+                                 persistent_workers=False, collate_fn=collate_fn,
+                                 multiprocessing_context=self.worker_start if num_workers > 0 else None)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch = epoch

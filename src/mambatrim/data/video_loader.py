@@ -19,6 +19,9 @@ class VideoLoader(StreamingLoader):
     current pass (every worker's), and each batch that met one logs the running count."""
 
     skipped = 0
+    # workers start from a fresh server process, not forked from this one: once this process has decoded a video,
+    # FFmpeg / PyAV may hold locks that a forked worker then waits on forever (seen as a hung DataLoader)
+    worker_start = "forkserver"
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.generator.manual_seed(self.seed * 100003 + self.epoch)
