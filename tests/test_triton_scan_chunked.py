@@ -154,9 +154,10 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
         y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
 
-@pytest.mark.parametrize("channels", [16, 8])
-@pytest.mark.parametrize("layout", [dict(scan_pair_split_below=0, scan_seq_split="on", scan_seq_chunk=8),
-                                    dict(scan_pair_split_below=16, scan_seq_split="off")])
+@pytest.mark.parametrize("channels,layout", [
+    (16, dict(scan_pair_split_below=0, scan_seq_split="on", scan_seq_chunk=8)),  # one program, sequence split
+    (8, dict(scan_pair_split_below=16, scan_seq_split="off")),  # the directions as separate programs
+])
 def test_tiled_forward_with_a_channels_states_over_several_threads(channels: int, layout: dict) -> None:
     """``scan_fwd_tile_channels`` 16 / 8: a channel's states spread over 2 / 4 threads (partial C-contractions
     joined by shuffles) give the reference's values and gradients with gaps, over several channel blocks, with
