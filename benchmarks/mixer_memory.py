@@ -17,6 +17,7 @@ the largest logit difference from ``separate`` (the variants compute the same va
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ VARIANTS = {"separate": (False, True), "mixer buffer": (True, True), "mixer buff
 
 def run_variant(model: torch.nn.Module, variant: str, bsz: int, img: int) -> dict[str, Any]:
     in_place, hooked = VARIANTS[variant]
+    gc.collect()  # the previous measurement's graph and buffers, so that they do not count in this peak
+    torch.cuda.empty_cache()
     handles = [layer.register_forward_pre_hook(lambda mod, args: None) for layer in model.layers] if hooked else []
     try:
         with use_backend("triton"), policy.override(mixer_in_place=in_place):
@@ -54,6 +57,8 @@ def run_variant(model: torch.nn.Module, variant: str, bsz: int, img: int) -> dic
 
 
 def peer_row(name: str, bsz: int, img: int) -> dict[str, Any]:
+    gc.collect()
+    torch.cuda.empty_cache()
     model = build(name, img).cuda().eval()
     r = measure_throughput(model, bsz, img, "cuda", "bf16", warmup=3, iters=10, cuda_graph=True)
     return {"model": name, "img": img, "batch": bsz, "variant": "-", "img_per_s": r["img_per_s"],

@@ -406,6 +406,12 @@ def test_fused_add_rms_norm_in_place() -> None:
             y, res = add_rms_norm_triton(h2, r2, w, in_place=True)
         assert y.data_ptr() == h2.data_ptr() and res.data_ptr() == r2.data_ptr()
         assert torch.equal(y, want_y) and torch.equal(res, want_res)
+    with torch.no_grad():  # the first layer: an fp32 hidden becomes the residual, normed is new
+        want_y, want_res = add_rms_norm_triton(h.float(), None, w)
+        h32 = h.float()
+        y, res = add_rms_norm_triton(h32, None, w, in_place=True)
+    assert res.data_ptr() == h32.data_ptr() and y.data_ptr() != h32.data_ptr()
+    assert torch.equal(y, want_y) and torch.equal(res, want_res)
     with torch.no_grad():
         r16 = r.to(torch.bfloat16)
         _, res = add_rms_norm_triton(h.clone(), r16, w, in_place=True)

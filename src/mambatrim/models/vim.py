@@ -105,7 +105,7 @@ class Block(nn.Module):
         results over them (see :meth:`RMSNorm.add_and_norm`)."""
         if residual is not None:  # the first block gets the embeddings: no drop path
             hidden = self.drop_path(hidden)
-        normed, residual = self.norm.add_and_norm(hidden, residual, in_place=in_place and residual is not None)
+        normed, residual = self.norm.add_and_norm(hidden, residual, in_place=in_place)
         return self.mixer(normed, ctx), residual
 
 

@@ -58,7 +58,7 @@ SETTINGS: dict[str, Setting] = {
                              "walks the sequence one step at a time (a warp holds scan_fwd_block_d channels, 4 "
                              "states a thread)", choices=(0, 2, 4, 8)),
     "scan_fwd_tile_warps": Setting(1, "warps per program of the tiled forward scan"),
-    "scan_fwd_tile_channels": Setting(0, "channels a warp of the tiled forward scan: 32 (one thread a channel, "
+    "scan_fwd_tile_channels": Setting(32, "channels a warp of the tiled forward scan: 32 (one thread a channel, "
                                       "holding all its states), 16 or 8 (a channel's states over 2 or 4 threads, "
                                       "joined by shuffles: 2x / 4x the programs for more instructions a state, "
                                       "sm_90: 1.19x / 1.46x); 0 narrows from 32 while one program a channel block "

@@ -119,23 +119,29 @@ def add_rms_norm_triton(hidden: Tensor, residual: Tensor | None, weight: Tensor,
 
     ``in_place`` (inference; the caller gives up both inputs): residual_out is written over ``residual`` and
     normed over ``hidden`` (each program reads its row before writing it), so a layer allocates neither: two
-    stream tensors less at the layer's peak. Taken where both are contiguous and the residual is fp32."""
+    stream tensors less at the layer's peak. Taken where both are contiguous and the residual is fp32; without
+    a residual (the first layer), an fp32 ``hidden`` becomes residual_out itself and only normed is new."""
     if residual is not None and residual.shape != hidden.shape:
         raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} and hidden {tuple(hidden.shape)} differ")
     if weight.shape != hidden.shape[-1:]:
         raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} does not match width {hidden.shape[-1]}")
-    if not in_place or residual is None or not (hidden.is_contiguous() and residual.is_contiguous()
-                                                 and residual.dtype == torch.float32):
+    first = residual is None  # the stream starts here: an fp32 hidden becomes the residual itself
+    if not in_place or not hidden.is_contiguous() or (
+            residual.dtype != torch.float32 or not residual.is_contiguous() if not first
+            else hidden.dtype != torch.float32):
         return _AddRMSNormFn.apply(hidden, residual, weight, eps)
-    if torch.is_grad_enabled() and (hidden.requires_grad or residual.requires_grad or weight.requires_grad):
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                    or (not first and residual.requires_grad)):
         raise ValueError("add_rms_norm: in_place is inference-only (it overwrites the inputs autograd would need)")
     dim = hidden.shape[-1]
-    h, r = hidden.view(-1, dim), residual.view(-1, dim)
+    h = hidden.view(-1, dim)
+    r = h if first else residual.view(-1, dim)
+    y = torch.empty_like(h) if first else h
     if h.shape[0]:
         block = triton.next_power_of_2(dim)
-        _add_rms_norm_kernel[(h.shape[0],)](h, r, weight, h, r, dim, eps, HAS_RES=True, BLOCK=block,
+        _add_rms_norm_kernel[(h.shape[0],)](h, r, weight, y, r, dim, eps, HAS_RES=not first, BLOCK=block,
                                             num_warps=4 if block <= 1024 else 8)
-    return hidden, residual
+    return y.view(hidden.shape), hidden if first else residual
 
 
 @triton.jit
