@@ -154,51 +154,6 @@ def test_tiled_forward_equals_reference(tile: int, length: int, chunk: int, is_p
         y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
 
-@pytest.mark.parametrize("channels,layout", [
-    (16, dict(scan_pair_split_below=0, scan_seq_split="on", scan_seq_chunk=8)),  # one program, sequence split
-    (8, dict(scan_pair_split_below=16, scan_seq_split="off")),  # the directions as separate programs
-])
-def test_tiled_forward_with_a_channels_states_over_several_threads(channels: int, layout: dict) -> None:
-    """``scan_fwd_tile_channels`` 16 / 8: a channel's states spread over 2 / 4 threads (partial C-contractions
-    joined by shuffles) give the reference's values and gradients with gaps, over several channel blocks, with
-    the pair in one program and the sequence split, or its directions as separate programs; per-sample direction
-    switches hold too."""
-    dim, length = 20, 13
-    tensors, gap, r = inputs(31 + channels, 2, dim, length, 4, True)
-    grad_out = r(2, dim, length)
-    settings = dict(scan_fwd_tile=4, scan_fwd_tile_channels=channels, scan_bwd_tile=0, scan_bwd_block_d=4,
-                    scan_ckpt_chunk=4, **layout)
-    with policy.override(**settings):
-        assert triton_scan.fwd_block(2, dim, 132)[0] == channels
-        got = values_and_grads(pair, tensors, gap, grad_out)
-    ref = values_and_grads(pair_ref, tensors, gap, grad_out)
-    for name, a, c in zip(NAMES, got, ref):
-        assert rel(a, c) < 1e-5, f"{name}: {channels} channels a warp vs reference, rel err {rel(a, c):.2e}"
-    on = torch.tensor([[1, 1], [1, 0]])
-    (u, delta, A, B, C, D, z, bias) = tensors
-    refs = [selective_scan_ref(u[i], delta[i], A[i], B[i], C[i], D[i], z, bias[i], True, reverse=i == 1,
-                               gap=gap[i]) for i in range(2)]
-    expected = 0.5 * (refs[0] * on[:, 0, None, None] + refs[1] * on[:, 1, None, None])
-    args = [t.to(DEVICE) for t in (u, delta, A, B, C, D, z, bias)]
-    with torch.no_grad(), policy.override(**settings):
-        y = selective_scan_pair_triton(*args, True, 0.5, gap=gap.to(DEVICE), direction_on=on.to(DEVICE)).cpu()
-    assert rel(y, expected) < 1e-5
-
-
-def test_narrower_warps_where_the_gpu_would_idle() -> None:
-    """``scan_fwd_tile_channels=0`` keeps 32 channels a warp where one program a channel block and sample fills
-    ``scan_fwd_narrow_below`` programs per multiprocessor (Vim-S at batch 128: 3,072 programs on 132) and halves
-    them down to 8 while it does not (batch 16: 384 at 32, 768 at 16; batch 8: 192, 384, then 768 at 8)."""
-    with policy.override(scan_fwd_tile=4, scan_fwd_tile_warps=1, scan_fwd_tile_channels=0,
-                         scan_fwd_narrow_below=4):
-        assert triton_scan.fwd_block(128, 768, 132) == (32, 1)
-        assert triton_scan.fwd_block(16, 768, 132) == (16, 1)
-        assert triton_scan.fwd_block(8, 768, 132) == (8, 1)
-        assert triton_scan.fwd_block(1, 768, 132) == (8, 1)  # never below 8
-    with policy.override(scan_fwd_tile=4, scan_fwd_tile_channels=16):
-        assert triton_scan.fwd_block(128, 768, 132) == (16, 1)
-
-
 @pytest.mark.parametrize("tile,length,seq_split,with_gap", [
     (4, 13, True, False),   # tiled, 2 sequence chunks per direction (chunk states stored per direction only)
     (0, 11, False, True),   # the step walk, one pass, gaps
@@ -239,8 +194,7 @@ def test_pair_split_doubles_the_programs_below_its_threshold() -> None:
     ``scan_pair_split_max_len`` keep that split (1024 px, batch 8); batch 16 at 768 px splits no sequence either
     way; 0 never splits."""
     with policy.override(scan_fwd_tile=4, scan_pair_split_below=4, scan_pair_split_max_len=2048,
-                         scan_seq_split="auto", scan_fwd_tile_split_below=2, scan_seq_programs=16, scan_seq_chunk=64,
-                         scan_fwd_tile_channels=32):
+                         scan_seq_split="auto", scan_fwd_tile_split_below=2, scan_seq_programs=16, scan_seq_chunk=64):
         assert triton_scan.pair_split(1025, 8, 768, 132)
         assert fwd_chunk(1025, 8, 768, 132, split_g=True) == 1025  # 384 programs: one pass
         assert fwd_chunk(1025, 8, 768, 132) < 1025
@@ -348,7 +302,7 @@ def test_tiled_forward_splits_below_its_own_threshold() -> None:
     step walk (64 channels a program, 4 per multiprocessor) splits both."""
     with policy.override(scan_seq_split="auto", scan_seq_split_below=4, scan_fwd_tile_split_below=2,
                          scan_seq_programs=16, scan_seq_chunk=64):
-        with policy.override(scan_fwd_tile=4, scan_fwd_tile_channels=32):
+        with policy.override(scan_fwd_tile=4):
             assert fwd_chunk(2305, 8, 768, 132) < 2305
             assert fwd_chunk(2305, 16, 768, 132) == 2305
         with policy.override(scan_fwd_tile=0):

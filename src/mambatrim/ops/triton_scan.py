@@ -1112,10 +1112,10 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     tile = policy.get("scan_fwd_tile")
     if tile and policy.get("scan_fwd_bc_fp32") and B.dtype != torch.float32:
         B, C = _bc_fp32(B, C)
-    sms = _sm_count(u.device)
-    block_d, warps = fwd_block(bsz, E, sms)
+    block_d, warps = fwd_block()
     chunk = chunk or policy.get("scan_ckpt_chunk")
     n_blocks = triton.cdiv(E, block_d)
+    sms = _sm_count(u.device)
     split_g = pair and pair_split(L, bsz, E, sms)
     tc = fwd_chunk(L, bsz, E, sms, split_g)
     n_seq = triton.cdiv(L, tc)
@@ -1154,19 +1154,12 @@ def _token_major(bsz: int, E: int, L: int, like: Tensor) -> Tensor:
     return torch.empty(bsz, L, E, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
-def fwd_block(bsz: int | None = None, dim: int | None = None, sms: int | None = None) -> tuple[int, int]:
-    """Channels and warps per program of the forward scan under the current policy. The tiled schedule holds
-    ``scan_fwd_tile_channels`` channels a warp (0: 32, narrowed to 16 or 8 while a (bsz, dim) scan on ``sms``
-    multiprocessors would run fewer than ``scan_fwd_narrow_below`` programs per multiprocessor)."""
+def fwd_block() -> tuple[int, int]:
+    """Channels and warps per program of the forward scan under the current policy (the tiled schedule holds
+    32 channels a warp, one per thread)."""
     if policy.get("scan_fwd_tile"):
         warps = policy.get("scan_fwd_tile_warps")
-        width = policy.get("scan_fwd_tile_channels")
-        if width == 0:
-            width = 32
-            while (width > 8 and bsz is not None
-                   and triton.cdiv(dim, width * warps) * bsz < policy.get("scan_fwd_narrow_below") * sms):
-                width //= 2
-        return width * warps, warps
+        return 32 * warps, warps
     return policy.get("scan_fwd_block_d"), policy.get("scan_fwd_warps")
 
 
@@ -1176,7 +1169,7 @@ def pair_split(length: int, bsz: int, dim: int, sms: int) -> bool:
     run fewer than ``scan_pair_split_below`` programs per multiprocessor. Where that pair pass would split the
     sequence instead (:func:`fwd_chunk`), only up to ``scan_pair_split_max_len`` positions: a longer walk of
     one direction per program is slower than the split's two passes with many programs."""
-    if triton.cdiv(dim, fwd_block(bsz, dim, sms)[0]) * bsz >= policy.get("scan_pair_split_below") * sms:
+    if triton.cdiv(dim, fwd_block()[0]) * bsz >= policy.get("scan_pair_split_below") * sms:
         return False
     return length <= policy.get("scan_pair_split_max_len") or fwd_chunk(length, bsz, dim, sms) == length
 
@@ -1185,7 +1178,7 @@ def fwd_chunk(length: int, bsz: int, dim: int, sms: int, split_g: bool = False) 
     """Sequence positions per program of the forward scan under the current policy (``length``: one pass);
     ``split_g``: the pair's directions run as separate programs (:func:`pair_split`)."""
     tile = policy.get("scan_fwd_tile")
-    return seq_chunk(length, triton.cdiv(dim, fwd_block(bsz, dim, sms)[0]) * bsz * (2 if split_g else 1), sms,
+    return seq_chunk(length, triton.cdiv(dim, fwd_block()[0]) * bsz * (2 if split_g else 1), sms,
                      split_below=policy.get("scan_fwd_tile_split_below") if tile else None)
 
 
