@@ -71,6 +71,14 @@ def _rms_norm_bwd_kernel(res_ptr, dy_ptr, dres_ptr, w_ptr, dx_ptr, dr_ptr, dwp_p
     tl.store(dwp_ptr + pid * D + cols, dw, mask=cm)
 
 
+def _add_rms_norm_rows(h: Tensor, r: Tensor | None, weight: Tensor, y: Tensor, res: Tensor, eps: float) -> None:
+    """One launch of :func:`_add_rms_norm_kernel` over the (rows, D) views: ``res = h (+ r)``, ``y = norm(res)``.
+    The outputs may be the inputs' own storage (each program reads its row before writing it)."""
+    block = triton.next_power_of_2(h.shape[1])
+    _add_rms_norm_kernel[(h.shape[0],)](h, r if r is not None else h, weight, y, res, h.shape[1], eps,
+                                        HAS_RES=r is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+
+
 class _AddRMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
@@ -79,9 +87,7 @@ class _AddRMSNormFn(torch.autograd.Function):
         r = residual.contiguous().view(-1, dim) if residual is not None else None
         y = torch.empty_like(h)
         res = torch.empty(h.shape, device=h.device, dtype=torch.float32)
-        block = triton.next_power_of_2(dim)
-        _add_rms_norm_kernel[(h.shape[0],)](h, r if r is not None else h, weight, y, res, dim, eps,
-                                            HAS_RES=r is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        _add_rms_norm_rows(h, r, weight, y, res, eps)
         ctx.save_for_backward(res, weight)
         ctx.eps, ctx.has_res, ctx.h_dtype, ctx.shape = eps, residual is not None, hidden.dtype, shape
         ctx.r_dtype = residual.dtype if residual is not None else None
@@ -126,22 +132,22 @@ def add_rms_norm_triton(hidden: Tensor, residual: Tensor | None, weight: Tensor,
     if weight.shape != hidden.shape[-1:]:
         raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} does not match width {hidden.shape[-1]}")
     first = residual is None  # the stream starts here: an fp32 hidden becomes the residual itself
-    if not in_place or not hidden.is_contiguous() or (
-            residual.dtype != torch.float32 or not residual.is_contiguous() if not first
-            else hidden.dtype != torch.float32):
+    if not (in_place and hidden.is_contiguous() and (
+            hidden.dtype == torch.float32 if first
+            else residual.dtype == torch.float32 and residual.is_contiguous())):
         return _AddRMSNormFn.apply(hidden, residual, weight, eps)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                     or (not first and residual.requires_grad)):
         raise ValueError("add_rms_norm: in_place is inference-only (it overwrites the inputs autograd would need)")
     dim = hidden.shape[-1]
     h = hidden.view(-1, dim)
-    r = h if first else residual.view(-1, dim)
-    y = torch.empty_like(h) if first else h
-    if h.shape[0]:
-        block = triton.next_power_of_2(dim)
-        _add_rms_norm_kernel[(h.shape[0],)](h, r, weight, y, r, dim, eps, HAS_RES=not first, BLOCK=block,
-                                            num_warps=4 if block <= 1024 else 8)
-    return y.view(hidden.shape), hidden if first else residual
+    if first:  # res = h written over h itself; normed is new
+        y = torch.empty_like(h)
+        _add_rms_norm_rows(h, None, weight, y, h, eps)
+        return y.view(hidden.shape), hidden
+    r = residual.view(-1, dim)
+    _add_rms_norm_rows(h, r, weight, h, r, eps)
+    return hidden, residual
 
 
 @triton.jit

@@ -1122,8 +1122,9 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     states, sums = _chunk_buffers(u, G, bsz, n_seq, N, E)
     target = out
     if split_g and not out.transpose(-1, -2).is_contiguous():
-        # a strided output (the fused mixer's in_proj x half): both directions write token-major buffers, whose
-        # sum goes there (the kernel writes its two outputs with one set of strides)
+        # a strided output (in the fused mixer: the first direction's step sizes in its (b, L, 3E) buffer): both
+        # directions write token-major buffers, whose sum goes there (the kernel writes its two outputs with one
+        # set of strides)
         out = _token_major(bsz, E, L, out)[None]
     out2 = torch.empty_like(out) if split_g else dummy  # the second direction's own output
     args = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
