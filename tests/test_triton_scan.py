@@ -203,6 +203,22 @@ def test_pair_writes_over_the_first_directions_step_sizes(schedule: dict) -> Non
         selective_scan_pair_triton(*args, True, 0.5, gap=gap, out=steps[0])
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter runs no prefetch (inline PTX)")
+@pytest.mark.parametrize("schedule", [dict(), dict(scan_pair_split_below=16), dict(scan_seq_split="on")])
+def test_prefetch_changes_no_value(schedule: dict) -> None:
+    """The tiled walk's prefetch of its 16-bit rows is a hint: outputs equal those without it, bit for bit (the
+    pair in one program, the directions as separate programs, the sequence split)."""
+    bsz, dim, length = 2, 64, 301
+    (u, delta, A, B, C, D, z, bias), _ = pair_inputs(3, bsz, dim, length, 16)
+    args = [t.to(DEVICE).to(torch.bfloat16) if i in (0, 1, 3, 4, 6) else t.to(DEVICE)
+            for i, t in enumerate((u, delta, A, B, C, D, z, bias))]
+    outs = []
+    for pf in (0, 32):
+        with torch.no_grad(), policy.override(scan_fwd_prefetch=pf, scan_fwd_prefetch_below=10**6, **schedule):
+            outs.append(selective_scan_pair_triton(*args, True, 0.5, out=torch.empty_like(args[6])))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kinds", ["each kind once", "random"])
 def test_pair_direction_switch_skips_per_sample(kinds: str, split: bool) -> None:

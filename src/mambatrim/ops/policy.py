@@ -68,6 +68,13 @@ SETTINGS: dict[str, Setting] = {
     "scan_fwd_bc_fp32": Setting(True, "the tiled forward reads 16-bit B and C from fp32 copies made once per call "
                                       "(otherwise each thread converts every value of its tile: H100, Vim-S 1.02-"
                                       "1.06x; the step walk loses from them and never uses them)"),
+    "scan_fwd_prefetch": Setting(32, "the tiled forward prefetches the rows of its 16-bit inputs (u, step sizes, z, "
+                                 "the accumulated output) into L2 this many steps ahead (0: off), in launches of "
+                                 "fewer than scan_fwd_prefetch_below programs per multiprocessor (H100, Vim-S "
+                                 "batch 8: 1.01-1.02x at 768-1024 px; the scan kernel 1.01-1.02x at 577-4,097 "
+                                 "positions, 0.99x at 16 x 768 x 2,305)", choices=(0, 8, 16, 32, 64)),
+    "scan_fwd_prefetch_below": Setting(24, "programs per multiprocessor below which scan_fwd_prefetch applies (H100: "
+                                       "0.98-0.99x at 46 per SM, Vim-S at 224 px batch 128)"),
     "scan_pair_split_below": Setting(4, "the fused pair's forward runs its two directions as separate programs "
                                      "(the second writing its own output, added after) where one program per "
                                      "channel block and sample would run fewer than this many programs per "
