@@ -1,8 +1,11 @@
-"""``capture_graph``'s replay keeps what the captured function closes over alive.
+"""``capture_graph``'s replay keeps what the captured function closes over alive; no dead graph is torn down
+during a capture.
 
 A graph reads fixed addresses. When the caller kept only ``graph.replay``, a static input rebound in a loop was
 freed, the next capture's ``empty_cache`` returned its memory to the driver, and the earlier graph's replay hit
-an illegal memory access (the segmentation benchmark's head graphs did).
+an illegal memory access (the segmentation benchmark's head graphs did). A dead graph left in a reference cycle
+was destroyed by Python's collector in the middle of a later capture, which that invalidated (a benchmark
+process capturing many models did).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import weakref
 import pytest
 import torch
 
-from mambatrim.engine.cuda_graph import GraphReplay, capture_graph
+from mambatrim.engine.cuda_graph import GraphedForward, GraphReplay, capture_graph, collector_paused
 
 
 class CountingGraph:
@@ -70,3 +73,56 @@ def test_earlier_graph_replays_after_its_inputs_lost_every_other_reference() -> 
         torch.cuda.synchronize()
         assert torch.equal(out, want)
     del filler
+
+
+class Cycle:
+    """Garbage in a reference cycle that records when it is destroyed."""
+
+    destroyed: list[str] = []
+
+    def __init__(self, name: str) -> None:
+        self.name, self.me = name, self
+
+    def __del__(self) -> None:
+        Cycle.destroyed.append(self.name)
+
+
+def test_collector_paused_collects_first_then_defers_to_the_end() -> None:
+    Cycle.destroyed.clear()
+    Cycle("before")  # dead at once, freed only by a collection
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)  # a collection at nearly every allocation
+    try:
+        with collector_paused():
+            assert Cycle.destroyed == ["before"]
+            assert not gc.isenabled()
+            for i in range(50):
+                Cycle(f"during {i}")
+            assert Cycle.destroyed == ["before"]  # nothing torn down inside the block
+        assert gc.isenabled()
+        gc.collect()
+        assert len(Cycle.destroyed) == 51
+        gc.disable()
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # a collector that was off stays off
+    finally:
+        gc.enable()
+        gc.set_threshold(*thresholds)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_dead_graphed_models_do_not_break_a_later_capture() -> None:
+    """Graphed forwards dropped in a loop (each a reference cycle) while more are captured, with the collector
+    running at nearly every allocation: every capture succeeds and replays its own model."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)).cuda()
+        x = torch.randn(16, 64, device="cuda")
+        want = model(x)
+        for _ in range(6):
+            graphed = GraphedForward(model, x)  # the previous one is now garbage in a cycle
+            torch.testing.assert_close(graphed(x), want)
+    finally:
+        gc.set_threshold(*thresholds)

@@ -9,12 +9,32 @@ skipping on the PyTorch path, alignment without a known dense length) cannot, an
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import gc
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from .precision import autocast_to
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Collect Python's cyclic garbage now, then keep the collector off until the block ends (a CUDA capture).
+
+    A dead graph in a reference cycle (a :class:`GraphedForward` is one: its replay closes over the object) is
+    destroyed whenever the collector next runs. If that is during another capture, the dead graph's teardown
+    invalidates the capture (``cudaErrorStreamCaptureInvalidated``, seen after a few dozen graphed models in one
+    benchmark process). PyTorch's own capture no longer collects first (``force_cudagraph_gc``)."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def capture_graph(fn: Callable[[], object], warmup: int = 3) -> GraphReplay:
@@ -29,7 +49,7 @@ def capture_graph(fn: Callable[[], object], warmup: int = 3) -> GraphReplay:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        with collector_paused(), torch.cuda.graph(graph):
             fn()
     except RuntimeError as err:
         raise RuntimeError(
@@ -126,7 +146,7 @@ class GraphedStudent(nn.Module):
         flat_module = _FlatForward(self)
         amp = autocast_to("cuda", self.autocast_dtype, cache_enabled=False)
         try:
-            with amp:
+            with amp, collector_paused():
                 self._graphed = torch.cuda.make_graphed_callables(flat_module, (x.detach().clone(),),
                                                                      allow_unused_input=True)
             self._shape = (tuple(x.shape), x.dtype)
