@@ -73,8 +73,9 @@ SETTINGS: dict[str, Setting] = {
                                  "fewer than scan_fwd_prefetch_below programs per multiprocessor (H100, Vim-S "
                                  "batch 8: 1.01-1.02x at 768-1024 px; the scan kernel 1.01-1.02x at 577-4,097 "
                                  "positions, 0.99x at 16 x 768 x 2,305)", choices=(0, 8, 16, 32, 64)),
-    "scan_fwd_prefetch_below": Setting(24, "programs per multiprocessor below which scan_fwd_prefetch applies (H100: "
-                                       "0.98-0.99x at 46 per SM, Vim-S at 224 px batch 128)"),
+    "scan_fwd_prefetch_below": Setting(20, "programs per multiprocessor below which scan_fwd_prefetch applies (H100: "
+                                       "on for the sequence split's 16-17 per SM; 0.98-0.99x at 23 per SM, Vim-S's "
+                                       "layer at 224 px batch 128, where it stays off)"),
     "scan_pair_split_below": Setting(4, "the fused pair's forward runs its two directions as separate programs "
                                      "(the second writing its own output, added after) where one program per "
                                      "channel block and sample would run fewer than this many programs per "
