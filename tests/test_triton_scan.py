@@ -66,16 +66,14 @@ def run(fn, tensors, gaps, reverse, dtype, grad_out):
     return [y.detach().float().cpu()] + [x.grad.float().cpu() for x in xs]
 
 
-@pytest.mark.parametrize("reverse,gap,tile,bwd_tile,ahead", [(False, False, 4, 2, 0), (True, True, 4, 2, 0),
-                                                            (False, True, 0, 0, 0), (True, False, 0, 0, 0),
-                                                            (True, True, 4, 2, 1024)])
-def test_scan_fp32_values_and_grads_match_ref(reverse: bool, gap: bool, tile: int, bwd_tile: int, ahead: int) -> None:
+@pytest.mark.parametrize("reverse,gap,tile,bwd_tile", [(False, False, 4, 2), (True, True, 4, 2), (False, True, 0, 0),
+                                                      (True, False, 0, 0)])
+def test_scan_fp32_values_and_grads_match_ref(reverse: bool, gap: bool, tile: int, bwd_tile: int) -> None:
     """Both forward schedules, the tiled walk (T = 4, the default) and the step walk (T = 0), and both backward
-    ones (tiled, T = 2, the default; the step walk, which also runs wherever there are gaps); the tiled walk also
-    with its arithmetic pipelined across tiles (``scan_fwd_ahead_below``)."""
+    ones (tiled, T = 2, the default; the step walk, which also runs wherever there are gaps)."""
     tensors, gaps, r = make_inputs(1 + reverse + 2 * gap, gap=gap)
     grad_out = r(*tensors[0].shape)
-    with policy.override(scan_fwd_tile=tile, scan_bwd_tile=bwd_tile, scan_fwd_ahead_below=ahead):
+    with policy.override(scan_fwd_tile=tile, scan_bwd_tile=bwd_tile):
         got = run(selective_scan_triton, tensors, gaps, reverse, torch.float32, grad_out)
     ref = run(selective_scan_ref, tensors, gaps, reverse, torch.float32, grad_out)
     for name, a, b in zip(NAMES, got, ref):
@@ -177,9 +175,7 @@ def test_pair_writes_into_a_given_strided_output(split: bool) -> None:
 @pytest.mark.parametrize("schedule", [dict(scan_fwd_tile=4), dict(scan_fwd_tile=0),
                                       dict(scan_fwd_tile=4, scan_seq_split="on", scan_seq_chunk=8),
                                       dict(scan_fwd_tile=0, scan_seq_split="on", scan_seq_chunk=8),
-                                      dict(scan_fwd_tile=4, scan_pair_split_below=16),
-                                      dict(scan_fwd_tile=4, scan_seq_split="on", scan_seq_chunk=8,
-                                           scan_fwd_ahead_below=1024)])
+                                      dict(scan_fwd_tile=4, scan_pair_split_below=16)])
 def test_pair_writes_over_the_first_directions_step_sizes(schedule: dict) -> None:
     """``out`` may be the first direction's step sizes (the fused mixer's (b, L, 3E) buffer: x -> those step
     sizes -> the output | z | the second direction's step sizes): every schedule reads a position's step size
@@ -223,9 +219,9 @@ def test_prefetch_changes_no_value(schedule: dict) -> None:
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("split,ahead", [(False, 0), (True, 0), (False, 1024), (True, 1024)])
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("kinds", ["each kind once", "random"])
-def test_pair_direction_switch_skips_per_sample(kinds: str, split: bool, ahead: int) -> None:
+def test_pair_direction_switch_skips_per_sample(kinds: str, split: bool) -> None:
     """``direction_on`` (inference): each sample gets 0.5 * (on_f * fwd + on_b * bwd) -- both, one or neither
     direction -- from outputs the switched-off pairs never wrote (the conv leaves them undefined: NaN here);
     'random' has several samples of each kind. Both layouts: one program walks both directions (the second
@@ -244,7 +240,7 @@ def test_pair_direction_switch_skips_per_sample(kinds: str, split: bool, ahead: 
     u_off[0, on[:, 0] == 0] = float("nan")  # what a skipped direction's conv output may hold
     u_off[1, on[:, 1] == 0] = float("nan")
     args = [t.to(DEVICE) for t in (u_off, delta, A, B, C, D, z, bias)]
-    with torch.no_grad(), policy.override(scan_pair_split_below=16 if split else 0, scan_fwd_ahead_below=ahead):
+    with torch.no_grad(), policy.override(scan_pair_split_below=16 if split else 0):
         y = selective_scan_pair_triton(*args, delta_softplus=True, scale=0.5, direction_on=on.to(DEVICE)).cpu()
     assert rel(y, expected) < 1e-5
     idle = on.sum(1) == 0

@@ -68,11 +68,6 @@ SETTINGS: dict[str, Setting] = {
     "scan_fwd_bc_fp32": Setting(True, "the tiled forward reads 16-bit B and C from fp32 copies made once per call "
                                       "(otherwise each thread converts every value of its tile: H100, Vim-S 1.02-"
                                       "1.06x; the step walk loses from them and never uses them)"),
-    "scan_fwd_ahead_below": Setting(0, "the tiled forward computes each next tile's step sizes and finishes (gates, "
-                                    "stores) each previous tile's outputs in the current tile's iteration, so that "
-                                    "their dependent chains overlap its exponentials, in launches of fewer than this "
-                                    "many programs per multiprocessor (0: never)",
-                                    choices=(0, 2, 4, 8, 16, 20, 24, 32, 64, 1024)),
     "scan_fwd_prefetch": Setting(32, "the tiled forward prefetches the rows of its 16-bit inputs (u, step sizes, z, "
                                  "the accumulated output) into L2 this many steps ahead (0: off), in launches of "
                                  "fewer than scan_fwd_prefetch_below programs per multiprocessor (H100, Vim-S "

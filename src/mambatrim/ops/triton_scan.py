@@ -142,7 +142,7 @@ def _scan_fwd_kernel(
     BD: tl.constexpr, CHUNK_T: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, HAS_ON: tl.constexpr,
     STATE_ONLY: tl.constexpr, CARRY_IN: tl.constexpr, BC8: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr,
-    SPLIT_G: tl.constexpr, GATE_LAST: tl.constexpr, PF: tl.constexpr = 0, AHEAD: tl.constexpr = False,
+    SPLIT_G: tl.constexpr, GATE_LAST: tl.constexpr, PF: tl.constexpr = 0,
 ):
     """One (channel block, sample, sequence chunk of ``TC`` positions). Single pass: one chunk (TC = L).
     Split: ``STATE_ONLY`` scans each chunk from a zero state and stores its final state and its summed decay
@@ -240,7 +240,7 @@ def _scan_fwd_kernel(
                 u_ptr + g * su_g + pid_b * su_b + pid_d * BD * su_d,
                 dl_ptr + g * sd_g + pid_b * sd_b + pid_d * BD * sd_d,
                 z_ptr + g * sz_g + pid_b * sz_b + pid_d * BD * sz_d,
-                _out_rows(out_ptr, out2_ptr, g, SPLIT_G, pid_b, so_b, pid_d * BD, so_d), AHEAD)
+                _out_rows(out_ptr, out2_ptr, g, SPLIT_G, pid_b, so_b, pid_d * BD, so_d))
         if STATE_ONLY:
             tl.store(st_base + pid_c * (N * E), h, mask=mask2 & (mine != 0))
             tl.store(sm_base + pid_c * E, ex_sum, mask=dmask & (mine != 0))
@@ -373,17 +373,6 @@ def _tile_delta(s, lo, s_end, L, rev: tl.constexpr, d_base, sd_t, bias, dmask, H
 
 
 @triton.jit
-def _finish_tile(y, z, m, t, o_base, so_t, GATE: tl.constexpr, GATE_IF: tl.constexpr, gate_on):
-    """Gate a tile's (T, channels) outputs as configured (``GATE``; ``GATE_IF``: where ``gate_on``) and store them."""
-    if GATE:
-        y = _gate(y, z)
-    if GATE_IF:  # the pair's first direction, where the second is off for this sample
-        if gate_on != 0:
-            y = _gate(y, z)
-    tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
-
-
-@triton.jit
 def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, acc_on, GATE_IF: tl.constexpr,
                 gate_on, A2, Dv, bias, scale, u_base,
                 su_t, d_base, sd_t, B_base, sB_t, C_base, sC_t, z_base, sz_t, o_base, so_t, gp_base, sg_t, ck_base,
@@ -391,17 +380,11 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
                 SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, GATE_AFTER: tl.constexpr,
                 HAS_BIAS: tl.constexpr,
                 HAS_GAP: tl.constexpr, STORE_CKPT: tl.constexpr, STATE_ONLY: tl.constexpr, T: tl.constexpr,
-                STAGES: tl.constexpr, PF: tl.constexpr, pf_u, pf_d, pf_z, pf_o, AHEAD: tl.constexpr):
+                STAGES: tl.constexpr, PF: tl.constexpr, pf_u, pf_d, pf_z, pf_o):
     """The same walk ``T`` steps at a time (the tiled schedule, ``scan_fwd_tile``): the (T, states, channels)
     tile's step exponentials do not depend on the state and are issued together; one thread holds all states of
     its channel (BD = 32 x warps), so the recurrence runs inside each thread (one FMA a state and step) and the
-    C-contraction needs no shuffle. The loop must be software-pipelined (``STAGES`` > 1) to pay.
-
-    ``AHEAD``: the tile loop also pipelines its arithmetic by hand. Each iteration computes the next tile's step
-    sizes (their softplus: two dependent special-function ops a row) and gates and stores the previous tile's
-    outputs, so that those dependent chains interleave with this tile's exponentials instead of running before
-    and after them. A warp issues in order within an iteration and the compiler does not move work across
-    iterations: with one warp a scheduler (small batch) nothing else fills those chains' latency."""
+    C-contraction needs no shuffle. The loop must be software-pipelined (``STAGES`` > 1) to pay."""
     k = tl.arange(0, T)
     first = (k == 0)[:, None, None]
     last = (k == T - 1)[:, None, None]
@@ -413,13 +396,6 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         start = s0 - s0 % T
     kp = tl.arange(0, T)  # the prefetched rows: one address a row and tensor (``pf_*``: the block's first
     # channel; its 32 channels lie in one or two lines where the channel stride is 1, as launched)
-    if AHEAD:  # the first tile's step sizes; no previous tile to finish yet (its mask is all false)
-        dt_nx, m_nx, t_nx, ok_nx = _tile_delta(start + k, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask,
-                                               HAS_BIAS, SOFTPLUS)
-        y_pv = tl.zeros((T, BD), dtype=tl.float32)
-        z_pv = tl.zeros((T, BD), dtype=tl.float32)
-        m_pv = m_nx & (k < 0)[:, None]
-        t_pv = t_nx
     for c in tl.range(tl.cdiv(s_end - start, T) * (steps > 0).to(tl.int32), num_stages=STAGES):
         s = start + c * T + k
         if PF > 0:
@@ -431,12 +407,7 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
                     _prefetch(pf_z + tp * sz_t)
                 if acc:
                     _prefetch(pf_o + tp * so_t)
-        if AHEAD:
-            dt, m, t, ok = dt_nx, m_nx, t_nx, ok_nx
-            dt_nx, m_nx, t_nx, ok_nx = _tile_delta(s + T, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask,
-                                                   HAS_BIAS, SOFTPLUS)
-        else:
-            dt, m, t, ok = _tile_delta(s, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
+        dt, m, t, ok = _tile_delta(s, s0, s_end, L, rev, d_base[None, :], sd_t, bias, dmask, HAS_BIAS, SOFTPLUS)
         u = tl.load(u_base[None, :] + t[:, None] * su_t, mask=m, other=0.0).to(tl.float32)
         Bt = tl.load(B_base[None, :] + t[:, None] * sB_t, mask=ok[:, None] & nmask[None, :], other=0.0).to(tl.float32)
         ex = dt
@@ -456,16 +427,16 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
             zz = u
             if HAS_Z or GATE_IF:  # GATE_IF: loaded every tile, so that it issues early (not inside the branch below)
                 zz = tl.load(z_base[None, :] + t[:, None] * sz_t, mask=m, other=0.0)
-            # ungated here (the gate is linear in y: GATE_AFTER gates the pair's sum, the others their own)
             y = _skip_and_gate(tl.sum(hs * Ct.to(tl.float32)[:, :, None], axis=1), u, zz, Dv[None, :], scale, HAS_D,
-                               False)
+                               HAS_Z and not GATE_AFTER)
             if acc:
                 y = y + tl.load(o_base[None, :] + t[:, None] * so_t, mask=m & (acc_on != 0), other=0.0).to(tl.float32)
-            if AHEAD:  # finish the previous tile now, this one in the next iteration (or after the loop)
-                _finish_tile(y_pv, z_pv, m_pv, t_pv, o_base, so_t, HAS_Z or GATE_AFTER, GATE_IF, gate_on)
-                y_pv, z_pv, m_pv, t_pv = y, zz.to(tl.float32), m, t
-            else:
-                _finish_tile(y, zz, m, t, o_base, so_t, HAS_Z or GATE_AFTER, GATE_IF, gate_on)
+            if GATE_AFTER:  # the pair's gate on the sum of both directions
+                y = _gate(y, zz)
+            if GATE_IF:  # the pair's first direction, where the second is off for this sample
+                if gate_on != 0:
+                    y = _gate(y, zz)
+            tl.store(o_base[None, :] + t[:, None] * so_t, y.to(o_base.dtype.element_ty), mask=m)
         if STORE_CKPT:
             if CHUNK_T % T == 0:  # the state after the tile, where a checkpoint chunk ends there
                 nxt = start + (c + 1) * T
@@ -476,8 +447,6 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
                 keep = ok & (nxt % CHUNK_T == 0) & (nxt < L)
                 tl.store(ck_base[None, :, :] + (nxt // CHUNK_T)[:, None, None] * N, hs,
                          mask=keep[:, None, None] & mask2[None, :, :])
-    if AHEAD and not STATE_ONLY:  # the last tile
-        _finish_tile(y_pv, z_pv, m_pv, t_pv, o_base, so_t, HAS_Z or GATE_AFTER, GATE_IF, gate_on)
     return h, ex_sum
 
 
@@ -1197,11 +1166,10 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
                  STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, SPLIT_G=split_g,
                  GATE_LAST=pair and z is not None and not split_g, num_warps=warps)
     grid = (n_blocks * (2 if split_g else 1), bsz, n_seq)
-    programs = grid[0] * grid[1] * grid[2]
     pf = policy.get("scan_fwd_prefetch") if tile and not _interpreting() else 0
-    if programs >= policy.get("scan_fwd_prefetch_below") * sms:
+    if grid[0] * grid[1] * grid[2] >= policy.get("scan_fwd_prefetch_below") * sms:
         pf = 0
-    flags.update(PF=pf, AHEAD=bool(tile) and programs < policy.get("scan_fwd_ahead_below") * sms)
+    flags.update(PF=pf)
     if n_seq > 1:
         _scan_fwd_kernel[grid](*args, STORE_CKPT=False, STATE_ONLY=True, CARRY_IN=False, **flags)
     global LAST_FWD
