@@ -24,9 +24,11 @@ def collector_paused() -> Iterator[None]:
     """Collect Python's cyclic garbage now, then keep the collector off until the block ends (a CUDA capture).
 
     A dead graph in a reference cycle (a :class:`GraphedForward` is one: its replay closes over the object) is
-    destroyed whenever the collector next runs. If that is during another capture, the dead graph's teardown
-    invalidates the capture (``cudaErrorStreamCaptureInvalidated``, seen after a few dozen graphed models in one
-    benchmark process). PyTorch's own capture no longer collects first (``force_cudagraph_gc``)."""
+    destroyed whenever the collector next runs; tearing a graph down during another capture is an operation a
+    capturing stream does not permit. PyTorch's own capture no longer collects first (``force_cudagraph_gc``). A
+    benchmark process once failed a capture (``cudaErrorStreamCaptureInvalidated``) after a few dozen graphed
+    models; that this was the cause is not shown (it did not recur in isolation): this is a guard, one
+    collection a capture."""
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()

@@ -68,9 +68,6 @@ SETTINGS: dict[str, Setting] = {
     "scan_fwd_bc_fp32": Setting(True, "the tiled forward reads 16-bit B and C from fp32 copies made once per call "
                                       "(otherwise each thread converts every value of its tile: H100, Vim-S 1.02-"
                                       "1.06x; the step walk loses from them and never uses them)"),
-    "scan_fwd_maxnreg": Setting(0, "registers a thread the tiled forward scan may use (0: the compiler's choice); "
-                                "fewer let more programs run at once, so a launch of a few more programs than one "
-                                "wave fits in one", choices=(0, 64, 72, 80, 88, 96)),
     "scan_fwd_prefetch": Setting(32, "the tiled forward prefetches the rows of its 16-bit inputs (u, step sizes, z, "
                                  "the accumulated output) into L2 this many steps ahead (0: off), in launches of "
                                  "fewer than scan_fwd_prefetch_below programs per multiprocessor (H100, Vim-S "

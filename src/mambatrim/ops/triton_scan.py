@@ -1165,8 +1165,6 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
                  HAS_GAP=gap is not None, HAS_ON=on is not None, BC8=_strides_of_8(B, C), T=tile,
                  STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, SPLIT_G=split_g,
                  GATE_LAST=pair and z is not None and not split_g, num_warps=warps)
-    if tile and policy.get("scan_fwd_maxnreg") and not _interpreting():
-        flags["maxnreg"] = policy.get("scan_fwd_maxnreg")
     grid = (n_blocks * (2 if split_g else 1), bsz, n_seq)
     pf = policy.get("scan_fwd_prefetch") if tile and not _interpreting() else 0
     if grid[0] * grid[1] * grid[2] >= policy.get("scan_fwd_prefetch_below") * sms:
