@@ -120,8 +120,9 @@ def _eighths(x, BC8: tl.constexpr):
 @triton.jit
 def _prefetch(ptrs):
     """Ask the memory system to bring ``ptrs``' lines into L2 ahead of their loads: a hint (no register, no wait,
-    no fault), for the tiled walk's 16-bit inputs, which the software pipeline does not copy ahead (its
-    asynchronous copies take 4-byte values only). Into L1 instead measured the same (H100)."""
+    no fault). The software pipeline copies u and the step sizes ahead asynchronously where their channel stride
+    is 1 (as launched), not the accumulated output (read and written by the same walk); the hint covers every
+    16-bit row at little cost. Into L1 instead measured the same (H100)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)
 
