@@ -60,19 +60,24 @@ def load_baseline(path: Path):
     return module
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``"NAME:setting=value,setting=value"`` -> (NAME, checked settings)."""
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``["setting=value", ...]`` -> checked fast-path settings (values typed like the settings' defaults)."""
     from mambatrim.ops import policy
 
-    name, _, body = text.partition(":")
-    if not name or not body:
-        raise SystemExit(f"--variant {text!r}: expected NAME:setting=value[,setting=value]")
     settings = {}
-    for item in body.split(","):
+    for item in items:
         key, _, value = item.partition("=")
         kind = type(policy.SETTINGS[key].default) if key in policy.SETTINGS else str
         settings[key] = (value.lower() in ("1", "true", "on")) if kind is bool else kind(value)
-    return name, policy.validate(**settings)
+    return policy.validate(**settings)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:setting=value,setting=value"`` -> (NAME, checked settings)."""
+    name, _, body = text.partition(":")
+    if not name or not body:
+        raise SystemExit(f"--variant {text!r}: expected NAME:setting=value[,setting=value]")
+    return name, parse_settings(body.split(","))
 
 
 def forward_rounds(base, variants: dict[str, dict], ins: list, rounds: int,

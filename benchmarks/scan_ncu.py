@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resolution_sweep import pair_inputs  # noqa: E402
+from scan_compare import parse_settings  # noqa: E402
 
 from mambatrim.ops import policy  # noqa: E402
 from mambatrim.ops.triton_scan import selective_scan_pair_triton  # noqa: E402
@@ -25,13 +26,7 @@ def main(argv: list[str]) -> int:
     if len(argv) < 2:
         raise SystemExit("usage: scan_ncu.py BATCH LENGTH [setting=value ...]")
     bsz, length = int(argv[0]), int(argv[1])
-    settings = {}
-    for item in argv[2:]:
-        key, _, value = item.partition("=")
-        if key not in policy.SETTINGS:
-            raise SystemExit(f"unknown setting {key!r}; see mambatrim.ops.policy.SETTINGS")
-        kind = type(policy.SETTINGS[key].default)
-        settings[key] = value.lower() in ("1", "true", "on") if kind is bool else kind(value)
+    settings = parse_settings(argv[2:])
     u, delta, A, B, C, D, z, bias, _ = pair_inputs(bsz, 768, length, 16, torch.bfloat16, dt_rank=24)
     with torch.no_grad(), policy.override(**settings):
         for _ in range(3):

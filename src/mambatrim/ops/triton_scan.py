@@ -395,12 +395,11 @@ def _walk_tiles(h, s0, s_end, steps, L, rev: tl.constexpr, acc: tl.constexpr, ac
         # tiles on multiples of T, so that a stored state (every CHUNK_T steps) is always a tile's last one; the
         # rows before s0 of the first tile are masked (step size 0: no decay, no input)
         start = s0 - s0 % T
-    kp = tl.arange(0, T)  # the prefetched rows: one address a row and tensor (``pf_*``: the block's first
-    # channel; its 32 channels lie in one or two lines where the channel stride is 1, as launched)
     for c in tl.range(tl.cdiv(s_end - start, T) * (steps > 0).to(tl.int32), num_stages=STAGES):
         s = start + c * T + k
-        if PF > 0:
-            tp = _time_index(tl.minimum(start + c * T + PF + kp, s_end - 1), L, rev)
+        if PF > 0:  # one address a row and tensor (``pf_*``: the block's first channel; its 32 channels lie in one
+            # or two lines where the channel stride is 1, as launched)
+            tp = _time_index(tl.minimum(s + PF, s_end - 1), L, rev)
             _prefetch(pf_d + tp * sd_t)
             _prefetch(pf_u + tp * su_t)
             if not STATE_ONLY:
