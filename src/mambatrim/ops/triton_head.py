@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .intmath import cdiv, next_power_of_2
+
 __all__ = ["keep_head_triton"]
 
 BLOCK_M = 64  # rows per program (half that above 256 first-layer features: its (rows, H1) block is in registers)
@@ -105,9 +107,9 @@ def keep_head_triton(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, b2: Tensor, w
     rows = bsz * tokens
     if rows == 0:
         return out
-    h1p = max(16, triton.next_power_of_2(h1))
+    h1p = max(16, next_power_of_2(h1))
     block_m = BLOCK_M if h1p <= 256 else BLOCK_M // 2
-    _keep_head_kernel[(triton.cdiv(rows, block_m),)](
+    _keep_head_kernel[(cdiv(rows, block_m),)](
         x, g, w1, w2, b2, w3, b3, out, rows, tokens, k, h1, h2, x.stride(1), g.stride(0),
         w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), w3.stride(0),
         BM=block_m, BK=BLOCK_K, H1P=h1p, BC=BLOCK_C,

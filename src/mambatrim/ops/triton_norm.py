@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .intmath import cdiv, next_power_of_2
 from .triton_scan import _sm_count
 
 __all__ = ["add_layer_norm_triton", "add_rms_norm_triton"]
@@ -74,7 +75,7 @@ def _rms_norm_bwd_kernel(res_ptr, dy_ptr, dres_ptr, w_ptr, dx_ptr, dr_ptr, dwp_p
 def _add_rms_norm_rows(h: Tensor, r: Tensor | None, weight: Tensor, y: Tensor, res: Tensor, eps: float) -> None:
     """One launch of :func:`_add_rms_norm_kernel` over the (rows, D) views: ``res = h (+ r)``, ``y = norm(res)``.
     The outputs may be the inputs' own storage (each program reads its row before writing it)."""
-    block = triton.next_power_of_2(h.shape[1])
+    block = next_power_of_2(h.shape[1])
     _add_rms_norm_kernel[(h.shape[0],)](h, r if r is not None else h, weight, y, res, h.shape[1], eps,
                                         HAS_RES=r is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
 
@@ -103,11 +104,11 @@ class _AddRMSNormFn(torch.autograd.Function):
         # the residual's gradient is the same values; a second buffer only where its dtype differs
         dr = (torch.empty(res.shape, device=res.device, dtype=ctx.r_dtype)
               if ctx.has_res and ctx.r_dtype != ctx.h_dtype else None)
-        block, bm = triton.next_power_of_2(dim), ROWS_PER_BLOCK
-        n_blocks = triton.cdiv(rows, bm)
+        block, bm = next_power_of_2(dim), ROWS_PER_BLOCK
+        n_blocks = cdiv(rows, bm)
         programs = max(1, min(n_blocks, BWD_PROGRAMS_PER_SM * _sm_count(res.device)))
-        per_program = triton.cdiv(n_blocks, programs)
-        programs = triton.cdiv(n_blocks, per_program)
+        per_program = cdiv(n_blocks, programs)
+        programs = cdiv(n_blocks, per_program)
         dw_part = torch.empty(programs, dim, device=res.device, dtype=torch.float32)
         _rms_norm_bwd_kernel[(programs,)](res, dy, dres if dres is not None else dy, weight, dh,
                                           dr if dr is not None else dh, dw_part, rows, dim, ctx.eps, per_program,
@@ -179,7 +180,7 @@ def add_layer_norm_triton(hidden: Tensor, residual: Tensor, weight: Tensor, bias
     r = residual.contiguous().view(-1, dim)
     y = torch.empty(h.shape, device=h.device, dtype=torch.float32)
     if h.shape[0]:
-        block = triton.next_power_of_2(dim)
+        block = next_power_of_2(dim)
         _add_layer_norm_kernel[(h.shape[0],)](h, r, weight.contiguous(), bias.contiguous(), y, dim, eps,
                                               BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return y.view(hidden.shape)

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .intmath import cdiv
+
 __all__ = ["take_rows_triton"]
 
 ROWS_PER_PROGRAM = 8
@@ -52,7 +54,7 @@ def take_rows_triton(t: Tensor, index: Tensor) -> Tensor:
     if out.numel() == 0:
         return out
     index = index.contiguous()
-    grid = (triton.cdiv(k, ROWS_PER_PROGRAM), bsz)
+    grid = (cdiv(k, ROWS_PER_PROGRAM), bsz)
     _take_rows_kernel[grid](t, index, out, length, k, dim, t.stride(0), t.stride(1), index.stride(0),
                             out.stride(0), out.stride(1), BK=ROWS_PER_PROGRAM, BD=BLOCK_D, num_warps=4)
     return out

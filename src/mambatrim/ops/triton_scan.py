@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import policy
+from .intmath import cdiv, next_power_of_2
 
 __all__ = ["selective_scan_triton", "selective_scan_pair_triton", "seq_chunk", "fwd_block", "fwd_chunk"]
 
@@ -1027,7 +1028,7 @@ class _ScanFn(torch.autograd.Function):
         tile = policy.get("scan_bwd_tile")
         if need_grad and tile and chunk % tile:
             raise ValueError(f"policy scan_bwd_tile={tile} must divide scan_ckpt_chunk={chunk} (or be 0)")
-        n_chunks = triton.cdiv(L, chunk)
+        n_chunks = cdiv(L, chunk)
         ckpt = (torch.empty(G, bsz, E, n_chunks, N, device=u.device, dtype=torch.float32) if need_grad
                 else u.new_empty(1, dtype=torch.float32))
         _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse, pair, scale, need_grad,
@@ -1051,10 +1052,10 @@ class _ScanFn(torch.autograd.Function):
         gs = _alloc_like(u, G, torch.float32) if has_gap else ddl
         dz = _alloc_like(u, G, z.dtype) if z is not None else du  # written with du's strides
         block_d, warps = policy.get("scan_bwd_block_d"), policy.get("scan_bwd_warps")
-        n_blocks = triton.cdiv(E, block_d)
-        per_seg = triton.cdiv(seq_chunk(L, n_blocks * bsz * G, _sm_count(u.device), multiple=chunk,
+        n_blocks = cdiv(E, block_d)
+        per_seg = cdiv(seq_chunk(L, n_blocks * bsz * G, _sm_count(u.device), multiple=chunk,
                                             backward=True), chunk)
-        seg, n_seg = per_seg * chunk, triton.cdiv(n_chunks, per_seg)  # scan steps per segment, segments
+        seg, n_seg = per_seg * chunk, cdiv(n_chunks, per_seg)  # scan steps per segment, segments
         dB = torch.zeros(G, bsz, L, N, device=u.device, dtype=torch.float32)  # atomic sums over channel blocks
         dC = torch.zeros_like(dB)
         dA = torch.zeros(G, E, N, device=u.device, dtype=torch.float32)
@@ -1064,7 +1065,7 @@ class _ScanFn(torch.autograd.Function):
         dout4 = dout.unsqueeze(0) if dout.dim() == 3 else dout
         gp = gap if has_gap else dummy
         grid = (n_blocks, bsz, G * n_seg)
-        np2 = triton.next_power_of_2(N)
+        np2 = next_power_of_2(N)
         z_arg, z_strides = (z, _strides4(z)) if z is not None else (dummy, (0, 0, 0, 0))
         gap_strides = tuple(gap.stride()) if has_gap else (0, 0, 0)
         carries, sums = _chunk_buffers(u, G, bsz, n_seg, N, E)
@@ -1140,11 +1141,11 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
         B, C = _bc_fp32(B, C)
     block_d, warps = fwd_block()
     chunk = chunk or policy.get("scan_ckpt_chunk")
-    n_blocks = triton.cdiv(E, block_d)
+    n_blocks = cdiv(E, block_d)
     sms = _sm_count(u.device)
     split_g = pair and pair_split(L, bsz, E, sms)
     tc = fwd_chunk(L, bsz, E, sms, split_g)
-    n_seq = triton.cdiv(L, tc)
+    n_seq = cdiv(L, tc)
     states, sums = _chunk_buffers(u, G, bsz, n_seq, N, E)
     target = out
     if split_g and not out.transpose(-1, -2).is_contiguous():
@@ -1155,12 +1156,12 @@ def _launch_fwd(u, delta, A, B, C, D, z, bias, gap, out, ckpt, softplus, reverse
     out2 = torch.empty_like(out) if split_g else dummy  # the second direction's own output
     args = (u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             bias if bias is not None else dummy, gap if gap is not None else dummy, out, out2, ckpt,
-            on if on is not None else dummy, states, sums, L, E, triton.cdiv(L, chunk), scale, tc, n_seq,
+            on if on is not None else dummy, states, sums, L, E, cdiv(L, chunk), scale, tc, n_seq,
             *_strides4(u), *_strides4(delta), *_strides4(B), *_strides4(C),
             *(_strides4(z) if z is not None else (0, 0, 0, 0)),
             *_strides4(out)[1:],
             *(tuple(gap.stride()) if gap is not None else (0, 0, 0)))
-    flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=triton.next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
+    flags = dict(G=G, PAIR=pair, REVERSE=reverse, N=N, NP=next_power_of_2(N), BD=block_d, CHUNK_T=chunk,
                  SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
                  HAS_GAP=gap is not None, HAS_ON=on is not None, BC8=_strides_of_8(B, C), T=tile,
                  STAGES=policy.get("scan_fwd_tile_stages") if tile else 1, SPLIT_G=split_g,
@@ -1200,7 +1201,7 @@ def pair_split(length: int, bsz: int, dim: int, sms: int) -> bool:
     run fewer than ``scan_pair_split_below`` programs per multiprocessor. Where that pair pass would split the
     sequence instead (:func:`fwd_chunk`), only up to ``scan_pair_split_max_len`` positions: a longer walk of
     one direction per program is slower than the split's two passes with many programs."""
-    if triton.cdiv(dim, fwd_block()[0]) * bsz >= policy.get("scan_pair_split_below") * sms:
+    if cdiv(dim, fwd_block()[0]) * bsz >= policy.get("scan_pair_split_below") * sms:
         return False
     return length <= policy.get("scan_pair_split_max_len") or fwd_chunk(length, bsz, dim, sms) == length
 
@@ -1209,7 +1210,7 @@ def fwd_chunk(length: int, bsz: int, dim: int, sms: int, split_g: bool = False) 
     """Sequence positions per program of the forward scan under the current policy (``length``: one pass);
     ``split_g``: the pair's directions run as separate programs (:func:`pair_split`)."""
     tile = policy.get("scan_fwd_tile")
-    return seq_chunk(length, triton.cdiv(dim, fwd_block()[0]) * bsz * (2 if split_g else 1), sms,
+    return seq_chunk(length, cdiv(dim, fwd_block()[0]) * bsz * (2 if split_g else 1), sms,
                      split_below=policy.get("scan_fwd_tile_split_below") if tile else None)
 
 
@@ -1247,8 +1248,8 @@ def seq_chunk(length: int, programs: int, sms: int, multiple: int = 1, backward:
         if programs >= (split_below or policy.get("scan_seq_split_below")) * sms:
             return length
         target = policy.get("scan_bwd_seq_programs" if backward else "scan_seq_programs") * sms
-        chunk = max(chunk, triton.cdiv(length, triton.cdiv(target, programs)))
-    chunk = triton.cdiv(chunk, multiple) * multiple
+        chunk = max(chunk, cdiv(length, cdiv(target, programs)))
+    chunk = cdiv(chunk, multiple) * multiple
     return length if chunk >= length else chunk
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import policy
+from .intmath import cdiv, next_power_of_2
 from .triton_scan import _carry_back, _carry_in, _check_device, _chunk_bases, _chunk_buffers, _delta, _gate_back, \
     _sm_count, _state_back, seq_chunk
 
@@ -396,15 +397,15 @@ class _PathsFn(torch.autograd.Function):
         out = _token_major(bsz, E if accum else K * E, L, u, u.dtype)
         out4 = _per_path_out(out, K, accum)
         chunk = policy.get("scan_ckpt_chunk")
-        n_chunks = triton.cdiv(L, chunk)
+        n_chunks = cdiv(L, chunk)
         ckpt = (torch.empty(K, bsz, E, n_chunks, N, device=u.device, dtype=torch.float32) if need_grad
                 else u.new_empty(1, dtype=torch.float32))
-        block_d = min(policy.get("scan_paths_fwd_block_d"), triton.next_power_of_2(E))
+        block_d = min(policy.get("scan_paths_fwd_block_d"), next_power_of_2(E))
         n_loop = K if accum else 1
-        n_blocks = triton.cdiv(E, block_d)
+        n_blocks = cdiv(E, block_d)
         # summed paths share their output tokens: one program walks them all, unsplit
         tc = L if accum else seq_chunk(L, n_blocks * bsz * K, _sm_count(u.device), multiple=chunk)
-        ns = triton.cdiv(L, tc)
+        ns = cdiv(L, tc)
         states, sums = _chunk_buffers(u, K, bsz, ns, N, E)
         grid = (n_blocks, bsz, K // n_loop * ns)
         strides = (*_strides(u, 4), *_strides(delta, 4), *_strides(B, 4), *_strides(C, 4), *_strides(z, 4),
@@ -437,15 +438,15 @@ class _PathsFn(torch.autograd.Function):
         dA = torch.zeros(K, E, N, device=u.device, dtype=torch.float32)
         dD = torch.zeros(K, E, device=u.device, dtype=torch.float32)
         dbias = torch.zeros(K, E, device=u.device, dtype=torch.float32)
-        block_d = min(policy.get("scan_paths_bwd_block_d"), triton.next_power_of_2(E))
-        n_blocks, n_chunks = triton.cdiv(E, block_d), ckpt.shape[3]
+        block_d = min(policy.get("scan_paths_bwd_block_d"), next_power_of_2(E))
+        n_blocks, n_chunks = cdiv(E, block_d), ckpt.shape[3]
         per_seg = n_chunks  # gaps tie each step to the one before it: those scans stay one program per path
         if gap is None:
-            per_seg = triton.cdiv(seq_chunk(L, n_blocks * bsz * K, _sm_count(u.device), multiple=chunk,
+            per_seg = cdiv(seq_chunk(L, n_blocks * bsz * K, _sm_count(u.device), multiple=chunk,
                                             backward=True), chunk)
-        n_seg = triton.cdiv(n_chunks, per_seg)
+        n_seg = cdiv(n_chunks, per_seg)
         grid = (n_blocks, bsz, K * n_seg)
-        np2 = max(2, triton.next_power_of_2(N))
+        np2 = max(2, next_power_of_2(N))
         scratch = torch.empty(n_blocks * bsz * K * n_seg * chunk * np2 * block_d, device=u.device,
                               dtype=torch.float32)
         carries, sums = _chunk_buffers(u, K, bsz, n_seg, N, E)
@@ -476,7 +477,7 @@ class _PathsFn(torch.autograd.Function):
 
 
 def _flags(D, z, bias, badd, gap, weight, softplus, u_token, bc_token, N) -> dict:
-    return dict(N=N, NP=max(2, triton.next_power_of_2(N)), SOFTPLUS=softplus, HAS_D=D is not None,
+    return dict(N=N, NP=max(2, next_power_of_2(N)), SOFTPLUS=softplus, HAS_D=D is not None,
                 HAS_Z=z is not None, HAS_BIAS=bias is not None, HAS_BADD=badd is not None, HAS_GAP=gap is not None,
                 HAS_W=weight is not None, U_TOKEN=u_token, BC_TOKEN=bc_token)
 

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from . import policy
+from .intmath import cdiv, next_power_of_2
 from .triton_scan import selective_scan_pair_triton
 
 __all__ = ["conv_pair_triton", "bimamba_forward_triton", "class_token_gate_triton"]
@@ -211,12 +212,12 @@ def _conv_pair_backward(x: Tensor, weight: Tensor, bias: Tensor | None, grad: Te
         raise ValueError(f"conv_pair_triton's backward handles kernels of up to 4 taps, got {K}")
     w4 = torch.nn.functional.pad(weight.float(), (4 - K, 0)).contiguous()
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-    seg = triton.cdiv(L, policy.get("conv_bwd_segments"))
+    seg = cdiv(L, policy.get("conv_bwd_segments"))
     block_e = policy.get("conv_bwd_block_e")
-    segments = triton.cdiv(L, seg)
+    segments = cdiv(L, seg)
     dx = torch.empty(bsz, L, E, device=x.device, dtype=x.dtype)
     dw = torch.empty(bsz, segments, 2, 5, E, device=x.device, dtype=torch.float32)
-    _conv_pair_bwd_kernel[(triton.cdiv(E, block_e), segments, bsz)](
+    _conv_pair_bwd_kernel[(cdiv(E, block_e), segments, bsz)](
         x, w4, bias.float().contiguous() if bias is not None else w4, grad, dx, dw, L, E, seg,
         x.stride(0), x.stride(1), x.stride(2), grad.stride(0), grad.stride(1), grad.stride(2),
         dx.stride(0), dx.stride(1), BE=block_e, HAS_BIAS=bias is not None,
@@ -243,7 +244,7 @@ def _conv_pair_launch(x: Tensor, weight: Tensor, bias: Tensor | None, on: Tensor
     K = weight.shape[-1]
     out = torch.empty(2, bsz, L, E, device=x.device, dtype=x.dtype)
     BL, BE = policy.get("conv_block_l"), policy.get("conv_block_e")
-    grid = (triton.cdiv(E, BE), triton.cdiv(L, BL), bsz)
+    grid = (cdiv(E, BE), cdiv(L, BL), bsz)
     w = weight.contiguous()
     has_map = positions is not None
     _conv_pair_kernel[grid](
@@ -452,7 +453,7 @@ def class_token_gate_triton(xz: Tensor, cls_index: Tensor, weight: Tensor,
     _class_token_gate_kernel[(bsz,)](
         xz, cls_index.contiguous(), weight, bias if bias is not None else weight, gate, on, K,
         xz.stride(0), xz.stride(1), weight.stride(0),
-        HAS_BIAS=bias is not None, BK=min(1024, triton.next_power_of_2(K)), num_warps=4)
+        HAS_BIAS=bias is not None, BK=min(1024, next_power_of_2(K)), num_warps=4)
     return gate, on
 
 

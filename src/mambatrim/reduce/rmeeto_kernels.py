@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..ops import policy
+from ..ops.intmath import cdiv, next_power_of_2
 
 RULES = {"official": 0, "middle": 1, "boundary": 2}
 CHUNK_D = 32  # channels per similarity step
@@ -319,7 +320,7 @@ def _tiled_plan(hidden: Tensor, sizes: Tensor, positions: Tensor, cls: Tensor, r
     n, na = length - 1, length // 2
     best = torch.empty(bsz, na, device=hidden.device, dtype=torch.float32)
     partner = torch.empty(bsz, na, device=hidden.device, dtype=torch.int32)
-    _best_partner_kernel[(triton.cdiv(na, tile), bsz)](
+    _best_partner_kernel[(cdiv(na, tile), bsz)](
         hidden, cls, best, partner, length, dim, hidden.stride(0), hidden.stride(1),
         TA=tile, TB=tile, BK=CHUNK_D, PREC=prec, num_warps=policy.get("merge_tile_warps"))
     order = torch.sort(best, dim=1, descending=True, stable=True).indices  # ties: the lower A index first
@@ -357,7 +358,7 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, prot
     # merge); bf16 products are exact either way
     prec = "ieee" if hidden.dtype == torch.float32 else "tf32"
     if single:
-        np_ = max(16, triton.next_power_of_2(length // 2))  # A tokens: ceil((length - 1) / 2); tl.dot needs >= 16
+        np_ = max(16, next_power_of_2(length // 2))  # A tokens: ceil((length - 1) / 2); tl.dot needs >= 16
         _merge_plan_kernel[(bsz,)](
             hidden, sizes, positions, cls, *outputs, length, dim, r, hidden.stride(0), hidden.stride(1),
             RULE=RULES[cls_position], NP=np_, BK=CHUNK_D, num_warps=PLAN_WARPS, PREC=prec)
@@ -368,6 +369,6 @@ def fused_merge(hidden: Tensor, residual: Tensor | None, positions: Tensor, prot
     has_res = residual is not None
     res, res_out = (residual, out_res) if has_res else (hidden, out_h)  # unread stand-ins without a residual
     _merge_rows_kernel[(out_len, bsz)](hidden, res, out_seq, src, slot, weight, out_h, res_out, length, out_len,
-                                       dim, r, HAS_RES=has_res, BD=triton.next_power_of_2(dim),
-                                       RP=min(triton.next_power_of_2(r), ROWS_SLOT_BLOCK))
+                                       dim, r, HAS_RES=has_res, BD=next_power_of_2(dim),
+                                       RP=min(next_power_of_2(r), ROWS_SLOT_BLOCK))
     return out_h, out_res, out_pos, q.to(cls.dtype)[:, None], out_size
