@@ -1054,7 +1054,7 @@ class _ScanFn(torch.autograd.Function):
         block_d, warps = policy.get("scan_bwd_block_d"), policy.get("scan_bwd_warps")
         n_blocks = cdiv(E, block_d)
         per_seg = cdiv(seq_chunk(L, n_blocks * bsz * G, _sm_count(u.device), multiple=chunk,
-                                            backward=True), chunk)
+                                 backward=True), chunk)
         seg, n_seg = per_seg * chunk, cdiv(n_chunks, per_seg)  # scan steps per segment, segments
         dB = torch.zeros(G, bsz, L, N, device=u.device, dtype=torch.float32)  # atomic sums over channel blocks
         dC = torch.zeros_like(dB)

@@ -443,7 +443,7 @@ class _PathsFn(torch.autograd.Function):
         per_seg = n_chunks  # gaps tie each step to the one before it: those scans stay one program per path
         if gap is None:
             per_seg = cdiv(seq_chunk(L, n_blocks * bsz * K, _sm_count(u.device), multiple=chunk,
-                                            backward=True), chunk)
+                                     backward=True), chunk)
         n_seg = cdiv(n_chunks, per_seg)
         grid = (n_blocks, bsz, K * n_seg)
         np2 = max(2, next_power_of_2(N))
