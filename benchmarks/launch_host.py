@@ -34,16 +34,15 @@ def _sync() -> None:
 
 
 def host_us(fn: Callable[[], object], n: int) -> float:
-    """Host microseconds a call of ``fn`` over ``n`` calls issued back to back (the GPU synchronised before and
-    after, not in between)."""
+    """Median host microseconds of ``n`` calls of ``fn`` issued back to back (launches queued: the GPU is
+    synchronised before and after, not in between), after one untimed call."""
+    from mambatrim.engine.benchmark import host_times_ms
+
     fn()
     _sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
+    t = statistics.median(host_times_ms(fn, n)) * 1e3
     _sync()
-    return (t1 - t0) / n * 1e6
+    return t
 
 
 class _NoLaunch:
@@ -112,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(host_us(fn, 1000 if args.stub else 200))
             triton_scan.cdiv, triton_scan.next_power_of_2 = helpers["intmath"]
             for name, t in times.items():
-                rows.append({"what": f"pair scan {bsz} x {dim} x {length}" + (" (kernels stubbed)" if args.stub else ""),
-                             "helpers": name, "host_us": t,
-                             "median": statistics.median(t)})
+                what = f"pair scan {bsz} x {dim} x {length}" + (" (kernels stubbed)" if args.stub else "")
+                rows.append({"what": what, "helpers": name, "host_us": t, "median": statistics.median(t)})
                 print(rows[-1], flush=True)
             ins = None
         for img, bsz in () if args.stub else ((224, 8), (224, 128)):
@@ -145,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     (dest / f"{stem}.json").write_text(json.dumps(out, indent=1))
     title = "the scan wrapper's Python, kernels stubbed" if args.stub else "Triton launches"
     lines = [f"# Host time of {title} ({out['device']})", "",
-             f"torch {out['torch']}, triton {out['triton']}; {args.rounds} interleaved rounds in one process. Host µs: "
-             "the host's time a call, calls issued back to back without synchronising. One host call of "
-             f"triton.cdiv: {out['helper_us']['triton.cdiv']:.2f} µs, of the plain-integer helper: "
+             f"torch {out['torch']}, triton {out['triton']}; {args.rounds} interleaved rounds in one process. "
+             "Host µs: each round the median host time of a call, calls issued back to back without "
+             "synchronising. One host call of triton.cdiv: "
+             f"{out['helper_us']['triton.cdiv']:.2f} µs, of the plain-integer helper: "
              f"{out['helper_us']['intmath.cdiv']:.2f} µs.", "",
              "| what | launch-code helpers | host µs a call (median) | rounds | synchronised wall µs (median) |",
              "|---|---|---|---|---|"]

@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
              "MiB of the blocks live at the allocator history's peak, by phase and call site.", ""]
     for r in rows:
         lines += [f"## {r['model']}, {r['img']} px, batch {r['batch']}: peak {r['peak_mem_mib']:,.0f} MiB "
-                  f"(from the history: {r['history_peak_mib']:,.0f}, of which weights {r['weights_mib']:,.0f}, not listed below)", "",
+                  f"(from the history: {r['history_peak_mib']:,.0f}, of which weights {r['weights_mib']:,.0f}, "
+                  "not listed below)", "",
                   "| MiB | blocks | phase | call site |", "|---|---|---|---|"]
         lines += [f"| {x['mib']:,.1f} | {x['blocks']} | {x['phase']} | `{x['site']}` |" for x in r["live"][:args.top]]
         lines.append("")
